@@ -1,0 +1,154 @@
+// RequestQueue: the intake of an inference server.
+//
+// A bounded MPSC ring of Requests plus the parking needed around it:
+// producers block (spin, then futex) while the ring is full, the server
+// sleeps while it is empty, and close() wakes both. A request is a handful of
+// words; what it points to (the caller's data, its Future, its Completion) is
+// opaque here and owned by the layer above.
+//
+// Closing: once close() returns, no push can still land in the ring
+// (producers register in pushers_ before checking closed_, and close() waits
+// for registered pushers to leave), so draining after close() sees every
+// request that will ever be accepted.
+//
+// One consumer at a time: consumer-side calls take consumer_mutex_, which
+// costs nothing while uncontended (the server thread) and lets a shutdown
+// drain the ring from another thread without breaking the single-consumer
+// rule of the ring.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "completion.h"
+#include "mpsc_ring.h"
+#include "parking.h"
+
+namespace batchserve {
+
+struct Request {
+  void* payload = nullptr;            // the caller's input (opaque)
+  void* future = nullptr;             // a Future to resolve, or null (opaque)
+  Completion* completion = nullptr;   // a blocking caller's slot, or null
+  int64_t submit_ns = 0;              // arrival, monotonic_ns()
+};
+
+enum class PushResult { kOk, kClosed, kTimedOut };
+
+class RequestQueue {
+ public:
+  // How long a waiter re-checks before sleeping. Kept short: on a small
+  // machine a spinning thread steals the core the other side needs.
+  static constexpr int kProducerSpin = 64;
+  static constexpr int kServerSpin = 256;
+
+  explicit RequestQueue(size_t capacity) : ring_(capacity) {}
+
+  // Any thread. Blocks while the ring is full until `deadline_ns`
+  // (0: do not block). Never pushes after close().
+  PushResult push(const Request& request, int64_t deadline_ns) {
+    pushers_.fetch_add(1, std::memory_order_seq_cst);
+    PushResult result = PushResult::kOk;
+    for (;;) {
+      if (closed_.load(std::memory_order_seq_cst)) {
+        result = PushResult::kClosed;
+        break;
+      }
+      if (ring_.try_push(request)) break;
+      if (deadline_ns == 0) {
+        result = PushResult::kTimedOut;
+        break;
+      }
+      // Full. Leave pushers_ while asleep so close() need not wait for us.
+      pushers_.fetch_sub(1, std::memory_order_seq_cst);
+      const bool woke = spin_then_park(
+          not_full_, [this] { return has_space() || closed(); },
+          deadline_ns, kProducerSpin);
+      pushers_.fetch_add(1, std::memory_order_seq_cst);
+      if (!woke) {
+        result = PushResult::kTimedOut;
+        break;
+      }
+    }
+    pushers_.fetch_sub(1, std::memory_order_seq_cst);
+    if (result == PushResult::kOk) not_empty_.notify_all();
+    return result;
+  }
+
+  // Consumer. Pops one published request.
+  bool try_pop(Request& out) {
+    std::lock_guard<std::mutex> lock(consumer_mutex_);
+    return pop_locked(out);
+  }
+
+  // Consumer. Pops up to `max_items` published requests onto `out`.
+  size_t pop_many(std::vector<Request>& out, size_t max_items) {
+    std::lock_guard<std::mutex> lock(consumer_mutex_);
+    size_t n = 0;
+    Request r;
+    while (n < max_items && pop_locked(r)) {
+      out.push_back(r);
+      ++n;
+    }
+    return n;
+  }
+
+  // Server side: sleeps until a request is published, the queue is closed,
+  // interrupt() is called, or the deadline passes. True if a request is ready.
+  bool wait_for_work(int64_t deadline_ns) {
+    const uint32_t seen = interrupts_.load(std::memory_order_acquire);
+    spin_then_park(
+        not_empty_,
+        [this, seen] {
+          return ring_.ready() || closed() ||
+                 interrupts_.load(std::memory_order_acquire) != seen;
+        },
+        deadline_ns, kServerSpin);
+    return ring_.ready();
+  }
+
+  // Wakes a server sleeping in wait_for_work (e.g. its settings changed).
+  void interrupt() {
+    interrupts_.fetch_add(1, std::memory_order_acq_rel);
+    not_empty_.notify_all();
+  }
+
+  // Rejects every later push and wakes all sleepers. When it returns, no
+  // push is in flight: the ring holds every request that was accepted.
+  void close() {
+    closed_.store(true, std::memory_order_seq_cst);
+    not_empty_.notify_all();
+    not_full_.notify_all();
+    while (pushers_.load(std::memory_order_seq_cst) != 0)
+      std::this_thread::yield();
+  }
+
+  void reopen() { closed_.store(false, std::memory_order_seq_cst); }
+
+  bool closed() const { return closed_.load(std::memory_order_acquire); }
+  size_t size() const { return ring_.size_approx(); }
+  size_t capacity() const { return ring_.capacity(); }
+
+ private:
+  bool has_space() const { return ring_.size_approx() < ring_.capacity(); }
+
+  bool pop_locked(Request& out) {
+    if (!ring_.try_pop(out)) return false;
+    not_full_.notify_all();  // a fence and a load unless a producer waits
+    return true;
+  }
+
+  MpscRing<Request> ring_;
+  EventCount not_empty_;
+  EventCount not_full_;
+  std::mutex consumer_mutex_;
+  std::atomic<bool> closed_{false};
+  std::atomic<uint32_t> pushers_{0};
+  std::atomic<uint32_t> interrupts_{0};
+};
+
+}  // namespace batchserve

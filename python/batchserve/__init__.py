@@ -1,0 +1,43 @@
+"""batchserve: an auto-batching inference server for RL actors.
+
+A drop-in for ``torchrl.modules.inference_server``: swap the import and keep
+the code. The request queue, the batching policy and the hand-back of results
+run in a C++ core (``batchserve._core``) with the GIL released.
+
+>>> from batchserve import InferenceServer, ThreadingTransport
+
+Names of torchrl's ``inference_server`` module that batchserve does not
+implement itself (``MPTransport``, ``PolicyClientModule``, the config
+classes, ...) resolve to torchrl's own objects when torchrl is installed; its
+transports run under :class:`batchserve.InferenceServer`.
+"""
+
+from batchserve._core import QueueFull, ServerClosedError
+from batchserve._server import InferenceServer
+from batchserve._threading import ThreadingTransport
+from batchserve._transport import InferenceClient, InferenceTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InferenceClient",
+    "InferenceServer",
+    "InferenceTransport",
+    "QueueFull",
+    "ServerClosedError",
+    "ThreadingTransport",
+]
+
+
+def __getattr__(name: str):
+    # torchrl's inference-server names that batchserve does not reimplement.
+    if not name.startswith("_"):
+        try:
+            import torchrl.modules.inference_server as torchrl_inference_server
+        except ImportError:
+            torchrl_inference_server = None
+        if torchrl_inference_server is not None and name in getattr(
+            torchrl_inference_server, "__all__", ()
+        ):
+            return getattr(torchrl_inference_server, name)
+    raise AttributeError(f"module 'batchserve' has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""Where the server loop gets its batches from.
+
+Two sources behind one small interface (``next_batch``, ``open``, ``close``,
+``wake``, ``fail_pending``):
+
+* :class:`NativeBatches` for transports backed by the C++ request queue: the
+  batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
+  and hands back a ``_core.Batch`` that resolves its callers in C++.
+* :class:`ProtocolBatches` for any other object with torchrl's transport
+  protocol (torchrl's own transports, user transports). It applies the same
+  policy in Python over ``wait_for_work`` / ``drain_with_timing``.
+
+A batch has ``items``, ``submitted_ns``, ``resolve(results)``, ``fail(exc)``
+and ``fail_some(indices, exc)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from batchserve import _core
+
+_log = logging.getLogger("batchserve")
+
+
+class NativeBatches:
+    """Batches from a transport whose queue is the C++ core."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def next_batch(self, max_batch_size: int, min_batch_size: int, timeout: float):
+        return self._queue.collect(max_batch_size, min_batch_size, timeout)
+
+    def open(self) -> None:
+        self._queue.reopen()
+
+    def close(self) -> None:
+        self._queue.close()
+
+    def wake(self) -> None:
+        self._queue.interrupt()
+
+    def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
+        # The C++ queue serialises consumers, so this is safe while the
+        # worker still runs.
+        return self._queue.fail_pending(exc)
+
+
+class ProtocolBatch:
+    """A batch drained through torchrl's transport protocol."""
+
+    __slots__ = ("items", "callbacks", "submitted_ns", "_transport", "settled")
+
+    def __init__(self, transport, items, callbacks, submitted_ns):
+        self._transport = transport
+        self.items = items
+        self.callbacks = callbacks
+        self.submitted_ns = submitted_ns
+        self.settled = False
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+    def resolve(self, results) -> None:
+        if len(results) != len(self.callbacks):
+            raise ValueError(
+                f"resolve: expected {len(self.callbacks)} results, got {len(results)}"
+            )
+        self.settled = True
+        for callback, result in zip(self.callbacks, results):
+            try:
+                self._transport.resolve(callback, result)
+            except Exception:  # a caller that went away must not stop the rest
+                _log.exception("batchserve: transport.resolve failed")
+
+    def fail(self, exc: BaseException) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        for callback in self.callbacks:
+            try:
+                self._transport.resolve_exception(callback, exc)
+            except Exception:
+                _log.exception("batchserve: transport.resolve_exception failed")
+
+    def fail_some(self, indices, exc: BaseException) -> None:
+        drop = set(indices)
+        for i in sorted(drop):
+            try:
+                self._transport.resolve_exception(self.callbacks[i], exc)
+            except Exception:
+                _log.exception("batchserve: transport.resolve_exception failed")
+        keep = [i for i in range(len(self.callbacks)) if i not in drop]
+        self.items = [self.items[i] for i in keep]
+        self.callbacks = [self.callbacks[i] for i in keep]
+        self.submitted_ns = [self.submitted_ns[i] for i in keep]
+
+
+class ProtocolBatches:
+    """Batches from any transport with torchrl's protocol.
+
+    Same policy as the C++ one: wait up to ``timeout`` for work, take up to
+    ``max_batch_size``, and below ``min_batch_size`` keep draining until the
+    oldest request's submission time plus ``timeout`` (the drain time of the
+    first request when the transport does not report submission times).
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+        self._closed = False
+        drain_with_timing = getattr(transport, "drain_with_timing", None)
+        if drain_with_timing is not None:
+            self._drain = drain_with_timing
+        else:
+
+            def drain(max_items):
+                items, callbacks = transport.drain(max_items)
+                return items, callbacks, [None] * len(items)
+
+            self._drain = drain
+
+    def _drain_ns(self, max_items: int):
+        items, callbacks, submitted_at = self._drain(max_items)
+        now = _core.monotonic_ns()
+        submitted_ns = [
+            now if s is None else int(s * 1e9) for s in submitted_at
+        ]
+        return list(items), list(callbacks), submitted_ns
+
+    def next_batch(self, max_batch_size: int, min_batch_size: int, timeout: float):
+        transport = self._transport
+        transport.wait_for_work(timeout=timeout)
+        items, callbacks, submitted_ns = self._drain_ns(max_batch_size)
+        if not callbacks:
+            return None
+        if len(callbacks) < min_batch_size:
+            deadline = min(submitted_ns) + int(timeout * 1e9)
+            while len(callbacks) < min_batch_size and not self._closed:
+                remaining = (deadline - _core.monotonic_ns()) * 1e-9
+                if remaining <= 0:
+                    break
+                transport.wait_for_work(timeout=remaining)
+                more_items, more_callbacks, more_ns = self._drain_ns(
+                    max_batch_size - len(callbacks)
+                )
+                items.extend(more_items)
+                callbacks.extend(more_callbacks)
+                submitted_ns.extend(more_ns)
+        return ProtocolBatch(transport, items, callbacks, submitted_ns)
+
+    def open(self) -> None:
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+
+    def wake(self) -> None:
+        """Protocol transports cannot be interrupted; settings apply on the next batch."""
+
+    def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
+        # drain() is single-consumer by contract: leave it to the worker
+        # (which fails what is pending when it exits) while it runs.
+        if worker_running:
+            return 0
+        failed = 0
+        while True:
+            items, callbacks = self._transport.drain(1024)
+            if not callbacks:
+                return failed
+            ProtocolBatch(self._transport, items, callbacks, [0] * len(items)).fail(exc)
+            failed += len(callbacks)
+
+
+def batches_for(transport):
+    """The batch source that fits ``transport``."""
+    queue = getattr(transport, "_queue", None)
+    if isinstance(queue, _core.RequestQueue):
+        return NativeBatches(queue)
+    return ProtocolBatches(transport)

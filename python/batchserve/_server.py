@@ -1,0 +1,588 @@
+"""InferenceServer: the server loop (model call, model lock, weight sync,
+policy version, statistics) over a batch source.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tensordict.base import TensorDictBase
+
+from batchserve import _core
+from batchserve._batch_source import batches_for
+from batchserve._collate import default_collate, interaction_context
+from batchserve._stats import ServerStats
+
+_log = logging.getLogger("batchserve")
+
+ServerClosedError = _core.ServerClosedError
+
+_SHUTDOWN_MESSAGE = "InferenceServer is shutting down; the request was not served."
+
+# Servers still running when the interpreter exits are shut down before
+# Python waits for non-daemon threads, so callers blocked on them get an
+# error instead of keeping the process alive.
+_running_servers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown_running_servers() -> None:
+    for server in list(_running_servers):
+        try:
+            server.shutdown(timeout=1.0)
+        except Exception:  # exiting anyway: never block the exit on one server
+            _log.exception("batchserve: shutdown at exit failed")
+
+
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_shutdown_running_servers)
+else:  # pragma: no cover - CPython < 3.9
+    import atexit
+
+    atexit.register(_shutdown_running_servers)
+
+
+def _shared_memory_scheme(weight_sync) -> bool:
+    """torchrl's SharedMemWeightSyncScheme applies weights from its own
+    thread; polling its receive() would re-apply and re-count them."""
+    if not type(weight_sync).__module__.startswith("torchrl"):
+        return False
+    from torchrl.weight_update import SharedMemWeightSyncScheme
+
+    return isinstance(weight_sync, SharedMemWeightSyncScheme)
+
+
+def _torchrl_scheme(weight_sync) -> bool:
+    if not type(weight_sync).__module__.startswith("torchrl"):
+        return False
+    from torchrl.weight_update import WeightSyncScheme
+
+    return isinstance(weight_sync, WeightSyncScheme)
+
+
+def _as_device(device) -> torch.device | None:
+    return torch.device(device) if device is not None else None
+
+
+class _Run:
+    """One start()..shutdown() of the worker thread."""
+
+    __slots__ = ("stop", "ready", "startup_error", "inflight")
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.inflight = None  # the batch being served, for a timed-out shutdown
+
+
+class InferenceServer:
+    """Auto-batching inference server.
+
+    Actors submit single TensorDicts through a transport; a background worker
+    collects them into batches, runs the model once per batch and hands each
+    actor its row of the output. A drop-in for
+    ``torchrl.modules.inference_server.InferenceServer``: same arguments,
+    defaults and behaviour, with the queue, the batching policy and the
+    hand-back of :class:`~batchserve.ThreadingTransport` in C++.
+
+    Args:
+        model (nn.Module or Callable): maps a batched TensorDict to a batched
+            TensorDict (e.g. a ``TensorDictModule``).
+        transport (InferenceTransport): the communication backend;
+            :class:`~batchserve.ThreadingTransport` or any object with
+            torchrl's transport protocol (torchrl's transports included).
+
+    Keyword Args:
+        max_batch_size (int, optional): most requests per forward pass.
+            Default: ``64``.
+        min_batch_size (int, optional): after the first request, keep
+            collecting until this many or until ``timeout`` seconds after the
+            oldest request arrived. Default: ``1`` (dispatch at once).
+        timeout (float, optional): seconds; the deadline above, and how long
+            an idle server waits before polling weight sync. Default: ``0.01``.
+        collate_fn (Callable, optional): stacks a list of requests into a
+            batch. Default: :func:`~tensordict.lazy_stack`.
+        device (torch.device or str, optional): where batches (and the
+            model) go before the forward. ``None``: no transfer.
+        policy_device: alias of ``device`` (torchrl's newer name).
+        output_device (torch.device or str, optional): where results go
+            before they are handed back.
+        weight_sync: a torchrl ``WeightSyncScheme`` (or any object with its
+            receiver methods) polled for new weights between batches.
+        weight_sync_model_id (str, optional): model id used to initialise
+            ``weight_sync`` on the receiver side. Default: ``"policy"``.
+        policy_version (int, optional): initial policy version stamped on
+            results. Default: ``0``.
+        policy_version_key (NestedKey or None, optional): where results carry
+            the policy version; ``None`` disables the stamp.
+            Default: ``"policy_version"``.
+        collect_stats (bool, optional): record :meth:`stats`. Default: ``True``.
+        stats_window_size (int, optional): recent samples kept for latency
+            percentiles. Default: ``4096``.
+        server_config, device_config: torchrl's ``InferenceServerConfig`` /
+            ``InferenceDeviceConfig`` (or objects with the same attributes),
+            exclusive with the matching keyword arguments.
+
+    Example:
+        >>> from tensordict.nn import TensorDictModule
+        >>> from batchserve import InferenceServer, ThreadingTransport
+        >>> import torch.nn as nn
+        >>> policy = TensorDictModule(nn.Linear(4, 2), in_keys=["obs"], out_keys=["act"])
+        >>> transport = ThreadingTransport()
+        >>> server = InferenceServer(policy, transport, max_batch_size=8)
+        >>> server.start()
+        >>> client = transport.client()
+        >>> # client(td) can now be called from any thread
+        >>> server.shutdown()
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable[[TensorDictBase], TensorDictBase],
+        transport: Any,
+        *,
+        max_batch_size: int | None = None,
+        min_batch_size: int | None = None,
+        timeout: float | None = None,
+        collate_fn: Callable | None = None,
+        device: torch.device | str | None = None,
+        policy_device: torch.device | str | None = None,
+        output_device: torch.device | str | None = None,
+        weight_sync=None,
+        weight_sync_model_id: str = "policy",
+        policy_version: int = 0,
+        policy_version_key="policy_version",
+        collect_stats: bool | None = None,
+        stats_window_size: int | None = None,
+        server_config=None,
+        device_config=None,
+    ):
+        if model is None:
+            raise ValueError("InferenceServer needs a model.")
+        if transport is None or not callable(getattr(transport, "drain", None)):
+            raise TypeError(
+                "transport must implement the InferenceTransport protocol "
+                f"(submit, drain, wait_for_work, resolve, resolve_exception); got {transport!r}."
+            )
+        batching = {
+            "max_batch_size": max_batch_size,
+            "min_batch_size": min_batch_size,
+            "timeout": timeout,
+            "collect_stats": collect_stats,
+            "stats_window_size": stats_window_size,
+        }
+        if server_config is not None:
+            given = [k for k, v in batching.items() if v is not None]
+            if given:
+                raise ValueError(
+                    "server_config is mutually exclusive with the "
+                    f"{', '.join(given)} keyword argument(s)."
+                )
+            for key in batching:
+                batching[key] = getattr(server_config, key, None)
+        if device is not None and policy_device is not None and (
+            torch.device(device) != torch.device(policy_device)
+        ):
+            raise ValueError("device and policy_device disagree; pass one of them.")
+        policy_device = policy_device if policy_device is not None else device
+        if device_config is not None:
+            if policy_device is not None or output_device is not None:
+                raise ValueError(
+                    "device_config is mutually exclusive with device, "
+                    "policy_device and output_device."
+                )
+            if getattr(device_config, "storing_device", None) is not None:
+                raise ValueError(
+                    "storing_device is a collector-level setting; the server "
+                    "does not use it."
+                )
+            policy_device = getattr(device_config, "policy_device", None)
+            server_output = getattr(device_config, "server_output_device", None)
+            output_device = (
+                server_output()
+                if callable(server_output)
+                else getattr(device_config, "output_device", None)
+            )
+
+        self.model = model
+        self.transport = transport
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.device = _as_device(policy_device)
+        self.output_device = _as_device(output_device)
+        self.weight_sync = weight_sync
+        self._weight_sync_model_id = weight_sync_model_id
+        self.policy_version_key = policy_version_key
+        self._policy_version = int(policy_version)
+        self.collect_stats = (
+            True if batching["collect_stats"] is None else bool(batching["collect_stats"])
+        )
+        self._stats = ServerStats(batching["stats_window_size"] or 4096)
+
+        self._batches = batches_for(transport)
+        self._max_batch_size = 64
+        self._min_batch_size = 1
+        self._timeout = 0.01
+        self.max_batch_size = batching["max_batch_size"] or 64
+        self.min_batch_size = batching["min_batch_size"] or 1
+        if batching["timeout"] is not None:
+            self.timeout = batching["timeout"]
+
+        self._model_lock = threading.RLock()
+        self._lifecycle_lock = threading.Lock()
+        self._version_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._run: _Run | None = None
+
+        if self.device is not None and hasattr(self.model, "to"):
+            self.model.to(self.device)
+
+    # -- settings (may change while serving; apply from the next batch) ------
+
+    @property
+    def policy_device(self) -> torch.device | None:
+        """Alias of :attr:`device`."""
+        return self.device
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        value = int(value)
+        if value < 1:
+            raise ValueError("max_batch_size must be at least 1.")
+        self._max_batch_size = value
+        self._batches.wake()
+
+    @property
+    def min_batch_size(self) -> int:
+        return self._min_batch_size
+
+    @min_batch_size.setter
+    def min_batch_size(self, value: int) -> None:
+        value = int(value)
+        if value < 1:
+            raise ValueError("min_batch_size must be at least 1.")
+        self._min_batch_size = value
+        self._batches.wake()
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0:
+            raise ValueError("timeout must be a non-negative number of seconds.")
+        self._timeout = value
+        self._batches.wake()
+
+    # -- policy version and weights ------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        """The policy version stamped on results."""
+        return self._policy_version
+
+    def _mark_weight_update(self, version: int | None = None) -> None:
+        with self._version_lock:
+            self._policy_version = (
+                self._policy_version + 1 if version is None else int(version)
+            )
+        self._stats.record_weight_update()
+
+    def update_policy_weights_(self, model_id=None, policy_or_weights=None, **kwargs):
+        """Weight-sync cascade hook: records one applied update.
+
+        torchrl's schemes call this on their ``context`` after applying
+        weights; the server installs itself as the context of a torchrl
+        scheme that has none, so the version bumps exactly once per update.
+        """
+        self._mark_weight_update()
+
+    def update_model(
+        self, update_fn: Callable[[Any], Any], *, mark_weight_update: bool = True
+    ) -> Any:
+        """Run ``update_fn(model)`` between batches, under the model lock.
+
+        Args:
+            update_fn (Callable): called with the served model; no forward
+                runs while it does.
+            mark_weight_update (bool, optional): bump the policy version and
+                the weight-update count when ``update_fn`` returns.
+                Default: ``True``.
+
+        Returns:
+            what ``update_fn`` returned.
+        """
+        with self._model_lock:
+            result = update_fn(self.model)
+            if mark_weight_update:
+                self._mark_weight_update()
+        return result
+
+    def _init_weight_sync(self) -> None:
+        ws = self.weight_sync
+        if ws is None:
+            return
+        if _torchrl_scheme(ws) and getattr(ws, "context", None) is None:
+            ws.context = self
+        if not getattr(ws, "initialized_on_receiver", False):
+            ws.init_on_receiver(
+                model_id=self._weight_sync_model_id, model=self.model, worker_idx=0
+            )
+        if not getattr(ws, "synchronized_on_receiver", False):
+            ws.connect(worker_idx=0)
+
+    def _poll_weight_sync(self, passive: bool) -> None:
+        ws = self.weight_sync
+        if ws is None or passive:
+            return
+        with self._model_lock:
+            try:
+                weights = ws.receive(timeout=0.0)
+            except Exception:
+                # The model keeps its previous weights and serving goes on;
+                # the failure is logged and counted in stats().
+                self._stats.record_weight_sync_error()
+                _log.exception("batchserve: weight_sync.receive() failed")
+                return
+            if weights is not None and getattr(ws, "context", None) is not self:
+                self._mark_weight_update()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> InferenceServer:
+        """Start the background worker.
+
+        Weight-sync set-up runs on the worker before this returns; if it
+        fails, ``start`` raises and nothing keeps running.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            RuntimeError: the server is already running, or its set-up failed.
+        """
+        with self._lifecycle_lock:
+            if self.is_alive:
+                raise RuntimeError("InferenceServer is already running.")
+            run = _Run()
+            self._batches.open()
+            worker = threading.Thread(
+                target=self._worker_main,
+                args=(run,),
+                daemon=True,
+                name="batchserve-worker",
+            )
+            worker.start()
+            run.ready.wait()
+            if run.startup_error is not None:
+                worker.join()
+                raise RuntimeError(
+                    "InferenceServer failed to start: weight_sync set-up raised "
+                    f"{run.startup_error!r}"
+                ) from run.startup_error
+            self._run, self._worker = run, worker
+            _running_servers.add(self)
+        return self
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stop the worker; every request not yet served gets an error.
+
+        Later submissions raise :class:`~batchserve.ServerClosedError` at once.
+        A forward in progress is allowed to finish for up to ``timeout``
+        seconds; past that its callers get the shutdown error too.
+
+        Args:
+            timeout (float or None): seconds to wait for the worker to finish;
+                ``None`` waits indefinitely.
+        """
+        with self._lifecycle_lock:
+            run, worker = self._run, self._worker
+            self._run = self._worker = None
+            _running_servers.discard(self)
+            if run is not None:
+                run.stop.set()
+            self._batches.close()
+            if worker is not None and worker is not threading.current_thread():
+                worker.join(timeout)
+            still_running = worker is not None and worker.is_alive()
+            error = ServerClosedError(_SHUTDOWN_MESSAGE)
+            self._batches.fail_pending(error, worker_running=still_running)
+            if still_running and run is not None and run.inflight is not None:
+                _log.warning(
+                    "batchserve: the worker did not finish its forward within "
+                    "%s s; failing that batch's requests", timeout,
+                )
+                run.inflight.fail(error)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the background worker is running."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "_worker", None) is not None and self.is_alive:
+            self.shutdown(timeout=1.0)
+
+    # -- clients ----------------------------------------------------------------
+
+    def client(self):
+        """An actor-side client of this server's transport."""
+        return self.transport.client()
+
+    def clients(self, num_clients: int) -> list:
+        """One client per concurrent consumer."""
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int):
+            raise TypeError("num_clients must be an integer.")
+        if num_clients < 1:
+            raise ValueError("num_clients must be at least 1.")
+        return [self.client() for _ in range(num_clients)]
+
+    # -- statistics -------------------------------------------------------------
+
+    def stats(self, *, reset: bool = False) -> dict:
+        """Throughput and latency statistics.
+
+        Keys: ``requests``, ``batches``, ``failed_batches``,
+        ``requests_per_s``, ``batches_per_s``, ``avg_batch_size``,
+        ``p50/p95/p99_queue_ms`` (submission to dispatch),
+        ``p50/p95/p99_forward_ms`` (collation, forward and hand-back
+        preparation), ``batch_size_histogram`` (size -> batches),
+        ``policy_version``, ``weight_updates``, ``weight_sync_errors``.
+
+        Args:
+            reset (bool, optional): clear the counters after the snapshot.
+        """
+        return self._stats.snapshot(self._policy_version, reset=reset)
+
+    # -- the worker -------------------------------------------------------------
+
+    def _worker_main(self, run: _Run) -> None:
+        try:
+            self._init_weight_sync()
+            passive = self.weight_sync is not None and _shared_memory_scheme(
+                self.weight_sync
+            )
+        except BaseException as exc:  # reported by start()
+            run.startup_error = exc
+            run.ready.set()
+            return
+        run.ready.set()
+        try:
+            with torch.no_grad():
+                self._serve(run, passive)
+        finally:
+            self._batches.close()
+            self._batches.fail_pending(
+                ServerClosedError(_SHUTDOWN_MESSAGE), worker_running=False
+            )
+            _running_servers.discard(self)
+
+    def _serve(self, run: _Run, passive_weight_sync: bool) -> None:
+        batches = self._batches
+        while not run.stop.is_set():
+            self._poll_weight_sync(passive_weight_sync)
+            batch = batches.next_batch(
+                self._max_batch_size, self._min_batch_size, self._timeout
+            )
+            if batch is None:
+                continue
+            if run.stop.is_set():
+                batch.fail(ServerClosedError(_SHUTDOWN_MESSAGE))
+                return
+            run.inflight = batch
+            try:
+                self._serve_batch(batch)
+            except Exception as exc:
+                self._stats.record_failed_batch()
+                batch.fail(exc)
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt...: end this batch and stop
+                # serving cleanly rather than leave callers waiting.
+                error = ServerClosedError(
+                    f"InferenceServer stopped: the model raised {exc!r}"
+                )
+                error.__cause__ = exc
+                batch.fail(error)
+                _log.error("batchserve: worker stopped by %r", exc)
+                return
+            finally:
+                run.inflight = None
+
+    def _serve_batch(self, batch) -> None:
+        dispatch_ns = _core.monotonic_ns()
+        items = batch.items
+        if self.collate_fn is default_collate:
+            malformed = [
+                i for i, item in enumerate(items) if not isinstance(item, TensorDictBase)
+            ]
+            if malformed:
+                kinds = sorted({type(items[i]).__name__ for i in malformed})
+                batch.fail_some(
+                    malformed,
+                    TypeError(
+                        "InferenceServer expects each request to be a TensorDict; "
+                        f"got {', '.join(kinds)}."
+                    ),
+                )
+                items = batch.items
+                if not items:
+                    return
+        n = len(items)
+        queue_ms = (
+            [(dispatch_ns - s) * 1e-6 for s in batch.submitted_ns]
+            if self.collect_stats
+            else ()
+        )
+        collated = self.collate_fn(items)
+        if self.device is not None:
+            collated = collated.to(self.device)
+        with self._model_lock:
+            context, collated = interaction_context(collated)
+            with context:
+                output = self.model(collated)
+            if not isinstance(output, TensorDictBase):
+                raise TypeError(
+                    f"The model returned {type(output).__name__}; expected a "
+                    f"TensorDict with batch size [{n}]."
+                )
+            if output.batch_dims == 0 or output.batch_size[0] != n:
+                raise RuntimeError(
+                    f"The model returned batch size {list(output.batch_size)} for "
+                    f"a batch of {n} requests; expected a leading dimension of {n}."
+                )
+            if self.output_device is not None:
+                output = output.to(self.output_device)
+            if self.policy_version_key is not None:
+                output.set(
+                    self.policy_version_key,
+                    torch.full(
+                        output.batch_size,
+                        self._policy_version,
+                        dtype=torch.long,
+                        device=output.device or self.output_device or self.device,
+                    ),
+                )
+        results = output.unbind(0)
+        done_ns = _core.monotonic_ns()
+        batch.resolve(results)
+        if self.collect_stats:
+            self._stats.record_batch(n, queue_ms, (done_ns - dispatch_ns) * 1e-6)

@@ -1,0 +1,93 @@
+"""Server statistics: counters, recent-latency percentiles, batch sizes."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+
+def percentile(values, q: float) -> float:
+    """Nearest-rank percentile (index ``round((n - 1) * q)``), 0.0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return float(ordered[int(round((len(ordered) - 1) * q))])
+
+
+class ServerStats:
+    """Thread-safe accounting for :meth:`InferenceServer.stats`.
+
+    Counters and the batch-size histogram are exact since the last reset;
+    queue-wait and forward percentiles are over the most recent
+    ``window_size`` samples.
+    """
+
+    def __init__(self, window_size: int = 4096):
+        if window_size < 1:
+            raise ValueError("stats_window_size must be at least 1.")
+        self._window_size = window_size
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        self._started = time.monotonic()
+        self._requests = 0
+        self._batches = 0
+        self._failed_batches = 0
+        self._weight_updates = 0
+        self._weight_sync_errors = 0
+        self._histogram: collections.Counter = collections.Counter()
+        self._queue_ms = collections.deque(maxlen=self._window_size)
+        self._forward_ms = collections.deque(maxlen=self._window_size)
+
+    def record_batch(self, size: int, queue_ms, forward_ms: float) -> None:
+        with self._lock:
+            self._requests += size
+            self._batches += 1
+            self._histogram[size] += 1
+            self._queue_ms.extend(queue_ms)
+            self._forward_ms.append(forward_ms)
+
+    def record_failed_batch(self) -> None:
+        with self._lock:
+            self._failed_batches += 1
+
+    def record_weight_update(self) -> None:
+        with self._lock:
+            self._weight_updates += 1
+
+    def record_weight_sync_error(self) -> None:
+        with self._lock:
+            self._weight_sync_errors += 1
+
+    def snapshot(self, policy_version: int, reset: bool = False) -> dict:
+        with self._lock:
+            elapsed = max(time.monotonic() - self._started, 1e-12)
+            queue_ms = list(self._queue_ms)
+            forward_ms = list(self._forward_ms)
+            result = {
+                "requests": self._requests,
+                "batches": self._batches,
+                "failed_batches": self._failed_batches,
+                "requests_per_s": self._requests / elapsed,
+                "batches_per_s": self._batches / elapsed,
+                "avg_batch_size": self._requests / self._batches if self._batches else 0.0,
+                "p50_queue_ms": percentile(queue_ms, 0.50),
+                "p95_queue_ms": percentile(queue_ms, 0.95),
+                "p99_queue_ms": percentile(queue_ms, 0.99),
+                "p50_forward_ms": percentile(forward_ms, 0.50),
+                "p95_forward_ms": percentile(forward_ms, 0.95),
+                "p99_forward_ms": percentile(forward_ms, 0.99),
+                "batch_size_histogram": dict(sorted(self._histogram.items())),
+                "policy_version": policy_version,
+                "weight_updates": self._weight_updates,
+                "weight_sync_errors": self._weight_sync_errors,
+            }
+            if reset:
+                self._clear()
+        return result
