@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -27,7 +28,48 @@ struct BatchPolicy {
   int64_t timeout_ns = 10'000'000;
 };
 
+// The policy of a running server, changeable from any thread. A change is
+// stored, then the queue is interrupted; collect_batch reads interrupts()
+// before it loads the settings, so it either sees the new settings or is
+// woken to reload them.
+class BatchSettings {
+ public:
+  void store(const BatchPolicy& p, RequestQueue& queue) {
+    max_batch_size_.store(p.max_batch_size, std::memory_order_release);
+    min_batch_size_.store(p.min_batch_size, std::memory_order_release);
+    timeout_ns_.store(p.timeout_ns, std::memory_order_release);
+    queue.interrupt();
+  }
+
+  BatchPolicy load() const {
+    BatchPolicy p;
+    p.max_batch_size = std::max<size_t>(
+        max_batch_size_.load(std::memory_order_acquire), 1);
+    p.min_batch_size =
+        std::min(std::max<size_t>(
+                     min_batch_size_.load(std::memory_order_acquire), 1),
+                 p.max_batch_size);
+    p.timeout_ns = std::max<int64_t>(timeout_ns_.load(std::memory_order_acquire), 0);
+    return p;
+  }
+
+ private:
+  std::atomic<size_t> max_batch_size_{64};
+  std::atomic<size_t> min_batch_size_{1};
+  std::atomic<int64_t> timeout_ns_{10'000'000};
+};
+
 namespace detail {
+
+// start + timeout without signed overflow, saturating at kNoDeadline: a
+// timeout as large as kNoDeadline means "no deadline".
+inline int64_t saturating_deadline(int64_t start_ns,
+                                   int64_t timeout_ns) noexcept {
+  int64_t deadline;
+  if (__builtin_add_overflow(start_ns, timeout_ns, &deadline))
+    return timeout_ns > 0 ? kNoDeadline : INT64_MIN;
+  return deadline;
+}
 
 // Moves up to `room` requests from the queue into `batch`; withdrawn ones go
 // to `dropped` and do not count.
@@ -55,37 +97,41 @@ inline void take_ready(RequestQueue& queue, size_t room,
 
 // Collects one batch into `batch` (appended; expected empty on entry).
 // Returns with an empty batch when no request came within `timeout`, when the
-// queue is closed, or when interrupted.
-inline void collect_batch(RequestQueue& queue, const BatchPolicy& policy,
+// queue is closed, or when the settings changed while it waited for a first
+// request. While it collects toward min_batch_size it follows settings
+// changes: the deadline is always the oldest request's arrival plus the
+// current timeout.
+inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
                           std::vector<Request>& batch,
                           std::vector<Request>& dropped) {
-  const size_t max_size = std::max<size_t>(policy.max_batch_size, 1);
-  const size_t min_size =
-      std::min(std::max<size_t>(policy.min_batch_size, 1), max_size);
+  uint32_t seen = queue.interrupts();
+  BatchPolicy policy = settings.load();
   const int64_t idle_deadline = monotonic_ns() + policy.timeout_ns;
 
   while (batch.empty()) {
     if (queue.closed()) return;
-    detail::take_ready(queue, max_size, batch, dropped);
+    detail::take_ready(queue, policy.max_batch_size, batch, dropped);
     if (!batch.empty()) break;
-    if (!queue.wait_for_work(idle_deadline)) {
+    if (!queue.wait_for_work(idle_deadline, seen)) {
       // Timed out, closed or interrupted; a request may still have landed.
-      detail::take_ready(queue, max_size, batch, dropped);
+      detail::take_ready(queue, policy.max_batch_size, batch, dropped);
       return;
     }
   }
 
-  const int64_t deadline = batch.front().submit_ns + policy.timeout_ns;
-  while (batch.size() < min_size && !queue.closed()) {
-    if (monotonic_ns() >= deadline) break;
-    if (!queue.wait_for_work(deadline)) {
-      if (monotonic_ns() >= deadline || queue.closed()) {
-        detail::take_ready(queue, max_size - batch.size(), batch, dropped);
-        break;
-      }
-      continue;  // interrupted: keep the original deadline
-    }
-    detail::take_ready(queue, max_size - batch.size(), batch, dropped);
+  for (;;) {
+    seen = queue.interrupts();
+    policy = settings.load();
+    if (batch.size() >= policy.min_batch_size ||
+        batch.size() >= policy.max_batch_size || queue.closed())
+      return;
+    const int64_t deadline = batch.front().submit_ns + policy.timeout_ns;
+    const bool ready = monotonic_ns() < deadline &&
+                       queue.wait_for_work(deadline, seen);
+    if (ready || monotonic_ns() >= deadline)
+      detail::take_ready(queue, policy.max_batch_size - batch.size(), batch,
+                         dropped);
+    if (!ready && monotonic_ns() >= deadline) return;
   }
 }
 

@@ -366,19 +366,25 @@ class PyRequestQueue {
     return queue_.wait_for_work(deadline_after(std::max(timeout_s, 0.0)));
   }
 
-  // The server's batch: the C++ batching policy, run without the GIL.
-  std::unique_ptr<Batch> collect(size_t max_batch_size, size_t min_batch_size,
-                                 double timeout_s) {
+  // The batching policy's settings; a server sleeping in collect() applies
+  // them at once.
+  void configure(size_t max_batch_size, size_t min_batch_size, double timeout_s) {
     BatchPolicy policy;
     policy.max_batch_size = max_batch_size;
     policy.min_batch_size = min_batch_size;
     policy.timeout_ns = static_cast<int64_t>(std::max(timeout_s, 0.0) * 1e9);
+    settings_.store(policy, queue_);
+  }
+
+  // The server's batch: the C++ batching policy, run without the GIL.
+  std::unique_ptr<Batch> collect() {
+    const size_t reserve = settings_.load().max_batch_size;
     std::vector<Request> batch;
     std::vector<Request> dropped;
-    batch.reserve(max_batch_size);
+    batch.reserve(reserve);
     {
       py::gil_scoped_release nogil;
-      collect_batch(queue_, policy, batch, dropped);
+      collect_batch(queue_, settings_, batch, dropped);
     }
     for (const Request& r : dropped) discard(r);
     size_t kept = 0;
@@ -420,13 +426,13 @@ class PyRequestQueue {
     queue_.close();
   }
   void reopen() { queue_.reopen(); }
-  void interrupt() { queue_.interrupt(); }
   bool closed() const { return queue_.closed(); }
   size_t size() const { return queue_.size(); }
   size_t capacity() const { return queue_.capacity(); }
 
  private:
   RequestQueue queue_;
+  BatchSettings settings_;
 };
 
 }  // namespace
@@ -468,12 +474,12 @@ PYBIND11_MODULE(_core, m) {
            py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &PyRequestQueue::drain, py::arg("max_items"))
       .def("wait_for_work", &PyRequestQueue::wait_for_work, py::arg("timeout"))
-      .def("collect", &PyRequestQueue::collect, py::arg("max_batch_size"),
+      .def("configure", &PyRequestQueue::configure, py::arg("max_batch_size"),
            py::arg("min_batch_size"), py::arg("timeout"))
+      .def("collect", &PyRequestQueue::collect)
       .def("fail_pending", &PyRequestQueue::fail_pending, py::arg("exc"))
       .def("close", &PyRequestQueue::close)
       .def("reopen", &PyRequestQueue::reopen)
-      .def("interrupt", &PyRequestQueue::interrupt)
       .def_property_readonly("closed", &PyRequestQueue::closed)
       .def_property_readonly("capacity", &PyRequestQueue::capacity)
       .def("__len__", &PyRequestQueue::size);

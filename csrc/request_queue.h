@@ -98,23 +98,34 @@ class RequestQueue {
   }
 
   // Server side: sleeps until a request is published, the queue is closed,
-  // interrupt() is called, or the deadline passes. True if a request is ready.
-  bool wait_for_work(int64_t deadline_ns) {
-    const uint32_t seen = interrupts_.load(std::memory_order_acquire);
+  // interrupt() is called after `seen_interrupts` was read from
+  // interrupts(), or the deadline passes. True if a request is ready.
+  bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts) {
     spin_then_park(
         not_empty_,
-        [this, seen] {
+        [this, seen_interrupts] {
           return ring_.ready() || closed() ||
-                 interrupts_.load(std::memory_order_acquire) != seen;
+                 interrupts_.load(std::memory_order_acquire) != seen_interrupts;
         },
         deadline_ns, kServerSpin);
     return ring_.ready();
   }
 
+  bool wait_for_work(int64_t deadline_ns) {
+    return wait_for_work(deadline_ns, interrupts());
+  }
+
   // Wakes a server sleeping in wait_for_work (e.g. its settings changed).
+  // A server that reads interrupts() before it reads its settings cannot
+  // miss a change: either it reads the new settings or its wait sees the
+  // count move.
   void interrupt() {
     interrupts_.fetch_add(1, std::memory_order_acq_rel);
     not_empty_.notify_all();
+  }
+
+  uint32_t interrupts() const {
+    return interrupts_.load(std::memory_order_acquire);
   }
 
   // Rejects every later push and wakes all sleepers. When it returns, no

@@ -1,7 +1,7 @@
 """Where the server loop gets its batches from.
 
-Two sources behind one small interface (``next_batch``, ``open``, ``close``,
-``wake``, ``fail_pending``):
+Two sources behind one small interface (``configure``, ``next_batch``,
+``open``, ``close``, ``fail_pending``):
 
 * :class:`NativeBatches` for transports backed by the C++ request queue: the
   batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
@@ -30,17 +30,18 @@ class NativeBatches:
     def __init__(self, queue):
         self._queue = queue
 
-    def next_batch(self, max_batch_size: int, min_batch_size: int, timeout: float):
-        return self._queue.collect(max_batch_size, min_batch_size, timeout)
+    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
+        """Applies at once, even to a server asleep in next_batch()."""
+        self._queue.configure(max_batch_size, min_batch_size, timeout)
+
+    def next_batch(self):
+        return self._queue.collect()
 
     def open(self) -> None:
         self._queue.reopen()
 
     def close(self) -> None:
         self._queue.close()
-
-    def wake(self) -> None:
-        self._queue.interrupt()
 
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # The C++ queue serialises consumers, so this is safe while the
@@ -110,6 +111,7 @@ class ProtocolBatches:
     def __init__(self, transport):
         self._transport = transport
         self._closed = False
+        self._settings = (64, 1, 0.01)
         drain_with_timing = getattr(transport, "drain_with_timing", None)
         if drain_with_timing is not None:
             self._drain = drain_with_timing
@@ -129,7 +131,12 @@ class ProtocolBatches:
         ]
         return list(items), list(callbacks), submitted_ns
 
-    def next_batch(self, max_batch_size: int, min_batch_size: int, timeout: float):
+    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
+        """Applies from the next batch (a protocol transport cannot be woken)."""
+        self._settings = (max_batch_size, min_batch_size, timeout)
+
+    def next_batch(self):
+        max_batch_size, min_batch_size, timeout = self._settings
         transport = self._transport
         transport.wait_for_work(timeout=timeout)
         items, callbacks, submitted_ns = self._drain_ns(max_batch_size)
@@ -155,9 +162,6 @@ class ProtocolBatches:
 
     def close(self) -> None:
         self._closed = True
-
-    def wake(self) -> None:
-        """Protocol transports cannot be interrupted; settings apply on the next batch."""
 
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # drain() is single-consumer by contract: leave it to the worker

@@ -223,16 +223,17 @@ class InferenceServer:
         self.collect_stats = (
             True if batching["collect_stats"] is None else bool(batching["collect_stats"])
         )
-        self._stats = ServerStats(batching["stats_window_size"] or 4096)
+        self._stats = ServerStats(
+            4096 if batching["stats_window_size"] is None else batching["stats_window_size"]
+        )
 
         self._batches = batches_for(transport)
         self._max_batch_size = 64
         self._min_batch_size = 1
         self._timeout = 0.01
-        self.max_batch_size = batching["max_batch_size"] or 64
-        self.min_batch_size = batching["min_batch_size"] or 1
-        if batching["timeout"] is not None:
-            self.timeout = batching["timeout"]
+        defaults = {"max_batch_size": 64, "min_batch_size": 1, "timeout": 0.01}
+        for key, default in defaults.items():
+            setattr(self, key, default if batching[key] is None else batching[key])
 
         self._model_lock = threading.RLock()
         self._lifecycle_lock = threading.Lock()
@@ -243,7 +244,7 @@ class InferenceServer:
         if self.device is not None and hasattr(self.model, "to"):
             self.model.to(self.device)
 
-    # -- settings (may change while serving; apply from the next batch) ------
+    # -- settings (may change while serving; a waiting server applies them now)
 
     @property
     def policy_device(self) -> torch.device | None:
@@ -260,7 +261,7 @@ class InferenceServer:
         if value < 1:
             raise ValueError("max_batch_size must be at least 1.")
         self._max_batch_size = value
-        self._batches.wake()
+        self._configure_batches()
 
     @property
     def min_batch_size(self) -> int:
@@ -272,7 +273,7 @@ class InferenceServer:
         if value < 1:
             raise ValueError("min_batch_size must be at least 1.")
         self._min_batch_size = value
-        self._batches.wake()
+        self._configure_batches()
 
     @property
     def timeout(self) -> float:
@@ -284,7 +285,10 @@ class InferenceServer:
         if not value >= 0:
             raise ValueError("timeout must be a non-negative number of seconds.")
         self._timeout = value
-        self._batches.wake()
+        self._configure_batches()
+
+    def _configure_batches(self) -> None:
+        self._batches.configure(self._max_batch_size, self._min_batch_size, self._timeout)
 
     # -- policy version and weights ------------------------------------------
 
@@ -500,9 +504,7 @@ class InferenceServer:
         batches = self._batches
         while not run.stop.is_set():
             self._poll_weight_sync(passive_weight_sync)
-            batch = batches.next_batch(
-                self._max_batch_size, self._min_batch_size, self._timeout
-            )
+            batch = batches.next_batch()
             if batch is None:
                 continue
             if run.stop.is_set():
@@ -582,7 +584,6 @@ class InferenceServer:
                     ),
                 )
         results = output.unbind(0)
-        done_ns = _core.monotonic_ns()
+        if self.collect_stats:  # before the hand-back: a caller with its result sees it counted
+            self._stats.record_batch(n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
         batch.resolve(results)
-        if self.collect_stats:
-            self._stats.record_batch(n, queue_ms, (done_ns - dispatch_ns) * 1e-6)

@@ -1,0 +1,55 @@
+"""Shared helpers for the batchserve test suite."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+
+from batchserve import InferenceServer, ThreadingTransport
+
+
+def make_policy(in_features: int = 4, out_features: int = 2) -> TensorDictModule:
+    return TensorDictModule(
+        nn.Linear(in_features, out_features), in_keys=["observation"], out_keys=["action"]
+    )
+
+
+def echo_model(td):
+    """Returns each request's id as its output: results prove their routing."""
+    return TensorDict({"echo": td["id"].clone()}, batch_size=td.batch_size)
+
+
+def request(i: int) -> TensorDict:
+    return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4)})
+
+
+class BlockingModel:
+    """A model whose forwards wait until `release` is set; `entered` tells
+    when a forward started and `sizes` what batch sizes it saw."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, td):
+        self.sizes.append(td.batch_size[0])
+        self.entered.set()
+        assert self.release.wait(30), "test never released the model"
+        return echo_model(td)
+
+
+@pytest.fixture
+def transport():
+    return ThreadingTransport()
+
+
+@pytest.fixture
+def echo_server(transport):
+    with InferenceServer(echo_model, transport, max_batch_size=16, timeout=0.005) as server:
+        yield server

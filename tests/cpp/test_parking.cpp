@@ -1,0 +1,507 @@
+// EventCount, spin_then_park and Completion.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "completion.h"
+#include "futex.h"
+#include "parking.h"
+#include "test_util.h"
+
+namespace {
+
+using batchserve::Completion;
+using batchserve::EventCount;
+using batchserve::kNoDeadline;
+using batchserve::monotonic_ns;
+using batchserve::spin_then_park;
+
+constexpr int64_t kMs = 1'000'000;
+constexpr int64_t kSec = 1'000'000'000;
+// Generous bound for "returned promptly"/"was woken, did not time out": a
+// wait that should end at once must not take anywhere near this long, even on
+// a loaded machine under a sanitizer.
+constexpr int64_t kLongWait = 20 * kSec;
+constexpr int64_t kPromptly = 5 * kSec;
+
+// Waits for `cond` with the plain EventCount protocol. Returns false if the
+// long deadline passed first (a lost wake-up).
+template <typename Cond>
+bool await(EventCount& ec, Cond&& cond) {
+  const int64_t deadline = monotonic_ns() + kLongWait;
+  while (!cond()) {
+    const uint32_t key = ec.prepare_wait();
+    if (cond()) {
+      ec.cancel_wait();
+      return true;
+    }
+    if (!ec.wait(key, deadline)) return cond();
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- EventCount
+
+TEST(EventCount, PrepareAndCancelTrackWaiters) {
+  EventCount ec;
+  EXPECT_FALSE(ec.has_waiters());
+  ec.prepare_wait();
+  EXPECT_TRUE(ec.has_waiters());
+  ec.cancel_wait();
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(EventCount, NotifyAfterPrepareIsNotLost) {
+  // Single thread: the notification lands between prepare_wait and wait, so
+  // wait must return at once, as notified.
+  EventCount ec;
+  const uint32_t key = ec.prepare_wait();
+  ec.notify_all();
+  EXPECT_TRUE(ec.wait(key, kNoDeadline));
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(EventCount, NotifyBeforePrepareDoesNotCount) {
+  EventCount ec;
+  ec.notify_all();  // nobody announced: nothing to wake
+  const uint32_t key = ec.prepare_wait();
+  EXPECT_FALSE(ec.wait(key, monotonic_ns() + 20 * kMs));
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(EventCount, DeadlineInThePastReturnsPromptly) {
+  EventCount ec;
+  const int64_t t0 = monotonic_ns();
+  const uint32_t key = ec.prepare_wait();
+  EXPECT_FALSE(ec.wait(key, t0 - 1));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  EXPECT_FALSE(ec.has_waiters());
+
+  const uint32_t key2 = ec.prepare_wait();
+  EXPECT_FALSE(ec.wait(key2, 0));
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(EventCount, TimedWaitWithoutNotifyTimesOut) {
+  EventCount ec;
+  constexpr int64_t kTimeout = 50 * kMs;
+  const int64_t t0 = monotonic_ns();
+  const uint32_t key = ec.prepare_wait();
+  EXPECT_FALSE(ec.wait(key, t0 + kTimeout));
+  const int64_t elapsed = monotonic_ns() - t0;
+  EXPECT_GE(elapsed, kTimeout);
+  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(EventCount, WakesAParkedWaiter) {
+  EventCount ec;
+  std::atomic<bool> flag{false};
+  bool woke = false;
+  std::thread waiter([&] { woke = await(ec, [&] { return flag.load(); }); });
+  // Make the change only once the waiter has announced itself.
+  batchserve_test::poll_until([&] { return ec.has_waiters(); });
+  flag.store(true);
+  ec.notify_all();
+  waiter.join();
+  EXPECT_TRUE(woke);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+// Two threads hand a token back and forth, each sleeping on one EventCount
+// until it is its turn. A single lost wake-up would stall the exchange (and
+// show up as a timed-out wait).
+TEST(EventCount, PingPongNoLostWakeups) {
+  constexpr int kRounds = 10000;
+  EventCount ec;
+  std::atomic<int> turn{0};  // 0: ping's move, 1: pong's move
+  std::atomic<bool> failed{false};
+  auto player = [&](int me) {
+    for (int i = 0; i < kRounds && !failed.load(); ++i) {
+      if (!await(ec, [&] { return turn.load() == me || failed.load(); })) {
+        failed.store(true);
+        ec.notify_all();
+        return;
+      }
+      if (failed.load()) return;
+      turn.store(1 - me);
+      ec.notify_all();
+    }
+  };
+  std::thread ping(player, 0);
+  std::thread pong(player, 1);
+  ping.join();
+  pong.join();
+  EXPECT_FALSE(failed.load());
+  EXPECT_EQ(turn.load(), 0);  // pong made the last move
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+// Four threads pass a token round a circle, all sleeping on the same
+// EventCount: notify_all must wake every waiter, not just one.
+TEST(EventCount, TokenRingSharedEventCount) {
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 1500;
+  EventCount ec;
+  std::atomic<int> turn{0};
+  std::atomic<bool> failed{false};
+  std::vector<std::thread> threads;
+  for (int me = 0; me < kThreads; ++me) {
+    threads.emplace_back([&, me] {
+      for (int i = 0; i < kRounds && !failed.load(); ++i) {
+        if (!await(ec, [&] { return turn.load() == me || failed.load(); })) {
+          failed.store(true);
+          ec.notify_all();
+          return;
+        }
+        if (failed.load()) return;
+        turn.store((me + 1) % kThreads);
+        ec.notify_all();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_FALSE(failed.load());
+  EXPECT_EQ(turn.load(), 0);
+}
+
+// ------------------------------------------------------------ spin_then_park
+
+TEST(SpinThenPark, ReadyConditionReturnsAtOnce) {
+  EventCount ec;
+  int calls = 0;
+  EXPECT_TRUE(spin_then_park(
+      ec, [&] { return ++calls > 0; }, kNoDeadline, 100));
+  EXPECT_EQ(calls, 1);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(SpinThenPark, PastDeadlineReturnsFalsePromptly) {
+  EventCount ec;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(spin_then_park(
+      ec, [] { return false; }, t0 - 1, 64));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(SpinThenPark, TimesOutWhenNobodyComes) {
+  EventCount ec;
+  constexpr int64_t kTimeout = 50 * kMs;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(spin_then_park(
+      ec, [] { return false; }, t0 + kTimeout, 64));
+  const int64_t elapsed = monotonic_ns() - t0;
+  EXPECT_GE(elapsed, kTimeout);
+  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(SpinThenPark, WokenByNotify) {
+  EventCount ec;
+  std::atomic<bool> flag{false};
+  bool result = false;
+  int64_t elapsed = 0;
+  std::thread waiter([&] {
+    const int64_t t0 = monotonic_ns();
+    result = spin_then_park(
+        ec, [&] { return flag.load(); }, t0 + kLongWait, 16);
+    elapsed = monotonic_ns() - t0;
+  });
+  batchserve_test::poll_until([&] { return ec.has_waiters(); });  // parked
+  flag.store(true);
+  ec.notify_all();
+  waiter.join();
+  EXPECT_TRUE(result);
+  EXPECT_LT(elapsed, kLongWait);  // woken, not timed out
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(SpinThenPark, ReportsConditionThatBecameTrueWithoutNotify) {
+  // Nobody notifies, so the waiter sleeps to its deadline; the condition
+  // turned true meanwhile (here: from its third check on), and the final
+  // re-check reports it.
+  EventCount ec;
+  int calls = 0;
+  constexpr int64_t kTimeout = 20 * kMs;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_TRUE(spin_then_park(
+      ec, [&] { return ++calls >= 3; }, t0 + kTimeout, 0));
+  EXPECT_EQ(calls, 3);  // before parking, after announcing, after the sleep
+  EXPECT_GE(monotonic_ns() - t0, kTimeout);
+  EXPECT_FALSE(ec.has_waiters());
+}
+
+TEST(SpinThenPark, PingPongNoLostWakeups) {
+  constexpr int kRounds = 10000;
+  EventCount ec;
+  std::atomic<int> turn{0};
+  std::atomic<bool> failed{false};
+  auto player = [&](int me, int spin) {
+    for (int i = 0; i < kRounds && !failed.load(); ++i) {
+      const bool ok = spin_then_park(
+          ec, [&] { return turn.load() == me || failed.load(); },
+          monotonic_ns() + kLongWait, spin);
+      if (!ok) {
+        failed.store(true);
+        ec.notify_all();
+        return;
+      }
+      if (failed.load()) return;
+      turn.store(1 - me);
+      ec.notify_all();
+    }
+  };
+  // One side parks at once, the other spins a little first.
+  std::thread ping(player, 0, 0);
+  std::thread pong(player, 1, 32);
+  ping.join();
+  pong.join();
+  EXPECT_FALSE(failed.load());
+  EXPECT_EQ(turn.load(), 0);
+}
+
+// ---------------------------------------------------------------- Completion
+
+TEST(Completion, StartsQueued) {
+  auto* c = new Completion();
+  EXPECT_EQ(c->state(), Completion::kQueued);
+  EXPECT_EQ(c->outcome(), nullptr);
+  EXPECT_FALSE(c->is_error());
+  c->release();
+  c->release();
+}
+
+TEST(Completion, GiveUpWhileQueuedWithdraws) {
+  auto* c = new Completion();
+  EXPECT_EQ(c->give_up(), Completion::kWithdrawn);
+  EXPECT_EQ(c->state(), Completion::kWithdrawn);
+  EXPECT_FALSE(c->take());  // the server must drop the request
+  int value = 1;
+  EXPECT_FALSE(c->finish(&value, false));
+  EXPECT_EQ(c->state(), Completion::kWithdrawn);
+  EXPECT_EQ(c->outcome(), nullptr);
+  c->release();
+  c->release();
+}
+
+TEST(Completion, GiveUpWhileTakenAbandons) {
+  auto* c = new Completion();
+  ASSERT_TRUE(c->take());
+  EXPECT_EQ(c->state(), Completion::kTaken);
+  EXPECT_FALSE(c->take());  // taken once only
+  EXPECT_EQ(c->give_up(), Completion::kAbandoned);
+  EXPECT_EQ(c->state(), Completion::kAbandoned);
+  int value = 1;
+  EXPECT_FALSE(c->finish(&value, false));  // the outcome stays the server's
+  EXPECT_EQ(c->state(), Completion::kAbandoned);
+  EXPECT_EQ(c->outcome(), nullptr);
+  c->release();
+  c->release();
+}
+
+TEST(Completion, FinishWinsOverGiveUp) {
+  auto* c = new Completion();
+  ASSERT_TRUE(c->take());
+  int value = 42;
+  EXPECT_TRUE(c->finish(&value, false));
+  c->notify();
+  EXPECT_EQ(c->state(), Completion::kDone);
+  EXPECT_EQ(c->give_up(), Completion::kDone);
+  EXPECT_EQ(c->state(), Completion::kDone);
+  EXPECT_EQ(c->outcome(), &value);
+  EXPECT_FALSE(c->is_error());
+  c->release();
+  c->release();
+}
+
+TEST(Completion, FinishWhileQueuedForShutdown) {
+  auto* c = new Completion();
+  int error = 3;
+  EXPECT_TRUE(c->finish(&error, true));
+  EXPECT_EQ(c->state(), Completion::kDone);
+  EXPECT_FALSE(c->take());
+  EXPECT_TRUE(c->wait_until(kNoDeadline, 0));  // already done
+  EXPECT_EQ(c->outcome(), &error);
+  EXPECT_TRUE(c->is_error());
+  EXPECT_EQ(c->give_up(), Completion::kDone);
+  c->release();
+  c->release();
+}
+
+TEST(Completion, WaitUntilTimesOutThenWithdraws) {
+  auto* c = new Completion();
+  constexpr int64_t kTimeout = 20 * kMs;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(c->wait_until(t0 + kTimeout, 16));
+  EXPECT_GE(monotonic_ns() - t0, kTimeout);
+  EXPECT_EQ(c->give_up(), Completion::kWithdrawn);
+  c->release();
+  c->release();
+}
+
+// Runs `rounds` rounds of a two-party protocol on one completion each: the
+// main thread creates it and calls `caller`, a long-lived second thread calls
+// `server` on the same completion at about the same time (it spins for the
+// hand-over, so on an idle machine the two really overlap), and `check` sees
+// both results once both are done.
+template <typename Server, typename Caller, typename Check>
+void run_rounds(int rounds, Server server, Caller caller, Check check) {
+  batchserve_test::Progress published;  // rounds handed to the server
+  batchserve_test::Progress served;     // rounds the server completed
+  std::atomic<Completion*> slot{nullptr};
+  std::vector<int> server_result(static_cast<size_t>(rounds), 0);
+  std::thread server_thread([&] {
+    for (int round = 0; round < rounds; ++round) {
+      published.wait_for(static_cast<uint64_t>(round) + 1);
+      server_result[static_cast<size_t>(round)] =
+          server(slot.load(), round);
+      served.advance_to(static_cast<uint64_t>(round) + 1);
+    }
+  });
+  for (int round = 0; round < rounds; ++round) {
+    auto* c = new Completion();
+    slot.store(c);
+    published.advance_to(static_cast<uint64_t>(round) + 1);
+    const int caller_result = caller(c, round);
+    served.wait_for(static_cast<uint64_t>(round) + 1);
+    check(server_result[static_cast<size_t>(round)], caller_result, round);
+  }
+  server_thread.join();
+}
+
+// Busy-waits a little, a different amount each round, to vary who is first.
+void stagger(int round) {
+  for (int i = 0; i < (round * 37) % 200; ++i) batchserve::cpu_relax();
+}
+
+// The release order does not matter; whichever is last deletes (ASAN checks
+// there is neither a leak nor a double free, TSAN that the delete is ordered
+// after the other side's last access).
+TEST(Completion, ReleaseFromBothSidesConcurrently) {
+  run_rounds(
+      5000,
+      [](Completion* c, int round) {
+        stagger(round);
+        c->take();
+        c->release();
+        return 0;
+      },
+      [](Completion* c, int) {
+        c->give_up();
+        c->release();
+        return 0;
+      },
+      [](int, int, int) {});
+}
+
+// The caller blocks in wait_until; the result arrives from another thread.
+// Even rounds park at once (no spinning), odd rounds spin first.
+TEST(Completion, WaitUntilReceivesResultFromAnotherThread) {
+  static int values[2];
+  int timed_out = 0;
+  int wrong_outcome = 0;
+  run_rounds(
+      3000,
+      [](Completion* c, int round) {
+        const bool took = c->take();
+        stagger(round);
+        const bool stored = took && c->finish(&values[round % 2], false);
+        c->notify();
+        c->release();
+        return stored ? 1 : 0;
+      },
+      [&](Completion* c, int round) {
+        const int spin = (round % 2 == 0) ? 0 : 128;
+        int ok = 1;
+        if (!c->wait_until(monotonic_ns() + kLongWait, spin)) {
+          ++timed_out;
+          c->give_up();
+          ok = 0;
+        } else if (c->outcome() != &values[round % 2] || c->is_error()) {
+          ++wrong_outcome;
+          ok = 0;
+        }
+        c->release();
+        return ok;
+      },
+      [](int, int, int) {});
+  EXPECT_EQ(timed_out, 0);
+  EXPECT_EQ(wrong_outcome, 0);
+}
+
+// The server (take, finish) and the caller (give_up) race; exactly one of
+// them decides the request's fate.
+TEST(Completion, TakeFinishGiveUpRaceHasExactlyOneWinner) {
+  constexpr int kRounds = 10000;
+  static int result_value = 0;
+  // Server result bits.
+  constexpr int kTook = 1;
+  constexpr int kStored = 2;
+  // Every seventh round the server finishes straight from kQueued (the
+  // shutdown path) instead of take + finish.
+  auto shutdown_round = [](int round) { return round % 7 == 3; };
+
+  int withdrawn = 0, abandoned = 0, done = 0, inconsistent = 0;
+  run_rounds(
+      kRounds,
+      [&](Completion* c, int round) {
+        stagger(round);
+        int bits = 0;
+        if (shutdown_round(round)) {
+          if (c->finish(&result_value, true)) bits |= kStored;
+        } else if (c->take()) {
+          bits |= kTook;
+          if (c->finish(&result_value, false)) bits |= kStored;
+        }
+        c->notify();
+        c->release();
+        return bits;
+      },
+      [&](Completion* c, int round) {
+        stagger(round * 3 + 1);
+        // Sometimes check for the result first, as a real caller does.
+        if (round % 5 == 0) c->wait_until(monotonic_ns(), 8);
+        const Completion::State state = c->give_up();
+        int code = static_cast<int>(state);
+        if (state == Completion::kDone &&
+            (c->outcome() != &result_value ||
+             c->is_error() != shutdown_round(round)))
+          code = -1;  // the winner's outcome did not arrive intact
+        c->release();
+        return code;
+      },
+      [&](int server_bits, int caller_code, int) {
+        const bool stored = (server_bits & kStored) != 0;
+        const bool took = (server_bits & kTook) != 0;
+        switch (caller_code) {
+          case Completion::kDone:
+            ++done;
+            if (!stored) ++inconsistent;
+            break;
+          case Completion::kWithdrawn:
+            // Withdrawn before the server claimed it: take() (or the finish
+            // straight from kQueued) must have failed.
+            ++withdrawn;
+            if (stored || took) ++inconsistent;
+            break;
+          case Completion::kAbandoned:
+            // Taken, then abandoned before finish: finish must have failed.
+            ++abandoned;
+            if (stored || !took) ++inconsistent;
+            break;
+          default:
+            ++inconsistent;
+        }
+      });
+  EXPECT_EQ(inconsistent, 0);
+  EXPECT_EQ(withdrawn + abandoned + done, kRounds);
+  RecordProperty("withdrawn", withdrawn);
+  RecordProperty("abandoned", abandoned);
+  RecordProperty("done", done);
+}
+
+}  // namespace

@@ -1,0 +1,473 @@
+// RequestQueue: push/pop, full ring, timeouts, close/reopen, interrupt.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "futex.h"
+#include "request_queue.h"
+#include "test_util.h"
+
+namespace {
+
+using batchserve::kNoDeadline;
+using batchserve::monotonic_ns;
+using batchserve::PushResult;
+using batchserve::Request;
+using batchserve::RequestQueue;
+
+constexpr int64_t kMs = 1'000'000;
+constexpr int64_t kSec = 1'000'000'000;
+constexpr int64_t kLongWait = 20 * kSec;  // "would have timed out" bound
+constexpr int64_t kPromptly = 5 * kSec;   // "returned at once" bound
+
+Request make_request(uint64_t id) {
+  Request r;
+  r.payload = reinterpret_cast<void*>(static_cast<uintptr_t>(id));
+  r.submit_ns = monotonic_ns();
+  return r;
+}
+
+uint64_t id_of(const Request& r) {
+  return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(r.payload));
+}
+
+// Only to create a "nobody comes" window (or give a thread the chance to get
+// into a wait); never what a test's correctness depends on.
+void pause_briefly() {
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+}
+
+TEST(RequestQueue, CapacityRoundsUp) {
+  RequestQueue q(5);
+  EXPECT_EQ(q.capacity(), 8u);
+  EXPECT_EQ(q.size(), 0u);
+  EXPECT_FALSE(q.closed());
+}
+
+TEST(RequestQueue, PushPopFifo) {
+  RequestQueue q(8);
+  for (uint64_t i = 0; i < 5; ++i)
+    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  EXPECT_EQ(q.size(), 5u);
+
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 0u);
+
+  std::vector<Request> out;
+  EXPECT_EQ(q.pop_many(out, 2), 2u);
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(id_of(out[0]), 1u);
+  EXPECT_EQ(id_of(out[1]), 2u);
+
+  EXPECT_EQ(q.pop_many(out, 100), 2u);  // only what is there; appends
+  ASSERT_EQ(out.size(), 4u);
+  EXPECT_EQ(id_of(out[2]), 3u);
+  EXPECT_EQ(id_of(out[3]), 4u);
+
+  EXPECT_FALSE(q.try_pop(r));
+  EXPECT_EQ(q.pop_many(out, 10), 0u);
+  EXPECT_EQ(q.size(), 0u);
+}
+
+TEST(RequestQueue, RequestFieldsSurvive) {
+  RequestQueue q(2);
+  int payload = 0, future = 0;
+  Request in;
+  in.payload = &payload;
+  in.future = &future;
+  in.completion = nullptr;
+  in.submit_ns = 123456789;
+  ASSERT_EQ(q.push(in, 0), PushResult::kOk);
+  Request out;
+  ASSERT_TRUE(q.try_pop(out));
+  EXPECT_EQ(out.payload, &payload);
+  EXPECT_EQ(out.future, &future);
+  EXPECT_EQ(out.completion, nullptr);
+  EXPECT_EQ(out.submit_ns, 123456789);
+}
+
+TEST(RequestQueue, FullRingWithZeroDeadlineTimesOut) {
+  RequestQueue q(4);
+  for (uint64_t i = 0; i < 4; ++i)
+    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  EXPECT_EQ(q.push(make_request(99), 0), PushResult::kTimedOut);
+  EXPECT_EQ(q.size(), 4u);
+  Request r;
+  for (uint64_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(q.try_pop(r));
+    EXPECT_EQ(id_of(r), i);
+  }
+  EXPECT_FALSE(q.try_pop(r));  // the rejected request never landed
+}
+
+TEST(RequestQueue, FullRingWithPastDeadlineTimesOutPromptly) {
+  RequestQueue q(2);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  const int64_t t0 = monotonic_ns();
+  EXPECT_EQ(q.push(make_request(2), t0 - 1), PushResult::kTimedOut);
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  EXPECT_EQ(q.size(), 2u);
+}
+
+TEST(RequestQueue, BlockedProducerTimesOut) {
+  RequestQueue q(2);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  constexpr int64_t kTimeout = 50 * kMs;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_EQ(q.push(make_request(2), t0 + kTimeout), PushResult::kTimedOut);
+  const int64_t elapsed = monotonic_ns() - t0;
+  EXPECT_GE(elapsed, kTimeout);
+  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_EQ(q.size(), 2u);
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 0u);
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 1u);
+  EXPECT_FALSE(q.try_pop(r));
+}
+
+TEST(RequestQueue, FullRingBlocksProducerUntilPop) {
+  RequestQueue q(2);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+
+  std::atomic<bool> pop_started{false};
+  std::atomic<bool> producer_done{false};
+  PushResult result = PushResult::kTimedOut;
+  bool finished_after_pop = false;
+  int64_t elapsed = 0;
+  std::thread producer([&] {
+    const int64_t t0 = monotonic_ns();
+    result = q.push(make_request(2), t0 + kLongWait);
+    elapsed = monotonic_ns() - t0;
+    finished_after_pop = pop_started.load();
+    producer_done.store(true);
+  });
+  pause_briefly();  // let the producer block on the full ring
+  EXPECT_FALSE(producer_done.load());
+  pop_started.store(true);
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 0u);
+  producer.join();
+
+  EXPECT_EQ(result, PushResult::kOk);
+  EXPECT_TRUE(finished_after_pop);
+  EXPECT_LT(elapsed, kLongWait);  // woken by the pop, not by its deadline
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 1u);
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 2u);
+  EXPECT_FALSE(q.try_pop(r));
+}
+
+TEST(RequestQueue, CloseRejectsLaterPushesAndKeepsAccepted) {
+  RequestQueue q(4);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), kNoDeadline), PushResult::kOk);
+  q.close();
+  EXPECT_TRUE(q.closed());
+  EXPECT_EQ(q.push(make_request(2), 0), PushResult::kClosed);
+  EXPECT_EQ(q.push(make_request(3), kNoDeadline), PushResult::kClosed);
+  EXPECT_EQ(q.push(make_request(4), monotonic_ns() + kSec),
+            PushResult::kClosed);
+  EXPECT_EQ(q.size(), 2u);
+  // What was accepted before close() can still be drained.
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 0u);
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 1u);
+  EXPECT_FALSE(q.try_pop(r));
+  q.close();  // idempotent
+  EXPECT_TRUE(q.closed());
+}
+
+TEST(RequestQueue, CloseWakesProducerBlockedOnFullRing) {
+  RequestQueue q(2);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  PushResult result = PushResult::kOk;
+  int64_t elapsed = 0;
+  std::thread producer([&] {
+    const int64_t t0 = monotonic_ns();
+    result = q.push(make_request(2), t0 + kLongWait);
+    elapsed = monotonic_ns() - t0;
+  });
+  pause_briefly();  // let it park
+  q.close();
+  producer.join();
+  EXPECT_EQ(result, PushResult::kClosed);
+  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_EQ(q.size(), 2u);
+}
+
+TEST(RequestQueue, CloseWakesManyBlockedProducers) {
+  RequestQueue q(2);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  constexpr int kProducers = 4;
+  std::vector<PushResult> results(kProducers, PushResult::kOk);
+  std::vector<std::thread> producers;
+  for (int i = 0; i < kProducers; ++i)
+    producers.emplace_back([&q, &results, i] {
+      results[i] = q.push(make_request(10 + i), kNoDeadline);
+    });
+  pause_briefly();
+  q.close();
+  for (auto& t : producers) t.join();  // a missed wake-up would hang here
+  for (int i = 0; i < kProducers; ++i)
+    EXPECT_EQ(results[i], PushResult::kClosed) << "producer " << i;
+  EXPECT_EQ(q.size(), 2u);
+}
+
+TEST(RequestQueue, WaitForWorkReturnsAtOnceWhenReady) {
+  RequestQueue q(4);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  const int64_t t0 = monotonic_ns();
+  EXPECT_TRUE(q.wait_for_work(kNoDeadline));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+}
+
+TEST(RequestQueue, WaitForWorkTimesOut) {
+  RequestQueue q(4);
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(t0 - 1));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+
+  constexpr int64_t kTimeout = 50 * kMs;
+  const int64_t t1 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(t1 + kTimeout));
+  const int64_t elapsed = monotonic_ns() - t1;
+  EXPECT_GE(elapsed, kTimeout);
+  EXPECT_LT(elapsed, kLongWait);
+}
+
+TEST(RequestQueue, PushWakesWaitForWork) {
+  RequestQueue q(4);
+  bool ready = false;
+  int64_t elapsed = 0;
+  std::thread server([&] {
+    const int64_t t0 = monotonic_ns();
+    ready = q.wait_for_work(t0 + kLongWait);
+    elapsed = monotonic_ns() - t0;
+  });
+  pause_briefly();  // let it park
+  ASSERT_EQ(q.push(make_request(7), 0), PushResult::kOk);
+  server.join();
+  EXPECT_TRUE(ready);
+  EXPECT_LT(elapsed, kLongWait);
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 7u);
+}
+
+TEST(RequestQueue, CloseWakesWaitForWork) {
+  RequestQueue q(4);
+  bool ready = true;
+  int64_t elapsed = 0;
+  std::thread server([&] {
+    const int64_t t0 = monotonic_ns();
+    ready = q.wait_for_work(t0 + kLongWait);
+    elapsed = monotonic_ns() - t0;
+  });
+  pause_briefly();
+  q.close();
+  server.join();
+  EXPECT_FALSE(ready);
+  EXPECT_LT(elapsed, kLongWait);
+  // A closed queue does not put the server to sleep.
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(kNoDeadline));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+}
+
+TEST(RequestQueue, ClosedQueueWithLeftoversReportsWork) {
+  RequestQueue q(4);
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  q.close();
+  EXPECT_TRUE(q.wait_for_work(kNoDeadline));
+}
+
+TEST(RequestQueue, InterruptWakesWaitForWork) {
+  RequestQueue q(4);
+  std::atomic<bool> returned{false};
+  bool ready = true;
+  int64_t elapsed = 0;
+  std::thread server([&] {
+    const int64_t t0 = monotonic_ns();
+    ready = q.wait_for_work(t0 + kLongWait);
+    elapsed = monotonic_ns() - t0;
+    returned.store(true);
+  });
+  // Only an interrupt issued after the server started waiting counts, and
+  // that moment is not observable: keep interrupting until it returns.
+  while (!returned.load()) {
+    q.interrupt();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  server.join();
+  EXPECT_FALSE(ready);  // woken, but nothing to do
+  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_FALSE(q.closed());
+  EXPECT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+}
+
+TEST(RequestQueue, InterruptBeforeWaitDoesNotCount) {
+  RequestQueue q(4);
+  q.interrupt();
+  constexpr int64_t kTimeout = 30 * kMs;
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(t0 + kTimeout));
+  EXPECT_GE(monotonic_ns() - t0, kTimeout);
+}
+
+TEST(RequestQueue, InterruptCountedSinceSeenValue) {
+  RequestQueue q(4);
+  const uint32_t seen = q.interrupts();
+  q.interrupt();
+  EXPECT_EQ(q.interrupts(), seen + 1);
+  // An interrupt after `seen` was read ends the wait at once...
+  const int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(t0 + kLongWait, seen));
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  // ...one before it does not.
+  constexpr int64_t kTimeout = 30 * kMs;
+  const int64_t t1 = monotonic_ns();
+  EXPECT_FALSE(q.wait_for_work(t1 + kTimeout, q.interrupts()));
+  EXPECT_GE(monotonic_ns() - t1, kTimeout);
+  // Work that is ready is reported whatever the count says.
+  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  EXPECT_TRUE(q.wait_for_work(kNoDeadline, seen));
+}
+
+TEST(RequestQueue, Reopen) {
+  RequestQueue q(4);
+  q.close();
+  EXPECT_EQ(q.push(make_request(0), 0), PushResult::kClosed);
+  q.reopen();
+  EXPECT_FALSE(q.closed());
+  EXPECT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  Request r;
+  ASSERT_TRUE(q.try_pop(r));
+  EXPECT_EQ(id_of(r), 1u);
+  EXPECT_FALSE(q.try_pop(r));
+
+  // A reopened queue blocks (and is woken) like a fresh one.
+  for (uint64_t i = 0; i < 4; ++i)
+    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  EXPECT_EQ(q.push(make_request(9), 0), PushResult::kTimedOut);
+  q.close();
+  EXPECT_EQ(q.push(make_request(9), kNoDeadline), PushResult::kClosed);
+}
+
+// Producers push in a loop (some non-blocking, some blocking on the full
+// ring) while a consumer pops and the main thread closes the queue. Once
+// close() returns nothing else may land: draining right then yields exactly
+// the requests whose push returned kOk, and the ring stays empty afterwards.
+TEST(RequestQueue, CloseStressNoPushLandsAfterClose) {
+  constexpr int kRounds = 30;
+  constexpr uint32_t kProducers = 4;
+  for (int round = 0; round < kRounds; ++round) {
+    RequestQueue q(16);
+    std::atomic<uint64_t> accepted{0};
+    std::atomic<bool> stop_consumer{false};
+    std::vector<std::vector<uint64_t>> ok_ids(kProducers);
+    std::vector<uint64_t> unexpected_result(kProducers, 0);
+
+    std::vector<std::thread> producers;
+    for (uint32_t p = 0; p < kProducers; ++p) {
+      producers.emplace_back([&, p] {
+        const bool blocking = (p % 2) == 1;
+        for (uint32_t seq = 0;; ++seq) {
+          const uint64_t id = (uint64_t{p} << 32) | seq;
+          const int64_t deadline =
+              blocking ? monotonic_ns() + kLongWait : int64_t{0};
+          const PushResult res = q.push(make_request(id), deadline);
+          if (res == PushResult::kOk) {
+            ok_ids[p].push_back(id);
+            accepted.fetch_add(1);
+          } else if (res == PushResult::kClosed) {
+            return;
+          } else if (blocking) {
+            ++unexpected_result[p];  // a blocking push must not time out
+          } else {
+            // Full: back off briefly (sched_yield would hand the core to
+            // unrelated processes for a whole slice on a loaded machine).
+            std::this_thread::sleep_for(std::chrono::microseconds(20));
+          }
+        }
+      });
+    }
+
+    std::vector<uint64_t> consumed;
+    std::thread consumer([&] {
+      Request r;
+      while (!stop_consumer.load()) {
+        if (q.try_pop(r))
+          consumed.push_back(id_of(r));
+        else
+          q.wait_for_work(monotonic_ns() + kMs);  // close() wakes it
+      }
+    });
+
+    // Close while the producers are busy, at a different point each round.
+    const uint64_t threshold = 50 + 61 * static_cast<uint64_t>(round);
+    batchserve_test::poll_until([&] { return accepted.load() >= threshold; });
+    q.close();
+
+    // Drain right after close() returned, while producers may still be
+    // calling push (they all get kClosed from now on).
+    stop_consumer.store(true);
+    consumer.join();
+    std::vector<uint64_t> drained;
+    Request r;
+    while (q.try_pop(r)) drained.push_back(id_of(r));
+
+    for (auto& t : producers) t.join();
+    EXPECT_FALSE(q.try_pop(r)) << "a push landed after close() returned";
+    EXPECT_EQ(q.size(), 0u);
+
+    std::vector<uint64_t> got = consumed;
+    got.insert(got.end(), drained.begin(), drained.end());
+    std::vector<uint64_t> want;
+    for (uint32_t p = 0; p < kProducers; ++p) {
+      EXPECT_EQ(unexpected_result[p], 0u) << "producer " << p;
+      want.insert(want.end(), ok_ids[p].begin(), ok_ids[p].end());
+    }
+    EXPECT_EQ(got.size(), want.size()) << "round " << round;
+
+    // Per-producer FIFO in the order they came out.
+    std::vector<int64_t> last(kProducers, -1);
+    uint64_t out_of_order = 0;
+    for (uint64_t id : got) {
+      const uint32_t p = static_cast<uint32_t>(id >> 32);
+      const int64_t seq = static_cast<int64_t>(id & 0xffffffffu);
+      if (p >= kProducers || seq <= last[p]) {
+        ++out_of_order;
+        continue;
+      }
+      last[p] = seq;
+    }
+    EXPECT_EQ(out_of_order, 0u) << "round " << round;
+
+    std::sort(got.begin(), got.end());
+    std::sort(want.begin(), want.end());
+    EXPECT_TRUE(std::adjacent_find(got.begin(), got.end()) == got.end())
+        << "duplicates, round " << round;
+    EXPECT_TRUE(got == want) << "round " << round;
+    if (::testing::Test::HasFailure()) break;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,141 @@
+"""Start, shutdown, context manager, clients: torchrl's lifecycle semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import batchserve
+from batchserve import InferenceClient, InferenceServer, InferenceTransport, ThreadingTransport
+from conftest import echo_model, make_policy, request
+
+
+def test_transport_abc_cannot_be_instantiated():
+    with pytest.raises(TypeError):
+        InferenceTransport()
+
+
+def test_start_returns_self_and_shutdown_stops(transport):
+    server = InferenceServer(make_policy(), transport, max_batch_size=4)
+    assert not server.is_alive
+    assert server.start() is server
+    assert server.is_alive
+    server.shutdown()
+    assert not server.is_alive
+
+
+def test_double_start_raises(transport):
+    server = InferenceServer(make_policy(), transport).start()
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
+    finally:
+        server.shutdown()
+
+
+def test_context_manager(transport):
+    with InferenceServer(make_policy(), transport) as server:
+        assert server.is_alive
+        result = transport.client()(TensorDict({"observation": torch.randn(4)}))
+        assert result["action"].shape == (2,)
+    assert not server.is_alive
+
+
+def test_restart_after_shutdown_serves_again(transport):
+    server = InferenceServer(echo_model, transport)
+    with server:
+        assert transport.client()(request(1))["echo"].item() == 1
+    with server:
+        assert transport.client()(request(2))["echo"].item() == 2
+
+
+def test_clients(echo_server, transport):
+    client = echo_server.client()
+    assert isinstance(client, InferenceClient)
+    clients = echo_server.clients(3)
+    assert len(clients) == 3
+    assert [c(request(i))["echo"].item() for i, c in enumerate(clients)] == [0, 1, 2]
+    with pytest.raises(ValueError):
+        echo_server.clients(0)
+    with pytest.raises(TypeError):
+        echo_server.clients(True)
+
+
+def test_submit_returns_a_future(echo_server, transport):
+    future = transport.client().submit(request(7))
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=10)["echo"].item() == 7
+
+
+def test_blocking_call_allocates_no_future(echo_server, transport, monkeypatch):
+    import batchserve._threading as threading_module
+
+    def no_future():
+        raise AssertionError("the blocking path must not create a Future")
+
+    monkeypatch.setattr(threading_module, "Future", no_future)
+    assert transport.client()(request(3))["echo"].item() == 3
+    with pytest.raises(AssertionError):
+        transport.client().submit(request(4))
+
+
+def test_acall_from_asyncio(echo_server, transport):
+    client = transport.client()
+
+    async def main():
+        results = await asyncio.gather(*(client.acall(request(i)) for i in range(20)))
+        return [r["echo"].item() for r in results]
+
+    assert asyncio.run(main()) == list(range(20))
+
+
+def test_requests_submitted_before_start_are_served(transport):
+    futures = [transport.submit(request(i)) for i in range(20)]
+    with InferenceServer(echo_model, transport, max_batch_size=4):
+        assert [f.result(timeout=10)["echo"].item() for f in futures] == list(range(20))
+
+
+def test_cancelled_future_is_not_served(transport):
+    seen = []
+
+    def recording_model(td):
+        seen.extend(td["id"].tolist())
+        return echo_model(td)
+
+    cancelled = transport.submit(request(1))
+    assert cancelled.cancel()
+    kept = transport.submit(request(2))
+    with InferenceServer(recording_model, transport):
+        assert kept.result(timeout=10)["echo"].item() == 2
+    assert seen == [2]
+
+
+def test_queue_full_choice():
+    transport = ThreadingTransport(max_queue_size=2)
+    transport.submit(request(0))
+    transport.submit(request(1))
+    with pytest.raises(batchserve.QueueFull):
+        transport.submit(request(2), block=False)
+    with pytest.raises(batchserve.QueueFull):
+        transport.submit(request(2), timeout=0.01)
+    with pytest.raises(TimeoutError):
+        transport.client()(request(2), timeout=0.01)
+    with InferenceServer(echo_model, transport):
+        assert transport.client()(request(3))["echo"].item() == 3
+
+
+def test_invalid_settings(transport):
+    with pytest.raises(ValueError):
+        InferenceServer(echo_model, transport, max_batch_size=0)
+    with pytest.raises(ValueError):
+        InferenceServer(echo_model, transport, min_batch_size=0)
+    with pytest.raises(ValueError):
+        InferenceServer(echo_model, transport, timeout=-1)
+    with pytest.raises(TypeError):
+        InferenceServer(echo_model, object())
+    with pytest.raises(ValueError):
+        ThreadingTransport(max_queue_size=0)
