@@ -61,16 +61,6 @@ class BatchSettings {
 
 namespace detail {
 
-// start + timeout without signed overflow, saturating at kNoDeadline: a
-// timeout as large as kNoDeadline means "no deadline".
-inline int64_t saturating_deadline(int64_t start_ns,
-                                   int64_t timeout_ns) noexcept {
-  int64_t deadline;
-  if (__builtin_add_overflow(start_ns, timeout_ns, &deadline))
-    return timeout_ns > 0 ? kNoDeadline : INT64_MIN;
-  return deadline;
-}
-
 // Moves up to `room` requests from the queue into `batch`; withdrawn ones go
 // to `dropped` and do not count.
 inline void take_ready(RequestQueue& queue, size_t room,
@@ -106,7 +96,8 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
                           std::vector<Request>& dropped) {
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
-  const int64_t idle_deadline = monotonic_ns() + policy.timeout_ns;
+  const int64_t idle_deadline =
+      add_saturating(monotonic_ns(), policy.timeout_ns);
 
   while (batch.empty()) {
     if (queue.closed()) return;
@@ -125,7 +116,8 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
     if (batch.size() >= policy.min_batch_size ||
         batch.size() >= policy.max_batch_size || queue.closed())
       return;
-    const int64_t deadline = batch.front().submit_ns + policy.timeout_ns;
+    const int64_t deadline = add_saturating(
+        batch.front().submit_ns, policy.timeout_ns);
     const bool ready = monotonic_ns() < deadline &&
                        queue.wait_for_work(deadline, seen);
     if (ready || monotonic_ns() >= deadline)

@@ -43,7 +43,7 @@ constexpr int kCallerSpin = 128;
 
 int64_t deadline_from(const std::optional<double>& timeout_s) {
   if (!timeout_s) return kNoDeadline;
-  return deadline_after(std::max(*timeout_s, 0.0));
+  return deadline_after(*timeout_s);
 }
 
 // Calls a method of a concurrent.futures.Future, ignoring the errors of a
@@ -363,7 +363,7 @@ class PyRequestQueue {
 
   bool wait_for_work(double timeout_s) {
     py::gil_scoped_release nogil;
-    return queue_.wait_for_work(deadline_after(std::max(timeout_s, 0.0)));
+    return queue_.wait_for_work(deadline_after(timeout_s));
   }
 
   // The batching policy's settings; a server sleeping in collect() applies
@@ -372,7 +372,7 @@ class PyRequestQueue {
     BatchPolicy policy;
     policy.max_batch_size = max_batch_size;
     policy.min_batch_size = min_batch_size;
-    policy.timeout_ns = static_cast<int64_t>(std::max(timeout_s, 0.0) * 1e9);
+    policy.timeout_ns = seconds_to_ns(timeout_s);
     settings_.store(policy, queue_);
   }
 

@@ -27,13 +27,27 @@ inline int64_t monotonic_ns() noexcept {
       .count();
 }
 
-// Deadline `timeout_s` seconds from now; a negative timeout means "never".
+// Seconds as nanoseconds, saturating: NaN and negative durations give 0,
+// durations past the int64 range give kNoDeadline.
+inline int64_t seconds_to_ns(double seconds) noexcept {
+  if (!(seconds > 0)) return 0;
+  const double ns = seconds * 1e9;
+  if (ns >= static_cast<double>(kNoDeadline)) return kNoDeadline;
+  return static_cast<int64_t>(ns);
+}
+
+// start + duration without signed overflow, saturating at kNoDeadline: a
+// duration as large as kNoDeadline means "no deadline".
+inline int64_t add_saturating(int64_t start_ns, int64_t duration_ns) noexcept {
+  int64_t deadline;
+  if (__builtin_add_overflow(start_ns, duration_ns, &deadline))
+    return duration_ns > 0 ? kNoDeadline : INT64_MIN;
+  return deadline;
+}
+
+// The deadline `timeout_s` seconds from now (see seconds_to_ns).
 inline int64_t deadline_after(double timeout_s) noexcept {
-  if (timeout_s < 0) return kNoDeadline;
-  const double ns = timeout_s * 1e9;
-  const int64_t now = monotonic_ns();
-  if (ns >= static_cast<double>(kNoDeadline - now)) return kNoDeadline;
-  return now + static_cast<int64_t>(ns);
+  return add_saturating(monotonic_ns(), seconds_to_ns(timeout_s));
 }
 
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t),

@@ -74,8 +74,10 @@ class RequestQueue {
         break;
       }
     }
-    pushers_.fetch_sub(1, std::memory_order_seq_cst);
+    // Notify before leaving pushers_: once close() has seen pushers_ == 0,
+    // no producer touches the queue any more.
     if (result == PushResult::kOk) not_empty_.notify_all();
+    pushers_.fetch_sub(1, std::memory_order_seq_cst);
     return result;
   }
 

@@ -156,3 +156,21 @@ def test_collect_stats_off(transport):
     with InferenceServer(echo_model, transport, collect_stats=False) as server:
         transport.client()(request(1))
         assert server.stats()["requests"] == 0
+
+
+def test_unbounded_timeout(transport):
+    """timeout=inf: min_batch_size is waited for without a deadline, and a
+    shutdown still ends the wait at once."""
+    sizes = []
+    server = InferenceServer(
+        echo_model, transport, max_batch_size=8, min_batch_size=3, timeout=float("inf"),
+        collate_fn=recording_collate(sizes),
+    ).start()
+    futures = [transport.submit(request(i)) for i in range(3)]
+    assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1, 2]
+    lonely = transport.submit(request(3))
+    server.shutdown(timeout=10)
+    assert not server.is_alive
+    with pytest.raises(RuntimeError):
+        lonely.result(timeout=10)
+    assert sizes == [3]

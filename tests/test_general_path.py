@@ -180,3 +180,15 @@ def test_lazy_stacked_requests_of_different_shapes(transport):
     with InferenceServer(model, transport, max_batch_size=8, min_batch_size=3, timeout=5):
         futures = [transport.submit(TensorDict({"seq": torch.zeros(k)})) for k in (1, 5, 3)]
         assert [f.result(timeout=10)["n"].item() for f in futures] == [1, 5, 3]
+
+
+def test_requests_with_and_without_device_metadata_batch_together(transport):
+    policy = make_policy()
+    with_device = TensorDict(
+        {"observation": torch.randn(4), "next": TensorDict({}, [])}, [], device="cpu"
+    )
+    without_device = TensorDict({"observation": torch.randn(4), "next": TensorDict({}, [])}, [])
+    with InferenceServer(policy, transport, max_batch_size=2, min_batch_size=2, timeout=5):
+        futures = [transport.submit(with_device), transport.submit(without_device)]
+        results = [f.result(timeout=10) for f in futures]
+    assert all(r["action"].shape == (2,) for r in results)

@@ -135,6 +135,8 @@ def test_invalid_settings(transport):
         InferenceServer(echo_model, transport, min_batch_size=0)
     with pytest.raises(ValueError):
         InferenceServer(echo_model, transport, timeout=-1)
+    with pytest.raises(ValueError):
+        InferenceServer(echo_model, transport, timeout=float("nan"))
     with pytest.raises(TypeError):
         InferenceServer(echo_model, object())
     with pytest.raises(ValueError):

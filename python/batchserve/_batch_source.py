@@ -23,6 +23,8 @@ from batchserve import _core
 
 _log = logging.getLogger("batchserve")
 
+_MAX_WAIT_S = 0.1
+
 
 class NativeBatches:
     """Batches from a transport whose queue is the C++ core."""
@@ -106,6 +108,8 @@ class ProtocolBatches:
     ``max_batch_size``, and below ``min_batch_size`` keep draining until the
     oldest request's submission time plus ``timeout`` (the drain time of the
     first request when the transport does not report submission times).
+    Each wait lasts at most ``_MAX_WAIT_S``: such a transport cannot be woken,
+    so this is how soon the worker notices a shutdown.
     """
 
     def __init__(self, transport):
@@ -138,17 +142,17 @@ class ProtocolBatches:
     def next_batch(self):
         max_batch_size, min_batch_size, timeout = self._settings
         transport = self._transport
-        transport.wait_for_work(timeout=timeout)
+        transport.wait_for_work(timeout=min(timeout, _MAX_WAIT_S))
         items, callbacks, submitted_ns = self._drain_ns(max_batch_size)
         if not callbacks:
             return None
         if len(callbacks) < min_batch_size:
-            deadline = min(submitted_ns) + int(timeout * 1e9)
+            deadline_s = min(submitted_ns) * 1e-9 + timeout
             while len(callbacks) < min_batch_size and not self._closed:
-                remaining = (deadline - _core.monotonic_ns()) * 1e-9
+                remaining = deadline_s - _core.monotonic_ns() * 1e-9
                 if remaining <= 0:
                     break
-                transport.wait_for_work(timeout=remaining)
+                transport.wait_for_work(timeout=min(remaining, _MAX_WAIT_S))
                 more_items, more_callbacks, more_ns = self._drain_ns(
                     max_batch_size - len(callbacks)
                 )

@@ -56,8 +56,16 @@ def _with_device_metadata(td: TensorDictBase) -> TensorDictBase:
 
 
 def default_collate(items: list) -> TensorDictBase:
-    """``lazy_stack`` of the requests (torchrl's default collation)."""
-    return lazy_stack([_with_device_metadata(item) for item in items])
+    """``lazy_stack`` of the requests (torchrl's default collation).
+
+    Requests whose device metadata differ (``device="cpu"`` next to none)
+    are normalised first; the common case, one device for all, skips that
+    per-leaf walk, which would cost more than the stack itself.
+    """
+    first = items[0].device
+    if any(item.device != first for item in items):
+        items = [_with_device_metadata(item) for item in items]
+    return lazy_stack(items)
 
 
 def interaction_context(batch: TensorDictBase):

@@ -66,6 +66,13 @@ def _torchrl_scheme(weight_sync) -> bool:
     return isinstance(weight_sync, WeightSyncScheme)
 
 
+def _positive_int(name: str, value) -> int:
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1.")
+    return value
+
+
 def _as_device(device) -> torch.device | None:
     return torch.device(device) if device is not None else None
 
@@ -257,10 +264,7 @@ class InferenceServer:
 
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
-        value = int(value)
-        if value < 1:
-            raise ValueError("max_batch_size must be at least 1.")
-        self._max_batch_size = value
+        self._max_batch_size = _positive_int("max_batch_size", value)
         self._configure_batches()
 
     @property
@@ -269,10 +273,7 @@ class InferenceServer:
 
     @min_batch_size.setter
     def min_batch_size(self, value: int) -> None:
-        value = int(value)
-        if value < 1:
-            raise ValueError("min_batch_size must be at least 1.")
-        self._min_batch_size = value
+        self._min_batch_size = _positive_int("min_batch_size", value)
         self._configure_batches()
 
     @property
