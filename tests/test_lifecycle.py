@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from tensordict import TensorDict
 
 import batchserve
 from batchserve import InferenceClient, InferenceServer, InferenceTransport, ThreadingTransport
-from conftest import echo_model, make_policy, request
+from conftest import BlockingModel, echo_model, make_policy, request
 
 
 def test_transport_abc_cannot_be_instantiated():
@@ -141,3 +143,57 @@ def test_invalid_settings(transport):
         InferenceServer(echo_model, object())
     with pytest.raises(ValueError):
         ThreadingTransport(max_queue_size=0)
+
+
+def test_full_queue_blocks_the_caller_until_room_frees():
+    transport = ThreadingTransport(max_queue_size=2)
+    futures = [transport.submit(request(i)) for i in range(2)]
+    blocked = []
+    caller = threading.Thread(target=lambda: blocked.append(transport.client()(request(2))))
+    caller.start()
+    caller.join(0.2)
+    assert caller.is_alive()  # no room: the caller waits (GIL released)
+    with InferenceServer(echo_model, transport):
+        caller.join(10)
+        assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1]
+    assert blocked[0]["echo"].item() == 2
+
+
+def test_waiting_threads_sleep_instead_of_spinning():
+    """Callers waiting for results and an idle server burn no CPU."""
+    transport = ThreadingTransport()
+    model = BlockingModel()
+    server = InferenceServer(model, transport, timeout=0.01).start()
+    transport.submit(request(0))
+    assert model.entered.wait(10)  # the worker is now parked in the model
+    callers = [
+        threading.Thread(target=_call_quietly, args=(transport, request(i)))
+        for i in range(1, 5)
+    ]
+    for c in callers:
+        c.start()
+    deadline = time.monotonic() + 10
+    while len(transport) < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)  # until all four requests are queued
+    assert len(transport) == 4
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    time.sleep(1.0)
+    cpu = time.process_time() - cpu0
+    wall = time.monotonic() - wall0
+    model.release.set()
+    for c in callers:
+        c.join(10)
+    # Then an idle server: it wakes every `timeout` only to poll.
+    cpu1 = time.process_time()
+    time.sleep(1.0)
+    idle_cpu = time.process_time() - cpu1
+    server.shutdown()
+    assert cpu < 0.25 * wall, f"waiting callers used {cpu:.2f} s of CPU in {wall:.2f} s"
+    assert idle_cpu < 0.25, f"an idle server used {idle_cpu:.2f} s of CPU in 1 s"
+
+
+def _call_quietly(transport, td):
+    try:
+        transport.client()(td)
+    except Exception:
+        pass

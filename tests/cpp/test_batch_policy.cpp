@@ -1,52 +1,22 @@
-// collect_batch: the batching policy.
+// collect_batch and BatchSettings: the batching policy.
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "batch_policy.h"
-#include "completion.h"
-#include "futex.h"
-#include "request_queue.h"
 #include "test_util.h"
 
 namespace {
 
+using namespace batchserve_test;
 using batchserve::BatchPolicy;
+using batchserve::BatchSettings;
 using batchserve::collect_batch;
-using batchserve::Completion;
 using batchserve::kNoDeadline;
-using batchserve::monotonic_ns;
-using batchserve::PushResult;
-using batchserve::Request;
-using batchserve::RequestQueue;
-
-constexpr int64_t kMs = 1'000'000;
-constexpr int64_t kSec = 1'000'000'000;
-constexpr int64_t kLongWait = 20 * kSec;  // "would have timed out" bound
-constexpr int64_t kPromptly = 5 * kSec;   // "returned at once" bound
-
-Request make_request(uint64_t id, Completion* completion = nullptr) {
-  Request r;
-  r.payload = reinterpret_cast<void*>(static_cast<uintptr_t>(id));
-  r.completion = completion;
-  r.submit_ns = monotonic_ns();
-  return r;
-}
-
-uint64_t id_of(const Request& r) {
-  return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(r.payload));
-}
-
-std::vector<uint64_t> ids(const std::vector<Request>& batch) {
-  std::vector<uint64_t> out;
-  for (const Request& r : batch) out.push_back(id_of(r));
-  return out;
-}
 
 BatchPolicy make_policy(size_t max_size, size_t min_size, int64_t timeout_ns) {
   BatchPolicy p;
@@ -56,23 +26,43 @@ BatchPolicy make_policy(size_t max_size, size_t min_size, int64_t timeout_ns) {
   return p;
 }
 
-// One collect_batch call by a server that reads the interrupt count at the
-// start (as a real server does before reading its settings).
+// One collect_batch call under fixed settings.
 void collect(RequestQueue& q, const BatchPolicy& policy,
              std::vector<Request>& batch, std::vector<Request>& dropped) {
-  collect_batch(q, policy, q.interrupts(), batch, dropped);
+  BatchSettings settings;
+  settings.store(policy, q);
+  collect_batch(q, settings, batch, dropped);
 }
 
-// Only to give another thread the chance to get into a wait; never what a
-// test's correctness depends on.
-void pause_briefly() {
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+// For comparing whole policies in one EXPECT_EQ.
+std::tuple<size_t, size_t, int64_t> fields(const BatchPolicy& p) {
+  return {p.max_batch_size, p.min_batch_size, p.timeout_ns};
+}
+
+// collect_batch on a server thread of its own, under fixed settings or under
+// `settings` that the test changes meanwhile. Read batch and dropped only
+// after call.join().
+struct ServerThread {
+  ServerThread(RequestQueue& q, const BatchPolicy& policy)
+      : call([this, &q, policy] { collect(q, policy, batch, dropped); }) {}
+  ServerThread(RequestQueue& q, const BatchSettings& settings)
+      : call([this, &q, &settings] {
+          collect_batch(q, settings, batch, dropped);
+        }) {}
+
+  std::vector<Request> batch, dropped;
+  BackgroundCall call;  // last: starts once batch and dropped exist
+};
+
+// Waits until the server has taken every queued request (and so waits for
+// more, or returns).
+void wait_until_taken(RequestQueue& q) {
+  poll_until([&] { return q.size() == 0; });
 }
 
 TEST(CollectBatch, MaxBatchSizeRespected) {
   RequestQueue q(64);
-  for (uint64_t i = 0; i < 50; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 50));
   const BatchPolicy policy = make_policy(8, 1, 10 * kSec);
   uint64_t next = 0;
   const int64_t t0 = monotonic_ns();
@@ -91,8 +81,7 @@ TEST(CollectBatch, MaxBatchSizeRespected) {
 
 TEST(CollectBatch, MinAboveMaxIsClampedToMax) {
   RequestQueue q(16);
-  for (uint64_t i = 0; i < 6; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 6));
   std::vector<Request> batch, dropped;
   const int64_t t0 = monotonic_ns();
   collect(q, make_policy(4, 10, 10 * kSec), batch, dropped);
@@ -102,8 +91,7 @@ TEST(CollectBatch, MinAboveMaxIsClampedToMax) {
 
 TEST(CollectBatch, ZeroMaxBatchSizeMeansOne) {
   RequestQueue q(16);
-  for (uint64_t i = 0; i < 3; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 3));
   std::vector<Request> batch, dropped;
   collect(q, make_policy(0, 0, 10 * kSec), batch, dropped);
   EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
@@ -115,27 +103,19 @@ TEST(CollectBatch, IdleTimeoutReturnsEmpty) {
   std::vector<Request> batch, dropped;
   const int64_t t0 = monotonic_ns();
   collect(q, make_policy(8, 1, kTimeout), batch, dropped);
-  const int64_t elapsed = monotonic_ns() - t0;
+  EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kTimeout));
   EXPECT_TRUE(batch.empty());
   EXPECT_TRUE(dropped.empty());
-  EXPECT_GE(elapsed, kTimeout);
-  EXPECT_LT(elapsed, kLongWait);
 }
 
 TEST(CollectBatch, FirstRequestEndsIdleWait) {
   RequestQueue q(16);
-  std::vector<Request> batch, dropped;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    collect(q, make_policy(8, 1, kLongWait), batch, dropped);
-    elapsed = monotonic_ns() - t0;
-  });
+  ServerThread server(q, make_policy(8, 1, kLongWait));
   pause_briefly();
   ASSERT_EQ(q.push(make_request(5), 0), PushResult::kOk);
-  server.join();
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{5}));
-  EXPECT_LT(elapsed, kLongWait);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{5}));
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
 }
 
 // The server keeps collecting until min_batch_size is reached, as long as
@@ -144,34 +124,27 @@ TEST(CollectBatch, FirstRequestEndsIdleWait) {
 // wait for more after its first take.
 TEST(CollectBatch, WaitsForMinBatchSize) {
   RequestQueue q(16);
-  std::vector<Request> batch, dropped;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    collect(q, make_policy(16, 4, kLongWait), batch, dropped);
-    elapsed = monotonic_ns() - t0;
-  });
+  ServerThread server(q, make_policy(16, 4, kLongWait));
   for (uint64_t i = 0; i < 4; ++i) {
     ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
-    batchserve_test::poll_until([&] { return q.size() == 0; });  // taken
+    wait_until_taken(q);
   }
-  server.join();
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0, 1, 2, 3}));
-  EXPECT_TRUE(dropped.empty());
-  EXPECT_LT(elapsed, kLongWait);  // returned when min was reached
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0, 1, 2, 3}));
+  EXPECT_TRUE(server.dropped.empty());
+  // It returned when min was reached.
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
 }
 
 TEST(CollectBatch, FewerThanMinReturnsAtOldestDeadline) {
   RequestQueue q(16);
   constexpr int64_t kTimeout = 100 * kMs;
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   std::vector<Request> batch, dropped;
   collect(q, make_policy(8, 4, kTimeout), batch, dropped);
   const int64_t returned_at = monotonic_ns();
   ASSERT_EQ(ids(batch), (std::vector<uint64_t>{0, 1}));
-  EXPECT_GE(returned_at, batch.front().submit_ns + kTimeout);
-  EXPECT_LT(returned_at, batch.front().submit_ns + kLongWait);
+  EXPECT_TRUE(ran_to_timeout(returned_at - batch.front().submit_ns, kTimeout));
 }
 
 TEST(CollectBatch, OldRequestReturnsAtOnce) {
@@ -192,79 +165,87 @@ TEST(CollectBatch, OldRequestReturnsAtOnce) {
 TEST(CollectBatch, InterruptDuringMinWaitKeepsDeadline) {
   RequestQueue q(16);
   constexpr int64_t kTimeout = 200 * kMs;
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  std::vector<Request> batch, dropped;
-  std::atomic<bool> returned{false};
-  int64_t returned_at = 0;
-  std::thread server([&] {
-    collect(q, make_policy(8, 2, kTimeout), batch, dropped);
-    returned_at = monotonic_ns();
-    returned.store(true);
-  });
-  while (!returned.load()) {
-    q.interrupt();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  server.join();
-  ASSERT_EQ(ids(batch), (std::vector<uint64_t>{0}));
-  EXPECT_GE(returned_at, batch.front().submit_ns + kTimeout);
+  ASSERT_TRUE(push_ids(q, 1));
+  ServerThread server(q, make_policy(8, 2, kTimeout));
+  interrupt_until_returned(q, server.call);
+  server.call.join();
+  ASSERT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
+  EXPECT_GE(server.call.returned_at_ns(),
+            server.batch.front().submit_ns + kTimeout);
 }
 
 TEST(CollectBatch, InterruptEndsIdleWait) {
   RequestQueue q(16);
-  std::vector<Request> batch, dropped;
-  std::atomic<bool> returned{false};
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    collect(q, make_policy(8, 1, kLongWait), batch, dropped);
-    elapsed = monotonic_ns() - t0;
-    returned.store(true);
-  });
-  while (!returned.load()) {
-    q.interrupt();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  server.join();
-  EXPECT_TRUE(batch.empty());
-  EXPECT_LT(elapsed, kLongWait);
+  ServerThread server(q, make_policy(8, 1, kLongWait));
+  interrupt_until_returned(q, server.call);
+  server.call.join();
+  EXPECT_TRUE(server.batch.empty());
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
 }
 
-// An interrupt that comes after the owner read the count but before
-// collect_batch goes to sleep is not lost: the owner gets control back at
-// once (to re-read its settings) instead of sleeping out the idle timeout.
-TEST(CollectBatch, InterruptAfterReadingCountIsNotLost) {
-  RequestQueue q(16);
-  const uint32_t seen = q.interrupts();
-  q.interrupt();
-  EXPECT_NE(q.interrupts(), seen);
-  std::vector<Request> batch, dropped;
-  const int64_t t0 = monotonic_ns();
-  collect_batch(q, make_policy(8, 1, kLongWait), seen, batch, dropped);
-  EXPECT_LT(monotonic_ns() - t0, kPromptly);
-  EXPECT_TRUE(batch.empty());
-
-  // With the current count it sleeps out its (short) idle timeout.
-  constexpr int64_t kTimeout = 30 * kMs;
-  const int64_t t1 = monotonic_ns();
-  collect_batch(q, make_policy(8, 1, kTimeout), q.interrupts(), batch,
-                dropped);
-  EXPECT_GE(monotonic_ns() - t1, kTimeout);
-  EXPECT_TRUE(batch.empty());
+TEST(BatchSettings, LoadClampsToASanePolicy) {
+  RequestQueue q(4);
+  BatchSettings settings;
+  EXPECT_EQ(fields(settings.load()), fields(BatchPolicy{}));
+  settings.store(make_policy(0, 0, -5), q);
+  EXPECT_EQ(fields(settings.load()), fields(make_policy(1, 1, 0)));
+  settings.store(make_policy(4, 10, 7 * kMs), q);
+  EXPECT_EQ(fields(settings.load()), fields(make_policy(4, 4, 7 * kMs)));
 }
 
-// A stale count does not cut a batch short once its first request is taken.
-TEST(CollectBatch, StaleInterruptCountDoesNotCutMinWait) {
+TEST(BatchSettings, StoreInterruptsTheQueue) {
+  RequestQueue q(4);
+  BatchSettings settings;
+  const uint32_t before = q.interrupts();
+  settings.store(make_policy(8, 2, kMs), q);
+  EXPECT_NE(q.interrupts(), before);
+}
+
+// A settings change reaches a server sleeping for its first request: either
+// it is woken, or (if the change came first) it already runs under the new,
+// short timeout. One store, no retry loop needed.
+TEST(CollectBatch, SettingsChangeEndsIdleWait) {
   RequestQueue q(16);
-  constexpr int64_t kTimeout = 100 * kMs;
-  const uint32_t seen = q.interrupts();
-  q.interrupt();
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  std::vector<Request> batch, dropped;
-  collect_batch(q, make_policy(8, 2, kTimeout), seen, batch, dropped);
-  const int64_t returned_at = monotonic_ns();
-  ASSERT_EQ(ids(batch), (std::vector<uint64_t>{0}));
-  EXPECT_GE(returned_at, batch.front().submit_ns + kTimeout);
+  BatchSettings settings;
+  settings.store(make_policy(8, 1, kLongWait), q);
+  ServerThread server(q, settings);
+  pause_briefly();  // let it go to sleep under the long timeout
+  settings.store(make_policy(8, 1, 10 * kMs), q);
+  server.call.join();
+  EXPECT_TRUE(server.batch.empty());
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
+}
+
+// While collecting towards min_batch_size the server follows a change: the
+// deadline becomes the oldest arrival plus the new timeout.
+TEST(CollectBatch, SettingsChangeDuringMinWaitMovesDeadline) {
+  RequestQueue q(16);
+  BatchSettings settings;
+  settings.store(make_policy(8, 2, kLongWait), q);
+  ASSERT_TRUE(push_ids(q, 1));
+  ServerThread server(q, settings);
+  wait_until_taken(q);  // it now waits for a second request
+  constexpr int64_t kTimeout = 50 * kMs;
+  settings.store(make_policy(8, 2, kTimeout), q);
+  server.call.join();
+  ASSERT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
+  EXPECT_TRUE(ran_to_timeout(
+      server.call.returned_at_ns() - server.batch.front().submit_ns,
+      kTimeout));
+}
+
+TEST(CollectBatch, LoweringMinDuringMinWaitReturnsAtOnce) {
+  RequestQueue q(16);
+  BatchSettings settings;
+  settings.store(make_policy(8, 4, kLongWait), q);
+  ASSERT_TRUE(push_ids(q, 2));
+  ServerThread server(q, settings);
+  wait_until_taken(q);
+  const int64_t stored_at = monotonic_ns();
+  settings.store(make_policy(8, 2, kLongWait), q);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0, 1}));
+  EXPECT_LT(server.call.returned_at_ns() - stored_at, kPromptly);
 }
 
 TEST(CollectBatch, WithdrawnRequestsAreDroppedAndNotCounted) {
@@ -289,14 +270,12 @@ TEST(CollectBatch, WithdrawnRequestsAreDroppedAndNotCounted) {
   EXPECT_EQ(withdrawn->state(), Completion::kWithdrawn);
   EXPECT_EQ(q.size(), 1u);
 
-  // The owner releases what the requests held: both references each.
+  // The owner releases what the requests held.
   int value = 0;
   EXPECT_TRUE(live->finish(&value, false));
   live->notify();
-  live->release();
-  live->release();
-  withdrawn->release();
-  withdrawn->release();
+  release_both(live);
+  release_both(withdrawn);
 }
 
 TEST(CollectBatch, WithdrawnRequestsDoNotCountTowardsMin) {
@@ -319,10 +298,7 @@ TEST(CollectBatch, WithdrawnRequestsDoNotCountTowardsMin) {
   ASSERT_EQ(ids(batch), (std::vector<uint64_t>{0}));
   EXPECT_GE(returned_at, batch.front().submit_ns + kTimeout);
   EXPECT_EQ(ids(dropped), (std::vector<uint64_t>{10, 11, 12}));
-  for (Completion* c : completions) {
-    c->release();
-    c->release();
-  }
+  for (Completion* c : completions) release_both(c);
 }
 
 TEST(CollectBatch, OnlyWithdrawnRequestsGiveEmptyBatch) {
@@ -334,8 +310,7 @@ TEST(CollectBatch, OnlyWithdrawnRequestsGiveEmptyBatch) {
   collect(q, make_policy(8, 1, 30 * kMs), batch, dropped);
   EXPECT_TRUE(batch.empty());
   EXPECT_EQ(ids(dropped), (std::vector<uint64_t>{1}));
-  c->release();
-  c->release();
+  release_both(c);
 }
 
 TEST(CollectBatch, ClosedQueueReturnsEmptyPromptly) {
@@ -351,44 +326,30 @@ TEST(CollectBatch, ClosedQueueReturnsEmptyPromptly) {
 
 TEST(CollectBatch, CloseEndsIdleWait) {
   RequestQueue q(16);
-  std::vector<Request> batch, dropped;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    collect(q, make_policy(8, 1, kLongWait), batch, dropped);
-    elapsed = monotonic_ns() - t0;
-  });
+  ServerThread server(q, make_policy(8, 1, kLongWait));
   pause_briefly();
   q.close();
-  server.join();
-  EXPECT_TRUE(batch.empty());
-  EXPECT_LT(elapsed, kLongWait);
+  server.call.join();
+  EXPECT_TRUE(server.batch.empty());
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
 }
 
 TEST(CollectBatch, CloseEndsMinWaitWithPartialBatch) {
   RequestQueue q(16);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  std::vector<Request> batch, dropped;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    collect(q, make_policy(8, 4, kLongWait), batch, dropped);
-    elapsed = monotonic_ns() - t0;
-  });
-  // Wait until the server took the first request.
-  batchserve_test::poll_until([&] { return q.size() == 0; });
+  ASSERT_TRUE(push_ids(q, 1));
+  ServerThread server(q, make_policy(8, 4, kLongWait));
+  wait_until_taken(q);
   q.close();
-  server.join();
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
-  EXPECT_LT(elapsed, kLongWait);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
 }
 
 // A timeout of kNoDeadline (INT64_MAX) means "no timeout": the deadline
 // arithmetic must saturate, not overflow (UBSan) and wrap into the past.
 TEST(CollectBatch, UnboundedTimeoutDoesNotOverflow) {
   RequestQueue q(16);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   std::vector<Request> batch, dropped;
   collect(q, make_policy(8, 1, kNoDeadline), batch, dropped);
   EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0, 1}));
@@ -396,22 +357,14 @@ TEST(CollectBatch, UnboundedTimeoutDoesNotOverflow) {
 
 TEST(CollectBatch, UnboundedTimeoutWaitsForMinUntilClosed) {
   RequestQueue q(16);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  std::atomic<bool> close_called{false};
-  bool returned_after_close = false;
-  std::vector<Request> batch, dropped;
-  std::thread server([&] {
-    collect(q, make_policy(8, 4, kNoDeadline), batch, dropped);
-    returned_after_close = close_called.load();
-  });
-  // Wait until the server took the first request.
-  batchserve_test::poll_until([&] { return q.size() == 0; });
+  ASSERT_TRUE(push_ids(q, 1));
+  ServerThread server(q, make_policy(8, 4, kNoDeadline));
+  wait_until_taken(q);
   pause_briefly();  // "nobody comes": it must keep waiting
-  close_called.store(true);
+  EXPECT_FALSE(server.call.returned());
   q.close();
-  server.join();
-  EXPECT_TRUE(returned_after_close);
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
 }
 
 // Producers push requests tagged with (producer, seq) while one server
@@ -429,8 +382,8 @@ TEST(CollectBatch, MultiProducerRouting) {
   for (uint32_t p = 0; p < kProducers; ++p) {
     producers.emplace_back([&, p] {
       for (uint32_t seq = 0; seq < kPerProducer; ++seq) {
-        const uint64_t id = (uint64_t{p} << 32) | seq;
-        if (q.push(make_request(id), kNoDeadline) != PushResult::kOk)
+        if (q.push(make_request(tagged_id(p, seq)), kNoDeadline) !=
+            PushResult::kOk)
           ++failed_pushes[p];
       }
     });
@@ -449,9 +402,8 @@ TEST(CollectBatch, MultiProducerRouting) {
     ++batches;
     if (batch.size() > kMax) ++bad_size;
     for (const Request& r : batch) {
-      const uint64_t id = id_of(r);
-      const uint32_t p = static_cast<uint32_t>(id >> 32);
-      const uint32_t seq = static_cast<uint32_t>(id & 0xffffffffu);
+      const uint32_t p = producer_of(id_of(r));
+      const uint32_t seq = seq_of(id_of(r));
       ++received;
       if (p >= kProducers || seq != next[p]) {
         ++out_of_order;  // lost, duplicated or reordered

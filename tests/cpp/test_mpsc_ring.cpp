@@ -10,10 +10,14 @@
 #include <vector>
 
 #include "mpsc_ring.h"
+#include "test_util.h"
 
 namespace {
 
 using batchserve::MpscRing;
+using batchserve_test::producer_of;
+using batchserve_test::seq_of;
+using batchserve_test::tagged_id;
 
 TEST(MpscRing, CapacityRoundsUpToPowerOfTwo) {
   struct Case {
@@ -144,7 +148,7 @@ TEST(MpscRing, ManyProducersOneConsumer) {
     producers.emplace_back([&ring, &go, p] {
       while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
       for (uint32_t seq = 0; seq < kPerProducer; ++seq) {
-        const uint64_t item = (uint64_t{p} << 32) | seq;
+        const uint64_t item = tagged_id(p, seq);
         while (!ring.try_push(item)) std::this_thread::yield();
       }
     });
@@ -165,8 +169,8 @@ TEST(MpscRing, ManyProducersOneConsumer) {
     }
     ++received;
     if (ring.size_approx() > cap) ++size_over_capacity;
-    const uint32_t p = static_cast<uint32_t>(item >> 32);
-    const uint32_t seq = static_cast<uint32_t>(item & 0xffffffffu);
+    const uint32_t p = producer_of(item);
+    const uint32_t seq = seq_of(item);
     if (p >= kProducers) {
       ++bad_producer;
       continue;

@@ -5,43 +5,16 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <set>
 #include <thread>
 #include <vector>
 
-#include "futex.h"
 #include "request_queue.h"
 #include "test_util.h"
 
 namespace {
 
+using namespace batchserve_test;
 using batchserve::kNoDeadline;
-using batchserve::monotonic_ns;
-using batchserve::PushResult;
-using batchserve::Request;
-using batchserve::RequestQueue;
-
-constexpr int64_t kMs = 1'000'000;
-constexpr int64_t kSec = 1'000'000'000;
-constexpr int64_t kLongWait = 20 * kSec;  // "would have timed out" bound
-constexpr int64_t kPromptly = 5 * kSec;   // "returned at once" bound
-
-Request make_request(uint64_t id) {
-  Request r;
-  r.payload = reinterpret_cast<void*>(static_cast<uintptr_t>(id));
-  r.submit_ns = monotonic_ns();
-  return r;
-}
-
-uint64_t id_of(const Request& r) {
-  return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(r.payload));
-}
-
-// Only to create a "nobody comes" window (or give a thread the chance to get
-// into a wait); never what a test's correctness depends on.
-void pause_briefly() {
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-}
 
 TEST(RequestQueue, CapacityRoundsUp) {
   RequestQueue q(5);
@@ -52,8 +25,7 @@ TEST(RequestQueue, CapacityRoundsUp) {
 
 TEST(RequestQueue, PushPopFifo) {
   RequestQueue q(8);
-  for (uint64_t i = 0; i < 5; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 5));
   EXPECT_EQ(q.size(), 5u);
 
   Request r;
@@ -62,14 +34,10 @@ TEST(RequestQueue, PushPopFifo) {
 
   std::vector<Request> out;
   EXPECT_EQ(q.pop_many(out, 2), 2u);
-  ASSERT_EQ(out.size(), 2u);
-  EXPECT_EQ(id_of(out[0]), 1u);
-  EXPECT_EQ(id_of(out[1]), 2u);
+  EXPECT_EQ(ids(out), (std::vector<uint64_t>{1, 2}));
 
   EXPECT_EQ(q.pop_many(out, 100), 2u);  // only what is there; appends
-  ASSERT_EQ(out.size(), 4u);
-  EXPECT_EQ(id_of(out[2]), 3u);
-  EXPECT_EQ(id_of(out[3]), 4u);
+  EXPECT_EQ(ids(out), (std::vector<uint64_t>{1, 2, 3, 4}));
 
   EXPECT_FALSE(q.try_pop(r));
   EXPECT_EQ(q.pop_many(out, 10), 0u);
@@ -95,22 +63,16 @@ TEST(RequestQueue, RequestFieldsSurvive) {
 
 TEST(RequestQueue, FullRingWithZeroDeadlineTimesOut) {
   RequestQueue q(4);
-  for (uint64_t i = 0; i < 4; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 4));
   EXPECT_EQ(q.push(make_request(99), 0), PushResult::kTimedOut);
   EXPECT_EQ(q.size(), 4u);
-  Request r;
-  for (uint64_t i = 0; i < 4; ++i) {
-    ASSERT_TRUE(q.try_pop(r));
-    EXPECT_EQ(id_of(r), i);
-  }
-  EXPECT_FALSE(q.try_pop(r));  // the rejected request never landed
+  // The rejected request never landed.
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1, 2, 3}));
 }
 
 TEST(RequestQueue, FullRingWithPastDeadlineTimesOutPromptly) {
   RequestQueue q(2);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   const int64_t t0 = monotonic_ns();
   EXPECT_EQ(q.push(make_request(2), t0 - 1), PushResult::kTimedOut);
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
@@ -119,42 +81,27 @@ TEST(RequestQueue, FullRingWithPastDeadlineTimesOutPromptly) {
 
 TEST(RequestQueue, BlockedProducerTimesOut) {
   RequestQueue q(2);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   constexpr int64_t kTimeout = 50 * kMs;
   const int64_t t0 = monotonic_ns();
   EXPECT_EQ(q.push(make_request(2), t0 + kTimeout), PushResult::kTimedOut);
-  const int64_t elapsed = monotonic_ns() - t0;
-  EXPECT_GE(elapsed, kTimeout);
-  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kTimeout));
   EXPECT_EQ(q.size(), 2u);
-  Request r;
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 0u);
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 1u);
-  EXPECT_FALSE(q.try_pop(r));
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1}));
 }
 
 TEST(RequestQueue, FullRingBlocksProducerUntilPop) {
   RequestQueue q(2);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
-
+  ASSERT_TRUE(push_ids(q, 2));
   std::atomic<bool> pop_started{false};
-  std::atomic<bool> producer_done{false};
   PushResult result = PushResult::kTimedOut;
   bool finished_after_pop = false;
-  int64_t elapsed = 0;
-  std::thread producer([&] {
-    const int64_t t0 = monotonic_ns();
-    result = q.push(make_request(2), t0 + kLongWait);
-    elapsed = monotonic_ns() - t0;
+  BackgroundCall producer([&] {
+    result = q.push(make_request(2), monotonic_ns() + kLongWait);
     finished_after_pop = pop_started.load();
-    producer_done.store(true);
   });
   pause_briefly();  // let the producer block on the full ring
-  EXPECT_FALSE(producer_done.load());
+  EXPECT_FALSE(producer.returned());
   pop_started.store(true);
   Request r;
   ASSERT_TRUE(q.try_pop(r));
@@ -163,12 +110,9 @@ TEST(RequestQueue, FullRingBlocksProducerUntilPop) {
 
   EXPECT_EQ(result, PushResult::kOk);
   EXPECT_TRUE(finished_after_pop);
-  EXPECT_LT(elapsed, kLongWait);  // woken by the pop, not by its deadline
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 1u);
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 2u);
-  EXPECT_FALSE(q.try_pop(r));
+  // Woken by the pop, not by its deadline.
+  EXPECT_LT(producer.elapsed_ns(), kLongWait);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{1, 2}));
 }
 
 TEST(RequestQueue, CloseRejectsLaterPushesAndKeepsAccepted) {
@@ -183,39 +127,28 @@ TEST(RequestQueue, CloseRejectsLaterPushesAndKeepsAccepted) {
             PushResult::kClosed);
   EXPECT_EQ(q.size(), 2u);
   // What was accepted before close() can still be drained.
-  Request r;
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 0u);
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 1u);
-  EXPECT_FALSE(q.try_pop(r));
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1}));
   q.close();  // idempotent
   EXPECT_TRUE(q.closed());
 }
 
 TEST(RequestQueue, CloseWakesProducerBlockedOnFullRing) {
   RequestQueue q(2);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   PushResult result = PushResult::kOk;
-  int64_t elapsed = 0;
-  std::thread producer([&] {
-    const int64_t t0 = monotonic_ns();
-    result = q.push(make_request(2), t0 + kLongWait);
-    elapsed = monotonic_ns() - t0;
-  });
+  BackgroundCall producer(
+      [&] { result = q.push(make_request(2), monotonic_ns() + kLongWait); });
   pause_briefly();  // let it park
   q.close();
   producer.join();
   EXPECT_EQ(result, PushResult::kClosed);
-  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_LT(producer.elapsed_ns(), kLongWait);
   EXPECT_EQ(q.size(), 2u);
 }
 
 TEST(RequestQueue, CloseWakesManyBlockedProducers) {
   RequestQueue q(2);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 2));
   constexpr int kProducers = 4;
   std::vector<PushResult> results(kProducers, PushResult::kOk);
   std::vector<std::thread> producers;
@@ -233,7 +166,7 @@ TEST(RequestQueue, CloseWakesManyBlockedProducers) {
 
 TEST(RequestQueue, WaitForWorkReturnsAtOnceWhenReady) {
   RequestQueue q(4);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 1));
   const int64_t t0 = monotonic_ns();
   EXPECT_TRUE(q.wait_for_work(kNoDeadline));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
@@ -245,47 +178,33 @@ TEST(RequestQueue, WaitForWorkTimesOut) {
   EXPECT_FALSE(q.wait_for_work(t0 - 1));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
 
-  constexpr int64_t kTimeout = 50 * kMs;
-  const int64_t t1 = monotonic_ns();
-  EXPECT_FALSE(q.wait_for_work(t1 + kTimeout));
-  const int64_t elapsed = monotonic_ns() - t1;
-  EXPECT_GE(elapsed, kTimeout);
-  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_TRUE(times_out(
+      50 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
 }
 
 TEST(RequestQueue, PushWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = false;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    ready = q.wait_for_work(t0 + kLongWait);
-    elapsed = monotonic_ns() - t0;
-  });
+  BackgroundCall server(
+      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
   pause_briefly();  // let it park
   ASSERT_EQ(q.push(make_request(7), 0), PushResult::kOk);
   server.join();
   EXPECT_TRUE(ready);
-  EXPECT_LT(elapsed, kLongWait);
-  Request r;
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 7u);
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
 }
 
 TEST(RequestQueue, CloseWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = true;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    ready = q.wait_for_work(t0 + kLongWait);
-    elapsed = monotonic_ns() - t0;
-  });
+  BackgroundCall server(
+      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
   pause_briefly();
   q.close();
   server.join();
   EXPECT_FALSE(ready);
-  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
   // A closed queue does not put the server to sleep.
   const int64_t t0 = monotonic_ns();
   EXPECT_FALSE(q.wait_for_work(kNoDeadline));
@@ -294,31 +213,20 @@ TEST(RequestQueue, CloseWakesWaitForWork) {
 
 TEST(RequestQueue, ClosedQueueWithLeftoversReportsWork) {
   RequestQueue q(4);
-  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 1));
   q.close();
   EXPECT_TRUE(q.wait_for_work(kNoDeadline));
 }
 
 TEST(RequestQueue, InterruptWakesWaitForWork) {
   RequestQueue q(4);
-  std::atomic<bool> returned{false};
   bool ready = true;
-  int64_t elapsed = 0;
-  std::thread server([&] {
-    const int64_t t0 = monotonic_ns();
-    ready = q.wait_for_work(t0 + kLongWait);
-    elapsed = monotonic_ns() - t0;
-    returned.store(true);
-  });
-  // Only an interrupt issued after the server started waiting counts, and
-  // that moment is not observable: keep interrupting until it returns.
-  while (!returned.load()) {
-    q.interrupt();
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  BackgroundCall server(
+      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  interrupt_until_returned(q, server);
   server.join();
   EXPECT_FALSE(ready);  // woken, but nothing to do
-  EXPECT_LT(elapsed, kLongWait);
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
   EXPECT_FALSE(q.closed());
   EXPECT_EQ(q.push(make_request(0), 0), PushResult::kOk);
 }
@@ -326,10 +234,8 @@ TEST(RequestQueue, InterruptWakesWaitForWork) {
 TEST(RequestQueue, InterruptBeforeWaitDoesNotCount) {
   RequestQueue q(4);
   q.interrupt();
-  constexpr int64_t kTimeout = 30 * kMs;
-  const int64_t t0 = monotonic_ns();
-  EXPECT_FALSE(q.wait_for_work(t0 + kTimeout));
-  EXPECT_GE(monotonic_ns() - t0, kTimeout);
+  EXPECT_TRUE(times_out(
+      30 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
 }
 
 TEST(RequestQueue, InterruptCountedSinceSeenValue) {
@@ -342,10 +248,9 @@ TEST(RequestQueue, InterruptCountedSinceSeenValue) {
   EXPECT_FALSE(q.wait_for_work(t0 + kLongWait, seen));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
   // ...one before it does not.
-  constexpr int64_t kTimeout = 30 * kMs;
-  const int64_t t1 = monotonic_ns();
-  EXPECT_FALSE(q.wait_for_work(t1 + kTimeout, q.interrupts()));
-  EXPECT_GE(monotonic_ns() - t1, kTimeout);
+  EXPECT_TRUE(times_out(30 * kMs, [&](int64_t deadline) {
+    return q.wait_for_work(deadline, q.interrupts());
+  }));
   // Work that is ready is reported whatever the count says.
   ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
   EXPECT_TRUE(q.wait_for_work(kNoDeadline, seen));
@@ -358,19 +263,14 @@ TEST(RequestQueue, Reopen) {
   q.reopen();
   EXPECT_FALSE(q.closed());
   EXPECT_EQ(q.push(make_request(1), 0), PushResult::kOk);
-  Request r;
-  ASSERT_TRUE(q.try_pop(r));
-  EXPECT_EQ(id_of(r), 1u);
-  EXPECT_FALSE(q.try_pop(r));
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{1}));
 
   // A reopened queue blocks (and is woken) like a fresh one.
-  for (uint64_t i = 0; i < 4; ++i)
-    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+  ASSERT_TRUE(push_ids(q, 4));
   EXPECT_EQ(q.push(make_request(9), 0), PushResult::kTimedOut);
   q.close();
   EXPECT_EQ(q.push(make_request(9), kNoDeadline), PushResult::kClosed);
 }
-
 // Producers push in a loop (some non-blocking, some blocking on the full
 // ring) while a consumer pops and the main thread closes the queue. Once
 // close() returns nothing else may land: draining right then yields exactly
@@ -390,7 +290,7 @@ TEST(RequestQueue, CloseStressNoPushLandsAfterClose) {
       producers.emplace_back([&, p] {
         const bool blocking = (p % 2) == 1;
         for (uint32_t seq = 0;; ++seq) {
-          const uint64_t id = (uint64_t{p} << 32) | seq;
+          const uint64_t id = tagged_id(p, seq);
           const int64_t deadline =
               blocking ? monotonic_ns() + kLongWait : int64_t{0};
           const PushResult res = q.push(make_request(id), deadline);
@@ -423,18 +323,17 @@ TEST(RequestQueue, CloseStressNoPushLandsAfterClose) {
 
     // Close while the producers are busy, at a different point each round.
     const uint64_t threshold = 50 + 61 * static_cast<uint64_t>(round);
-    batchserve_test::poll_until([&] { return accepted.load() >= threshold; });
+    poll_until([&] { return accepted.load() >= threshold; });
     q.close();
 
     // Drain right after close() returned, while producers may still be
     // calling push (they all get kClosed from now on).
     stop_consumer.store(true);
     consumer.join();
-    std::vector<uint64_t> drained;
-    Request r;
-    while (q.try_pop(r)) drained.push_back(id_of(r));
+    const std::vector<uint64_t> drained = drain_ids(q);
 
     for (auto& t : producers) t.join();
+    Request r;
     EXPECT_FALSE(q.try_pop(r)) << "a push landed after close() returned";
     EXPECT_EQ(q.size(), 0u);
 
@@ -451,8 +350,8 @@ TEST(RequestQueue, CloseStressNoPushLandsAfterClose) {
     std::vector<int64_t> last(kProducers, -1);
     uint64_t out_of_order = 0;
     for (uint64_t id : got) {
-      const uint32_t p = static_cast<uint32_t>(id >> 32);
-      const int64_t seq = static_cast<int64_t>(id & 0xffffffffu);
+      const uint32_t p = producer_of(id);
+      const int64_t seq = seq_of(id);
       if (p >= kProducers || seq <= last[p]) {
         ++out_of_order;
         continue;
