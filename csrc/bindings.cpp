@@ -109,11 +109,36 @@ void discard(const Request& r) {
   if (r.completion != nullptr) r.completion->release();
 }
 
-PyObject* make_runtime_error(const char* message) {
-  return PyObject_CallFunction(PyExc_RuntimeError, "s", message);
+// GIL held. A new RuntimeError; MemoryError (never null) if even that
+// cannot be allocated, so a request always gets an outcome.
+PyObject* new_runtime_error(const char* message) {
+  PyObject* err = PyObject_CallFunction(PyExc_RuntimeError, "s", message);
+  if (err != nullptr) return err;
+  PyErr_Clear();
+  Py_INCREF(PyExc_MemoryError);
+  return PyExc_MemoryError;
+}
+
+// GIL held. Sets the Python error a caller raises for `outcome`: the
+// exception instance itself, an exception class, or anything else wrapped in
+// a RuntimeError.
+void set_error_from(PyObject* outcome) {
+  if (PyExceptionInstance_Check(outcome)) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(outcome)), outcome);
+  } else if (PyExceptionClass_Check(outcome)) {
+    PyErr_SetNone(outcome);
+  } else {
+    PyErr_SetObject(PyExc_RuntimeError, outcome);
+  }
 }
 
 // A set of requests taken from the queue together, served by one forward.
+//
+// Every method that ends requests first takes them out of requests_ (plain
+// C++, no Python call), then settles them. Settling runs Python code
+// (Future callbacks) during which another thread may take the GIL and call
+// into the same batch, e.g. a shutdown failing the batch of a worker that
+// overran its timeout: it then finds only requests nobody has taken yet.
 class Batch {
  public:
   explicit Batch(std::vector<Request> requests)
@@ -122,17 +147,16 @@ class Batch {
   Batch& operator=(const Batch&) = delete;
 
   ~Batch() {
-    if (!settled_) {
-      PyObject* err = make_runtime_error(
+    if (!requests_.empty()) {
+      PyObject* err = new_runtime_error(
           "batchserve: a batch was dropped before it was resolved");
-      if (err == nullptr) PyErr_Clear();
-      settle_all(err, /*per_item=*/nullptr, /*is_error=*/true);
-      Py_XDECREF(err);
+      settle(take_all(), [err](size_t) { return err; }, true);
+      Py_DECREF(err);
     }
   }
 
   size_t size() const { return requests_.size(); }
-  bool settled() const { return settled_; }
+  bool settled() const { return requests_.empty(); }
 
   py::list items() const {
     py::list out(requests_.size());
@@ -149,71 +173,64 @@ class Batch {
     return out;
   }
 
-  int64_t oldest_ns() const {
-    return requests_.empty() ? 0 : requests_.front().submit_ns;
-  }
-
   // results: a sequence with one entry per request, in request order.
   void resolve(const py::sequence& results) {
-    if (settled_) throw std::runtime_error("batch already resolved");
-    if (static_cast<size_t>(py::len(results)) != requests_.size())
-      throw std::invalid_argument("resolve: expected " +
-                                  std::to_string(requests_.size()) +
+    if (requests_.empty()) return;  // already failed (e.g. by a shutdown)
+    const size_t n = requests_.size();
+    if (static_cast<size_t>(py::len(results)) != n)
+      throw std::invalid_argument("resolve: expected " + std::to_string(n) +
                                   " results, got " +
                                   std::to_string(py::len(results)));
     std::vector<py::object> held;  // keep every result alive while settling
-    held.reserve(requests_.size());
-    for (size_t i = 0; i < requests_.size(); ++i) held.push_back(results[i]);
-    settle_all(nullptr, &held, /*is_error=*/false);
+    held.reserve(n);
+    for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
+    if (requests_.size() != n) return;  // failed while results were read
+    settle(take_all(), [&held](size_t i) { return held[i].ptr(); }, false);
   }
 
   void fail(const py::object& exc) {
-    if (settled_) return;
-    settle_all(exc.ptr(), nullptr, /*is_error=*/true);
+    PyObject* outcome = exc.ptr();
+    settle(take_all(), [outcome](size_t) { return outcome; }, true);
   }
 
   // Fails requests [i] for i in `indices` with `exc`, leaving the rest to a
   // later resolve() of the remaining ones (used for malformed inputs).
   void fail_some(const std::vector<size_t>& indices, const py::object& exc) {
-    if (settled_) return;
     std::vector<bool> drop(requests_.size(), false);
     for (size_t i : indices) {
       if (i >= requests_.size()) throw std::out_of_range("fail_some: index");
       drop[i] = true;
     }
-    std::vector<Request> kept;
-    std::vector<Completion*> to_wake;
-    for (size_t i = 0; i < requests_.size(); ++i) {
-      if (drop[i]) {
-        settle(requests_[i], exc.ptr(), true, to_wake);
-        release_python_refs(requests_[i]);
-      } else {
-        kept.push_back(requests_[i]);
-      }
-    }
+    std::vector<Request> kept, failed;
+    for (size_t i = 0; i < requests_.size(); ++i)
+      (drop[i] ? failed : kept).push_back(requests_[i]);
     requests_.swap(kept);
-    wake_and_release(to_wake);
+    PyObject* outcome = exc.ptr();
+    settle(std::move(failed), [outcome](size_t) { return outcome; }, true);
   }
 
  private:
-  // Exactly one of `shared` (same outcome for all) and `per_item` is used.
-  void settle_all(PyObject* shared, std::vector<py::object>* per_item,
-                  bool is_error) {
-    settled_ = true;
+  std::vector<Request> take_all() {
+    std::vector<Request> taken;
+    taken.swap(requests_);
+    return taken;
+  }
+
+  // GIL held. Ends each request of `requests` (owned by the caller, no
+  // longer reachable from the batch) with outcome_of(i).
+  template <typename OutcomeOf>
+  static void settle(std::vector<Request> requests, OutcomeOf&& outcome_of,
+                     bool is_error) {
     std::vector<Completion*> to_wake;
-    to_wake.reserve(requests_.size());
-    for (size_t i = 0; i < requests_.size(); ++i) {
-      PyObject* outcome = per_item ? (*per_item)[i].ptr() : shared;
-      if (outcome != nullptr) settle(requests_[i], outcome, is_error, to_wake);
-      else if (requests_[i].completion) to_wake.push_back(requests_[i].completion);
-      release_python_refs(requests_[i]);
+    to_wake.reserve(requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      batchserve::settle(requests[i], outcome_of(i), is_error, to_wake);
+      release_python_refs(requests[i]);
     }
-    requests_.clear();
     wake_and_release(to_wake);
   }
 
   std::vector<Request> requests_;
-  bool settled_ = false;
 };
 
 // The handle of one blocking request handed out by drain() (the transport
@@ -225,11 +242,10 @@ class Ticket {
   Ticket& operator=(const Ticket&) = delete;
   ~Ticket() {
     if (completion_ != nullptr) {
-      PyObject* err = make_runtime_error(
+      PyObject* err = new_runtime_error(
           "batchserve: a request was dropped before it was resolved");
-      if (err == nullptr) PyErr_Clear();
       end(err, true);
-      Py_XDECREF(err);
+      Py_DECREF(err);
     }
   }
 
@@ -241,10 +257,8 @@ class Ticket {
   void end(PyObject* outcome, bool is_error) {
     if (completion_ == nullptr) return;
     Completion* c = std::exchange(completion_, nullptr);
-    if (outcome != nullptr) {
-      Py_INCREF(outcome);
-      if (!c->finish(outcome, is_error)) Py_DECREF(outcome);
-    }
+    Py_INCREF(outcome);
+    if (!c->finish(outcome, is_error)) Py_DECREF(outcome);
     std::vector<Completion*> to_wake{c};
     wake_and_release(to_wake);
   }
@@ -293,8 +307,11 @@ class PyRequestQueue {
       if (!expired && !interrupted) continue;
       const Completion::State left = completion->give_up();
       if (left == Completion::kDone) {
-        if (interrupted) PyErr_Clear();  // the result won; deliver it
-        break;
+        if (!interrupted) break;  // the result won the race with the timeout
+        // A signal (Ctrl-C) wins over a result that arrived meanwhile.
+        Py_DECREF(static_cast<PyObject*>(completion->outcome()));
+        completion->release();
+        throw py::error_already_set();
       }
       completion->release();
       if (interrupted) throw py::error_already_set();
@@ -308,7 +325,7 @@ class PyRequestQueue {
     const bool is_error = completion->is_error();
     completion->release();
     if (is_error) {
-      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(outcome)), outcome);
+      set_error_from(outcome);
       Py_DECREF(outcome);
       throw py::error_already_set();
     }
@@ -378,7 +395,8 @@ class PyRequestQueue {
 
   // The server's batch: the C++ batching policy, run without the GIL.
   std::unique_ptr<Batch> collect() {
-    const size_t reserve = settings_.load().max_batch_size;
+    const size_t reserve =
+        std::min(settings_.load().max_batch_size, queue_.capacity());
     std::vector<Request> batch;
     std::vector<Request> dropped;
     batch.reserve(reserve);
@@ -456,7 +474,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("settled", &Batch::settled)
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
-      .def_property_readonly("oldest_ns", &Batch::oldest_ns)
       .def("resolve", &Batch::resolve, py::arg("results"))
       .def("fail", &Batch::fail, py::arg("exc"))
       .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"));

@@ -252,3 +252,103 @@ def test_process_exits_promptly_with_a_running_server():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("ServerClosedError") == 3, done.stdout
+
+
+def test_restart_waits_for_a_worker_that_overran_its_shutdown(transport):
+    model = BlockingModel()
+    server = InferenceServer(model, transport).start()
+    transport.submit(request(0))
+    assert model.entered.wait(10)
+    server.shutdown(timeout=0.05)  # the forward is still running
+    with pytest.raises(RuntimeError, match="already running"):
+        server.start()
+    model.release.set()
+    server.shutdown(timeout=None)  # waits for the old worker
+    with server:
+        assert transport.client()(request(1))["echo"].item() == 1
+
+
+class _SlowConnect(_FailingSetup):
+    """connect() waits for the trainer, as torchrl's receivers do."""
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+        self.trainer_ready = threading.Event()
+
+    def init_on_receiver(self, *, model_id, model=None, worker_idx=0):
+        self.initialized_on_receiver = True
+
+    def connect(self, *, worker_idx=0):
+        assert self.trainer_ready.wait(30)
+        if self.fail:
+            raise ConnectionError("trainer went away")
+        self.synchronized_on_receiver = True
+
+
+def test_start_does_not_wait_forever_for_the_trainer(transport):
+    ws = _SlowConnect(fail=False)
+    server = InferenceServer(echo_model, transport, weight_sync=ws)
+    server.start(setup_timeout=0.05)  # returns while connect() still waits
+    assert server.is_alive
+    queued = transport.submit(request(1))
+    ws.trainer_ready.set()  # e.g. the trainer connects after start()
+    assert queued.result(timeout=10)["echo"].item() == 1
+    server.shutdown()
+
+
+def test_a_late_weight_sync_setup_failure_fails_waiting_requests(transport):
+    ws = _SlowConnect(fail=True)
+    server = InferenceServer(echo_model, transport, weight_sync=ws)
+    server.start(setup_timeout=0.05)
+    queued = transport.submit(request(1))
+    ws.trainer_ready.set()
+    with pytest.raises(ServerClosedError, match="trainer went away"):
+        queued.result(timeout=10)
+    server._worker.join(10)
+    assert not server.is_alive
+    with pytest.raises(ServerClosedError):
+        transport.submit(request(2))
+    server.shutdown()
+
+
+class _FailsAfterFirstDrain:
+    """A protocol transport whose wait_for_work() fails (its peer died) once
+    a request has been drained."""
+
+    def __init__(self):
+        self.inner = ThreadingTransport()
+        self.drained = 0
+
+    def submit(self, td):
+        return self.inner.submit(td)
+
+    def drain(self, max_items):
+        items, callbacks = self.inner.drain(max_items)
+        self.drained += len(items)
+        return items, callbacks
+
+    def wait_for_work(self, timeout):
+        if self.drained:
+            raise ConnectionResetError("peer died")
+        self.inner.wait_for_work(timeout)
+
+    def resolve(self, callback, result):
+        callback.set_result(result)
+
+    def resolve_exception(self, callback, exc):
+        callback.set_exception(exc)
+
+
+def test_a_failing_transport_fails_what_it_drained_and_stops_the_server():
+    transport = _FailsAfterFirstDrain()
+    # min_batch_size=2: the first request is drained, then the wait for a
+    # second one fails.
+    server = InferenceServer(
+        echo_model, transport, max_batch_size=4, min_batch_size=2, timeout=5
+    ).start()
+    future = transport.submit(request(1))
+    with pytest.raises(ConnectionResetError, match="peer died"):
+        future.result(timeout=10)
+    server._worker.join(10)
+    assert not server.is_alive
+    server.shutdown()

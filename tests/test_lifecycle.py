@@ -197,3 +197,13 @@ def _call_quietly(transport, td):
         transport.client()(td)
     except Exception:
         pass
+
+
+def test_default_transport_like_torchrl():
+    with InferenceServer(echo_model, max_batch_size=8) as server:
+        assert isinstance(server.transport, ThreadingTransport)
+        assert server.client()(request(5))["echo"].item() == 5
+    with InferenceServer(echo_model, "thread") as server:
+        assert server.client()(request(6))["echo"].item() == 6
+    with pytest.raises(ValueError, match="not available"):
+        InferenceServer(echo_model, "ray")

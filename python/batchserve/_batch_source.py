@@ -1,7 +1,7 @@
 """Where the server loop gets its batches from.
 
 Two sources behind one small interface (``configure``, ``next_batch``,
-``open``, ``close``, ``fail_pending``):
+``open``, ``close``, ``closed``, ``fail_pending``):
 
 * :class:`NativeBatches` for transports backed by the C++ request queue: the
   batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
@@ -10,8 +10,8 @@ Two sources behind one small interface (``configure``, ``next_batch``,
   protocol (torchrl's own transports, user transports). It applies the same
   policy in Python over ``wait_for_work`` / ``drain_with_timing``.
 
-A batch has ``items``, ``submitted_ns``, ``resolve(results)``, ``fail(exc)``
-and ``fail_some(indices, exc)``.
+A batch has ``items``, ``submitted_ns`` (None where unknown),
+``resolve(results)``, ``fail(exc)`` and ``fail_some(indices, exc)``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ class NativeBatches:
     def next_batch(self):
         return self._queue.collect()
 
+    @property
+    def closed(self) -> bool:
+        return self._queue.closed
+
     def open(self) -> None:
         self._queue.reopen()
 
@@ -52,53 +56,65 @@ class NativeBatches:
 
 
 class ProtocolBatch:
-    """A batch drained through torchrl's transport protocol."""
+    """A batch drained through torchrl's transport protocol.
 
-    __slots__ = ("items", "callbacks", "submitted_ns", "_transport", "settled")
+    Like the C++ batch, each method takes the callbacks it ends out of the
+    batch before calling the transport, so a second call (a shutdown failing
+    the batch of an overdue worker) never ends a request twice.
+    """
+
+    __slots__ = ("items", "callbacks", "submitted_ns", "_transport")
 
     def __init__(self, transport, items, callbacks, submitted_ns):
         self._transport = transport
         self.items = items
         self.callbacks = callbacks
         self.submitted_ns = submitted_ns
-        self.settled = False
 
     def __len__(self) -> int:
         return len(self.callbacks)
 
+    @property
+    def settled(self) -> bool:
+        return not self.callbacks
+
+    def _take(self, indices=None) -> list:
+        if indices is None:
+            taken, self.callbacks, self.items = self.callbacks, [], []
+            return taken
+        drop = set(indices)
+        keep = [i for i in range(len(self.callbacks)) if i not in drop]
+        taken = [self.callbacks[i] for i in sorted(drop)]
+        self.items = [self.items[i] for i in keep]
+        self.callbacks = [self.callbacks[i] for i in keep]
+        self.submitted_ns = [self.submitted_ns[i] for i in keep]
+        return taken
+
     def resolve(self, results) -> None:
+        if not self.callbacks:
+            return  # already failed (e.g. by a shutdown)
         if len(results) != len(self.callbacks):
             raise ValueError(
                 f"resolve: expected {len(self.callbacks)} results, got {len(results)}"
             )
-        self.settled = True
-        for callback, result in zip(self.callbacks, results):
+        for callback, result in zip(self._take(), results):
             try:
                 self._transport.resolve(callback, result)
             except Exception:  # a caller that went away must not stop the rest
                 _log.exception("batchserve: transport.resolve failed")
 
     def fail(self, exc: BaseException) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        for callback in self.callbacks:
+        self._fail(self._take(), exc)
+
+    def fail_some(self, indices, exc: BaseException) -> None:
+        self._fail(self._take(indices), exc)
+
+    def _fail(self, callbacks, exc: BaseException) -> None:
+        for callback in callbacks:
             try:
                 self._transport.resolve_exception(callback, exc)
             except Exception:
                 _log.exception("batchserve: transport.resolve_exception failed")
-
-    def fail_some(self, indices, exc: BaseException) -> None:
-        drop = set(indices)
-        for i in sorted(drop):
-            try:
-                self._transport.resolve_exception(self.callbacks[i], exc)
-            except Exception:
-                _log.exception("batchserve: transport.resolve_exception failed")
-        keep = [i for i in range(len(self.callbacks)) if i not in drop]
-        self.items = [self.items[i] for i in keep]
-        self.callbacks = [self.callbacks[i] for i in keep]
-        self.submitted_ns = [self.submitted_ns[i] for i in keep]
 
 
 class ProtocolBatches:
@@ -128,11 +144,9 @@ class ProtocolBatches:
             self._drain = drain
 
     def _drain_ns(self, max_items: int):
+        """Drains; submission times in ns, None where the transport has none."""
         items, callbacks, submitted_at = self._drain(max_items)
-        now = _core.monotonic_ns()
-        submitted_ns = [
-            now if s is None else int(s * 1e9) for s in submitted_at
-        ]
+        submitted_ns = [None if s is None else int(s * 1e9) for s in submitted_at]
         return list(items), list(callbacks), submitted_ns
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
@@ -143,23 +157,34 @@ class ProtocolBatches:
         max_batch_size, min_batch_size, timeout = self._settings
         transport = self._transport
         transport.wait_for_work(timeout=min(timeout, _MAX_WAIT_S))
-        items, callbacks, submitted_ns = self._drain_ns(max_batch_size)
-        if not callbacks:
+        batch = ProtocolBatch(transport, *self._drain_ns(max_batch_size))
+        if not batch.callbacks:
             return None
-        if len(callbacks) < min_batch_size:
-            deadline_s = min(submitted_ns) * 1e-9 + timeout
-            while len(callbacks) < min_batch_size and not self._closed:
+        if len(batch) >= min_batch_size:
+            return batch
+        known = [s for s in batch.submitted_ns if s is not None]
+        oldest_ns = min(known) if known else _core.monotonic_ns()
+        deadline_s = oldest_ns * 1e-9 + timeout
+        try:
+            while len(batch) < min_batch_size and not self._closed:
                 remaining = deadline_s - _core.monotonic_ns() * 1e-9
                 if remaining <= 0:
                     break
                 transport.wait_for_work(timeout=min(remaining, _MAX_WAIT_S))
-                more_items, more_callbacks, more_ns = self._drain_ns(
-                    max_batch_size - len(callbacks)
+                items, callbacks, submitted_ns = self._drain_ns(
+                    max_batch_size - len(batch)
                 )
-                items.extend(more_items)
-                callbacks.extend(more_callbacks)
-                submitted_ns.extend(more_ns)
-        return ProtocolBatch(transport, items, callbacks, submitted_ns)
+                batch.items.extend(items)
+                batch.callbacks.extend(callbacks)
+                batch.submitted_ns.extend(submitted_ns)
+        except BaseException as exc:  # what was drained must not be lost
+            batch.fail(exc)
+            raise
+        return batch
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def open(self) -> None:
         self._closed = False
@@ -174,10 +199,14 @@ class ProtocolBatches:
             return 0
         failed = 0
         while True:
-            items, callbacks = self._transport.drain(1024)
+            try:
+                items, callbacks = self._transport.drain(1024)
+            except Exception:  # a broken transport: nothing more to reach
+                _log.exception("batchserve: transport.drain failed at shutdown")
+                return failed
             if not callbacks:
                 return failed
-            ProtocolBatch(self._transport, items, callbacks, [0] * len(items)).fail(exc)
+            ProtocolBatch(self._transport, items, callbacks, [None] * len(items)).fail(exc)
             failed += len(callbacks)
 
 

@@ -5,6 +5,7 @@ policy version, statistics) over a batch source.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -24,6 +25,7 @@ _log = logging.getLogger("batchserve")
 ServerClosedError = _core.ServerClosedError
 
 _SHUTDOWN_MESSAGE = "InferenceServer is shutting down; the request was not served."
+_WEIGHT_SYNC_LOG_INTERVAL_S = 10.0
 
 # Servers still running when the interpreter exits are shut down before
 # Python waits for non-daemon threads, so callers blocked on them get an
@@ -48,22 +50,29 @@ else:  # pragma: no cover - CPython < 3.9
     atexit.register(_shutdown_running_servers)
 
 
-def _shared_memory_scheme(weight_sync) -> bool:
-    """torchrl's SharedMemWeightSyncScheme applies weights from its own
-    thread; polling its receive() would re-apply and re-count them."""
-    if not type(weight_sync).__module__.startswith("torchrl"):
-        return False
-    from torchrl.weight_update import SharedMemWeightSyncScheme
-
-    return isinstance(weight_sync, SharedMemWeightSyncScheme)
+def _torchrl_scheme_class(name: str):
+    """torchrl's weight-sync class `name` if torchrl's weight_update module is
+    loaded (an instance of it cannot exist otherwise), else None."""
+    module = sys.modules.get("torchrl.weight_update")
+    return getattr(module, name, None) if module is not None else None
 
 
-def _torchrl_scheme(weight_sync) -> bool:
-    if not type(weight_sync).__module__.startswith("torchrl"):
-        return False
-    from torchrl.weight_update import WeightSyncScheme
+def _is_scheme(weight_sync, name: str) -> bool:
+    cls = _torchrl_scheme_class(name)
+    return cls is not None and isinstance(weight_sync, cls)
 
-    return isinstance(weight_sync, WeightSyncScheme)
+
+def _transport_named(name: str | None):
+    """The transport a torchrl-style selector names; in-process kinds only."""
+    if name in (None, "auto", "thread", "threading"):
+        from batchserve._threading import ThreadingTransport
+
+        return ThreadingTransport()
+    raise ValueError(
+        f"transport={name!r} is not available in batchserve yet; pass a "
+        "transport instance (any object with torchrl's transport protocol) "
+        "or one of 'auto', 'thread'."
+    )
 
 
 def _positive_int(name: str, value) -> int:
@@ -80,11 +89,13 @@ def _as_device(device) -> torch.device | None:
 class _Run:
     """One start()..shutdown() of the worker thread."""
 
-    __slots__ = ("stop", "ready", "startup_error", "inflight")
+    __slots__ = ("stop", "ready", "lock", "start_returned", "startup_error", "inflight")
 
     def __init__(self):
         self.stop = threading.Event()
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # weight-sync set-up finished
+        self.lock = threading.Lock()  # start() and a late set-up failure
+        self.start_returned = False
         self.startup_error: BaseException | None = None
         self.inflight = None  # the batch being served, for a timed-out shutdown
 
@@ -132,7 +143,7 @@ class InferenceServer:
             Default: ``"policy_version"``.
         collect_stats (bool, optional): record :meth:`stats`. Default: ``True``.
         stats_window_size (int, optional): recent samples kept for latency
-            percentiles. Default: ``4096``.
+            percentiles. Default: ``1024``.
         server_config, device_config: torchrl's ``InferenceServerConfig`` /
             ``InferenceDeviceConfig`` (or objects with the same attributes),
             exclusive with the matching keyword arguments.
@@ -153,7 +164,7 @@ class InferenceServer:
     def __init__(
         self,
         model: torch.nn.Module | Callable[[TensorDictBase], TensorDictBase],
-        transport: Any,
+        transport: Any = "auto",
         *,
         max_batch_size: int | None = None,
         min_batch_size: int | None = None,
@@ -173,7 +184,9 @@ class InferenceServer:
     ):
         if model is None:
             raise ValueError("InferenceServer needs a model.")
-        if transport is None or not callable(getattr(transport, "drain", None)):
+        if transport is None or isinstance(transport, str):
+            transport = _transport_named(transport)
+        if not callable(getattr(transport, "drain", None)):
             raise TypeError(
                 "transport must implement the InferenceTransport protocol "
                 f"(submit, drain, wait_for_work, resolve, resolve_exception); got {transport!r}."
@@ -225,13 +238,14 @@ class InferenceServer:
         self.output_device = _as_device(output_device)
         self.weight_sync = weight_sync
         self._weight_sync_model_id = weight_sync_model_id
+        self._next_weight_sync_log = 0.0
         self.policy_version_key = policy_version_key
         self._policy_version = int(policy_version)
         self.collect_stats = (
             True if batching["collect_stats"] is None else bool(batching["collect_stats"])
         )
         self._stats = ServerStats(
-            4096 if batching["stats_window_size"] is None else batching["stats_window_size"]
+            1024 if batching["stats_window_size"] is None else batching["stats_window_size"]
         )
 
         self._batches = batches_for(transport)
@@ -246,6 +260,7 @@ class InferenceServer:
         self._lifecycle_lock = threading.Lock()
         self._version_lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._last_worker: threading.Thread | None = None  # may outlive a shutdown
         self._run: _Run | None = None
 
         if self.device is not None and hasattr(self.model, "to"):
@@ -257,6 +272,10 @@ class InferenceServer:
     def policy_device(self) -> torch.device | None:
         """Alias of :attr:`device`."""
         return self.device
+
+    @policy_device.setter
+    def policy_device(self, device) -> None:
+        self.device = _as_device(device)
 
     @property
     def max_batch_size(self) -> int:
@@ -339,7 +358,7 @@ class InferenceServer:
         ws = self.weight_sync
         if ws is None:
             return
-        if _torchrl_scheme(ws) and getattr(ws, "context", None) is None:
+        if _is_scheme(ws, "WeightSyncScheme") and getattr(ws, "context", None) is None:
             ws.context = self
         if not getattr(ws, "initialized_on_receiver", False):
             ws.init_on_receiver(
@@ -357,30 +376,54 @@ class InferenceServer:
                 weights = ws.receive(timeout=0.0)
             except Exception:
                 # The model keeps its previous weights and serving goes on;
-                # the failure is logged and counted in stats().
+                # the failure is counted in stats() and logged (with its
+                # traceback at most every _WEIGHT_SYNC_LOG_INTERVAL_S).
                 self._stats.record_weight_sync_error()
-                _log.exception("batchserve: weight_sync.receive() failed")
+                now = time.monotonic()
+                if now >= self._next_weight_sync_log:
+                    self._next_weight_sync_log = now + _WEIGHT_SYNC_LOG_INTERVAL_S
+                    _log.exception(
+                        "batchserve: weight_sync.receive() failed (%d failures so far)",
+                        self._stats.weight_sync_errors,
+                    )
                 return
             if weights is not None and getattr(ws, "context", None) is not self:
                 self._mark_weight_update()
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self) -> InferenceServer:
+    def start(self, *, setup_timeout: float | None = 1.0) -> InferenceServer:
         """Start the background worker.
 
-        Weight-sync set-up runs on the worker before this returns; if it
-        fails, ``start`` raises and nothing keeps running.
+        Weight-sync set-up (``init_on_receiver``, ``connect``) runs on the
+        worker, and ``start`` waits up to ``setup_timeout`` seconds for it: a
+        set-up that fails by then makes ``start`` raise, with nothing left
+        running. A set-up still in progress then (``connect`` waiting for the
+        trainer's first weights, say) goes on in the background: requests
+        queue and are served once it completes; if it fails later, the
+        waiting requests get its error, later ones raise
+        :class:`~batchserve.ServerClosedError`, and :attr:`is_alive` turns
+        false.
+
+        Args:
+            setup_timeout (float or None, keyword-only): seconds to wait for
+                the set-up; ``None`` waits until it finishes. Default: ``1.0``.
 
         Returns:
             self, for chaining.
 
         Raises:
-            RuntimeError: the server is already running, or its set-up failed.
+            RuntimeError: the server is already running (or its previous
+                worker is still finishing a forward), or its set-up failed.
         """
         with self._lifecycle_lock:
             if self.is_alive:
                 raise RuntimeError("InferenceServer is already running.")
+            if self._last_worker is not None and self._last_worker.is_alive():
+                raise RuntimeError(
+                    "InferenceServer is already running: the previous worker is "
+                    "still finishing a forward; shutdown(timeout=None) waits for it."
+                )
             run = _Run()
             self._batches.open()
             worker = threading.Thread(
@@ -390,14 +433,17 @@ class InferenceServer:
                 name="batchserve-worker",
             )
             worker.start()
-            run.ready.wait()
-            if run.startup_error is not None:
+            run.ready.wait(setup_timeout)
+            with run.lock:
+                run.start_returned = True
+                startup_error = run.startup_error
+            if startup_error is not None:
                 worker.join()
                 raise RuntimeError(
                     "InferenceServer failed to start: weight_sync set-up raised "
-                    f"{run.startup_error!r}"
-                ) from run.startup_error
-            self._run, self._worker = run, worker
+                    f"{startup_error!r}"
+                ) from startup_error
+            self._run, self._worker, self._last_worker = run, worker, worker
             _running_servers.add(self)
         return self
 
@@ -413,7 +459,7 @@ class InferenceServer:
                 ``None`` waits indefinitely.
         """
         with self._lifecycle_lock:
-            run, worker = self._run, self._worker
+            run, worker = self._run, self._worker or self._last_worker
             self._run = self._worker = None
             _running_servers.discard(self)
             if run is not None:
@@ -483,34 +529,59 @@ class InferenceServer:
     def _worker_main(self, run: _Run) -> None:
         try:
             self._init_weight_sync()
-            passive = self.weight_sync is not None and _shared_memory_scheme(
-                self.weight_sync
-            )
-        except BaseException as exc:  # reported by start()
-            run.startup_error = exc
+            # torchrl's SharedMemWeightSyncScheme applies weights from its own
+            # thread: polling its receive() would re-apply and re-count them.
+            passive = _is_scheme(self.weight_sync, "SharedMemWeightSyncScheme")
+        except BaseException as exc:
+            with run.lock:
+                run.startup_error = exc
+                reported = not run.start_returned  # start() raises it
             run.ready.set()
+            if not reported:
+                _log.error("batchserve: weight_sync set-up failed: %r", exc)
+                self._stop_serving(
+                    ServerClosedError(f"InferenceServer weight_sync set-up failed: {exc!r}"),
+                    exc,
+                )
             return
         run.ready.set()
+        error = ServerClosedError(_SHUTDOWN_MESSAGE)
+        cause = None
         try:
             with torch.no_grad():
-                self._serve(run, passive)
+                stopped_by = self._serve(run, passive)
+            if stopped_by is not None:
+                error, cause = ServerClosedError(
+                    f"InferenceServer stopped: the model raised {stopped_by!r}"
+                ), stopped_by
+        except BaseException as exc:  # the transport failed, or was interrupted
+            _log.exception("batchserve: the worker stopped")
+            error = ServerClosedError(f"InferenceServer stopped: {exc!r}")
+            cause = exc
         finally:
-            self._batches.close()
-            self._batches.fail_pending(
-                ServerClosedError(_SHUTDOWN_MESSAGE), worker_running=False
-            )
-            _running_servers.discard(self)
+            self._stop_serving(error, cause)
 
-    def _serve(self, run: _Run, passive_weight_sync: bool) -> None:
+    def _stop_serving(self, error: BaseException, cause: BaseException | None) -> None:
+        """Worker exit: reject new requests, fail the waiting ones."""
+        if cause is not None:
+            error.__cause__ = cause
+        self._batches.close()
+        self._batches.fail_pending(error, worker_running=False)
+        _running_servers.discard(self)
+
+    def _serve(self, run: _Run, passive_weight_sync: bool) -> BaseException | None:
+        """Serves until stopped; returns the BaseException that stopped it, if any."""
         batches = self._batches
         while not run.stop.is_set():
             self._poll_weight_sync(passive_weight_sync)
             batch = batches.next_batch()
             if batch is None:
+                if batches.closed:
+                    return None
                 continue
             if run.stop.is_set():
                 batch.fail(ServerClosedError(_SHUTDOWN_MESSAGE))
-                return
+                return None
             run.inflight = batch
             try:
                 self._serve_batch(batch)
@@ -526,9 +597,10 @@ class InferenceServer:
                 error.__cause__ = exc
                 batch.fail(error)
                 _log.error("batchserve: worker stopped by %r", exc)
-                return
+                return exc
             finally:
                 run.inflight = None
+        return None
 
     def _serve_batch(self, batch) -> None:
         dispatch_ns = _core.monotonic_ns()
@@ -551,7 +623,7 @@ class InferenceServer:
                     return
         n = len(items)
         queue_ms = (
-            [(dispatch_ns - s) * 1e-6 for s in batch.submitted_ns]
+            [(dispatch_ns - s) * 1e-6 for s in batch.submitted_ns if s is not None]
             if self.collect_stats
             else ()
         )

@@ -23,7 +23,7 @@ class ServerStats:
     ``window_size`` samples.
     """
 
-    def __init__(self, window_size: int = 4096):
+    def __init__(self, window_size: int = 1024):
         if window_size < 1:
             raise ValueError("stats_window_size must be at least 1.")
         self._window_size = window_size
@@ -64,6 +64,10 @@ class ServerStats:
     def record_weight_sync_error(self) -> None:
         with self._lock:
             self._weight_sync_errors += 1
+
+    @property
+    def weight_sync_errors(self) -> int:
+        return self._weight_sync_errors
 
     def snapshot(self, policy_version: int, reset: bool = False) -> dict:
         with self._lock:

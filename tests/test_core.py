@@ -1,0 +1,141 @@
+"""The bindings of the C++ core (batchserve._core) used directly: reference
+ownership across the boundary and the exactly-once rule for a batch."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from batchserve import _core
+
+
+def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
+    queue = _core.RequestQueue(capacity)
+    queue.configure(max_batch_size, min_batch_size, timeout)
+    return queue
+
+
+def test_references_return_after_resolve():
+    queue = make_queue()
+    payloads = [object() for _ in range(3)]
+    futures = [Future() for _ in range(3)]
+    before = [sys.getrefcount(p) for p in payloads]
+    for i in range(3):
+        queue.submit(payloads[i], futures[i])
+    batch = queue.collect()
+    assert batch.items == payloads
+    results = [object() for _ in range(3)]
+    batch.resolve(results)
+    assert [f.result(timeout=0) for f in futures] == results
+    del batch
+    assert [sys.getrefcount(p) for p in payloads] == before
+
+
+def test_a_batch_ends_each_request_once_even_when_failed_concurrently():
+    """fail_some runs Python callbacks (the GIL may switch); a concurrent
+    fail() of the same batch must not end those requests again."""
+    queue = make_queue()
+    payloads = [object() for _ in range(3)]
+    futures = [Future() for _ in range(3)]
+    in_callback, leave_callback = threading.Event(), threading.Event()
+
+    def slow_callback(_):
+        in_callback.set()
+        leave_callback.wait(10)
+
+    futures[0].add_done_callback(slow_callback)
+    before = [sys.getrefcount(p) for p in payloads]
+    for i in range(3):
+        queue.submit(payloads[i], futures[i])
+    batch = queue.collect()
+    worker = threading.Thread(target=batch.fail_some, args=([0], ValueError("bad input")))
+    worker.start()
+    assert in_callback.wait(10)
+    batch.fail(RuntimeError("shutdown"))  # while fail_some sits in a callback
+    leave_callback.set()
+    worker.join(10)
+    batch.resolve([object()])  # late: nothing left to resolve
+    del batch
+    assert isinstance(futures[0].exception(), ValueError)
+    assert all(isinstance(f.exception(), RuntimeError) for f in futures[1:])
+    assert [sys.getrefcount(p) for p in payloads] == before
+
+
+def test_dropped_batch_fails_its_requests():
+    queue = make_queue()
+    future = Future()
+    queue.submit(object(), future)
+    batch = queue.collect()
+    del batch
+    with pytest.raises(RuntimeError, match="dropped"):
+        future.result(timeout=0)
+
+
+def test_drain_hands_out_tickets_for_blocking_callers():
+    queue = make_queue()
+    payload = object()
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(queue.call(payload, 10)))
+    caller.start()
+    items, handles, submitted = [], [], []
+    while not handles:
+        queue.wait_for_work(0.1)
+        items, handles, submitted = queue.drain(4)
+    assert items == [payload] and len(submitted) == 1
+    (ticket,) = handles
+    assert not ticket.done()
+    result = object()
+    ticket.set_result(result)
+    ticket.set_result(object())  # a second outcome is ignored
+    caller.join(10)
+    assert ticket.done() and outcome == [result]
+
+
+def test_non_exception_error_outcome_still_raises():
+    queue = make_queue()
+    errors = []
+
+    def call():
+        try:
+            queue.call(object(), 10)
+        except BaseException as exc:  # what the caller sees
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    handles = []
+    while not handles:
+        queue.wait_for_work(0.1)
+        _, handles, _ = queue.drain(1)
+    handles[0].set_exception("not an exception")
+    caller.join(10)
+    assert isinstance(errors[0], RuntimeError)
+
+
+def test_withdrawn_request_releases_its_payload():
+    queue = make_queue()
+    payload = object()
+    before = sys.getrefcount(payload)
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        queue.call(payload, 0.01)
+    assert queue.collect() is None  # the withdrawn request is dropped
+    assert sys.getrefcount(payload) == before
+
+
+def test_fail_pending_and_closed_queue():
+    queue = make_queue()
+    futures = [Future() for _ in range(3)]
+    for f in futures:
+        queue.submit(object(), f)
+    queue.close()
+    assert queue.closed
+    with pytest.raises(_core.ServerClosedError):
+        queue.submit(object(), Future())
+    assert queue.fail_pending(RuntimeError("closed")) == 3
+    assert all(isinstance(f.exception(), RuntimeError) for f in futures)
+    queue.reopen()
+    queue.submit(object(), Future())
+    assert len(queue) == 1
