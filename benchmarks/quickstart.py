@@ -31,6 +31,17 @@ from tensordict.nn import TensorDictModule
 import batchserve
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_policy() -> TensorDictModule:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 8))
@@ -127,7 +138,7 @@ def main() -> None:
             print("(torchrl not installed: batchserve only; pip install torchrl to compare)")
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}; batchserve {batchserve.__version__}"
     )
     bare = run_bare(args.seconds)
