@@ -1,0 +1,3 @@
+from batchserve.bench.cli import main
+
+main()

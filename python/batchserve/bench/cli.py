@@ -1,0 +1,197 @@
+"""batchserve-bench: measure batchserve (and torchrl) under your workload.
+
+    batchserve-bench                                # headline sweep, ~1 min
+    batchserve-bench --quick                        # ~15 s
+    batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
+    batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from batchserve.bench import report, scenario as scenarios
+from batchserve.bench.runner import measure, measure_bare
+from batchserve.bench.schedule import interleave
+from batchserve.bench.systems import BenchError, torchrl_available
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _observation(text: str) -> tuple[str, list[int]]:
+    dtype, _, shape = text.partition(":")
+    try:
+        dims = [int(d) for d in shape.lower().split("x")] if shape else []
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1 or dtype not in scenarios.DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected DTYPE:SHAPE such as float32:64 or uint8:3x84x84, got {text!r}"
+        )
+    return dtype, dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batchserve-bench",
+        description="Latency/throughput harness: batchserve side by side with torchrl's "
+        "InferenceServer and a bare model(td) call.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="scenario file (benchmarks/NAME[.toml]); none: the headline sweep")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter measurements (~15 s)")
+    p.add_argument("--vs", choices=["torchrl", "none"], default=None,
+                   help="also run torchrl's server (default: when torchrl is installed)")
+    p.add_argument("--actors", choices=["threads", "processes"])
+    p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
+    p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
+                   help="observation, e.g. float32:64 or uint8:3x84x84")
+    p.add_argument("--model", help="mlp, conv, or module:factory (factory() returns the policy)")
+    p.add_argument("--hidden", type=_int_list, metavar="W,W,...", help="MLP hidden widths")
+    p.add_argument("--actions", type=int, help="output width of the built-in models")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--min-batch-size", type=int)
+    p.add_argument("--timeout", type=float, help="server batching timeout, seconds")
+    p.add_argument("--device", help="device the model runs on (cpu, cuda, ...)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=float, help="measured seconds per measurement")
+    length.add_argument("--requests", type=int, help="measured requests per measurement")
+    p.add_argument("--warmup", type=float, help="seconds before measuring, excluded")
+    p.add_argument("--rounds", type=int, help="alternating rounds per system")
+    p.add_argument("--json", metavar="PATH", help="write results (schema: batchserve/bench/schema.json)")
+    p.add_argument("--plot", metavar="PATH.png", help="write throughput and latency-CDF plots")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    return p
+
+
+def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.Scenario]:
+    if not args.scenarios:
+        chosen = [dataclasses.replace(scenarios.HEADLINE)]
+    else:
+        chosen = []
+        for name in args.scenarios:
+            candidates = [name] if os.sep in name else [name, os.path.join("benchmarks", name)]
+            for candidate in candidates:
+                try:
+                    chosen.append(scenarios.load(candidate))
+                    break
+                except FileNotFoundError:
+                    continue
+                except (ValueError, TypeError) as exc:
+                    parser.error(f"scenario {name}: {exc}")
+            else:
+                parser.error(f"unknown scenario {name!r} (no file {name}[.toml] or benchmarks/{name}[.toml])")
+    overrides = {}
+    if args.quick:
+        overrides.update(scenarios.QUICK)
+    for flag, field in [
+        ("actors", "actors"), ("num_actors", "actor_counts"), ("model", "model"),
+        ("hidden", "hidden"), ("actions", "actions"), ("max_batch_size", "max_batch_size"),
+        ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
+        ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),
+    ]:
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    if args.requests is not None:
+        overrides["requests"] = args.requests
+    if args.obs is not None:
+        overrides["observation_dtype"], overrides["observation_shape"] = args.obs
+    if "actors" in overrides:  # keep a family name like mlp_threads truthful
+        for i, s in enumerate(chosen):
+            for kind in ("threads", "processes"):
+                if s.name.endswith("_" + kind):
+                    chosen[i] = dataclasses.replace(
+                        s, name=s.name[: -len(kind)] + overrides["actors"]
+                    )
+    try:
+        return [dataclasses.replace(s, **overrides).validate() for s in chosen]
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+def systems_for(parser: argparse.ArgumentParser, args, console) -> list[str]:
+    if args.vs == "torchrl":
+        if not torchrl_available():
+            parser.exit(2, "batchserve-bench: error: --vs torchrl needs torchrl: "
+                           "pip install torchrl  (or pip install \"batchserve[bench]\")\n")
+        return ["batchserve", "torchrl"]
+    if args.vs is None and torchrl_available():
+        return ["batchserve", "torchrl"]
+    if args.vs is None:
+        console.print("[dim](torchrl not installed: batchserve only; pip install torchrl to compare)[/dim]")
+    return ["batchserve"]
+
+
+def run(args, parser) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out, err = Console(), Console(stderr=True)
+    if not out.is_terminal:  # piped or redirected: do not squeeze the tables to 80 columns
+        out = Console(width=200)
+    chosen = resolve_scenarios(parser, args)
+    systems = systems_for(parser, args, err)
+    results = []
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(), console=err, disable=args.no_progress, transient=True,
+    )
+    try:
+        with progress:
+            for scen in chosen:
+                slots = interleave(list(scen.actor_counts), systems, scen.rounds)
+                overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
+                measurements = []
+                current = progress.add_task("bare model(td)", total=1.0, note="")
+                measurements.append(measure_bare(scen, tick=lambda f, t=current: progress.update(t, completed=f)))
+                progress.remove_task(current)
+                progress.advance(overall)
+                for slot in slots:
+                    label = f"{slot.system} · {slot.actors} {scen.actors} · round {slot.round + 1}/{scen.rounds}"
+                    current = progress.add_task(label, total=1.0, note="")
+                    m = measure(slot.system, scen, slot.actors, slot.round,
+                                tick=lambda f, t=current: progress.update(t, completed=f))
+                    progress.remove_task(current)
+                    progress.update(overall, advance=1, note=f"last: {m.requests / max(m.seconds, 1e-9):,.0f} req/s")
+                    measurements.append(m)
+                results.append((scen, report.aggregate(measurements)))
+    except BenchError as exc:
+        err.print(f"batchserve-bench: error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        err.print("batchserve-bench: interrupted")
+        return 130
+    for scen, rows in results:
+        out.print(report.table(scen, rows))
+        overhead = report.overhead_us(rows)
+        if overhead is not None:
+            out.print(f"overhead per call at 1 actor (batchserve p50 − bare p50): {overhead:.1f} µs")
+    machine = report.machine()
+    out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']}, "
+              f"tensordict {machine['tensordict']}, torchrl {machine['torchrl']}[/dim]")
+    if args.json:
+        report.write_json(args.json, report.to_json(results, ["batchserve-bench", *sys.argv[1:]]))
+        out.print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, results)
+        out.print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sys.exit(run(args, parser))

@@ -1,0 +1,214 @@
+"""Results: aggregation over rounds, the tables, the JSON file, the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from importlib import metadata
+
+import numpy as np
+
+from batchserve.bench import metrics
+from batchserve.bench.runner import Measurement
+from batchserve.bench.scenario import Scenario
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema.json")
+
+
+def aggregate(measurements: list[Measurement]) -> dict:
+    """Per system and actor count, over all rounds: exact percentiles of every
+    sample, summed requests and seconds, merged batch-size histograms."""
+    grouped: dict[tuple[str, int], list[Measurement]] = defaultdict(list)
+    for m in measurements:
+        grouped[(m.system, m.actors)].append(m)
+    rows = {}
+    for (system, actors), runs in grouped.items():
+        samples = np.concatenate([m.latencies_ns for m in runs])
+        requests = sum(m.requests for m in runs)
+        seconds = sum(m.seconds for m in runs)
+        histogram = metrics.merge_histograms(m.batch_sizes for m in runs)
+        forward = np.asarray([ns for m in runs for ns in m.forward_ns], dtype=np.int64)
+        queue_p50 = [m.queue_ms_p50 for m in runs if not math.isnan(m.queue_ms_p50)]
+        rows[(system, actors)] = {
+            "system": system,
+            "actors": actors,
+            "rounds": len(runs),
+            "requests": requests,
+            "seconds": seconds,
+            "requests_per_s": requests / seconds if seconds > 0 else 0.0,
+            "latency_us": metrics.latency_summary(samples) if len(samples) else {},
+            "latency_cdf_us": metrics.cdf_points(samples),
+            "batch_size_mean": metrics.histogram_mean(histogram),
+            "batch_size_histogram": {str(k): v for k, v in histogram.items()},
+            "forward_ms_p50": (
+                metrics.nearest_rank(np.sort(forward), 0.5) / 1e6 if len(forward) else None
+            ),
+            "queue_wait_ms_p50": float(np.mean(queue_p50)) if queue_p50 else None,
+            "cpu_s_per_1000_requests": (
+                1000.0 * sum(m.cpu_s for m in runs) / requests if requests else None
+            ),
+            "rss_growth_mb": max(m.rss_growth_mb for m in runs),
+        }
+    return rows
+
+
+def overhead_us(rows: dict) -> float | None:
+    """batchserve's p50 at one actor minus the bare call's p50."""
+    server, bare = rows.get(("batchserve", 1)), rows.get(("bare", 1))
+    if not server or not bare:
+        return None
+    return server["latency_us"]["p50"] - bare["latency_us"]["p50"]
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def table(scenario: Scenario, rows: dict):
+    """A rich Table: one row per (actors, system), ratios vs torchrl."""
+    from rich.table import Table
+
+    t = Table(title=f"{scenario.name}: {scenario.actors}, obs {scenario.observation_dtype}"
+                    f"{list(scenario.observation_shape)}, model {scenario.model}, "
+                    f"max_batch_size {scenario.max_batch_size}, timeout {scenario.timeout * 1e3:g} ms")
+    for name, justify in [
+        ("actors", "right"), ("system", "left"), ("req/s", "right"),
+        ("p50 µs", "right"), ("p90 µs", "right"), ("p99 µs", "right"),
+        ("p99.9 µs", "right"), ("max µs", "right"), ("batch", "right"),
+        ("queue p50 ms", "right"), ("fwd p50 ms", "right"), ("CPU s/1k", "right"),
+        ("RSS +MB", "right"), ("req/s vs torchrl", "right"), ("p99 vs torchrl", "right"),
+    ]:
+        t.add_column(name, justify=justify)
+    order = {"bare": 0, "batchserve": 1, "torchrl": 2}
+    for key in sorted(rows, key=lambda k: (k[1] if k[0] != "bare" else 0, order.get(k[0], 9))):
+        row = rows[key]
+        lat = row["latency_us"]
+        ref = rows.get(("torchrl", row["actors"]))
+        ratio = p99_ratio = None
+        if ref and row["system"] == "batchserve" and ref["requests_per_s"] > 0:
+            ratio = row["requests_per_s"] / ref["requests_per_s"]
+            p99_ratio = lat["p99"] / ref["latency_us"]["p99"]
+        t.add_row(
+            "bare" if row["system"] == "bare" else str(row["actors"]),
+            row["system"],
+            _fmt(row["requests_per_s"], 0),
+            _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
+            _fmt(lat.get("p99.9")), _fmt(lat.get("max")),
+            _fmt(row["batch_size_mean"], 2),
+            _fmt(row["queue_wait_ms_p50"], 3), _fmt(row["forward_ms_p50"], 3),
+            _fmt(row["cpu_s_per_1000_requests"], 3), _fmt(row["rss_growth_mb"], 1),
+            "—" if ratio is None else f"{ratio:.2f}×",
+            "—" if p99_ratio is None else f"{p99_ratio:.2f}×",
+        )
+    return t
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    import torch
+
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tensordict": version("tensordict"),
+        "torchrl": version("torchrl"),
+        "batchserve": version("batchserve"),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_revision": revision,
+    }
+
+
+def to_json(results: list[tuple[Scenario, dict]], command: list[str]) -> dict:
+    """The document --json writes; its schema is batchserve/bench/schema.json."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "machine": machine(),
+        "scenarios": [
+            {
+                "scenario": scenario.to_json(),
+                "overhead_us": overhead_us(rows),
+                "results": [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))],
+            }
+            for scenario, rows in results
+        ],
+    }
+
+
+def write_json(path: str, document: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+
+
+def plot(path: str, results: list[tuple[Scenario, dict]]) -> None:
+    """Throughput vs actors, and latency CDFs at the largest actor count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
+    for (scenario, rows), (ax_tp, ax_cdf) in zip(results, axes):
+        systems = sorted({s for s, _ in rows if s != "bare"})
+        for system in systems:
+            counts = sorted(a for s, a in rows if s == system)
+            ax_tp.plot(counts, [rows[(system, a)]["requests_per_s"] for a in counts],
+                       marker="o", label=system)
+        if ("bare", 1) in rows:
+            ax_tp.axhline(rows[("bare", 1)]["requests_per_s"], linestyle="--", color="gray",
+                          label="bare model(td), 1 thread")
+        ax_tp.set_xscale("log", base=2)
+        all_counts = sorted({a for s, a in rows if s != "bare"})
+        ax_tp.set_xticks(all_counts, [str(a) for a in all_counts])
+        ax_tp.set_xlabel(f"actor {scenario.actors}")
+        ax_tp.set_ylabel("requests / s")
+        ax_tp.set_title(f"{scenario.name}: throughput")
+        ax_tp.grid(True, alpha=0.3)
+        ax_tp.legend()
+        largest = max(a for s, a in rows if s != "bare")
+        for system in systems:
+            cdf = rows.get((system, largest), {}).get("latency_cdf_us", [])
+            if cdf:
+                ax_cdf.plot([p[0] for p in cdf], [p[1] for p in cdf], label=system)
+        if ("bare", 1) in rows:
+            cdf = rows[("bare", 1)]["latency_cdf_us"]
+            ax_cdf.plot([p[0] for p in cdf], [p[1] for p in cdf], linestyle="--", color="gray",
+                        label="bare model(td)")
+        ax_cdf.set_xscale("log")
+        ax_cdf.set_xlabel("latency per request at the caller (µs)")
+        ax_cdf.set_ylabel("fraction of requests")
+        ax_cdf.set_title(f"{scenario.name}: latency CDF, {largest} actors")
+        ax_cdf.grid(True, alpha=0.3)
+        ax_cdf.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""The benchmark harness (batchserve-bench): statistics, schedule, scenarios,
+CLI errors, and a smoke run. No test asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rich", reason="the bench extra is not installed")
+
+from batchserve.bench import cli, metrics, report, scenario, schedule  # noqa: E402
+from batchserve.bench.runner import measure  # noqa: E402
+from batchserve.bench.systems import BenchError  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# -- exact statistics ----------------------------------------------------------
+
+
+def test_nearest_rank_percentiles_are_exact():
+    values = np.arange(1, 1001, dtype=np.int64)  # 1..1000
+    assert metrics.nearest_rank(values, 0.50) == 500
+    assert metrics.nearest_rank(values, 0.90) == 900
+    assert metrics.nearest_rank(values, 0.99) == 990
+    assert metrics.nearest_rank(values, 0.999) == 999
+    assert metrics.nearest_rank(values, 1.0) == 1000
+    assert metrics.nearest_rank(np.array([7]), 0.5) == 7
+    assert np.isnan(metrics.nearest_rank(np.array([], dtype=np.int64), 0.5))
+
+
+def test_latency_summary_in_microseconds_from_all_samples():
+    rng = np.random.default_rng(0)
+    samples = rng.integers(1_000, 10_000_000, size=100_001)
+    summary = metrics.latency_summary(samples)
+    ordered = np.sort(samples)
+    assert summary["p50"] == ordered[50_000] / 1e3
+    assert summary["max"] == ordered[-1] / 1e3
+    assert summary["p99.9"] == ordered[int(np.ceil(0.999 * len(ordered))) - 1] / 1e3
+    assert summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["p99.9"] <= summary["max"]
+
+
+def test_cdf_points_are_monotonic_and_end_at_the_max():
+    samples = np.array([5_000, 1_000, 3_000, 2_000, 4_000])
+    cdf = metrics.cdf_points(samples, points=5)
+    assert cdf == [[1.0, 0.2], [2.0, 0.4], [3.0, 0.6], [4.0, 0.8], [5.0, 1.0]]
+
+
+def test_histograms_merge_and_mean():
+    merged = metrics.merge_histograms([{1: 2, 4: 1}, {"4": 3, 8: 1}])
+    assert merged == {1: 2, 4: 4, 8: 1}
+    assert metrics.histogram_mean(merged) == (2 + 16 + 8) / 7
+    assert metrics.histogram_mean({}) == 0.0
+
+
+# -- schedule and scenarios ----------------------------------------------------
+
+
+def test_interleaving_alternates_systems_every_round():
+    slots = schedule.interleave([1, 8], ["batchserve", "torchrl"], rounds=2)
+    assert [(s.actors, s.round, s.system) for s in slots] == [
+        (1, 0, "batchserve"), (1, 0, "torchrl"), (1, 1, "batchserve"), (1, 1, "torchrl"),
+        (8, 0, "batchserve"), (8, 0, "torchrl"), (8, 1, "batchserve"), (8, 1, "torchrl"),
+    ]
+    with pytest.raises(ValueError):
+        schedule.interleave([1], ["batchserve"], rounds=0)
+
+
+@pytest.mark.parametrize("name", ["mlp_threads", "atari_threads", "processes", "cuda"])
+def test_shipped_scenarios_load(name):
+    loaded = scenario.load(os.path.join(ROOT, "benchmarks", name))
+    assert loaded.actor_counts and loaded.rounds >= 1
+
+
+def test_bad_scenarios_are_rejected(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('actors = "fibers"\n')
+    with pytest.raises(ValueError, match="threads"):
+        scenario.load(str(bad))
+    bad.write_text("speed = 3\n")
+    with pytest.raises(ValueError, match="unknown scenario field"):
+        scenario.load(str(bad))
+
+
+# -- command line --------------------------------------------------------------
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code, capsys.readouterr()
+
+
+def test_unknown_scenario_and_bad_flags_are_argparse_errors(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = _exit_code(["no_such_scenario"], capsys)
+    assert code == 2 and "unknown scenario" in out.err
+    code, out = _exit_code(["--num-actors", "0"], capsys)
+    assert code == 2 and "positive integers" in out.err
+    code, out = _exit_code(["--obs", "float32"], capsys)
+    assert code == 2 and "DTYPE:SHAPE" in out.err
+    code, out = _exit_code(["--bogus"], capsys)
+    assert code == 2
+
+
+def test_vs_torchrl_without_torchrl_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "torchrl_available", lambda: False)
+    code, out = _exit_code(["--vs", "torchrl", "--quick"], capsys)
+    assert code == 2
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and "pip install torchrl" in lines[0]
+
+
+def test_a_server_failing_mid_run_stops_the_run():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, "bench_support"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.bench", "--quick", "--no-progress", "--vs", "none",
+         "--model", "failing_policy:make", "--num-actors", "2", "--duration", "2"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 1
+    assert "policy exploded on purpose" in done.stdout + done.stderr
+
+
+def test_failing_process_run_leaves_no_orphans():
+    sys.path.insert(0, os.path.join(HERE, "bench_support"))
+    try:
+        scen = scenario.Scenario(
+            actors="processes", actor_counts=[2], model="failing_policy:make",
+            duration=5.0, warmup=0.2, rounds=1,
+        ).validate()
+        pytest.importorskip("torchrl")
+        with pytest.raises(BenchError, match="exploded"):
+            measure("batchserve", scen, 2, 0)
+    finally:
+        sys.path.remove(os.path.join(HERE, "bench_support"))
+    assert multiprocessing.active_children() == []
+
+
+# -- smoke run -----------------------------------------------------------------
+
+
+def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "batchserve.bench", "--quick", "--no-progress",
+         "--num-actors", "1,2", "--duration", "0.2", "--warmup", "0.05",
+         "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "req/s" in done.stdout and "batchserve" in done.stdout
+    document = json.loads(out_json.read_text())
+    with open(report.SCHEMA_PATH) as f:
+        jsonschema.validate(document, json.load(f))
+    (result,) = document["scenarios"]
+    systems = {(r["system"], r["actors"]) for r in result["results"]}
+    assert {("bare", 1), ("batchserve", 1), ("batchserve", 2)} <= systems
+    for r in result["results"]:
+        assert r["requests"] > 0
+        assert sum(int(k) * v for k, v in r["batch_size_histogram"].items()) >= r["requests"] or r["system"] == "bare"
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
