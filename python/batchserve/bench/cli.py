@@ -13,6 +13,8 @@ import dataclasses
 import os
 import sys
 
+import torch
+
 from batchserve.bench import report, scenario as scenarios
 from batchserve.bench.runner import measure, measure_bare
 from batchserve.bench.schedule import interleave
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--requests", type=int, help="measured requests per measurement")
     p.add_argument("--warmup", type=float, help="seconds before measuring, excluded")
     p.add_argument("--rounds", type=int, help="alternating rounds per system")
+    p.add_argument("--torch-threads", type=int, metavar="N",
+                   help="torch.set_num_threads for the run (default: torch's own)")
     p.add_argument("--json", metavar="PATH", help="write results (schema: batchserve/bench/schema.json)")
     p.add_argument("--plot", metavar="PATH.png", help="write throughput and latency-CDF plots")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
@@ -102,6 +106,7 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         ("hidden", "hidden"), ("actions", "actions"), ("max_batch_size", "max_batch_size"),
         ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
         ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),
+        ("torch_threads", "torch_threads"),
     ]:
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -152,6 +157,8 @@ def run(args, parser) -> int:
     try:
         with progress:
             for scen in chosen:
+                if scen.torch_threads is not None:
+                    torch.set_num_threads(scen.torch_threads)
                 slots = interleave(list(scen.actor_counts), systems, scen.rounds)
                 overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
                 measurements = []
@@ -180,8 +187,9 @@ def run(args, parser) -> int:
         if overhead is not None:
             out.print(f"overhead per call at 1 actor (batchserve p50 − bare p50): {overhead:.1f} µs")
     machine = report.machine()
-    out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']}, "
-              f"tensordict {machine['tensordict']}, torchrl {machine['torchrl']}[/dim]")
+    out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "
+              f"({machine['torch_threads']} intra-op threads), tensordict {machine['tensordict']}, "
+              f"torchrl {machine['torchrl']}[/dim]")
     if args.json:
         report.write_json(args.json, report.to_json(results, ["batchserve-bench", *sys.argv[1:]]))
         out.print(f"wrote {args.json}")

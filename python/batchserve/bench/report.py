@@ -138,6 +138,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "tensordict": version("tensordict"),
         "torchrl": version("torchrl"),
         "batchserve": version("batchserve"),

@@ -15,6 +15,9 @@ command-line flags override any of its fields. Fields:
     requests        measured requests per measurement (overrides duration)
     warmup          seconds run before measuring, excluded
     rounds          alternating rounds per system
+    torch_threads   torch.set_num_threads for the run (default: torch's own);
+                    on a small machine intra-op threads of the server's
+                    forward compete with the actors for the cores
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Scenario:
     requests: int | None = None
     warmup: float = 0.5
     rounds: int = 2
+    torch_threads: int | None = None
 
     def validate(self) -> Scenario:
         if self.actors not in ("threads", "processes"):
@@ -72,6 +76,8 @@ class Scenario:
             raise ValueError("timeout and warmup must be non-negative")
         if self.requests is None and not self.duration > 0:
             raise ValueError("duration must be positive")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be at least 1")
         if self.requests is not None and self.requests < 1:
             raise ValueError("requests must be at least 1")
         return self
