@@ -101,7 +101,7 @@ def _exit_code(argv, capsys):
 def test_unknown_scenario_and_bad_flags_are_argparse_errors(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out = _exit_code(["no_such_scenario"], capsys)
-    assert code == 2 and "unknown scenario" in out.err
+    assert code == 2 and "unknown scenario" in out.err and "mlp_threads" in out.err
     code, out = _exit_code(["--num-actors", "0"], capsys)
     assert code == 2 and "positive integers" in out.err
     code, out = _exit_code(["--obs", "float32"], capsys)
@@ -130,19 +130,68 @@ def test_a_server_failing_mid_run_stops_the_run():
     assert "policy exploded on purpose" in done.stdout + done.stderr
 
 
-def test_failing_process_run_leaves_no_orphans():
+@pytest.fixture
+def bench_support_on_path():
     sys.path.insert(0, os.path.join(HERE, "bench_support"))
-    try:
-        scen = scenario.Scenario(
-            actors="processes", actor_counts=[2], model="failing_policy:make",
-            duration=5.0, warmup=0.2, rounds=1,
-        ).validate()
-        pytest.importorskip("torchrl")
-        with pytest.raises(BenchError, match="exploded"):
-            measure("batchserve", scen, 2, 0)
-    finally:
-        sys.path.remove(os.path.join(HERE, "bench_support"))
+    yield
+    sys.path.remove(os.path.join(HERE, "bench_support"))
+
+
+def test_failing_process_run_leaves_no_orphans(bench_support_on_path):
+    pytest.importorskip("torchrl")
+    scen = scenario.Scenario(
+        actors="processes", actor_counts=[2], model="failing_policy:make",
+        duration=5.0, warmup=0.2, rounds=1,
+    ).validate()
+    with pytest.raises(BenchError, match="exploded"):
+        measure("batchserve", scen, 2, 0)
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dying_torchrl_server_is_reported_not_waited_for(bench_support_on_path):
+    """torchrl's worker dies on SystemExit and leaves its callers waiting;
+    the harness notices the dead server instead of hanging."""
+    pytest.importorskip("torchrl")
+    scen = scenario.Scenario(
+        actor_counts=[2], model="failing_policy:make_exiting", requests=100,
+        warmup=0.0, rounds=1,
+    ).validate()
+    with pytest.raises(BenchError, match="stopped"):
+        measure("torchrl", scen, 2, 0)
+
+
+def test_request_count_runs_measure_exactly_that_many():
+    scen = scenario.Scenario(
+        actor_counts=[3], hidden=[16], requests=50, warmup=0.05, rounds=1
+    ).validate()
+    m = measure("batchserve", scen, 3, 0)
+    assert m.requests == 50 and len(m.latencies_ns) == 50 and m.seconds > 0
+    assert sum(m.batch_sizes.values()) >= 1
+    with pytest.raises(ValueError, match="at least the largest actor count"):
+        scenario.Scenario(actor_counts=[8], requests=4).validate()
+
+
+def test_flags_override_scenario_fields(tmp_path):
+    path = tmp_path / "counted.toml"
+    path.write_text('name = "counted_threads"\nrequests = 5000\nactor_counts = [2]\n')
+    parser = cli.build_parser()
+    (chosen,) = cli.resolve_scenarios(parser, parser.parse_args([str(path), "--duration", "1"]))
+    assert chosen.requests is None and chosen.duration == 1
+    (chosen,) = cli.resolve_scenarios(parser, parser.parse_args([str(path), "--quick"]))
+    assert chosen.requests is None and chosen.actor_counts == [1, 8]
+    (chosen,) = cli.resolve_scenarios(
+        parser, parser.parse_args([str(path), "--actors", "processes", "--obs", "uint8:3x84x84"])
+    )
+    assert chosen.name == "counted_processes" and chosen.observation_shape == [3, 84, 84]
+
+
+def test_packaged_scenarios_resolve_outside_the_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    for name in ("atari_threads", "benchmarks/atari_threads", "benchmarks/atari_threads.toml"):
+        (chosen,) = cli.resolve_scenarios(parser, parser.parse_args([name]))
+        assert chosen.name == "atari_threads" and chosen.model == "conv"
 
 
 # -- smoke run -----------------------------------------------------------------
@@ -165,7 +214,11 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
     (result,) = document["scenarios"]
     systems = {(r["system"], r["actors"]) for r in result["results"]}
     assert {("bare", 1), ("batchserve", 1), ("batchserve", 2)} <= systems
+    max_batch_size = result["scenario"]["max_batch_size"]
     for r in result["results"]:
-        assert r["requests"] > 0
-        assert sum(int(k) * v for k, v in r["batch_size_histogram"].items()) >= r["requests"] or r["system"] == "bare"
+        assert r["requests"] > 0 and r["requests_per_s"] > 0
+        sizes = [int(k) for k in r["batch_size_histogram"]]
+        assert sizes and 1 <= min(sizes) and max(sizes) <= max_batch_size
+        assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
+    assert set(result["overhead_us"]) == {"batchserve"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,3 +19,14 @@ class FailingPolicy:
 
 def make():
     return FailingPolicy()
+
+
+class ExitingPolicy:
+    """Raises SystemExit on its first batch: a server worker that dies."""
+
+    def __call__(self, td):
+        raise SystemExit("policy asked to exit")
+
+
+def make_exiting():
+    return ExitingPolicy()

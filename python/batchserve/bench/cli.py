@@ -1,7 +1,7 @@
 """batchserve-bench: measure batchserve (and torchrl) under your workload.
 
-    batchserve-bench                                # headline sweep, ~1 min
-    batchserve-bench --quick                        # ~15 s
+    batchserve-bench --vs torchrl                   # headline sweep, ~40 s
+    batchserve-bench --quick                        # ~10 s
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
 """
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help="scenario file (benchmarks/NAME[.toml]); none: the headline sweep")
     p.add_argument("--quick", action="store_true", help="fewer, shorter measurements (~15 s)")
-    p.add_argument("--vs", choices=["torchrl", "none"], default=None,
-                   help="also run torchrl's server (default: when torchrl is installed)")
+    p.add_argument("--vs", choices=["torchrl", "none"], default="none",
+                   help="also run torchrl's InferenceServer on the same workload, "
+                   "interleaved round by round (default: none)")
     p.add_argument("--actors", choices=["threads", "processes"])
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
@@ -87,17 +88,13 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
     else:
         chosen = []
         for name in args.scenarios:
-            candidates = [name] if os.sep in name else [name, os.path.join("benchmarks", name)]
-            for candidate in candidates:
-                try:
-                    chosen.append(scenarios.load(candidate))
-                    break
-                except FileNotFoundError:
-                    continue
-                except (ValueError, TypeError) as exc:
-                    parser.error(f"scenario {name}: {exc}")
-            else:
-                parser.error(f"unknown scenario {name!r} (no file {name}[.toml] or benchmarks/{name}[.toml])")
+            try:
+                chosen.append(scenarios.load(name))
+            except FileNotFoundError:
+                parser.error(f"unknown scenario {name!r}: no file {name}[.toml], and no packaged "
+                             f"scenario of that name ({', '.join(scenarios.packaged_names())})")
+            except (ValueError, TypeError) as exc:
+                parser.error(f"scenario {name}: {exc}")
     overrides = {}
     if args.quick:
         overrides.update(scenarios.QUICK)
@@ -112,6 +109,8 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
             overrides[field] = getattr(args, flag)
     if args.requests is not None:
         overrides["requests"] = args.requests
+    elif args.duration is not None:
+        overrides["requests"] = None  # a duration replaces a scenario's request count
     if args.obs is not None:
         overrides["observation_dtype"], overrides["observation_shape"] = args.obs
     if "actors" in overrides:  # keep a family name like mlp_threads truthful
@@ -127,17 +126,13 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         parser.error(str(exc))
 
 
-def systems_for(parser: argparse.ArgumentParser, args, console) -> list[str]:
-    if args.vs == "torchrl":
-        if not torchrl_available():
-            parser.exit(2, "batchserve-bench: error: --vs torchrl needs torchrl: "
-                           "pip install torchrl  (or pip install \"batchserve[bench]\")\n")
-        return ["batchserve", "torchrl"]
-    if args.vs is None and torchrl_available():
-        return ["batchserve", "torchrl"]
-    if args.vs is None:
-        console.print("[dim](torchrl not installed: batchserve only; pip install torchrl to compare)[/dim]")
-    return ["batchserve"]
+def systems_for(parser: argparse.ArgumentParser, args) -> list[str]:
+    if args.vs != "torchrl":
+        return ["batchserve"]
+    if not torchrl_available():
+        parser.exit(2, "batchserve-bench: error: --vs torchrl needs torchrl: "
+                       "pip install torchrl  (or pip install \"batchserve[bench]\")\n")
+    return ["batchserve", "torchrl"]
 
 
 def run(args, parser) -> int:
@@ -148,7 +143,7 @@ def run(args, parser) -> int:
     if not out.is_terminal:  # piped or redirected: do not squeeze the tables to 80 columns
         out = Console(width=200)
     chosen = resolve_scenarios(parser, args)
-    systems = systems_for(parser, args, err)
+    systems = systems_for(parser, args)
     results = []
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
@@ -156,9 +151,9 @@ def run(args, parser) -> int:
     )
     try:
         with progress:
+            default_threads = torch.get_num_threads()
             for scen in chosen:
-                if scen.torch_threads is not None:
-                    torch.set_num_threads(scen.torch_threads)
+                torch.set_num_threads(scen.torch_threads or default_threads)
                 slots = interleave(list(scen.actor_counts), systems, scen.rounds)
                 overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
                 measurements = []
@@ -183,9 +178,8 @@ def run(args, parser) -> int:
         return 130
     for scen, rows in results:
         out.print(report.table(scen, rows))
-        overhead = report.overhead_us(rows)
-        if overhead is not None:
-            out.print(f"overhead per call at 1 actor (batchserve p50 − bare p50): {overhead:.1f} µs")
+        for system, overhead in report.overhead_us(rows).items():
+            out.print(f"overhead per call at 1 actor ({system} p50 − bare p50): {overhead:.1f} µs")
     machine = report.machine()
     out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "
               f"({machine['torch_threads']} intra-op threads), tensordict {machine['tensordict']}, "

@@ -57,12 +57,16 @@ def aggregate(measurements: list[Measurement]) -> dict:
     return rows
 
 
-def overhead_us(rows: dict) -> float | None:
-    """batchserve's p50 at one actor minus the bare call's p50."""
-    server, bare = rows.get(("batchserve", 1)), rows.get(("bare", 1))
-    if not server or not bare:
-        return None
-    return server["latency_us"]["p50"] - bare["latency_us"]["p50"]
+def overhead_us(rows: dict) -> dict[str, float]:
+    """Per system: its p50 at one actor minus the bare call's p50."""
+    bare = rows.get(("bare", 1))
+    if not bare:
+        return {}
+    return {
+        system: row["latency_us"]["p50"] - bare["latency_us"]["p50"]
+        for (system, actors), row in sorted(rows.items())
+        if system != "bare" and actors == 1
+    }
 
 
 def _fmt(value, digits=1) -> str:
@@ -110,6 +114,21 @@ def table(scenario: Scenario, rows: dict):
     return t
 
 
+def _batchserve_revision() -> str | None:
+    """HEAD of the batchserve checkout: the package's own (editable install)
+    or the one the run started in, if it is a batchserve checkout."""
+    for where in (os.path.dirname(__file__), os.getcwd()):
+        try:
+            top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=where,
+                                 capture_output=True, text=True, timeout=5).stdout.strip()
+            if top and os.path.isdir(os.path.join(top, "python", "batchserve", "bench")):
+                return subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True,
+                                      text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     def version(name):
@@ -124,12 +143,7 @@ def machine() -> dict:
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        revision = None
+    revision = _batchserve_revision()
     import torch
 
     return {

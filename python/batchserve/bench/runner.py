@@ -3,14 +3,17 @@
 Latency is taken at the caller with perf_counter_ns around each call; only
 calls that complete while recording is on count. Warm-up runs first and is
 excluded. Batch sizes and forward times come from a wrapper around the
-model, so every system is measured the same way.
+model (only batches served inside the window), so every system is measured
+the same way. A server that stops, an actor that fails, or a run that
+overstays its deadline ends the measurement with a BenchError; actor
+processes are always terminated.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
-import resource
 import threading
 import time
 from array import array
@@ -24,9 +27,10 @@ from batchserve.bench.scenario import Scenario
 from batchserve.bench.systems import BenchError, make_server, make_transport
 from batchserve.bench.workload import RecordingModel, make_observation, make_policy, request
 
-# Generous hang guards: on a loaded 2-core machine 32 processes start slowly.
+# Hang guards, generous: on a loaded 2-core machine 32 processes start slowly.
 _START_TIMEOUT_S = 120.0
-_STOP_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.02
 
 
 @dataclass
@@ -44,245 +48,357 @@ class Measurement:
     rss_growth_mb: float = 0.0
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb(pid: int | str = "self") -> float:
+    """Resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
-def _wait_or_fail(failed: threading.Event, seconds: float, errors: list) -> None:
-    if failed.wait(seconds):
-        raise BenchError(f"an actor failed: {errors[0]!r}") from errors[0]
+class _RssPeak:
+    """Peak resident memory of this process (plus `pids`) over the window."""
+
+    def __init__(self, pids=()):
+        self._pids = list(pids)
+        self.start = self._now()
+        self.peak = self.start
+
+    def _now(self) -> float:
+        return _rss_mb() + sum(_rss_mb(pid) for pid in self._pids)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._now())
+
+    @property
+    def growth_mb(self) -> float:
+        return max(0.0, self.peak - self.start)
 
 
-def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None) -> Measurement:
-    """Runs one measurement; `tick(fraction)` reports progress."""
-    if scenario.actors == "threads":
-        return _measure_threads(system, scenario, actors, round_, tick)
-    return _measure_processes(system, scenario, actors, round_, tick)
+def requests_per_actor(total: int, actors: int) -> list[int]:
+    """Splits a request count over actors (the first ones take the remainder)."""
+    base, extra = divmod(total, actors)
+    return [base + (1 if i < extra else 0) for i in range(actors)]
 
 
-def _recording_window(scenario: Scenario, done, tick) -> None:
-    """Waits out the measured window: `duration` seconds, or until `done()`
-    (request-count runs); polls `tick` for the progress display."""
+def _requests_deadline_s(scenario: Scenario) -> float:
+    """How long a request-count window may take before it counts as hung."""
+    return _START_TIMEOUT_S + 0.01 * (scenario.requests or 0)
+
+
+def _window(scenario: Scenario, finished, check, rss: _RssPeak, tick) -> None:
+    """Waits out the measured window: `duration` seconds, or until
+    `finished()` (request-count runs). Calls `check()` (which raises on a
+    failure) and samples memory every _POLL_S."""
     start = time.monotonic()
     while True:
+        check()
+        rss.sample()
         elapsed = time.monotonic() - start
         if scenario.requests is None:
             if elapsed >= scenario.duration:
                 return
             if tick:
                 tick(elapsed / scenario.duration)
-            time.sleep(min(0.05, scenario.duration - elapsed))
+            time.sleep(min(_POLL_S, scenario.duration - elapsed))
         else:
-            if done():
+            if finished():
                 return
-            time.sleep(0.01)
+            if elapsed > _requests_deadline_s(scenario):
+                raise BenchError(
+                    f"{scenario.requests} requests did not complete within {elapsed:.0f} s"
+                )
+            time.sleep(_POLL_S)
+
+
+def _served(system, actors, round_, samples, span_ns, window, stats, cpu_s, rss) -> Measurement:
+    """A server measurement from what its window recorded."""
+    batch_sizes, forward_ns = window
+    return Measurement(
+        system=system,
+        actors=actors,
+        round=round_,
+        requests=len(samples),
+        seconds=span_ns / 1e9,
+        latencies_ns=samples,
+        batch_sizes=batch_sizes,
+        forward_ns=forward_ns,
+        queue_ms_p50=float(stats.get("p50_queue_ms", float("nan"))),
+        cpu_s=cpu_s,
+        rss_growth_mb=rss.growth_mb,
+    )
+
+
+def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None) -> Measurement:
+    """Runs one measurement; `tick(fraction)` reports progress."""
+    if scenario.actors == "threads":
+        m = _measure_threads(system, scenario, actors, round_, tick)
+    else:
+        m = _measure_processes(system, scenario, actors, round_, tick)
+    if m.requests == 0:
+        raise BenchError(f"{system}: no request completed while measuring")
+    return m
 
 
 def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
-    model = RecordingModel(make_policy(scenario))
+    model = RecordingModel(make_policy(scenario), scenario.device)
     transport = make_transport(system, scenario)
     server = make_server(system, model, transport, scenario)
     observation = make_observation(scenario)
-    quota = None if scenario.requests is None else max(1, scenario.requests // actors)
+    quotas = (
+        [None] * actors
+        if scenario.requests is None
+        else requests_per_actor(scenario.requests, actors)
+    )
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
     started = threading.Barrier(actors + 1)
     latencies = [array("q") for _ in range(actors)]
+    end_ns = [0] * actors  # when each actor made its last recorded call
     finished = [False] * actors
     errors: list[BaseException] = []
 
     def actor(index: int) -> None:
-        client = transport.client()
         record = latencies[index].append
+        quota = quotas[index]
         clock = time.perf_counter_ns
-        started.wait()
         try:
-            while not stop.is_set():
+            client = transport.client()
+            started.wait(_START_TIMEOUT_S)
+            while not stop.is_set() and quota != 0:
                 td = request(observation)
                 t0 = clock()
                 client(td)
                 t1 = clock()
                 if recording.is_set():
                     record(t1 - t0)
+                    end_ns[index] = t1
                     if quota is not None and len(latencies[index]) >= quota:
                         break
-        except BaseException as exc:  # reported by the runner
+        except BaseException as exc:  # reported by check()
             errors.append(exc)
             failed.set()
         finally:
             finished[index] = True
 
-    rss0 = _max_rss_mb()
+    def check() -> None:  # the server first: a dead server also fails its callers
+        if not server.is_alive:
+            raise BenchError(f"the {system} server stopped during the run")
+        if failed.is_set():
+            raise BenchError(f"an actor failed: {errors[0]!r}") from errors[0]
+
     server.start()
     threads = [threading.Thread(target=actor, args=(i,), daemon=True) for i in range(actors)]
     try:
         for t in threads:
             t.start()
-        started.wait(_START_TIMEOUT_S)
-        _wait_or_fail(failed, scenario.warmup, errors)
-        model.reset()
+        try:
+            started.wait(_START_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            check()
+            raise BenchError("actor threads did not start in time") from None
+        warmup_end = time.monotonic() + scenario.warmup
+        while time.monotonic() < warmup_end:
+            check()
+            time.sleep(min(_POLL_S, max(0.0, warmup_end - time.monotonic())))
         server.stats(reset=True)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        rss = _RssPeak()
+        model.start()
+        cpu0, t0 = time.process_time(), time.perf_counter_ns()
         recording.set()
-        _recording_window(scenario, lambda: all(finished) or failed.is_set(), tick)
+        _window(scenario, lambda: all(finished), check, rss, tick)
         recording.clear()
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        _wait_or_fail(failed, 0, errors)
-        if not server.is_alive:
-            raise BenchError(f"the {system} server stopped during the run")
+        t1, cpu = time.perf_counter_ns(), time.process_time() - cpu0
+        batch_sizes, forward_ns = model.stop()
+        check()
         stats = server.stats()
     finally:
         stop.set()
-        deadline = time.monotonic() + _STOP_TIMEOUT_S
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        if server.is_alive:  # else stuck callers may never return: they are daemons
+            deadline = time.monotonic() + _STOP_TIMEOUT_S
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
         server.shutdown()
+    if scenario.requests is not None:
+        t1 = max(end_ns)  # the last request, not the next poll of the window
     samples = np.concatenate([np.frombuffer(l, dtype=np.int64) for l in latencies])
-    return Measurement(
-        system=system,
-        actors=actors,
-        round=round_,
-        requests=len(samples),
-        seconds=seconds,
-        latencies_ns=samples,
-        batch_sizes=dict(model.batch_sizes),
-        forward_ns=list(model.forward_ns),
-        queue_ms_p50=float(stats.get("p50_queue_ms", float("nan"))),
-        cpu_s=cpu,
-        rss_growth_mb=max(0.0, _max_rss_mb() - rss0),
-    )
+    return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
+                   stats, cpu, rss)
 
 
 def _process_actor(client, shape, dtype, quota, recording, stop, results, index) -> None:
-    """One actor process: calls the server until told to stop."""
+    """One actor process: calls the server until told to stop (or its quota
+    is done); reports its latencies, its CPU time and its recorded span."""
     try:
         dt = getattr(torch, dtype)
-        observation = torch.randn(shape).to(dt) if dt.is_floating_point else torch.randint(0, 255, shape, dtype=dt)
+        observation = (
+            torch.randn(shape).to(dt)
+            if dt.is_floating_point
+            else torch.randint(0, 255, shape, dtype=dt)
+        )
         latencies = array("q")
         clock = time.perf_counter_ns
         cpu_start = None
-        results.put(("ready", index, None, 0.0))
-        while not stop.is_set():
+        first_ns = last_ns = 0
+        results.put(("ready", index, None))
+        while not stop.is_set() and quota != 0:
             td = TensorDict({"observation": observation})
             t0 = clock()
             client(td)
             t1 = clock()
             if recording.is_set():
                 if cpu_start is None:
-                    cpu_start = time.process_time()
+                    cpu_start, first_ns = time.process_time(), t0
                 latencies.append(t1 - t0)
+                last_ns = t1
                 if quota is not None and len(latencies) >= quota:
                     break
         cpu = time.process_time() - cpu_start if cpu_start is not None else 0.0
-        results.put(("done", index, latencies.tobytes(), cpu))
+        results.put(("done", index, (latencies.tobytes(), cpu, first_ns, last_ns)))
     except BaseException as exc:  # reported by the parent
-        results.put(("error", index, repr(exc), 0.0))
+        results.put(("error", index, repr(exc)))
+
+
+class _Inbox:
+    """The parent's view of its actor processes' messages."""
+
+    def __init__(self, results):
+        self._results = results
+        self.ready: set[int] = set()
+        self.done: dict[int, tuple] = {}
+
+    def poll(self) -> None:
+        """Takes every waiting message; raises on an actor's error."""
+        while True:
+            try:
+                kind, index, payload = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "error":
+                raise BenchError(f"actor process {index} failed: {payload}")
+            if kind == "ready":
+                self.ready.add(index)
+            else:
+                self.done[index] = payload
+
+    def wait(self, what: str, count: int, timeout: float, check) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.ready if what == "ready" else self.done) < count:
+            check()
+            if time.monotonic() > deadline:
+                raise BenchError(f"actor processes did not report '{what}' within {timeout:.0f} s")
+            time.sleep(_POLL_S)
 
 
 def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tensordict", "batchserve.bench.runner"])
-    model = RecordingModel(make_policy(scenario))
+    model = RecordingModel(make_policy(scenario), scenario.device)
     transport = make_transport(system, scenario, mp_context=ctx)
     clients = [transport.client() for _ in range(actors)]
     server = make_server(system, model, transport, scenario)
-    quota = None if scenario.requests is None else max(1, scenario.requests // actors)
+    quotas = (
+        [None] * actors
+        if scenario.requests is None
+        else requests_per_actor(scenario.requests, actors)
+    )
     recording, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     processes = [
         ctx.Process(
             target=_process_actor,
             args=(clients[i], list(scenario.observation_shape), scenario.observation_dtype,
-                  quota, recording, stop, results, i),
+                  quotas[i], recording, stop, results, i),
             daemon=True,
         )
         for i in range(actors)
     ]
-    done: dict[int, tuple] = {}
+    inbox = _Inbox(results)
 
-    def collect(kind: str, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while seen < count:
-            try:
-                message = results.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise BenchError(f"actor processes did not report '{kind}' in time") from None
-            if message[0] == "error":
-                raise BenchError(f"actor process {message[1]} failed: {message[2]}")
-            if message[0] == kind:
-                seen += 1
-                if kind == "done":
-                    done[message[1]] = message
-            if time.monotonic() > deadline:
-                raise BenchError(f"actor processes did not report '{kind}' in time")
+    def check() -> None:
+        if not server.is_alive:
+            raise BenchError(f"the {system} server stopped during the run")
+        inbox.poll()
+        dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+        if dead:
+            raise BenchError(f"actor process {dead[0]} died (exit code {processes[dead[0]].exitcode})")
 
-    rss0 = _max_rss_mb()
     server.start()
     try:
         for p in processes:
             p.start()
-        collect("ready", actors, _START_TIMEOUT_S)
-        time.sleep(scenario.warmup)
-        model.reset()
+        inbox.wait("ready", actors, _START_TIMEOUT_S, check)
+        warmup_end = time.monotonic() + scenario.warmup
+        while time.monotonic() < warmup_end:
+            check()
+            time.sleep(_POLL_S)
         server.stats(reset=True)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        rss = _RssPeak(p.pid for p in processes)
+        model.start()
+        cpu0, t0 = time.process_time(), time.perf_counter_ns()
         recording.set()
-        if scenario.requests is None:
-            _recording_window(scenario, lambda: True, tick)
-        else:
-            collect("done", actors, _START_TIMEOUT_S)
+        _window(scenario, lambda: len(inbox.done) == actors, check, rss, tick)  # check() polls
         recording.clear()
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        t1, cpu = time.perf_counter_ns(), time.process_time() - cpu0
+        batch_sizes, forward_ns = model.stop()
         stop.set()
-        if scenario.requests is None:
-            collect("done", actors, _STOP_TIMEOUT_S)
-        if not server.is_alive:
-            raise BenchError(f"the {system} server stopped during the run")
+        inbox.wait("done", actors, _STOP_TIMEOUT_S + _START_TIMEOUT_S, check)
         stats = server.stats()
     finally:
         stop.set()
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
         for p in processes:
-            p.join(5.0)
+            p.join(max(0.0, deadline - time.monotonic()))
         for p in processes:  # no orphans, whatever happened
             if p.is_alive():
                 p.terminate()
-                p.join(5.0)
+        for p in processes:
+            p.join(_STOP_TIMEOUT_S)
         server.shutdown()
-    samples = np.concatenate(
-        [np.frombuffer(done[i][2], dtype=np.int64) for i in sorted(done)]
-    ) if done else np.zeros(0, dtype=np.int64)
-    return Measurement(
-        system=system,
-        actors=actors,
-        round=round_,
-        requests=len(samples),
-        seconds=seconds,
-        latencies_ns=samples,
-        batch_sizes=dict(model.batch_sizes),
-        forward_ns=list(model.forward_ns),
-        queue_ms_p50=float(stats.get("p50_queue_ms", float("nan"))),
-        cpu_s=cpu + sum(done[i][3] for i in done),
-        rss_growth_mb=max(0.0, _max_rss_mb() - rss0),
+    done = [inbox.done[i] for i in sorted(inbox.done)]
+    if scenario.requests is not None:  # the children's own span, not the polling
+        spans = [(first, last) for _, _, first, last in done if last]
+        if spans:
+            t0, t1 = min(s[0] for s in spans), max(s[1] for s in spans)
+    samples = (
+        np.concatenate([np.frombuffer(d[0], dtype=np.int64) for d in done])
+        if done
+        else np.zeros(0, dtype=np.int64)
     )
+    return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
+                   stats, cpu + sum(d[1] for d in done), rss)
 
 
 def measure_bare(scenario: Scenario, tick=None) -> Measurement:
-    """model(td) at batch size 1 in a loop, one thread: the floor."""
+    """model(td) at batch size 1 in a loop, one thread: the floor. On a
+    GPU it includes what the server's hand-back does too: the output's copy
+    to the CPU, waited for."""
     policy = make_policy(scenario)
-    if scenario.device != "cpu":
+    on_device = scenario.device != "cpu"
+    if on_device:
         policy.to(scenario.device)
-    observation = make_observation(scenario).unsqueeze(0).to(scenario.device)
+    observation = make_observation(scenario).unsqueeze(0)
     latencies = array("q")
     clock = time.perf_counter_ns
+
+    def call():
+        td = TensorDict({"observation": observation}, batch_size=[1])
+        if on_device:
+            td = td.to(scenario.device)
+        out = policy(td)
+        if on_device:
+            out = out.to("cpu")
+            torch.cuda.synchronize()
+        return out
+
     with torch.no_grad():
         end = time.perf_counter() + scenario.warmup
         while time.perf_counter() < end:
-            policy(TensorDict({"observation": observation}, batch_size=[1]))
+            call()
         cpu0, t0 = time.process_time(), time.perf_counter()
         limit = scenario.requests
         while True:
-            td = TensorDict({"observation": observation}, batch_size=[1])
             s = clock()
-            policy(td)
+            call()
             latencies.append(clock() - s)
             elapsed = time.perf_counter() - t0
             if limit is not None:
@@ -292,14 +408,15 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
                 break
             if tick and len(latencies) % 256 == 0:
                 tick(elapsed / scenario.duration if limit is None else len(latencies) / limit)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     samples = np.frombuffer(latencies, dtype=np.int64).copy()
     return Measurement(
         system="bare",
         actors=1,
         round=0,
         requests=len(samples),
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         latencies_ns=samples,
         batch_sizes={1: len(samples)},
-        cpu_s=time.process_time() - cpu0,
+        cpu_s=cpu,
     )

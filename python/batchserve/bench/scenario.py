@@ -78,8 +78,11 @@ class Scenario:
             raise ValueError("duration must be positive")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be at least 1")
-        if self.requests is not None and self.requests < 1:
-            raise ValueError("requests must be at least 1")
+        if self.requests is not None and self.requests < max(self.actor_counts):
+            raise ValueError(
+                "requests must be at least the largest actor count "
+                f"({max(self.actor_counts)}): every actor makes at least one"
+            )
         return self
 
     def to_json(self) -> dict:
@@ -90,13 +93,20 @@ HEADLINE = Scenario()
 """No arguments: the design's reference workload (MLP 64->256->8, float32[64],
 max_batch_size 64, timeout 1 ms, CPU) at 1, 8 and 32 actor threads."""
 
-QUICK = {"actor_counts": [1, 8], "duration": 0.75, "warmup": 0.25, "rounds": 1}
+QUICK = {"actor_counts": [1, 8], "duration": 0.75, "requests": None, "warmup": 0.25, "rounds": 1}
 """--quick: the same family, fewer and shorter measurements."""
 
 
+PACKAGED = os.path.join(os.path.dirname(__file__), "scenarios")
+"""The scenario files of benchmarks/, installed with the package."""
+
+
 def load(path: str) -> Scenario:
-    """A scenario from a TOML file; `path` may omit the .toml suffix."""
-    candidates = [path] if path.endswith(".toml") else [path + ".toml", path]
+    """A scenario from a TOML file; `path` may omit the .toml suffix. A name
+    that is no file here is looked up among the packaged scenarios (so
+    `benchmarks/atari_threads` and `atari_threads` work outside the repo)."""
+    stem = path if path.endswith(".toml") else path + ".toml"
+    candidates = [stem, path, os.path.join(PACKAGED, os.path.basename(stem))]
     for candidate in candidates:
         if os.path.isfile(candidate):
             with open(candidate, "rb") as f:
@@ -117,3 +127,10 @@ def from_mapping(data: dict, default_name: str = "scenario") -> Scenario:
     if unknown:
         raise ValueError(f"unknown scenario field(s): {', '.join(unknown)}")
     return Scenario(**data).validate()
+
+
+def packaged_names() -> list[str]:
+    try:
+        return sorted(f[: -len(".toml")] for f in os.listdir(PACKAGED) if f.endswith(".toml"))
+    except OSError:
+        return []

@@ -69,26 +69,39 @@ def make_policy(scenario: Scenario):
 
 class RecordingModel:
     """Wraps the policy to record what each server really ran: batch sizes
-    and forward times, measured the same way for every system."""
+    and forward times, measured the same way for every system, and only
+    while a measurement window is open (between start() and stop())."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, device: str = "cpu"):
         self.policy = policy
+        self._synchronize = torch.device(device).type == "cuda"
         self._lock = threading.Lock()
-        self.reset()
+        self._active = False
+        self.batch_sizes: dict[int, int] = {}
+        self.forward_ns: list[int] = []
 
-    def reset(self) -> None:
+    def start(self) -> None:
         with self._lock:
-            self.batch_sizes: dict[int, int] = {}
-            self.forward_ns: list[int] = []
+            self.batch_sizes, self.forward_ns = {}, []
+            self._active = True
+
+    def stop(self) -> tuple[dict[int, int], list[int]]:
+        """Closes the window; returns (batch-size histogram, forward times)."""
+        with self._lock:
+            self._active = False
+            return dict(self.batch_sizes), list(self.forward_ns)
 
     def __call__(self, td):
         t0 = time.perf_counter_ns()
         out = self.policy(td)
+        if self._synchronize:  # time the kernels, not their launch
+            torch.cuda.synchronize()
         elapsed = time.perf_counter_ns() - t0
         n = td.batch_size[0] if td.batch_dims else 1
         with self._lock:
-            self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
-            self.forward_ns.append(elapsed)
+            if self._active:
+                self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
+                self.forward_ns.append(elapsed)
         return out
 
     def to(self, device):
