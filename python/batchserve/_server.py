@@ -113,9 +113,11 @@ class InferenceServer:
     Args:
         model (nn.Module or Callable): maps a batched TensorDict to a batched
             TensorDict (e.g. a ``TensorDictModule``).
-        transport (InferenceTransport): the communication backend;
-            :class:`~batchserve.ThreadingTransport` or any object with
-            torchrl's transport protocol (torchrl's transports included).
+        transport (InferenceTransport or str, optional): the communication
+            backend: :class:`~batchserve.ThreadingTransport` or any object
+            with torchrl's transport protocol (torchrl's own transports
+            included); ``"auto"`` (default) or ``"thread"`` make a new
+            :class:`~batchserve.ThreadingTransport`.
 
     Keyword Args:
         max_batch_size (int, optional): most requests per forward pass.
@@ -249,12 +251,11 @@ class InferenceServer:
         )
 
         self._batches = batches_for(transport)
-        self._max_batch_size = 64
-        self._min_batch_size = 1
-        self._timeout = 0.01
-        defaults = {"max_batch_size": 64, "min_batch_size": 1, "timeout": 0.01}
-        for key, default in defaults.items():
-            setattr(self, key, default if batching[key] is None else batching[key])
+        self._max_batch_size, self._min_batch_size, self._timeout = 64, 1, 0.01
+        for key in ("max_batch_size", "min_batch_size", "timeout"):
+            if batching[key] is not None:
+                setattr(self, key, batching[key])  # validated by the setter
+        self._configure_batches()
 
         self._model_lock = threading.RLock()
         self._lifecycle_lock = threading.Lock()
