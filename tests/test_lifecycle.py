@@ -207,3 +207,27 @@ def test_default_transport_like_torchrl():
         assert server.client()(request(6))["echo"].item() == 6
     with pytest.raises(ValueError, match="not available"):
         InferenceServer(echo_model, "ray")
+
+
+def test_service_backend_and_transport_kind():
+    with InferenceServer(echo_model, transport="auto") as server:
+        assert server.service_backend == "thread"
+        assert server.transport_kind == "thread"
+    assert InferenceServer(echo_model, _MinimalTransport()).transport_kind == "custom"
+
+
+class _MinimalTransport(InferenceTransport):
+    def submit(self, td):
+        raise NotImplementedError("never called")
+
+    def drain(self, max_items):
+        return [], []
+
+    def wait_for_work(self, timeout):
+        pass
+
+    def resolve(self, callback, result):
+        callback.set_result(result)
+
+    def resolve_exception(self, callback, exc):
+        callback.set_exception(exc)

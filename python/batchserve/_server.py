@@ -479,6 +479,25 @@ class InferenceServer:
                 run.inflight.fail(error)
 
     @property
+    def service_backend(self) -> str:
+        """Where the policy runs: a thread of this process."""
+        return "thread"
+
+    @property
+    def transport_kind(self) -> str:
+        """torchrl's selector for the transport ("thread", "process", ...,
+        "custom" for a user transport)."""
+        from batchserve._threading import ThreadingTransport
+
+        if isinstance(self.transport, ThreadingTransport):
+            return "thread"
+        if type(self.transport).__module__.startswith("torchrl"):
+            from torchrl.modules.inference_server._factory import _inference_transport_kind
+
+            return _inference_transport_kind(self.transport)
+        return "custom"
+
+    @property
     def is_alive(self) -> bool:
         """Whether the background worker is running."""
         worker = self._worker
