@@ -270,6 +270,21 @@ class PyRequestQueue {
  public:
   explicit PyRequestQueue(size_t capacity) : queue_(capacity) {}
 
+  // GIL held. Pushes `r`, waiting for room until `deadline` with the GIL
+  // released, in slices so that a signal (Ctrl-C) is seen. Returns false
+  // when a signal handler raised (the Python error is set).
+  bool push_checking_signals(const Request& r, int64_t deadline, PushResult& result) {
+    result = queue_.push(r, 0);  // first without giving up the GIL
+    while (result == PushResult::kTimedOut && monotonic_ns() < deadline) {
+      {
+        py::gil_scoped_release nogil;
+        result = queue_.push(r, std::min(deadline, monotonic_ns() + kSignalCheckNs));
+      }
+      if (result == PushResult::kTimedOut && PyErr_CheckSignals() != 0) return false;
+    }
+    return true;
+  }
+
   // The blocking client call: enqueue, wait for the result with the GIL
   // released, return it or raise the server's exception.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
@@ -277,29 +292,25 @@ class PyRequestQueue {
     auto* completion = new Completion();
     const Request request{item.ptr(), nullptr, completion, monotonic_ns()};
     Py_INCREF(item.ptr());
-    // First try without giving up the GIL: the queue is rarely full.
-    PushResult pushed = queue_.push(request, 0);
+    PushResult pushed;
+    if (!push_checking_signals(request, deadline, pushed) ||
+        pushed != PushResult::kOk) {
+      Py_DECREF(item.ptr());
+      completion->release();
+      completion->release();
+      if (PyErr_Occurred()) throw py::error_already_set();
+      if (pushed == PushResult::kClosed)
+        throw QueueClosedError("the inference server is shut down");
+      raise_timeout("no room in the request queue within the timeout");
+    }
     for (;;) {
-      bool done = false;
+      bool done;
       int64_t now;
       {
         py::gil_scoped_release nogil;
-        if (pushed == PushResult::kTimedOut && deadline > monotonic_ns())
-          pushed = queue_.push(request, deadline);
-        if (pushed == PushResult::kOk) {
-          const int64_t slice =
-              std::min(deadline, monotonic_ns() + kSignalCheckNs);
-          done = completion->wait_until(slice, kCallerSpin);
-        }
+        const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
+        done = completion->wait_until(slice, kCallerSpin);
         now = monotonic_ns();
-      }
-      if (pushed != PushResult::kOk) {
-        Py_DECREF(item.ptr());
-        completion->release();
-        completion->release();
-        if (pushed == PushResult::kClosed)
-          throw QueueClosedError("the inference server is shut down");
-        raise_timeout("no room in the request queue within the timeout");
       }
       if (done) break;
       const bool expired = now >= deadline;
@@ -340,14 +351,12 @@ class PyRequestQueue {
     const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns()};
     Py_INCREF(item.ptr());
     Py_INCREF(future.ptr());
-    PushResult pushed = queue_.push(request, 0);
-    if (pushed == PushResult::kTimedOut && deadline != 0) {
-      py::gil_scoped_release nogil;
-      pushed = queue_.push(request, deadline);
-    }
-    if (pushed == PushResult::kOk) return;
+    PushResult pushed;
+    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
+    if (uninterrupted && pushed == PushResult::kOk) return;
     Py_DECREF(item.ptr());
     Py_DECREF(future.ptr());
+    if (!uninterrupted) throw py::error_already_set();
     if (pushed == PushResult::kClosed)
       throw QueueClosedError("the inference server is shut down");
     throw QueueFullError("the request queue is full (capacity " +

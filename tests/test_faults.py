@@ -352,3 +352,27 @@ def test_a_failing_transport_fails_what_it_drained_and_stops_the_server():
     server._worker.join(10)
     assert not server.is_alive
     server.shutdown()
+
+
+def test_ctrl_c_reaches_a_caller_blocked_on_a_full_queue():
+    script = textwrap.dedent(
+        """
+        import os, signal, threading, torch
+        from tensordict import TensorDict
+        from batchserve import ThreadingTransport
+
+        transport = ThreadingTransport(max_queue_size=2)
+        for _ in range(transport.max_queue_size):  # full, and no server
+            transport.submit(TensorDict({"x": torch.zeros(1)}))
+        for call in (transport.submit, transport.client()):
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            try:
+                call(TensorDict({"x": torch.zeros(1)}))
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.count("interrupted") == 2, done.stdout + done.stderr
