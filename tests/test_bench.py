@@ -157,7 +157,9 @@ def test_a_dying_torchrl_server_is_reported_not_waited_for(bench_support_on_path
         actor_counts=[2], model="failing_policy:make_exiting", requests=100,
         warmup=0.0, rounds=1,
     ).validate()
-    with pytest.raises(BenchError, match="stopped"):
+    # Reported as the dead server, or as the "shutting down" error torchrl's
+    # dying worker hands its pending callers, whichever the harness sees first.
+    with pytest.raises(BenchError, match="stopped|shutting down"):
         measure("torchrl", scen, 2, 0)
 
 
