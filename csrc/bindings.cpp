@@ -156,7 +156,6 @@ class Batch {
   }
 
   size_t size() const { return requests_.size(); }
-  bool settled() const { return requests_.empty(); }
 
   py::list items() const {
     py::list out(requests_.size());
@@ -480,7 +479,6 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Batch>(m, "Batch")
       .def_property_readonly("size", &Batch::size)
       .def("__len__", &Batch::size)
-      .def_property_readonly("settled", &Batch::settled)
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
       .def("resolve", &Batch::resolve, py::arg("results"))

@@ -28,6 +28,11 @@ def request(i: int) -> TensorDict:
     return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4)})
 
 
+def echoes(futures, timeout: float = 10) -> list[int]:
+    """The ids echo_model returned through `futures`, in order."""
+    return [f.result(timeout=timeout)["echo"].item() for f in futures]
+
+
 class BlockingModel:
     """A model whose forwards wait until `release` is set; `entered` tells
     when a forward started and `sizes` what batch sizes it saw."""

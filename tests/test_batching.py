@@ -10,7 +10,7 @@ import pytest
 from tensordict import lazy_stack
 
 from batchserve import InferenceServer, ThreadingTransport
-from conftest import BlockingModel, echo_model, request
+from conftest import BlockingModel, echo_model, echoes, request
 
 
 def recording_collate(sizes):
@@ -29,7 +29,7 @@ def test_max_batch_size_is_never_exceeded(transport, max_batch_size):
         echo_model, transport, max_batch_size=max_batch_size,
         collate_fn=recording_collate(sizes),
     ):
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == list(range(40))
+        assert echoes(futures) == list(range(40))
     assert sum(sizes) == 40
     assert max(sizes) == max_batch_size
     assert all(1 <= s <= max_batch_size for s in sizes)
@@ -44,7 +44,7 @@ def test_min_batch_size_collects_until_reached(transport):
         futures = []
         for i in range(4):
             futures.append(transport.submit(request(i)))
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1, 2, 3]
+        assert echoes(futures) == [0, 1, 2, 3]
     assert sizes == [4]
 
 
@@ -56,7 +56,7 @@ def test_partial_batch_dispatched_after_timeout(transport):
         collate_fn=recording_collate(sizes),
     ):
         futures = [transport.submit(request(i)) for i in range(3)]
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1, 2]
+        assert echoes(futures) == [0, 1, 2]
     assert sizes == [3]
 
 
@@ -86,7 +86,7 @@ def test_later_arrivals_do_not_extend_the_deadline(transport):
         for i in range(10):
             futures.append(transport.submit(request(i)))
             time.sleep(0.01)
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == list(range(10))
+        assert echoes(futures) == list(range(10))
     assert sum(sizes) == 10
     assert len(sizes) >= 2  # a deadline passed while requests kept arriving
 
@@ -167,7 +167,7 @@ def test_unbounded_timeout(transport):
         collate_fn=recording_collate(sizes),
     ).start()
     futures = [transport.submit(request(i)) for i in range(3)]
-    assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1, 2]
+    assert echoes(futures) == [0, 1, 2]
     lonely = transport.submit(request(3))
     server.shutdown(timeout=10)
     assert not server.is_alive

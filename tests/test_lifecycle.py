@@ -13,7 +13,7 @@ from tensordict import TensorDict
 
 import batchserve
 from batchserve import InferenceClient, InferenceServer, InferenceTransport, ThreadingTransport
-from conftest import BlockingModel, echo_model, make_policy, request
+from conftest import BlockingModel, echo_model, echoes, make_policy, request
 
 
 def test_transport_abc_cannot_be_instantiated():
@@ -98,7 +98,7 @@ def test_acall_from_asyncio(echo_server, transport):
 def test_requests_submitted_before_start_are_served(transport):
     futures = [transport.submit(request(i)) for i in range(20)]
     with InferenceServer(echo_model, transport, max_batch_size=4):
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == list(range(20))
+        assert echoes(futures) == list(range(20))
 
 
 def test_cancelled_future_is_not_served(transport):
@@ -155,7 +155,7 @@ def test_full_queue_blocks_the_caller_until_room_frees():
     assert caller.is_alive()  # no room: the caller waits (GIL released)
     with InferenceServer(echo_model, transport):
         caller.join(10)
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1]
+        assert echoes(futures) == [0, 1]
     assert blocked[0]["echo"].item() == 2
 
 

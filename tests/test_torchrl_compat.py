@@ -18,7 +18,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 import batchserve
-from conftest import echo_model, make_policy, request
+from conftest import echo_model, echoes, make_policy, request
 
 torchrl_inference_server = pytest.importorskip(
     "torchrl.modules.inference_server", reason="torchrl is not installed"
@@ -107,7 +107,7 @@ def test_protocol_transport_min_batch_and_errors():
         model, transport, max_batch_size=8, min_batch_size=3, timeout=5
     ) as server:
         futures = [transport.submit(request(i)) for i in range(3)]
-        assert [f.result(timeout=10)["echo"].item() for f in futures] == [0, 1, 2]
+        assert echoes(futures) == [0, 1, 2]
         server.min_batch_size = 1
         with pytest.raises(ValueError, match="bad id"):
             transport.submit(request(-1)).result(timeout=10)

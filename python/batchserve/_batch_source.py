@@ -74,13 +74,10 @@ class ProtocolBatch:
     def __len__(self) -> int:
         return len(self.callbacks)
 
-    @property
-    def settled(self) -> bool:
-        return not self.callbacks
-
     def _take(self, indices=None) -> list:
         if indices is None:
-            taken, self.callbacks, self.items = self.callbacks, [], []
+            taken = self.callbacks
+            self.items, self.callbacks, self.submitted_ns = [], [], []
             return taken
         drop = set(indices)
         keep = [i for i in range(len(self.callbacks)) if i not in drop]

@@ -75,6 +75,13 @@ def _transport_named(name: str | None):
     )
 
 
+def _closed_error(message: str, cause: BaseException) -> BaseException:
+    """The ServerClosedError callers get when `cause` stopped the server."""
+    error = ServerClosedError(message)
+    error.__cause__ = cause
+    return error
+
+
 def _positive_int(name: str, value) -> int:
     value = int(value)
     if value < 1:
@@ -560,37 +567,29 @@ class InferenceServer:
             if not reported:
                 _log.error("batchserve: weight_sync set-up failed: %r", exc)
                 self._stop_serving(
-                    ServerClosedError(f"InferenceServer weight_sync set-up failed: {exc!r}"),
-                    exc,
+                    _closed_error(f"InferenceServer weight_sync set-up failed: {exc!r}", exc)
                 )
             return
         run.ready.set()
         error = ServerClosedError(_SHUTDOWN_MESSAGE)
-        cause = None
         try:
             with torch.no_grad():
-                stopped_by = self._serve(run, passive)
-            if stopped_by is not None:
-                error, cause = ServerClosedError(
-                    f"InferenceServer stopped: the model raised {stopped_by!r}"
-                ), stopped_by
+                error = self._serve(run, passive) or error
         except BaseException as exc:  # the transport failed, or was interrupted
             _log.exception("batchserve: the worker stopped")
-            error = ServerClosedError(f"InferenceServer stopped: {exc!r}")
-            cause = exc
+            error = _closed_error(f"InferenceServer stopped: {exc!r}", exc)
         finally:
-            self._stop_serving(error, cause)
+            self._stop_serving(error)
 
-    def _stop_serving(self, error: BaseException, cause: BaseException | None) -> None:
+    def _stop_serving(self, error: BaseException) -> None:
         """Worker exit: reject new requests, fail the waiting ones."""
-        if cause is not None:
-            error.__cause__ = cause
         self._batches.close()
         self._batches.fail_pending(error, worker_running=False)
         _running_servers.discard(self)
 
     def _serve(self, run: _Run, passive_weight_sync: bool) -> BaseException | None:
-        """Serves until stopped; returns the BaseException that stopped it, if any."""
+        """Serves until stopped; returns the error that the requests left
+        waiting get when a BaseException from the model stopped it."""
         batches = self._batches
         while not run.stop.is_set():
             self._poll_weight_sync(passive_weight_sync)
@@ -611,13 +610,10 @@ class InferenceServer:
             except BaseException as exc:
                 # SystemExit, KeyboardInterrupt...: end this batch and stop
                 # serving cleanly rather than leave callers waiting.
-                error = ServerClosedError(
-                    f"InferenceServer stopped: the model raised {exc!r}"
-                )
-                error.__cause__ = exc
+                error = _closed_error(f"InferenceServer stopped: the model raised {exc!r}", exc)
                 batch.fail(error)
                 _log.error("batchserve: worker stopped by %r", exc)
-                return exc
+                return error
             finally:
                 run.inflight = None
         return None

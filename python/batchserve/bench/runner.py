@@ -76,10 +76,21 @@ class _RssPeak:
         return max(0.0, self.peak - self.start)
 
 
-def requests_per_actor(total: int, actors: int) -> list[int]:
-    """Splits a request count over actors (the first ones take the remainder)."""
-    base, extra = divmod(total, actors)
+def requests_per_actor(scenario: Scenario, actors: int) -> list[int | None]:
+    """Each actor's share of a request-count run (the first ones take the
+    remainder); None for every actor of a run by duration."""
+    if scenario.requests is None:
+        return [None] * actors
+    base, extra = divmod(scenario.requests, actors)
     return [base + (1 if i < extra else 0) for i in range(actors)]
+
+
+def _warm_up(scenario: Scenario, check) -> None:
+    """Lets the actors run for the warm-up, excluded from the measurement."""
+    end = time.monotonic() + scenario.warmup
+    while time.monotonic() < end:
+        check()
+        time.sleep(min(_POLL_S, max(0.0, end - time.monotonic())))
 
 
 def _requests_deadline_s(scenario: Scenario) -> float:
@@ -146,11 +157,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     transport = make_transport(system, scenario)
     server = make_server(system, model, transport, scenario)
     observation = make_observation(scenario)
-    quotas = (
-        [None] * actors
-        if scenario.requests is None
-        else requests_per_actor(scenario.requests, actors)
-    )
+    quotas = requests_per_actor(scenario, actors)
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
     started = threading.Barrier(actors + 1)
     latencies = [array("q") for _ in range(actors)]
@@ -197,10 +204,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         except threading.BrokenBarrierError:
             check()
             raise BenchError("actor threads did not start in time") from None
-        warmup_end = time.monotonic() + scenario.warmup
-        while time.monotonic() < warmup_end:
-            check()
-            time.sleep(min(_POLL_S, max(0.0, warmup_end - time.monotonic())))
+        _warm_up(scenario, check)
         server.stats(reset=True)
         rss = _RssPeak()
         model.start()
@@ -297,11 +301,7 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
     transport = make_transport(system, scenario, mp_context=ctx)
     clients = [transport.client() for _ in range(actors)]
     server = make_server(system, model, transport, scenario)
-    quotas = (
-        [None] * actors
-        if scenario.requests is None
-        else requests_per_actor(scenario.requests, actors)
-    )
+    quotas = requests_per_actor(scenario, actors)
     recording, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     processes = [
         ctx.Process(
@@ -327,10 +327,7 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         for p in processes:
             p.start()
         inbox.wait("ready", actors, _START_TIMEOUT_S, check)
-        warmup_end = time.monotonic() + scenario.warmup
-        while time.monotonic() < warmup_end:
-            check()
-            time.sleep(_POLL_S)
+        _warm_up(scenario, check)
         server.stats(reset=True)
         rss = _RssPeak(p.pid for p in processes)
         model.start()
