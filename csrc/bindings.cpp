@@ -6,9 +6,19 @@
 // when it is resolved, or collect()/fail_pending() for requests that were
 // withdrawn or rejected. A Completion's outcome is an owned reference handed
 // from the server to the caller. Every wait runs with the GIL released.
+//
+// The fast path (requests of one fixed schema): the caller matches its
+// TensorDict against the schema and the request carries its leaves
+// (RequestRows: owned tensor references and their data pointers). The server
+// copies them into staging columns (Batch::gather, csrc/row_copy.h) without
+// creating any Python object per request, runs the model on the batch, and
+// resolves each request with its row of the output (Batch::resolve_rows).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <atomic>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -19,6 +29,7 @@
 #include "completion.h"
 #include "futex.h"
 #include "request_queue.h"
+#include "row_copy.h"
 
 namespace py = pybind11;
 
@@ -70,10 +81,212 @@ bool claim_future(PyObject* future) {
   return claimed;
 }
 
+// ---------------------------------------------------------------------------
+// Fast path: Python objects looked up once, the schema, a request's leaves.
+
+// torch / tensordict objects and attribute names the fast path uses. Looked
+// up on first use (GIL held) and kept for the life of the process.
+struct TorchRefs {
+  PyObject* tensor_type;      // torch.Tensor
+  PyObject* tensordict_type;  // tensordict.TensorDict
+  PyObject* strided;          // torch.strided
+  PyObject* new_unsafe;       // TensorDict._new_unsafe
+  PyObject* empty_size;       // torch.Size([])
+  PyObject* s_tensordict;
+  PyObject* s_batch_size;
+  PyObject* s_dtype;
+  PyObject* s_shape;
+  PyObject* s_is_cpu;
+  PyObject* s_layout;
+  PyObject* s_is_contiguous;
+  PyObject* s_data_ptr;
+  PyObject* s_unbind;
+};
+
+const TorchRefs& torch_refs() {
+  static const TorchRefs* refs = [] {
+    py::module_ torch = py::module_::import("torch");
+    py::object td_class = py::module_::import("tensordict").attr("TensorDict");
+    auto keep = [](py::object o) { return o.release().ptr(); };
+    auto name = [](const char* s) { return PyUnicode_InternFromString(s); };
+    return new TorchRefs{
+        keep(torch.attr("Tensor")),
+        keep(td_class),
+        keep(torch.attr("strided")),
+        keep(td_class.attr("_new_unsafe")),
+        keep(torch.attr("Size")(py::tuple())),
+        name("_tensordict"),
+        name("batch_size"),
+        name("dtype"),
+        name("shape"),
+        name("is_cpu"),
+        name("layout"),
+        name("is_contiguous"),
+        name("data_ptr"),
+        name("unbind"),
+    };
+  }();
+  return *refs;
+}
+
+py::object attr(PyObject* o, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(o, name);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+py::object call_method(PyObject* o, PyObject* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(o, name);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+// GIL held. The address of a CPU tensor's first element.
+void* data_ptr(PyObject* tensor) {
+  py::object p = call_method(tensor, torch_refs().s_data_ptr);
+  void* ptr = PyLong_AsVoidPtr(p.ptr());
+  if (ptr == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return ptr;
+}
+
+// One fixed request schema: flat keys, each a CPU tensor of one dtype and
+// shape. Immutable once made; requests refer to it by id.
+struct FastSchema {
+  uint64_t id = 0;
+  bool strict = false;  // given by request_spec: a mismatch is the caller's error
+  std::vector<py::object> keys;
+  std::vector<py::object> dtypes;
+  std::vector<py::object> shapes;  // torch.Size
+  std::vector<size_t> leaf_bytes;
+};
+
+// A fast request's leaves, in schema order: owned references (so a caller
+// that replaces a key of its TensorDict cannot free memory the server is
+// about to read) and their data pointers.
+struct RequestRows {
+  static constexpr size_t kMaxLeaves = 8;
+  uint64_t schema_id = 0;
+  size_t count = 0;
+  PyObject* tensors[kMaxLeaves] = {};
+  const void* data[kMaxLeaves] = {};
+};
+
+// GIL held.
+void free_rows(void* p) {
+  auto* rows = static_cast<RequestRows*>(p);
+  if (rows == nullptr) return;
+  for (size_t j = 0; j < rows->count; ++j) Py_DECREF(rows->tensors[j]);
+  delete rows;
+}
+
+struct RowsDeleter {
+  void operator()(RequestRows* rows) const { free_rows(rows); }
+};
+using OwnedRows = std::unique_ptr<RequestRows, RowsDeleter>;
+
+std::string repr(PyObject* o) {
+  PyObject* r = PyObject_Repr(o);
+  if (r == nullptr) {
+    PyErr_Clear();
+    return "?";
+  }
+  const char* utf8 = PyUnicode_AsUTF8(r);
+  std::string out = utf8 != nullptr ? utf8 : "?";
+  if (utf8 == nullptr) PyErr_Clear();
+  Py_DECREF(r);
+  return out;
+}
+
+[[noreturn]] void raise_spec_error(PyObject* type, const std::string& message) {
+  PyErr_SetString(type, message.c_str());
+  throw py::error_already_set();
+}
+
+// GIL held. The request's leaves when `item` matches `schema`; null when it
+// does not (it then takes the general path). Against a strict schema
+// (request_spec=), a TensorDict with a missing key raises KeyError and one
+// with a leaf of the wrong dtype, shape or device raises ValueError, naming
+// the key; other differences (non-contiguous leaves, a batched request) fall
+// back to the general path, which serves them correctly.
+OwnedRows match_schema(PyObject* item, const FastSchema& schema) {
+  const TorchRefs& t = torch_refs();
+  if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
+  if (PyObject_Length(attr(item, t.s_batch_size).ptr()) != 0) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  py::object leaves = attr(item, t.s_tensordict);
+  if (!PyDict_Check(leaves.ptr())) return nullptr;
+  const size_t n = schema.keys.size();
+  if (n > RequestRows::kMaxLeaves) return nullptr;
+  if (!schema.strict && static_cast<size_t>(PyDict_Size(leaves.ptr())) != n) return nullptr;
+  OwnedRows rows(new RequestRows());
+  rows->schema_id = schema.id;
+  const void* data[RequestRows::kMaxLeaves];
+  PyObject* tensors[RequestRows::kMaxLeaves];
+  for (size_t j = 0; j < n; ++j) {
+    PyObject* key = schema.keys[j].ptr();
+    PyObject* v = PyDict_GetItemWithError(leaves.ptr(), key);  // borrowed
+    if (v == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      if (!schema.strict) return nullptr;
+      PyErr_SetObject(PyExc_KeyError,
+                      py::str("request is missing key {!r} of request_spec")
+                          .format(py::handle(key))
+                          .ptr());
+      throw py::error_already_set();
+    }
+    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {
+      const int is_tensor = PyObject_IsInstance(v, t.tensor_type);
+      if (is_tensor < 0) throw py::error_already_set();
+      if (!schema.strict || is_tensor == 1) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) +
+                                             " must be a tensor (request_spec); got " +
+                                             repr(reinterpret_cast<PyObject*>(Py_TYPE(v))));
+    }
+    py::object dtype = attr(v, t.s_dtype);
+    if (dtype.ptr() != schema.dtypes[j].ptr()) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) + " has dtype " +
+                                             repr(dtype.ptr()) + "; request_spec declares " +
+                                             repr(schema.dtypes[j].ptr()));
+    }
+    py::object shape = attr(v, t.s_shape);
+    const int same_shape = PyObject_RichCompareBool(shape.ptr(), schema.shapes[j].ptr(), Py_EQ);
+    if (same_shape < 0) throw py::error_already_set();
+    if (same_shape == 0) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) + " has shape " +
+                                             repr(shape.ptr()) + "; request_spec declares " +
+                                             repr(schema.shapes[j].ptr()));
+    }
+    if (attr(v, t.s_is_cpu).ptr() != Py_True) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError,
+                       "request key " + repr(key) +
+                           " is not on the CPU; requests matching request_spec carry CPU "
+                           "tensors (the server moves the batch to its device)");
+    }
+    if (attr(v, t.s_layout).ptr() != t.strided ||
+        call_method(v, t.s_is_contiguous).ptr() != Py_True)
+      return nullptr;
+    data[j] = data_ptr(v);
+    tensors[j] = v;
+  }
+  for (size_t j = 0; j < n; ++j) {
+    Py_INCREF(tensors[j]);
+    rows->tensors[j] = tensors[j];
+    rows->data[j] = data[j];
+  }
+  rows->count = n;
+  return rows;
+}
+
 // GIL held. Releases what a request owns on the Python side.
 void release_python_refs(const Request& r) {
   Py_XDECREF(static_cast<PyObject*>(r.payload));
   Py_XDECREF(static_cast<PyObject*>(r.future));
+  free_rows(r.rows);
 }
 
 // GIL held. Ends one request with `outcome` (a result or an exception).
@@ -101,6 +314,23 @@ void wake_and_release(std::vector<Completion*>& to_wake) {
   }
   to_wake.clear();
 }
+
+// Callers whose results the server has published but not yet woken. The
+// worker wakes them when it next releases the GIL (collect()): a caller woken
+// while the worker still holds the GIL would block on the GIL and need a
+// second, much slower wake-up (CPython's GIL hand-off) to go on. Changed
+// only with the GIL held.
+struct DeferredWakes {
+  std::vector<Completion*> pending;
+
+  // GIL held on entry and exit; wakes without it.
+  void flush() {
+    if (pending.empty()) return;
+    std::vector<Completion*> to_wake;
+    to_wake.swap(pending);
+    wake_and_release(to_wake);
+  }
+};
 
 // GIL held. Drops a request that will never be served (withdrawn by its
 // caller): no outcome, only references to release.
@@ -132,22 +362,31 @@ void set_error_from(PyObject* outcome) {
   }
 }
 
-// A set of requests taken from the queue together, served by one forward.
+// A set of requests taken from the queue together. gather() moves those of
+// the server's fast-path schema into staging rows (`rows_`, served by one
+// forward over the staging columns); the others (`requests_`) take the
+// general path (items, collate_fn, resolve).
 //
-// Every method that ends requests first takes them out of requests_ (plain
+// Every method that ends requests first takes them out of the batch (plain
 // C++, no Python call), then settles them. Settling runs Python code
 // (Future callbacks) during which another thread may take the GIL and call
 // into the same batch, e.g. a shutdown failing the batch of a worker that
 // overran its timeout: it then finds only requests nobody has taken yet.
 class Batch {
  public:
-  explicit Batch(std::vector<Request> requests)
-      : requests_(std::move(requests)) {}
+  // Staging bytes above which gather() copies with the GIL released.
+  static constexpr size_t kGilFreeGatherBytes = 256 * 1024;
+
+  // Results are handed out through `deferred` (see DeferredWakes) when
+  // given; failures always wake at once.
+  explicit Batch(std::vector<Request> requests,
+                 std::shared_ptr<DeferredWakes> deferred = nullptr)
+      : requests_(std::move(requests)), deferred_(std::move(deferred)) {}
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
   ~Batch() {
-    if (!requests_.empty()) {
+    if (!requests_.empty() || !rows_.empty()) {
       PyObject* err = new_runtime_error(
           "batchserve: a batch was dropped before it was resolved");
       settle(take_all(), [err](size_t) { return err; }, true);
@@ -155,8 +394,11 @@ class Batch {
     }
   }
 
-  size_t size() const { return requests_.size(); }
+  // Requests not yet ended, on both paths.
+  size_t size() const { return requests_.size() + rows_.size(); }
+  size_t rows() const { return rows_.size(); }
 
+  // The general path's requests.
   py::list items() const {
     py::list out(requests_.size());
     for (size_t i = 0; i < requests_.size(); ++i)
@@ -165,14 +407,57 @@ class Batch {
     return out;
   }
 
-  std::vector<int64_t> submitted_ns() const {
-    std::vector<int64_t> out;
-    out.reserve(requests_.size());
-    for (const Request& r : requests_) out.push_back(r.submit_ns);
-    return out;
+  std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
+  std::vector<int64_t> rows_submitted_ns() const { return arrivals(rows_); }
+
+  // Moves the requests whose leaves match schema `schema_id` (at most
+  // `capacity` of them) to the fast path and copies their leaves into
+  // staging: leaf j of the i-th to column j at columns[j] + i * leaf_bytes[j].
+  // Returns the number of rows. Large copies run with the GIL released.
+  size_t gather(uint64_t schema_id, const std::vector<uintptr_t>& columns,
+                const std::vector<size_t>& leaf_bytes, size_t capacity) {
+    if (!rows_.empty()) throw std::logic_error("gather: the batch is already gathered");
+    StagingColumns dst;
+    for (uintptr_t c : columns) dst.base.push_back(reinterpret_cast<uint8_t*>(c));
+    dst.leaf_bytes = leaf_bytes;
+    dst.rows = capacity;
+    std::vector<Request> general;
+    for (const Request& r : requests_) {
+      const auto* leaves = static_cast<const RequestRows*>(r.rows);
+      const bool fast = leaves != nullptr && leaves->schema_id == schema_id &&
+                        leaves->count == columns.size() && rows_.size() < capacity;
+      (fast ? rows_ : general).push_back(r);
+    }
+    requests_.swap(general);
+    std::vector<const void* const*> sources;
+    sources.reserve(rows_.size());
+    size_t bytes = 0;
+    for (const Request& r : rows_) {
+      sources.push_back(static_cast<const RequestRows*>(r.rows)->data);
+      for (size_t n : leaf_bytes) bytes += n;
+    }
+    if (bytes < kGilFreeGatherBytes) {
+      gather_rows(sources, columns.size(), dst);
+      return rows_.size();
+    }
+    // Without the GIL a shutdown may end these requests (and free their
+    // leaves) meanwhile: hold the leaves until the copy is done.
+    std::vector<py::object> held;
+    held.reserve(rows_.size() * columns.size());
+    for (const Request& r : rows_) {
+      const auto* leaves = static_cast<const RequestRows*>(r.rows);
+      for (size_t j = 0; j < leaves->count; ++j)
+        held.push_back(py::reinterpret_borrow<py::object>(leaves->tensors[j]));
+    }
+    const size_t n = rows_.size();
+    {
+      py::gil_scoped_release nogil;
+      gather_rows(sources, columns.size(), dst);
+    }
+    return n;
   }
 
-  // results: a sequence with one entry per request, in request order.
+  // General path: results has one entry per request, in request order.
   void resolve(const py::sequence& results) {
     if (requests_.empty()) return;  // already failed (e.g. by a shutdown)
     const size_t n = requests_.size();
@@ -184,16 +469,80 @@ class Batch {
     held.reserve(n);
     for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
     if (requests_.size() != n) return;  // failed while results were read
-    settle(take_all(), [&held](size_t i) { return held[i].ptr(); }, false);
+    settle(take(requests_), [&held](size_t i) { return held[i].ptr(); }, false,
+           deferred_.get());
   }
 
+  // Fast path: the i-th gathered request's result is a TensorDict of batch
+  // size [] holding row i of each column (keys[j] -> columns[j][i], views
+  // made by one unbind per column) on `device`. Every result is built here,
+  // with the GIL the server holds anyway, before any caller is woken:
+  // building them in the callers' threads was measured 2x slower at 8
+  // actor threads (36 k vs 18-20 k req/s, p99 0.4 vs 3.8 ms), as freshly
+  // woken callers contend with the server for the GIL.
+  void resolve_rows(const std::vector<py::object>& keys, const std::vector<py::object>& columns,
+                    const py::object& device) {
+    if (rows_.empty()) return;
+    const size_t n = rows_.size();
+    if (columns.size() != keys.size())
+      throw std::invalid_argument("resolve_rows: one column per key expected");
+    const TorchRefs& t = torch_refs();
+    std::vector<py::object> rows_of;  // per column: its n row views
+    rows_of.reserve(columns.size());
+    for (const py::object& column : columns) {
+      py::object views = call_method(column.ptr(), t.s_unbind);
+      if (!PyTuple_Check(views.ptr()) || static_cast<size_t>(PyTuple_GET_SIZE(views.ptr())) != n)
+        throw std::invalid_argument("resolve_rows: every column must have " +
+                                    std::to_string(n) + " rows");
+      rows_of.push_back(std::move(views));
+    }
+    std::vector<py::object> results;
+    results.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      py::dict source;
+      for (size_t j = 0; j < keys.size(); ++j)
+        if (PyDict_SetItem(source.ptr(), keys[j].ptr(), PyTuple_GET_ITEM(rows_of[j].ptr(), i)) != 0)
+          throw py::error_already_set();
+      PyObject* td = PyObject_CallFunctionObjArgs(t.new_unsafe, source.ptr(), t.empty_size,
+                                                  device.ptr(), nullptr);
+      if (td == nullptr) throw py::error_already_set();
+      results.push_back(py::reinterpret_steal<py::object>(td));
+    }
+    if (rows_.size() != n) return;  // failed meanwhile
+    settle(take(rows_), [&results](size_t i) { return results[i].ptr(); }, false,
+           deferred_.get());
+  }
+
+  // Fast path, with one result object per gathered request (used when the
+  // output cannot be handed back by rows, e.g. it stays on a GPU).
+  void resolve_rows_with(const py::sequence& results) {
+    if (rows_.empty()) return;
+    const size_t n = rows_.size();
+    if (static_cast<size_t>(py::len(results)) != n)
+      throw std::invalid_argument("resolve_rows_with: expected " + std::to_string(n) +
+                                  " results, got " + std::to_string(py::len(results)));
+    std::vector<py::object> held;
+    held.reserve(n);
+    for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
+    if (rows_.size() != n) return;
+    settle(take(rows_), [&held](size_t i) { return held[i].ptr(); }, false,
+           deferred_.get());
+  }
+
+  // Ends every request still in the batch, on both paths.
   void fail(const py::object& exc) {
     PyObject* outcome = exc.ptr();
     settle(take_all(), [outcome](size_t) { return outcome; }, true);
   }
 
-  // Fails requests [i] for i in `indices` with `exc`, leaving the rest to a
-  // later resolve() of the remaining ones (used for malformed inputs).
+  // Ends the fast path's requests.
+  void fail_rows(const py::object& exc) {
+    PyObject* outcome = exc.ptr();
+    settle(take(rows_), [outcome](size_t) { return outcome; }, true);
+  }
+
+  // Fails general requests [i] for i in `indices` with `exc`, leaving the
+  // rest to a later resolve() of the remaining ones (malformed inputs).
   void fail_some(const std::vector<size_t>& indices, const py::object& exc) {
     std::vector<bool> drop(requests_.size(), false);
     for (size_t i : indices) {
@@ -209,27 +558,53 @@ class Batch {
   }
 
  private:
-  std::vector<Request> take_all() {
+  static std::vector<int64_t> arrivals(const std::vector<Request>& requests) {
+    std::vector<int64_t> out;
+    out.reserve(requests.size());
+    for (const Request& r : requests) out.push_back(r.submit_ns);
+    return out;
+  }
+
+  static std::vector<Request> take(std::vector<Request>& from) {
     std::vector<Request> taken;
-    taken.swap(requests_);
+    taken.swap(from);
     return taken;
+  }
+
+  std::vector<Request> take_all() {
+    std::vector<Request> taken = take(rows_);
+    for (const Request& r : requests_) taken.push_back(r);
+    requests_.clear();
+    return taken;
+  }
+
+  // GIL held. Wakes now, or leaves the wake-ups to `deferred`.
+  static void wake(std::vector<Completion*>& to_wake, DeferredWakes* deferred) {
+    if (deferred == nullptr) {
+      wake_and_release(to_wake);
+      return;
+    }
+    deferred->pending.insert(deferred->pending.end(), to_wake.begin(), to_wake.end());
+    to_wake.clear();
   }
 
   // GIL held. Ends each request of `requests` (owned by the caller, no
   // longer reachable from the batch) with outcome_of(i).
   template <typename OutcomeOf>
   static void settle(std::vector<Request> requests, OutcomeOf&& outcome_of,
-                     bool is_error) {
+                     bool is_error, DeferredWakes* deferred = nullptr) {
     std::vector<Completion*> to_wake;
     to_wake.reserve(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
       batchserve::settle(requests[i], outcome_of(i), is_error, to_wake);
       release_python_refs(requests[i]);
     }
-    wake_and_release(to_wake);
+    wake(to_wake, deferred);
   }
 
-  std::vector<Request> requests_;
+  std::vector<Request> requests_;  // general path
+  std::vector<Request> rows_;      // fast path: row i of the staging batch
+  std::shared_ptr<DeferredWakes> deferred_;
 };
 
 // The handle of one blocking request handed out by drain() (the transport
@@ -268,6 +643,9 @@ class Ticket {
 class PyRequestQueue {
  public:
   explicit PyRequestQueue(size_t capacity) : queue_(capacity) {}
+  ~PyRequestQueue() { deferred_->flush(); }  // GIL held (Python frees it)
+  PyRequestQueue(const PyRequestQueue&) = delete;
+  PyRequestQueue& operator=(const PyRequestQueue&) = delete;
 
   // GIL held. Pushes `r`, waiting for room until `deadline` with the GIL
   // released, in slices so that a signal (Ctrl-C) is seen. Returns false
@@ -288,12 +666,32 @@ class PyRequestQueue {
   // released, return it or raise the server's exception.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
+    OwnedRows rows = match(item.ptr());
     auto* completion = new Completion();
-    const Request request{item.ptr(), nullptr, completion, monotonic_ns()};
+    const int64_t submit_ns = monotonic_ns();
+    const Request request{item.ptr(), nullptr, completion, submit_ns, rows.get()};
     Py_INCREF(item.ptr());
-    PushResult pushed;
-    if (!push_checking_signals(request, deadline, pushed) ||
-        pushed != PushResult::kOk) {
+    // Push and first wait in one GIL-free stretch: a caller that took the
+    // GIL back in between would hold it just when the server wakes up for
+    // this very request, and the server would sleep on the GIL. The caller
+    // sleeps at once: on a small machine a spinning caller takes the core
+    // the server and torch's threads need (measured: 1-actor latency
+    // 85 µs parked, 150-165 µs spinning, on the 2-core CI VM).
+    PushResult pushed = PushResult::kTimedOut;
+    bool done = false;
+    for (;;) {
+      {
+        py::gil_scoped_release nogil;
+        pushed = queue_.push(request, std::min(deadline, monotonic_ns() + kSignalCheckNs));
+        if (pushed == PushResult::kOk) {
+          const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
+          done = completion->wait_until(slice, 0);
+        }
+      }
+      if (pushed != PushResult::kTimedOut || monotonic_ns() >= deadline) break;
+      if (PyErr_CheckSignals() != 0) break;  // Ctrl-C while the queue is full
+    }
+    if (pushed != PushResult::kOk) {
       Py_DECREF(item.ptr());
       completion->release();
       completion->release();
@@ -302,13 +700,13 @@ class PyRequestQueue {
         throw QueueClosedError("the inference server is shut down");
       raise_timeout("no room in the request queue within the timeout");
     }
-    for (;;) {
-      bool done;
+    rows.release();  // the request owns them now
+    while (!done) {
       int64_t now;
       {
         py::gil_scoped_release nogil;
         const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
-        done = completion->wait_until(slice, kCallerSpin);
+        done = completion->wait_until(slice, 0);
         now = monotonic_ns();
       }
       if (done) break;
@@ -331,15 +729,15 @@ class PyRequestQueue {
                         : "no result within the timeout; the request was "
                           "already being served and its result is discarded");
     }
-    PyObject* outcome = static_cast<PyObject*>(completion->outcome());
+    py::object outcome = py::reinterpret_steal<py::object>(
+        static_cast<PyObject*>(completion->outcome()));
     const bool is_error = completion->is_error();
     completion->release();
     if (is_error) {
-      set_error_from(outcome);
-      Py_DECREF(outcome);
+      set_error_from(outcome.ptr());
       throw py::error_already_set();
     }
-    return py::reinterpret_steal<py::object>(outcome);
+    return outcome;
   }
 
   // Enqueues a request resolved through `future` (a concurrent Future).
@@ -347,12 +745,16 @@ class PyRequestQueue {
   void submit(const py::object& item, const py::object& future, bool block,
               std::optional<double> timeout_s) {
     const int64_t deadline = block ? deadline_from(timeout_s) : 0;
-    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns()};
+    OwnedRows rows = match(item.ptr());
+    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(), rows.get()};
     Py_INCREF(item.ptr());
     Py_INCREF(future.ptr());
     PushResult pushed;
     const bool uninterrupted = push_checking_signals(request, deadline, pushed);
-    if (uninterrupted && pushed == PushResult::kOk) return;
+    if (uninterrupted && pushed == PushResult::kOk) {
+      rows.release();
+      return;
+    }
     Py_DECREF(item.ptr());
     Py_DECREF(future.ptr());
     if (!uninterrupted) throw py::error_already_set();
@@ -361,6 +763,37 @@ class PyRequestQueue {
     throw QueueFullError("the request queue is full (capacity " +
                          std::to_string(queue_.capacity()) + ")");
   }
+
+  // The fast path's schema: requests that match it carry their leaves to the
+  // server. Returns its id. `strict` (a request_spec) makes a mismatching
+  // TensorDict an error at submission.
+  uint64_t set_schema(const std::vector<py::object>& keys, const std::vector<py::object>& dtypes,
+                      const std::vector<py::object>& shapes,
+                      const std::vector<size_t>& leaf_bytes, bool strict) {
+    if (dtypes.size() != keys.size() || shapes.size() != keys.size() ||
+        leaf_bytes.size() != keys.size())
+      throw std::invalid_argument("set_schema: one dtype, shape and size per key");
+    if (keys.empty() || keys.size() > RequestRows::kMaxLeaves)
+      throw std::invalid_argument("set_schema: the fast path takes 1 to " +
+                                  std::to_string(RequestRows::kMaxLeaves) + " leaves");
+    torch_refs();
+    auto schema = std::make_shared<FastSchema>();
+    schema->id = ++last_schema_id_;
+    schema->strict = strict;
+    schema->keys = keys;
+    schema->dtypes = dtypes;
+    schema->shapes = shapes;
+    schema->leaf_bytes = leaf_bytes;
+    schema_ = std::move(schema);
+    return schema_->id;
+  }
+
+  void clear_schema() { schema_.reset(); }
+  uint64_t schema_id() const { return schema_ ? schema_->id : 0; }
+  bool schema_strict() const { return schema_ && schema_->strict; }
+
+  // How long the server spins for work before it sleeps (nanoseconds).
+  void set_server_spin(int64_t ns) { queue_.set_server_spin_ns(ns); }
 
   // Transport protocol: up to max_items requests, without waiting.
   py::tuple drain(size_t max_items) {
@@ -375,6 +808,7 @@ class PyRequestQueue {
         continue;
       }
       items.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.payload)));
+      free_rows(r.rows);  // the protocol path hands out the TensorDict itself
       if (r.completion != nullptr) {
         handles.append(py::cast(new Ticket(r.completion),
                                 py::return_value_policy::take_ownership));
@@ -408,10 +842,20 @@ class PyRequestQueue {
     std::vector<Request> batch;
     std::vector<Request> dropped;
     batch.reserve(reserve);
+    std::vector<Completion*> to_wake;
+    to_wake.swap(deferred_->pending);
     {
       py::gil_scoped_release nogil;
+      for (Completion* c : to_wake) {
+        c->notify();
+        c->release();
+      }
       collect_batch(queue_, settings_, batch, dropped);
     }
+    // Taking the GIL back can take a while when woken callers hold it; what
+    // arrived meanwhile joins this batch rather than wait for the next one.
+    if (!batch.empty() && batch.size() < settings_.load().max_batch_size)
+      detail::take_ready(queue_, settings_.load().max_batch_size - batch.size(), batch, dropped);
     for (const Request& r : dropped) discard(r);
     size_t kept = 0;
     for (const Request& r : batch) {
@@ -423,11 +867,12 @@ class PyRequestQueue {
     }
     batch.resize(kept);
     if (batch.empty()) return nullptr;
-    return std::make_unique<Batch>(std::move(batch));
+    return std::make_unique<Batch>(std::move(batch), deferred_);
   }
 
   // Ends every queued request with `exc`; returns how many.
   size_t fail_pending(const py::object& exc) {
+    deferred_->flush();
     std::vector<Request> pending;
     size_t total = 0;
     std::vector<Completion*> to_wake;
@@ -448,6 +893,7 @@ class PyRequestQueue {
   }
 
   void close() {
+    deferred_->flush();
     py::gil_scoped_release nogil;
     queue_.close();
   }
@@ -457,8 +903,17 @@ class PyRequestQueue {
   size_t capacity() const { return queue_.capacity(); }
 
  private:
+  OwnedRows match(PyObject* item) {
+    if (!schema_) return nullptr;
+    std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
+    return match_schema(item, *schema);
+  }
+
   RequestQueue queue_;
   BatchSettings settings_;
+  std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
+  std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
+  uint64_t last_schema_id_ = 0;
 };
 
 }  // namespace
@@ -479,10 +934,18 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Batch>(m, "Batch")
       .def_property_readonly("size", &Batch::size)
       .def("__len__", &Batch::size)
+      .def_property_readonly("rows", &Batch::rows)
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
+      .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
+      .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
+           py::arg("leaf_bytes"), py::arg("capacity"))
       .def("resolve", &Batch::resolve, py::arg("results"))
+      .def("resolve_rows", &Batch::resolve_rows, py::arg("keys"), py::arg("columns"),
+           py::arg("device"))
+      .def("resolve_rows_with", &Batch::resolve_rows_with, py::arg("results"))
       .def("fail", &Batch::fail, py::arg("exc"))
+      .def("fail_rows", &Batch::fail_rows, py::arg("exc"))
       .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"));
 
   py::class_<Ticket>(m, "Ticket")
@@ -501,6 +964,12 @@ PYBIND11_MODULE(_core, m) {
       .def("configure", &PyRequestQueue::configure, py::arg("max_batch_size"),
            py::arg("min_batch_size"), py::arg("timeout"))
       .def("collect", &PyRequestQueue::collect)
+      .def("set_schema", &PyRequestQueue::set_schema, py::arg("keys"), py::arg("dtypes"),
+           py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false)
+      .def("clear_schema", &PyRequestQueue::clear_schema)
+      .def_property_readonly("schema_id", &PyRequestQueue::schema_id)
+      .def_property_readonly("schema_strict", &PyRequestQueue::schema_strict)
+      .def("set_server_spin", &PyRequestQueue::set_server_spin, py::arg("ns"))
       .def("fail_pending", &PyRequestQueue::fail_pending, py::arg("exc"))
       .def("close", &PyRequestQueue::close)
       .def("reopen", &PyRequestQueue::reopen)

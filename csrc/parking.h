@@ -17,6 +17,7 @@
 // notify() costs one fence and one load while nobody waits.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -76,6 +77,21 @@ class EventCount {
   std::atomic<uint32_t> waiters_{0};
 };
 
+// Sleeps on `event` until `ready()` holds or the deadline passes. Returns
+// ready().
+template <typename Ready>
+bool park_until(EventCount& event, Ready&& ready, int64_t deadline_ns) {
+  for (;;) {
+    if (ready()) return true;
+    const uint32_t key = event.prepare_wait();
+    if (ready()) {
+      event.cancel_wait();
+      return true;
+    }
+    if (!event.wait(key, deadline_ns)) return ready();
+  }
+}
+
 // Waits until `ready()` holds or the deadline passes: up to `spin_iterations`
 // cheap re-checks first (a result that arrives within a few microseconds costs
 // no syscall on either side), then sleeps on `event`. Returns ready().
@@ -86,15 +102,26 @@ bool spin_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
     if (ready()) return true;
     cpu_relax();
   }
-  for (;;) {
-    if (ready()) return true;
-    const uint32_t key = event.prepare_wait();
-    if (ready()) {
-      event.cancel_wait();
-      return true;
-    }
-    if (!event.wait(key, deadline_ns)) return ready();
+  return park_until(event, ready, deadline_ns);
+}
+
+// Like spin_then_park, with the spin bounded in time rather than iterations
+// (the clock is read every few re-checks). A futex wake-up costs tens of
+// microseconds on a VM, so a waiter that expects its event within `spin_ns`
+// and has a core to itself spins through it instead.
+template <typename Ready>
+bool spin_for_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
+                        int64_t spin_ns) {
+  if (spin_ns > 0) {
+    const int64_t until = std::min(deadline_ns, add_saturating(monotonic_ns(), spin_ns));
+    do {
+      for (int i = 0; i < 32; ++i) {
+        if (ready()) return true;
+        cpu_relax();
+      }
+    } while (monotonic_ns() < until);
   }
+  return park_until(event, ready, deadline_ns);
 }
 
 }  // namespace batchserve

@@ -16,8 +16,9 @@ import torch
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._batch_source import batches_for
+from batchserve._batch_source import NativeBatches, batches_for
 from batchserve._collate import default_collate, interaction_context
+from batchserve._fast_path import FastPath, schema_from_spec
 from batchserve._stats import ServerStats
 
 _log = logging.getLogger("batchserve")
@@ -156,6 +157,18 @@ class InferenceServer:
         server_config, device_config: torchrl's ``InferenceServerConfig`` /
             ``InferenceDeviceConfig`` (or objects with the same attributes),
             exclusive with the matching keyword arguments.
+        request_spec (TensorDictBase, optional): a representative single
+            request; with a :class:`~batchserve.ThreadingTransport`, requests
+            are checked against it at submission (a missing key raises
+            ``KeyError``, another dtype, shape or device ``ValueError``) and
+            take the fast path. Default: the fast path learns the schema from
+            traffic.
+
+    Requests of one fixed schema with the default ``collate_fn`` take the
+    fast path: copied without the GIL into staging memory, one forward over
+    a dense batch, rows copied back by each caller's thread (see
+    ``batchserve._fast_path``). Others take the general path, ``collate_fn``
+    and ``unbind``, on the same server.
 
     Example:
         >>> from tensordict.nn import TensorDictModule
@@ -190,6 +203,7 @@ class InferenceServer:
         stats_window_size: int | None = None,
         server_config=None,
         device_config=None,
+        request_spec=None,
     ):
         if model is None:
             raise ValueError("InferenceServer needs a model.")
@@ -258,6 +272,13 @@ class InferenceServer:
         )
 
         self._batches = batches_for(transport)
+        if request_spec is not None:
+            if not isinstance(self._batches, NativeBatches):
+                raise ValueError(
+                    "request_spec needs a batchserve transport (ThreadingTransport); "
+                    f"{type(transport).__name__} has its own request format."
+                )
+            transport._set_schema(schema_from_spec(request_spec), strict=True)
         self._max_batch_size, self._min_batch_size, self._timeout = 64, 1, 0.01
         for key in ("max_batch_size", "min_batch_size", "timeout"):
             if batching[key] is not None:
@@ -267,6 +288,7 @@ class InferenceServer:
         self._model_lock = threading.RLock()
         self._lifecycle_lock = threading.Lock()
         self._version_lock = threading.Lock()
+        self._fast: FastPath | None = None
         self._worker: threading.Thread | None = None
         self._last_worker: threading.Thread | None = None  # may outlive a shutdown
         self._run: _Run | None = None
@@ -433,6 +455,7 @@ class InferenceServer:
                     "still finishing a forward; shutdown(timeout=None) waits for it."
                 )
             run = _Run()
+            self._fast = self._make_fast_path()
             self._batches.open()
             worker = threading.Thread(
                 target=self._worker_main,
@@ -484,6 +507,12 @@ class InferenceServer:
                     "%s s; failing that batch's requests", timeout,
                 )
                 run.inflight.fail(error)
+
+    def _make_fast_path(self) -> FastPath | None:
+        """The fast path, for a batchserve transport and the default collation."""
+        if not isinstance(self._batches, NativeBatches) or self.collate_fn is not default_collate:
+            return None
+        return FastPath(self.transport, self.device, self.output_device)
 
     @property
     def service_backend(self) -> str:
@@ -539,7 +568,8 @@ class InferenceServer:
     def stats(self, *, reset: bool = False) -> dict:
         """Throughput and latency statistics.
 
-        Keys: ``requests``, ``batches``, ``failed_batches``,
+        Keys: ``requests``, ``fast_path_requests`` (those served by the
+        fixed-schema fast path), ``batches``, ``failed_batches``,
         ``requests_per_s``, ``batches_per_s``, ``avg_batch_size``,
         ``p50/p95/p99_queue_ms`` (submission to dispatch),
         ``p50/p95/p99_forward_ms`` (collation, forward and hand-back
@@ -619,8 +649,62 @@ class InferenceServer:
         return None
 
     def _serve_batch(self, batch) -> None:
+        """Serves one collected batch: its fast-path rows with one forward
+        over staging memory, the rest (if any) through ``collate_fn``."""
         dispatch_ns = _core.monotonic_ns()
+        fast = self._fast
+        had_rows = False
+        if fast is not None:
+            buffer = fast.gather(batch, self._max_batch_size)
+            if buffer is not None:
+                had_rows = True
+                try:
+                    self._serve_rows(batch, buffer, dispatch_ns)
+                except Exception as exc:
+                    self._stats.record_failed_batch()
+                    batch.fail_rows(exc)
         items = batch.items
+        if items:
+            if fast is not None:
+                fast.learn(items, had_rows)
+            self._serve_items(batch, items, dispatch_ns)
+
+    def _queue_ms(self, dispatch_ns: int, submitted_ns) -> list:
+        if not self.collect_stats:
+            return []
+        return [(dispatch_ns - s) * 1e-6 for s in submitted_ns if s is not None]
+
+    @staticmethod
+    def _check_output(output, n: int) -> None:
+        if not isinstance(output, TensorDictBase):
+            raise TypeError(
+                f"The model returned {type(output).__name__}; expected a "
+                f"TensorDict with batch size [{n}]."
+            )
+        if output.batch_dims == 0 or output.batch_size[0] != n:
+            raise RuntimeError(
+                f"The model returned batch size {list(output.batch_size)} for "
+                f"a batch of {n} requests; expected a leading dimension of {n}."
+            )
+
+    def _serve_rows(self, batch, buffer, dispatch_ns: int) -> None:
+        """The fast path: the model runs on the staging rows, callers get
+        their rows back (see ``batchserve._fast_path``)."""
+        n = batch.rows
+        queue_ms = self._queue_ms(dispatch_ns, batch.rows_submitted_ns)
+        fast = self._fast
+        with self._model_lock:
+            output = self.model(fast.model_input(buffer, n))
+            self._check_output(output, n)
+            version = self._policy_version
+        if self.collect_stats:  # before the hand-back: a caller with its result sees it counted
+            self._stats.record_batch(
+                n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True
+            )
+        fast.hand_back(batch, output, n, buffer, self.policy_version_key, version)
+
+    def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
+        """The general path: ``collate_fn``, the model, ``unbind``."""
         if self.collate_fn is default_collate:
             malformed = [
                 i for i, item in enumerate(items) if not isinstance(item, TensorDictBase)
@@ -638,11 +722,7 @@ class InferenceServer:
                 if not items:
                     return
         n = len(items)
-        queue_ms = (
-            [(dispatch_ns - s) * 1e-6 for s in batch.submitted_ns if s is not None]
-            if self.collect_stats
-            else ()
-        )
+        queue_ms = self._queue_ms(dispatch_ns, batch.submitted_ns)
         collated = self.collate_fn(items)
         if self.device is not None:
             collated = collated.to(self.device)
@@ -650,16 +730,7 @@ class InferenceServer:
             context, collated = interaction_context(collated)
             with context:
                 output = self.model(collated)
-            if not isinstance(output, TensorDictBase):
-                raise TypeError(
-                    f"The model returned {type(output).__name__}; expected a "
-                    f"TensorDict with batch size [{n}]."
-                )
-            if output.batch_dims == 0 or output.batch_size[0] != n:
-                raise RuntimeError(
-                    f"The model returned batch size {list(output.batch_size)} for "
-                    f"a batch of {n} requests; expected a leading dimension of {n}."
-                )
+            self._check_output(output, n)
             if self.output_device is not None:
                 output = output.to(self.output_device)
             if self.policy_version_key is not None:

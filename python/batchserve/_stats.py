@@ -37,6 +37,7 @@ class ServerStats:
     def _clear(self) -> None:
         self._started = time.monotonic()
         self._requests = 0
+        self._fast_path_requests = 0
         self._batches = 0
         self._failed_batches = 0
         self._weight_updates = 0
@@ -45,9 +46,11 @@ class ServerStats:
         self._queue_ms = collections.deque(maxlen=self._window_size)
         self._forward_ms = collections.deque(maxlen=self._window_size)
 
-    def record_batch(self, size: int, queue_ms, forward_ms: float) -> None:
+    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
         with self._lock:
             self._requests += size
+            if fast_path:
+                self._fast_path_requests += size
             self._batches += 1
             self._histogram[size] += 1
             self._queue_ms.extend(queue_ms)
@@ -76,6 +79,7 @@ class ServerStats:
             forward_ms = list(self._forward_ms)
             result = {
                 "requests": self._requests,
+                "fast_path_requests": self._fast_path_requests,
                 "batches": self._batches,
                 "failed_batches": self._failed_batches,
                 "requests_per_s": self._requests / elapsed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from batchserve import _core
+from batchserve._fast_path import RequestSchema, schema_from_spec
 from batchserve._transport import InferenceTransport
 
 
@@ -16,12 +17,25 @@ class ThreadingTransport(InferenceTransport):
     blocking ``client(td)`` waits for its result on a futex (no Future, no
     lock, no GIL held while waiting).
 
+    Requests whose TensorDicts share one fixed schema (flat keys, CPU
+    tensors of fixed dtypes and shapes) take the fast path: their leaves are
+    copied by the server, without the GIL, straight into batch staging
+    memory, and the caller's thread copies its row of the output back (see
+    ``batchserve._fast_path``). The schema is learned from traffic, or given
+    by ``request_spec``. Other requests take the general path
+    (``collate_fn``, ``unbind``) on the same server.
+
     Args:
         max_queue_size (int, optional): how many requests may wait to be
             batched (rounded up to a power of two). A full queue blocks
             ``client(td)`` and ``submit(td)`` until room frees (bounded by
             their ``timeout``), or makes ``submit(td, block=False)`` raise
             :class:`batchserve.QueueFull`. Default: ``65536``.
+        request_spec (TensorDictBase, optional): a representative single
+            request. Requests are then checked at submission: a missing key
+            raises ``KeyError`` and a leaf of another dtype, shape or device
+            raises ``ValueError`` naming the key; only the declared keys
+            travel to the model. Default: learn the schema from traffic.
 
     Example:
         >>> transport = ThreadingTransport()
@@ -29,11 +43,33 @@ class ThreadingTransport(InferenceTransport):
         >>> client = transport.client()   # usable from any thread
     """
 
-    def __init__(self, max_queue_size: int = 65536):
+    def __init__(self, max_queue_size: int = 65536, *, request_spec=None):
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1.")
         self._queue = _core.RequestQueue(max_queue_size)
         self._blocking_call = self._queue.call
+        self._schema: RequestSchema | None = None
+        self._schema_id = 0
+        if request_spec is not None:
+            self._set_schema(schema_from_spec(request_spec), strict=True)
+
+    # -- fast-path schema ---------------------------------------------------
+
+    @property
+    def request_spec(self) -> RequestSchema | None:
+        """The fixed schema of fast-path requests (given or learned), if any."""
+        return self._schema
+
+    @property
+    def _schema_strict(self) -> bool:
+        return self._queue.schema_strict
+
+    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
+        self._schema_id = self._queue.set_schema(
+            list(schema.keys), list(schema.dtypes), list(schema.shapes),
+            list(schema.leaf_bytes), strict,
+        )
+        self._schema = schema
 
     # -- actor side -------------------------------------------------------
 

@@ -1,0 +1,296 @@
+"""The fast path: requests of one fixed schema batched in staging memory.
+
+A schema is a flat set of keys, each a CPU tensor of fixed dtype and shape.
+A request that matches the transport's schema carries its leaves to the
+server in C++ (``csrc/bindings.cpp``: ``match_schema``); the server
+
+1. copies the rows into a free staging buffer (``Batch.gather``, C++, the GIL
+   released for large copies): the only copy of the request bytes on the CPU,
+2. runs the model on a dense TensorDict of batch size ``[n]`` whose leaves
+   are views of the staging columns (moved to the model's device on a copy
+   stream when that is a GPU),
+3. resolves each request with its row of the output (``Batch.resolve_rows``:
+   one ``unbind`` per output column, one TensorDict per request, built in
+   C++ before any caller is woken).
+
+No Python object is created per request on the intake side. A result never
+shares memory the server reuses: output columns that lie in staging memory
+(a ``TensorDictModule`` returns its input with the outputs added, a model may
+return a view of its input) are copied out once per batch first; every
+other column is memory the model allocated for that batch.
+
+The schema is given (``request_spec=``, strict: a mismatching TensorDict
+raises at submission) or learned from traffic: the first request of a
+general-path batch that could take the fast path sets it. Anything else
+(nested keys, non-tensor entries, other dtypes or shapes, a custom
+``collate_fn``, a user transport) takes the general path on the same server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict
+from tensordict.base import TensorDictBase
+
+from batchserve import _core
+from batchserve._collate import INTERACTION_TYPE_KEY
+
+# Leaves a fast-path schema may have (RequestRows::kMaxLeaves in C++).
+MAX_LEAVES = 8
+
+
+@dataclass(frozen=True)
+class RequestSchema:
+    """The keys, dtypes and shapes of one request on the fast path."""
+
+    keys: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def leaf_bytes(self) -> tuple[int, ...]:
+        return tuple(
+            s.numel() * torch.empty((), dtype=d).element_size()
+            for d, s in zip(self.dtypes, self.shapes)
+        )
+
+
+def _fits_fast_path(value) -> bool:
+    return (
+        type(value) is torch.Tensor
+        and value.layout is torch.strided
+        and value.is_cpu
+        and value.is_contiguous()
+        and not value.dtype.is_complex  # conjugate views share unconjugated memory
+        and not value.is_quantized
+    )
+
+
+def schema_of(td) -> RequestSchema | None:
+    """The schema of request ``td`` if the fast path can take it, else None."""
+    if type(td) is not TensorDict or td.batch_dims != 0:
+        return None
+    keys, dtypes, shapes = [], [], []
+    for key, value in td.items():
+        if key == INTERACTION_TYPE_KEY or not _fits_fast_path(value):
+            return None
+        keys.append(key)
+        dtypes.append(value.dtype)
+        shapes.append(value.shape)
+    if not keys or len(keys) > MAX_LEAVES:
+        return None
+    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes))
+
+
+def schema_from_spec(spec) -> RequestSchema:
+    """The strict schema of ``request_spec`` (a representative single request).
+
+    Raises:
+        ValueError: the spec cannot describe fast-path requests (nested keys,
+            non-tensor entries, a batch size, too many leaves).
+    """
+    if not isinstance(spec, TensorDictBase):
+        raise TypeError(
+            f"request_spec must be a TensorDict (a representative request); got {type(spec).__name__}."
+        )
+    if spec.batch_dims != 0:
+        raise ValueError(
+            f"request_spec must describe one request (batch size []); got {list(spec.batch_size)}."
+        )
+    keys, dtypes, shapes = [], [], []
+    for key, value in spec.items():
+        if not isinstance(value, torch.Tensor) or isinstance(value, TensorDictBase):
+            raise ValueError(
+                f"request_spec key {key!r}: the fast path takes flat tensor leaves; "
+                f"got {type(value).__name__}."
+            )
+        if value.dtype.is_complex or value.is_quantized:
+            raise ValueError(f"request_spec key {key!r}: dtype {value.dtype} is not supported.")
+        keys.append(key)
+        dtypes.append(value.dtype)
+        shapes.append(value.shape)
+    if not keys or len(keys) > MAX_LEAVES:
+        raise ValueError(f"request_spec must have 1 to {MAX_LEAVES} tensor leaves; got {len(keys)}.")
+    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes))
+
+
+class StagingBuffer:
+    """``rows`` rows of every leaf of a schema, one column tensor per leaf."""
+
+    __slots__ = ("keys", "columns", "pointers", "rows", "copied", "_views")
+
+    def __init__(self, schema: RequestSchema, rows: int, pin: bool):
+        self.keys = schema.keys
+        self.columns = tuple(
+            torch.empty((rows, *shape), dtype=dtype, pin_memory=pin)
+            for dtype, shape in zip(schema.dtypes, schema.shapes)
+        )
+        self.pointers = [c.data_ptr() for c in self.columns]
+        self.rows = rows
+        self.copied = None  # CUDA event: the last host-to-device copy from here is done
+        self._views: dict[int, tuple] = {}
+
+    def batch(self, n: int) -> TensorDict:
+        """A new TensorDict of batch size [n] over the first n rows."""
+        views = self._views.get(n)
+        if views is None:
+            views = self._views[n] = tuple(c[:n] for c in self.columns)
+        return TensorDict._new_unsafe(dict(zip(self.keys, views)), batch_size=torch.Size([n]))
+
+    def clone_if_owned(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, or a copy of it if it lies in this buffer's memory (the
+        next batches overwrite that)."""
+        if tensor.is_cpu:
+            start = tensor.data_ptr()
+            for column, base in zip(self.columns, self.pointers):
+                if base <= start < base + column.nbytes:
+                    return tensor.clone()
+        return tensor
+
+
+class FastPath:
+    """The server's side of the fast path: staging, device hand-off, hand-back.
+
+    Args:
+        transport: a :class:`~batchserve.ThreadingTransport` (its queue holds
+            the schema requests are matched against).
+        device: where the model runs (``None``: where the batch is).
+        output_device: where results go (``None``: where the model left them).
+    """
+
+    def __init__(self, transport, device: torch.device | None, output_device: torch.device | None):
+        self._transport = transport
+        self.device = device
+        self.output_device = output_device
+        self._cuda = device is not None and device.type == "cuda"
+        self._pin = torch.cuda.is_available()
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._schema_id = 0
+        self._buffers: list[StagingBuffer] = []
+        self._next = 0
+        # A model on a GPU with results wanted on the CPU: outputs come back
+        # through pinned memory.
+        self._to_pinned_host = (
+            self._cuda and output_device is not None and output_device.type == "cpu"
+        )
+
+    # -- schema -----------------------------------------------------------------
+
+    def learn(self, items: list, had_rows: bool) -> None:
+        """Sets the schema from a general-path batch: its first request, if it
+        fits the fast path, unless requests of the current schema are still
+        coming (``had_rows``) or the schema was given by ``request_spec``."""
+        if had_rows or self._transport._schema_strict or not items:
+            return
+        schema = schema_of(items[0])
+        if schema is not None and schema != self._transport._schema:
+            self._transport._set_schema(schema, strict=False)
+
+    # -- one batch --------------------------------------------------------------
+
+    def gather(self, batch, max_rows: int) -> StagingBuffer | None:
+        """Copies the batch's requests of the current schema into a free
+        staging buffer; None when it has none."""
+        schema = self._transport._schema
+        if schema is None:
+            return None
+        schema_id = self._transport._schema_id
+        if schema_id != self._schema_id or max_rows > self._buffers[0].rows:
+            self._schema_id = schema_id
+            self._buffers = [StagingBuffer(schema, max_rows, self._pin) for _ in range(2)]
+            self._next = 0
+        buffer = self._buffers[self._next]
+        self._next = (self._next + 1) % len(self._buffers)
+        if buffer.copied is not None:
+            buffer.copied.synchronize()  # its last host-to-device copy must be done
+            buffer.copied = None
+        if batch.gather(schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows) == 0:
+            return None
+        return buffer
+
+    def model_input(self, buffer: StagingBuffer, n: int) -> TensorDictBase:
+        """The batch the model sees: views of staging, or their copy on the
+        model's GPU made by one non-blocking copy per leaf on the copy stream
+        (the compute stream waits on an event, nothing else is synchronised)."""
+        batch = buffer.batch(n)
+        if not self._cuda:
+            return batch if self.device is None else batch.to(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        copy_stream = self._copy_stream
+        with torch.cuda.stream(copy_stream):
+            on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            copied = torch.cuda.Event()
+            copied.record(copy_stream)
+        compute.wait_event(copied)
+        for tensor in on_device.values():
+            tensor.record_stream(compute)  # allocated on the copy stream, used on compute
+        buffer.copied = copied
+        return TensorDict._new_unsafe(on_device, batch_size=torch.Size([n]), device=self.device)
+
+    def hand_back(self, batch, output: TensorDictBase, n: int, buffer: StagingBuffer,
+                  version_key, version: int) -> None:
+        """Resolves the gathered requests with the rows of ``output``, moved
+        to ``output_device`` when one is set."""
+        if self.output_device is not None and not self._to_pinned_host:
+            output = output.to(self.output_device)
+        columns = self._columns(output, buffer, version_key, version, n)
+        if columns is None:  # nested or non-tensor entries: TensorDict's own unbind
+            if self._to_pinned_host:
+                output = output.to(self.output_device)
+            if version_key is not None:
+                output.set(version_key, torch.full((n,), version, dtype=torch.long,
+                                                   device=output.device))
+            batch.resolve_rows_with(output.unbind(0))
+            return
+        keys, values = columns
+        batch.resolve_rows(keys, values, output.device)
+
+    def _columns(self, output: TensorDictBase, buffer: StagingBuffer, version_key,
+                 version: int, n: int):
+        """The output's keys and columns (plus the policy version), none of
+        them in staging memory; None when the output has nested or
+        non-tensor entries."""
+        if type(output) is not TensorDict:
+            return None
+        keys, values = [], []
+        for key, value in output.items():
+            if type(value) is not torch.Tensor:
+                return None
+            keys.append(key)
+            values.append(buffer.clone_if_owned(value))
+        if self._to_pinned_host and values:
+            values = self._to_host(values)
+        if version_key is not None:
+            if isinstance(version_key, tuple):
+                if len(version_key) != 1:
+                    return None
+                version_key = version_key[0]
+            column = self._versions(version, n)
+            if version_key in keys:
+                values[keys.index(version_key)] = column
+            else:
+                keys.append(version_key)
+                values.append(column)
+        return keys, values
+
+    def _to_host(self, values: list) -> list:
+        """GPU columns copied into pinned memory (a fresh block per batch from
+        torch's caching host allocator), waiting on the compute stream only."""
+        pinned = []
+        for v in values:
+            if v.is_cpu:
+                pinned.append(v)
+                continue
+            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host.copy_(v, non_blocking=True)
+            pinned.append(host)
+        torch.cuda.current_stream(self.device).synchronize()
+        return pinned
+
+    @staticmethod
+    def _versions(version: int, n: int) -> torch.Tensor:
+        """A new column of n rows of ``version`` (new per batch: a caller may
+        write to its result)."""
+        return torch.full((n,), version, dtype=torch.long)

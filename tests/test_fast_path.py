@@ -1,0 +1,440 @@
+"""The fixed-schema fast path: same results as the general path, no aliasing
+of staging memory, routing under load, schema changes and request_spec."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+from tensordict import TensorDict, lazy_stack
+from tensordict.nn import TensorDictModule
+
+from batchserve import InferenceServer, ThreadingTransport
+from batchserve._fast_path import schema_of, schema_from_spec
+
+from conftest import echo_model, echoes, make_policy, request
+
+
+def general_collate(items):
+    """The default collation under another name: forces the general path."""
+    return lazy_stack(items)
+
+
+def serve_all(tds, *, fast: bool, model=None, **kwargs):
+    """Results of `tds` submitted together to a fresh server."""
+    torch.manual_seed(0)
+    model = model if model is not None else make_policy()
+    transport = ThreadingTransport()
+    kwargs.setdefault("max_batch_size", 8)
+    if not fast:
+        kwargs["collate_fn"] = general_collate
+    with InferenceServer(model, transport, **kwargs) as server:
+        client = transport.client()
+        if fast:
+            client(tds[0].clone())  # teaches the server the schema
+        results = [f.result(timeout=30) for f in [client.submit(td) for td in tds]]
+        stats = server.stats()
+    return results, stats
+
+
+def test_fast_and_general_paths_give_identical_results():
+    tds = [TensorDict({"observation": torch.randn(4)}) for _ in range(40)]
+    fast, fast_stats = serve_all(tds, fast=True)
+    general, general_stats = serve_all(tds, fast=False)
+    assert fast_stats["fast_path_requests"] >= 40
+    assert general_stats["fast_path_requests"] == 0
+    for a, b in zip(fast, general):
+        assert set(a.keys()) == set(b.keys()) == {"observation", "action", "policy_version"}
+        assert a.batch_size == b.batch_size == torch.Size([])
+        for key in a.keys():
+            assert a[key].dtype == b[key].dtype
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_blocking_calls_take_the_fast_path(transport):
+    policy = make_policy()
+    with InferenceServer(policy, transport, max_batch_size=4) as server:
+        client = transport.client()
+        obs = torch.randn(4)
+        for _ in range(5):
+            result = client(TensorDict({"observation": obs}))
+        assert server.stats()["fast_path_requests"] >= 4
+    with torch.no_grad():
+        torch.testing.assert_close(result["action"], policy.module(obs))
+    assert result["policy_version"].item() == 0
+
+
+def test_schema_is_learned_from_traffic(transport):
+    assert transport.request_spec is None
+    with InferenceServer(make_policy(), transport):
+        transport.client()(TensorDict({"observation": torch.randn(4)}))
+        schema = transport.request_spec
+    assert schema.keys == ("observation",)
+    assert schema.dtypes == (torch.float32,)
+    assert schema.shapes == (torch.Size([4]),)
+
+
+class ReturnsViewOfInput(nn.Module):
+    def forward(self, td):
+        obs = td["observation"]
+        return TensorDict(
+            {"first_two": obs[:, :2], "whole": obs, "doubled": obs * 2}, batch_size=td.batch_size
+        )
+
+
+@pytest.mark.parametrize(
+    "model", [make_policy(), ReturnsViewOfInput(), lambda td: td], ids=["tdmodule", "view", "identity"]
+)
+def test_results_never_share_memory_with_later_batches(transport, model):
+    """Results held while hundreds of later batches reuse the staging memory
+    keep exactly what they had."""
+    held = []
+    with InferenceServer(model, transport, max_batch_size=4) as server:
+        client = transport.client()
+        for i in range(300):
+            obs = torch.full((4,), float(i))
+            result = client(TensorDict({"observation": obs}))
+            held.append((i, result, result.clone()))
+        assert server.stats()["fast_path_requests"] >= 299
+    for i, result, snapshot in held:
+        for key in snapshot.keys():
+            torch.testing.assert_close(result[key], snapshot[key], rtol=0, atol=0)
+        if "observation" in snapshot.keys():
+            assert torch.equal(result["observation"], torch.full((4,), float(i)))
+        if "whole" in snapshot.keys():
+            assert torch.equal(result["whole"], torch.full((4,), float(i)))
+            assert torch.equal(result["first_two"], torch.full((2,), float(i)))
+
+
+def test_results_do_not_alias_each_other_or_the_request(transport):
+    with InferenceServer(lambda td: td, transport, max_batch_size=8):
+        client = transport.client()
+        client(TensorDict({"observation": torch.zeros(4)}))  # the schema
+        sent = [TensorDict({"observation": torch.full((4,), float(i))}) for i in range(16)]
+        results = [f.result(timeout=30) for f in [client.submit(td) for td in sent]]
+    for result in results:
+        result["observation"].add_(100)  # a caller writing to its result
+    for i, (td, result) in enumerate(zip(sent, results)):
+        assert torch.equal(td["observation"], torch.full((4,), float(i)))
+        assert torch.equal(result["observation"], torch.full((4,), float(i) + 100))
+
+
+def test_routing_under_32_threads():
+    transport = ThreadingTransport()
+    threads, per_thread = 32, 60
+    errors: list[BaseException] = []
+    with InferenceServer(echo_model, transport, max_batch_size=16, timeout=0.001) as server:
+
+        def actor(t: int) -> None:
+            client = transport.client()
+            try:
+                for k in range(per_thread):
+                    i = t * 1000 + k
+                    out = client(request(i))
+                    assert out["echo"].item() == i, (out["echo"].item(), i)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=actor, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert not any(w.is_alive() for w in workers)
+        stats = server.stats()
+    assert not errors, errors[0]
+    assert stats["requests"] == threads * per_thread
+    assert stats["fast_path_requests"] >= threads * per_thread - 16
+
+
+def test_schema_change_mid_stream(transport):
+    def model(td):
+        obs = td["observation"]
+        return TensorDict({"size": torch.full((obs.shape[0],), obs.shape[-1])}, batch_size=td.batch_size)
+
+    with InferenceServer(model, transport, max_batch_size=4) as server:
+        client = transport.client()
+        for width in (4, 6, 4, 9):
+            for _ in range(20):
+                assert client(TensorDict({"observation": torch.randn(width)}))["size"].item() == width
+            assert transport.request_spec.shapes == (torch.Size([width]),)
+        assert server.stats()["fast_path_requests"] >= 4 * 18
+
+
+def test_mixed_fast_and_general_requests_on_one_server(transport):
+    """Requests that do not fit the schema (other shapes, nested keys,
+    non-tensor entries, non-contiguous leaves) are served correctly beside
+    fast-path ones, in the same batches."""
+
+    def model(td):
+        return TensorDict({"echo": td["id"].clone()}, batch_size=td.batch_size)
+
+    def odd(i: int) -> TensorDict:
+        kind = i % 4
+        if kind == 0:
+            return TensorDict({"id": torch.tensor(i), "observation": torch.randn(7)})
+        if kind == 1:
+            return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4), "extra": {"x": torch.zeros(2)}})
+        if kind == 2:
+            return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4, 2)[:, 0]})
+        td = request(i)
+        td.set_non_tensor("tag", "hello")
+        return td
+
+    with InferenceServer(model, transport, max_batch_size=16, timeout=0.002) as server:
+        client = transport.client()
+        client(request(-1))  # the schema: id + float32[4]
+        futures, expected = [], []
+        for i in range(200):
+            td = request(i) if i % 2 else odd(i)
+            futures.append(client.submit(td))
+            expected.append(i)
+        # general-path requests with a nested key cannot stack with flat ones;
+        # the server serves what stacks and reports the rest per request
+        got = []
+        for f, i in zip(futures, expected):
+            try:
+                got.append(f.result(timeout=30)["echo"].item())
+            except Exception:
+                got.append(None)
+        stats = server.stats()
+    for g, i in zip(got, expected):
+        if i % 2:  # fast-path requests are never disturbed by their neighbours
+            assert g == i
+    assert stats["fast_path_requests"] >= 100
+
+
+def test_mixed_batches_are_served_by_both_paths(transport):
+    """Each collected batch with fast and general requests gets two forwards;
+    both sets of callers get their own rows."""
+    with InferenceServer(echo_model, transport, max_batch_size=32, min_batch_size=32, timeout=0.05) as server:
+        client = transport.client()
+        client(request(-1))
+        futures = []
+        for i in range(32):
+            td = request(i) if i % 2 else TensorDict({"id": torch.tensor(i), "observation": torch.randn(5)})
+            futures.append(client.submit(td))
+        assert echoes(futures, timeout=30) == list(range(32))
+        assert server.stats()["fast_path_requests"] >= 16
+
+
+def test_custom_collate_fn_takes_the_general_path(transport):
+    with InferenceServer(echo_model, transport, collate_fn=general_collate) as server:
+        client = transport.client()
+        for i in range(10):
+            assert client(request(i))["echo"].item() == i
+        assert server.stats()["fast_path_requests"] == 0
+
+
+def test_futures_on_the_fast_path(transport):
+    with InferenceServer(echo_model, transport, max_batch_size=8) as server:
+        client = transport.client()
+        client(request(-1))
+        futures = [client.submit(request(i)) for i in range(50)]
+        assert echoes(futures) == list(range(50))
+        assert server.stats()["fast_path_requests"] >= 50
+
+
+def test_model_error_on_the_fast_path_fails_only_that_batch(transport):
+    calls = {"n": 0}
+
+    def flaky(td):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("boom")
+        return echo_model(td)
+
+    with InferenceServer(flaky, transport, max_batch_size=4) as server:
+        client = transport.client()
+        assert client(request(0))["echo"].item() == 0
+        with pytest.raises(ValueError, match="boom"):
+            client(request(1))
+        assert client(request(2))["echo"].item() == 2
+        assert server.stats()["failed_batches"] == 1
+
+
+def test_max_batch_size_grows_while_serving(transport):
+    with InferenceServer(echo_model, transport, max_batch_size=2, timeout=0.002) as server:
+        client = transport.client()
+        client(request(-1))
+        assert echoes([client.submit(request(i)) for i in range(20)]) == list(range(20))
+        server.max_batch_size = 48
+        server.min_batch_size = 48
+        futures = [client.submit(request(i)) for i in range(48)]
+        assert echoes(futures) == list(range(48))
+        assert max(server.stats()["batch_size_histogram"]) == 48
+
+
+# -- request_spec -------------------------------------------------------------
+
+
+def spec_transport() -> ThreadingTransport:
+    return ThreadingTransport(
+        request_spec=TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4)})
+    )
+
+
+def test_request_spec_sets_a_strict_schema():
+    transport = spec_transport()
+    assert transport.request_spec == schema_from_spec(
+        TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4)})
+    )
+    with InferenceServer(echo_model, transport) as server:
+        assert transport.client()(request(3))["echo"].item() == 3
+        assert server.stats()["fast_path_requests"] == 1
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (TensorDict({"id": torch.tensor(0), "observation": torch.zeros(5)}), ValueError, "'observation' has shape"),
+        (TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4, dtype=torch.float64)}), ValueError, "'observation' has dtype"),
+        (TensorDict({"id": torch.tensor(0.0), "observation": torch.zeros(4)}), ValueError, "'id' has dtype"),
+        (TensorDict({"observation": torch.zeros(4)}), KeyError, "'id'"),
+        (TensorDict({"id": torch.tensor(0), "observation": {"x": torch.zeros(4)}}), ValueError, "'observation' must be a tensor"),
+    ],
+    ids=["shape", "dtype", "dtype-id", "missing", "nested"],
+)
+def test_request_spec_mismatch_raises_naming_the_key(bad, error, match):
+    transport = spec_transport()
+    errors: list[BaseException] = []
+    with InferenceServer(echo_model, transport, max_batch_size=8) as server:
+        client = transport.client()
+
+        def good_actor(t: int) -> None:
+            try:
+                for k in range(50):
+                    assert client(request(t * 100 + k))["echo"].item() == t * 100 + k
+            except BaseException as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=good_actor, args=(t,)) for t in range(4)]
+        for w in workers:
+            w.start()
+        for _ in range(20):
+            with pytest.raises(error, match=match):
+                client(bad)
+            with pytest.raises(error, match=match):
+                client.submit(bad)
+        for w in workers:
+            w.join(60)
+        assert not errors, errors[0]
+        assert server.stats()["requests"] == 200  # nothing lost, nothing extra
+
+
+def test_request_spec_only_declared_keys_travel():
+    transport = spec_transport()
+    seen = []
+
+    def model(td):
+        seen.append(set(td.keys()))
+        return echo_model(td)
+
+    with InferenceServer(model, transport):
+        td = request(5)
+        td["extra"] = torch.zeros(3)
+        assert transport.client()(td)["echo"].item() == 5
+    assert seen == [{"id", "observation"}]
+
+
+def test_request_spec_on_the_server():
+    transport = ThreadingTransport()
+    spec = TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4)})
+    with InferenceServer(echo_model, transport, request_spec=spec):
+        with pytest.raises(ValueError, match="'observation' has shape"):
+            transport.client()(TensorDict({"id": torch.tensor(0), "observation": torch.zeros(2)}))
+
+
+def test_request_spec_needs_a_batchserve_transport():
+    from batchserve._transport import InferenceTransport
+
+    class Custom(InferenceTransport):
+        def submit(self, td):
+            raise NotImplementedError
+
+        def drain(self, max_items):
+            return [], []
+
+        def wait_for_work(self, timeout):
+            pass
+
+        def resolve(self, callback, result):
+            pass
+
+        def resolve_exception(self, callback, exc):
+            pass
+
+    with pytest.raises(ValueError, match="request_spec needs a batchserve transport"):
+        InferenceServer(echo_model, Custom(), request_spec=TensorDict({"x": torch.zeros(1)}))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2]), "one request"),
+        (TensorDict({"x": {"y": torch.zeros(1)}}), "flat tensor leaves"),
+        (TensorDict({}), "1 to 8"),
+        (TensorDict({f"k{i}": torch.zeros(1) for i in range(9)}), "1 to 8"),
+    ],
+)
+def test_bad_request_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        ThreadingTransport(request_spec=spec)
+
+
+def test_schema_of_rejects_what_the_fast_path_cannot_take():
+    assert schema_of(TensorDict({"x": torch.zeros(3)})) is not None
+    assert schema_of(TensorDict({"x": torch.zeros(3, 2)[:, 0]})) is None  # non-contiguous
+    assert schema_of(TensorDict({"x": torch.zeros(3, dtype=torch.complex64)})) is None
+    assert schema_of(TensorDict({"x": {"y": torch.zeros(1)}})) is None
+    assert schema_of(TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2])) is None
+    assert schema_of({"x": torch.zeros(3)}) is None
+    assert schema_of(TensorDict({})) is None
+
+
+# -- CUDA ---------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_device_results_match_cpu():
+    torch.manual_seed(0)
+    policy = make_policy()
+    tds = [TensorDict({"observation": torch.randn(4)}) for _ in range(64)]
+    with torch.no_grad():
+        expected = policy.module(torch.stack([td["observation"] for td in tds]))
+    transport = ThreadingTransport()
+    with InferenceServer(policy, transport, device="cuda", output_device="cpu", max_batch_size=16) as server:
+        client = transport.client()
+        client(tds[0].clone())
+        results = [f.result(timeout=60) for f in [client.submit(td) for td in tds]]
+        assert server.stats()["fast_path_requests"] >= 64
+    for i, result in enumerate(results):
+        assert result["action"].device.type == "cpu"
+        torch.testing.assert_close(result["action"], expected[i], rtol=1e-4, atol=1e-5)
+
+
+@cuda
+def test_cuda_results_stay_on_the_device_without_output_device():
+    transport = ThreadingTransport()
+    with InferenceServer(make_policy(), transport, device="cuda"):
+        result = transport.client()(TensorDict({"observation": torch.randn(4)}))
+        result = transport.client()(TensorDict({"observation": torch.randn(4)}))
+    assert result["action"].device.type == "cuda"
+
+
+@cuda
+def test_cuda_results_survive_later_batches():
+    transport = ThreadingTransport()
+    held = []
+    with InferenceServer(lambda td: td.set("twice", td["observation"] * 2), transport,
+                         device="cuda", output_device="cpu", max_batch_size=4):
+        client = transport.client()
+        for i in range(200):
+            held.append((i, client(TensorDict({"observation": torch.full((4,), float(i))}))))
+    for i, result in held:
+        assert torch.equal(result["observation"], torch.full((4,), float(i)))
+        assert torch.equal(result["twice"], torch.full((4,), 2.0 * i))
