@@ -85,12 +85,13 @@ inline void take_ready(RequestQueue& queue, size_t room,
 
 }  // namespace detail
 
-// Collects one batch into `batch` (appended; expected empty on entry).
-// Returns with an empty batch when no request came within `timeout`, when the
-// queue is closed, or when the settings changed while it waited for a first
-// request. While it collects toward min_batch_size it follows settings
-// changes: the deadline is always the oldest request's arrival plus the
-// current timeout.
+// Collects one batch into `batch`. Requests already in `batch` on entry
+// (taken ahead by a Prefetcher) count as collected: only the min_batch_size
+// phase runs then. Returns with an empty batch when no request came within
+// `timeout`, when the queue is closed, or when the settings changed while it
+// waited for a first request. While it collects toward min_batch_size it
+// follows settings changes: the deadline is always the oldest request's
+// arrival plus the current timeout.
 inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
                           std::vector<Request>& batch,
                           std::vector<Request>& dropped) {
@@ -116,8 +117,9 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
     if (batch.size() >= policy.min_batch_size ||
         batch.size() >= policy.max_batch_size || queue.closed())
       return;
-    const int64_t deadline = add_saturating(
-        batch.front().submit_ns, policy.timeout_ns);
+    int64_t oldest = batch.front().submit_ns;
+    for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
+    const int64_t deadline = add_saturating(oldest, policy.timeout_ns);
     const bool ready = monotonic_ns() < deadline &&
                        queue.wait_for_work(deadline, seen);
     if (ready || monotonic_ns() >= deadline)

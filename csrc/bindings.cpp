@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -30,6 +31,7 @@
 #include "futex.h"
 #include "request_queue.h"
 #include "row_copy.h"
+#include "staging.h"
 
 namespace py = pybind11;
 
@@ -160,20 +162,17 @@ struct FastSchema {
   std::vector<size_t> leaf_bytes;
 };
 
-// A fast request's leaves, in schema order: owned references (so a caller
-// that replaces a key of its TensorDict cannot free memory the server is
-// about to read) and their data pointers.
-struct RequestRows {
-  static constexpr size_t kMaxLeaves = 8;
-  uint64_t schema_id = 0;
-  size_t count = 0;
+// A fast request's leaves, in schema order: the data pointers the C++ core
+// copies from (RowSource) and owned references to their tensors, so that a
+// caller that replaces a key of its TensorDict cannot free memory the server
+// is about to read.
+struct RequestRows : RowSource {
   PyObject* tensors[kMaxLeaves] = {};
-  const void* data[kMaxLeaves] = {};
 };
 
-// GIL held.
-void free_rows(void* p) {
-  auto* rows = static_cast<RequestRows*>(p);
+// GIL held. Every RowSource of a Request is a RequestRows.
+void free_rows(const RowSource* p) {
+  const auto* rows = static_cast<const RequestRows*>(p);
   if (rows == nullptr) return;
   for (size_t j = 0; j < rows->count; ++j) Py_DECREF(rows->tensors[j]);
   delete rows;
@@ -379,9 +378,10 @@ class Batch {
 
   // Results are handed out through `deferred` (see DeferredWakes) when
   // given; failures always wake at once.
-  explicit Batch(std::vector<Request> requests,
-                 std::shared_ptr<DeferredWakes> deferred = nullptr)
-      : requests_(std::move(requests)), deferred_(std::move(deferred)) {}
+  // `rows` were gathered ahead into staging rows 0.. (see Prefetcher).
+  Batch(std::vector<Request> rows, std::vector<Request> requests,
+        std::shared_ptr<DeferredWakes> deferred)
+      : requests_(std::move(requests)), rows_(std::move(rows)), deferred_(std::move(deferred)) {}
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
@@ -410,51 +410,50 @@ class Batch {
   std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
   std::vector<int64_t> rows_submitted_ns() const { return arrivals(rows_); }
 
-  // Moves the requests whose leaves match schema `schema_id` (at most
-  // `capacity` of them) to the fast path and copies their leaves into
-  // staging: leaf j of the i-th to column j at columns[j] + i * leaf_bytes[j].
-  // Returns the number of rows. Large copies run with the GIL released.
+  // Moves the requests whose leaves match schema `schema_id` to the fast
+  // path, after the rows it already has (taken ahead by the Prefetcher), up
+  // to `capacity` rows in all, and copies their leaves into staging: leaf j
+  // of row i to columns[j] + i * leaf_bytes[j]. Returns the number of rows.
+  // Large copies run with the GIL released.
   size_t gather(uint64_t schema_id, const std::vector<uintptr_t>& columns,
                 const std::vector<size_t>& leaf_bytes, size_t capacity) {
-    if (!rows_.empty()) throw std::logic_error("gather: the batch is already gathered");
-    StagingColumns dst;
-    for (uintptr_t c : columns) dst.base.push_back(reinterpret_cast<uint8_t*>(c));
-    dst.leaf_bytes = leaf_bytes;
-    dst.rows = capacity;
-    std::vector<Request> general;
-    for (const Request& r : requests_) {
-      const auto* leaves = static_cast<const RequestRows*>(r.rows);
-      const bool fast = leaves != nullptr && leaves->schema_id == schema_id &&
-                        leaves->count == columns.size() && rows_.size() < capacity;
-      (fast ? rows_ : general).push_back(r);
-    }
-    requests_.swap(general);
-    std::vector<const void* const*> sources;
-    sources.reserve(rows_.size());
-    size_t bytes = 0;
-    for (const Request& r : rows_) {
-      sources.push_back(static_cast<const RequestRows*>(r.rows)->data);
-      for (size_t n : leaf_bytes) bytes += n;
-    }
-    if (bytes < kGilFreeGatherBytes) {
-      gather_rows(sources, columns.size(), dst);
+    const StagingColumns staging = staging_columns(columns, leaf_bytes, capacity);
+    const size_t first = rows_.size();
+    if (first >= capacity) return first;
+    take_rows(requests_, schema_id, columns.size(), capacity - first, rows_);
+    if ((rows_.size() - first) * staging.row_bytes() < kGilFreeGatherBytes) {
+      gather_from(rows_, first, staging);
       return rows_.size();
     }
     // Without the GIL a shutdown may end these requests (and free their
-    // leaves) meanwhile: hold the leaves until the copy is done.
+    // leaves) meanwhile: copy from a snapshot of the sources, holding the
+    // tensors they point into.
+    std::vector<RowSource> snapshot;
     std::vector<py::object> held;
-    held.reserve(rows_.size() * columns.size());
-    for (const Request& r : rows_) {
-      const auto* leaves = static_cast<const RequestRows*>(r.rows);
+    snapshot.reserve(rows_.size() - first);
+    held.reserve((rows_.size() - first) * columns.size());
+    for (size_t i = first; i < rows_.size(); ++i) {
+      const auto* leaves = static_cast<const RequestRows*>(rows_[i].rows);
+      snapshot.push_back(*leaves);
       for (size_t j = 0; j < leaves->count; ++j)
         held.push_back(py::reinterpret_borrow<py::object>(leaves->tensors[j]));
     }
+    std::vector<const RowSource*> sources;
+    sources.reserve(snapshot.size());
+    for (const RowSource& s : snapshot) sources.push_back(&s);
     const size_t n = rows_.size();
     {
       py::gil_scoped_release nogil;
-      gather_rows(sources, columns.size(), dst);
+      gather_rows(sources, first, staging);
     }
     return n;
+  }
+
+  // Gives the fast path's rows back to the general path (their staging was
+  // filled for a schema or buffer that is gone).
+  void ungather() {
+    requests_.insert(requests_.begin(), rows_.begin(), rows_.end());
+    rows_.clear();
   }
 
   // General path: results has one entry per request, in request order.
@@ -558,6 +557,17 @@ class Batch {
   }
 
  private:
+  static StagingColumns staging_columns(const std::vector<uintptr_t>& columns,
+                                        const std::vector<size_t>& leaf_bytes, size_t capacity) {
+    if (leaf_bytes.size() != columns.size())
+      throw std::invalid_argument("gather: one size per column expected");
+    StagingColumns staging;
+    for (uintptr_t c : columns) staging.base.push_back(reinterpret_cast<uint8_t*>(c));
+    staging.leaf_bytes = leaf_bytes;
+    staging.rows = capacity;
+    return staging;
+  }
+
   static std::vector<int64_t> arrivals(const std::vector<Request>& requests) {
     std::vector<int64_t> out;
     out.reserve(requests.size());
@@ -643,7 +653,17 @@ class Ticket {
 class PyRequestQueue {
  public:
   explicit PyRequestQueue(size_t capacity) : queue_(capacity) {}
-  ~PyRequestQueue() { deferred_->flush(); }  // GIL held (Python frees it)
+  ~PyRequestQueue() {  // GIL held (Python frees it)
+    deferred_->flush();
+    Prefetcher::Taken taken;
+    {
+      py::gil_scoped_release nogil;
+      taken = finish_prefetch();
+    }
+    for (const Request& r : taken.rows) discard_unserved(r);
+    for (const Request& r : taken.others) discard_unserved(r);
+    for (const Request& r : taken.dropped) discard(r);
+  }
   PyRequestQueue(const PyRequestQueue&) = delete;
   PyRequestQueue& operator=(const PyRequestQueue&) = delete;
 
@@ -835,13 +855,30 @@ class PyRequestQueue {
     settings_.store(policy, queue_);
   }
 
-  // The server's batch: the C++ batching policy, run without the GIL.
+  // Fast path: starts gathering the next batch into the staging `columns`
+  // while the model runs on the current one (see Prefetcher). Does nothing
+  // when no request is waiting (one actor: it is waiting for this batch) or
+  // a job is already started. Returns whether it started one.
+  bool prefetch(uint64_t schema_id, const std::vector<uintptr_t>& columns,
+                const std::vector<size_t>& leaf_bytes, size_t capacity) {
+    if (queue_.size() == 0) return false;
+    std::lock_guard<std::mutex> lock(prefetch_mutex_);
+    if (prefetcher_.started()) return false;
+    Prefetcher::Job job;
+    job.max_items = settings_.load().max_batch_size;
+    job.schema_id = schema_id;
+    for (uintptr_t c : columns) job.staging.base.push_back(reinterpret_cast<uint8_t*>(c));
+    job.staging.leaf_bytes = leaf_bytes;
+    job.staging.rows = capacity;
+    prefetcher_.start(std::move(job));
+    return true;
+  }
+
+  // The server's batch: the C++ batching policy, run without the GIL, going
+  // on from what a prefetch took (those rows are already in staging).
   std::unique_ptr<Batch> collect() {
-    const size_t reserve =
-        std::min(settings_.load().max_batch_size, queue_.capacity());
-    std::vector<Request> batch;
-    std::vector<Request> dropped;
-    batch.reserve(reserve);
+    std::vector<Request> batch, dropped;
+    size_t prefetched = 0;  // batch[0, prefetched) are gathered rows
     std::vector<Completion*> to_wake;
     to_wake.swap(deferred_->pending);
     {
@@ -850,42 +887,66 @@ class PyRequestQueue {
         c->notify();
         c->release();
       }
+      Prefetcher::Taken taken = finish_prefetch();
+      prefetched = taken.rows.size();
+      batch = std::move(taken.rows);  // the policy counts them as collected
+      batch.insert(batch.end(), taken.others.begin(), taken.others.end());
+      dropped = std::move(taken.dropped);
+      batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
       collect_batch(queue_, settings_, batch, dropped);
     }
     // Taking the GIL back can take a while when woken callers hold it; what
     // arrived meanwhile joins this batch rather than wait for the next one.
-    if (!batch.empty() && batch.size() < settings_.load().max_batch_size)
-      detail::take_ready(queue_, settings_.load().max_batch_size - batch.size(), batch, dropped);
+    const size_t max_batch_size = settings_.load().max_batch_size;
+    if (!batch.empty() && batch.size() < max_batch_size)
+      detail::take_ready(queue_, max_batch_size - batch.size(), batch, dropped);
     for (const Request& r : dropped) discard(r);
-    size_t kept = 0;
-    for (const Request& r : batch) {
+    // Futures cancelled by their callers are dropped; a prefetched row keeps
+    // its staging row (its result then goes nowhere).
+    std::vector<Request> rows(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(prefetched));
+    std::vector<Request> others;
+    others.reserve(batch.size() - prefetched);
+    for (size_t i = prefetched; i < batch.size(); ++i) {
+      const Request& r = batch[i];
       if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
         discard(r);
         continue;
       }
-      batch[kept++] = r;
+      others.push_back(r);
     }
-    batch.resize(kept);
-    if (batch.empty()) return nullptr;
-    return std::make_unique<Batch>(std::move(batch), deferred_);
+    for (const Request& r : rows)
+      if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
+    if (rows.empty() && others.empty()) return nullptr;
+    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_);
   }
 
-  // Ends every queued request with `exc`; returns how many.
+  // Ends every queued request (and any a prefetch took) with `exc`; returns
+  // how many.
   size_t fail_pending(const py::object& exc) {
     deferred_->flush();
-    std::vector<Request> pending;
     size_t total = 0;
     std::vector<Completion*> to_wake;
-    while (queue_.pop_many(pending, 1024) > 0) {
-      for (const Request& r : pending) {
-        if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
-          discard(r);
-          continue;
-        }
-        settle(r, exc.ptr(), true, to_wake);
-        release_python_refs(r);
-        ++total;
+    auto fail = [&](const Request& r) {
+      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
+        discard(r);
+        return;
       }
+      settle(r, exc.ptr(), true, to_wake);
+      release_python_refs(r);
+      ++total;
+    };
+    Prefetcher::Taken taken;
+    {
+      py::gil_scoped_release nogil;
+      taken = finish_prefetch();
+    }
+    for (const Request& r : taken.dropped) discard(r);
+    for (const Request& r : taken.rows) fail(r);
+    for (const Request& r : taken.others) fail(r);
+    wake_and_release(to_wake);
+    std::vector<Request> pending;
+    while (queue_.pop_many(pending, 1024) > 0) {
+      for (const Request& r : pending) fail(r);
       pending.clear();
       wake_and_release(to_wake);
     }
@@ -903,6 +964,23 @@ class PyRequestQueue {
   size_t capacity() const { return queue_.capacity(); }
 
  private:
+  // GIL released. What the prefetch started last took (nothing if none).
+  Prefetcher::Taken finish_prefetch() {
+    std::lock_guard<std::mutex> lock(prefetch_mutex_);
+    return prefetcher_.finish();
+  }
+
+  // GIL held. Ends a request that can no longer be served (its queue is
+  // being destroyed).
+  static void discard_unserved(const Request& r) {
+    PyObject* err = new_runtime_error("batchserve: the request queue was destroyed");
+    std::vector<Completion*> to_wake;
+    settle(r, err, true, to_wake);
+    release_python_refs(r);
+    wake_and_release(to_wake);
+    Py_DECREF(err);
+  }
+
   OwnedRows match(PyObject* item) {
     if (!schema_) return nullptr;
     std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
@@ -911,6 +989,8 @@ class PyRequestQueue {
 
   RequestQueue queue_;
   BatchSettings settings_;
+  std::mutex prefetch_mutex_;  // start() and finish() of prefetcher_, never at once
+  Prefetcher prefetcher_{queue_};
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
   uint64_t last_schema_id_ = 0;
@@ -944,6 +1024,7 @@ PYBIND11_MODULE(_core, m) {
       .def("resolve_rows", &Batch::resolve_rows, py::arg("keys"), py::arg("columns"),
            py::arg("device"))
       .def("resolve_rows_with", &Batch::resolve_rows_with, py::arg("results"))
+      .def("ungather", &Batch::ungather)
       .def("fail", &Batch::fail, py::arg("exc"))
       .def("fail_rows", &Batch::fail_rows, py::arg("exc"))
       .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"));
@@ -964,6 +1045,8 @@ PYBIND11_MODULE(_core, m) {
       .def("configure", &PyRequestQueue::configure, py::arg("max_batch_size"),
            py::arg("min_batch_size"), py::arg("timeout"))
       .def("collect", &PyRequestQueue::collect)
+      .def("prefetch", &PyRequestQueue::prefetch, py::arg("schema_id"), py::arg("columns"),
+           py::arg("leaf_bytes"), py::arg("capacity"))
       .def("set_schema", &PyRequestQueue::set_schema, py::arg("keys"), py::arg("dtypes"),
            py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false)
       .def("clear_schema", &PyRequestQueue::clear_schema)

@@ -28,6 +28,7 @@
 #include "completion.h"
 #include "mpsc_ring.h"
 #include "parking.h"
+#include "row_copy.h"
 
 namespace batchserve {
 
@@ -36,8 +37,8 @@ struct Request {
   void* future = nullptr;             // a Future to resolve, or null (opaque)
   Completion* completion = nullptr;   // a blocking caller's slot, or null
   int64_t submit_ns = 0;              // arrival, monotonic_ns()
-  void* rows = nullptr;               // fast path: the request's fixed-schema
-                                      // leaves, or null (opaque)
+  const RowSource* rows = nullptr;    // fast path: the request's fixed-schema
+                                      // leaves, or null (owned by the layer above)
 };
 
 enum class PushResult { kOk, kClosed, kTimedOut };

@@ -1,4 +1,4 @@
-// The fast path's copy: requests' rows into batch staging (gather).
+// The fast path's copy: requests' leaves into batch staging rows (gather).
 //
 // A fixed schema is a list of leaves; leaf j of every request is
 // leaf_bytes[j] contiguous bytes. Staging holds `rows` rows of each leaf,
@@ -16,33 +16,50 @@
 
 namespace batchserve {
 
+// A fast request's leaves: the schema they matched (by id) and where each
+// leaf's bytes are. The layer above keeps that memory alive until the
+// request ends.
+struct RowSource {
+  static constexpr size_t kMaxLeaves = 8;
+  uint64_t schema_id = 0;
+  size_t count = 0;
+  const void* data[kMaxLeaves] = {};
+};
+
 // Where one batch's input rows go: one column per leaf.
 struct StagingColumns {
   std::vector<uint8_t*> base;       // per leaf: row 0 of the column
   std::vector<size_t> leaf_bytes;   // per leaf: bytes of one row
   size_t rows = 0;                  // capacity of every column, in rows
+
+  size_t row_bytes() const {
+    size_t total = 0;
+    for (size_t n : leaf_bytes) total += n;
+    return total;
+  }
 };
 
-// Copies leaf j of request i (sources[i][j], leaf_bytes[j] bytes) to row i of
-// column j. Throws std::length_error before copying anything when there are
-// more requests than rows or a request has too few leaves, so a bad caller
+// Copies leaf j of sources[i] to row first_row + i of column j. Throws
+// std::length_error before copying anything when the rows would not fit or
+// a source has fewer leaves than the staging has columns, so a bad caller
 // can never write past the staging memory.
-inline void gather_rows(const std::vector<const void* const*>& sources,
-                        size_t leaves_per_request, const StagingColumns& dst) {
+inline void gather_rows(const std::vector<const RowSource*>& sources, size_t first_row,
+                        const StagingColumns& dst) {
   const size_t leaves = dst.base.size();
   if (dst.leaf_bytes.size() != leaves)
     throw std::length_error("gather_rows: one size per column expected");
-  if (sources.size() > dst.rows)
-    throw std::length_error("gather_rows: " + std::to_string(sources.size()) +
-                            " requests for " + std::to_string(dst.rows) +
-                            " staging rows");
-  if (leaves_per_request < leaves)
-    throw std::length_error("gather_rows: requests carry fewer leaves than the schema");
+  if (first_row > dst.rows || sources.size() > dst.rows - first_row)
+    throw std::length_error("gather_rows: rows " + std::to_string(first_row) + ".." +
+                            std::to_string(first_row + sources.size()) + " of " +
+                            std::to_string(dst.rows) + " staging rows");
+  for (const RowSource* s : sources)
+    if (s->count < leaves)
+      throw std::length_error("gather_rows: a request carries fewer leaves than the schema");
   for (size_t i = 0; i < sources.size(); ++i) {
-    const void* const* leaf = sources[i];
+    const RowSource& s = *sources[i];
     for (size_t j = 0; j < leaves; ++j) {
       const size_t n = dst.leaf_bytes[j];
-      if (n != 0) std::memcpy(dst.base[j] + i * n, leaf[j], n);
+      if (n != 0) std::memcpy(dst.base[j] + (first_row + i) * n, s.data[j], n);
     }
   }
 }

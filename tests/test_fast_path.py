@@ -14,7 +14,7 @@ from tensordict.nn import TensorDictModule
 from batchserve import InferenceServer, ThreadingTransport
 from batchserve._fast_path import schema_of, schema_from_spec
 
-from conftest import echo_model, echoes, make_policy, request
+from conftest import BlockingModel, echo_model, echoes, make_policy, request
 
 
 def general_collate(items):
@@ -218,6 +218,84 @@ def test_mixed_batches_are_served_by_both_paths(transport):
             futures.append(client.submit(td))
         assert echoes(futures, timeout=30) == list(range(32))
         assert server.stats()["fast_path_requests"] >= 16
+
+
+def test_requests_gathered_during_a_forward_are_served(transport, monkeypatch):
+    """Requests that arrive while the model runs are gathered into the other
+    staging buffer by the C++ prefetcher; they are served, each its own row,
+    and the batch being served is not disturbed."""
+    from batchserve._fast_path import FastPath
+
+    started = []
+    original = FastPath.prefetch
+
+    def counting_prefetch(self):
+        started.append(original(self))
+        return started[-1]
+
+    monkeypatch.setattr(FastPath, "prefetch", counting_prefetch)
+    model = BlockingModel()
+    with InferenceServer(model, transport, max_batch_size=8, timeout=0.002):
+        client = transport.client()
+        model.release.set()
+        client(request(-1))  # the schema
+        model.release.clear()
+        model.entered.clear()
+        first = client.submit(request(0))
+        assert model.entered.wait(10)
+        later = [client.submit(request(i)) for i in range(1, 30)]  # arrive mid-forward
+        model.release.set()
+        assert echoes([first] + later) == list(range(30))
+    assert any(started), "no prefetch started although requests waited"
+
+
+class GatedModel:
+    """Each forward waits for one permit; `forwards` counts those started."""
+
+    def __init__(self):
+        self.permits = threading.Semaphore(0)
+        self.forwards = 0
+        self.started = threading.Condition()
+
+    def __call__(self, td):
+        with self.started:
+            self.forwards += 1
+            self.started.notify_all()
+        assert self.permits.acquire(timeout=30), "test never let the forward go"
+        return echo_model(td)
+
+    def wait_for_forward(self, n: int) -> None:
+        with self.started:
+            assert self.started.wait_for(lambda: self.forwards >= n, timeout=10)
+
+
+def test_shutdown_with_a_prefetch_in_flight_fails_its_requests(monkeypatch):
+    from batchserve._fast_path import FastPath
+
+    started = []
+    original = FastPath.prefetch
+    monkeypatch.setattr(
+        FastPath, "prefetch", lambda self: started.append(original(self)) or started[-1]
+    )
+    transport = ThreadingTransport()
+    model = GatedModel()
+    server = InferenceServer(model, transport, max_batch_size=4).start()
+    client = transport.client()
+    model.permits.release()
+    client(request(-1))  # the schema; forward 1
+    first = client.submit(request(0))
+    model.wait_for_forward(2)  # forward 2 (request 0) holds the server
+    later = [client.submit(request(i)) for i in range(1, 13)]
+    model.permits.release()  # forward 2 ends; forward 3 takes 1..4, prefetch takes 5..8
+    model.wait_for_forward(3)
+    assert first.result(timeout=10)["echo"].item() == 0
+    assert started[-1], "the prefetch did not start"
+    server.shutdown(timeout=0.2)  # forward 3 is still held
+    for f in later:
+        with pytest.raises(RuntimeError):
+            f.result(timeout=10)
+    for _ in range(4):
+        model.permits.release()
 
 
 def test_custom_collate_fn_takes_the_general_path(transport):

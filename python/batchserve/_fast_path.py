@@ -4,8 +4,10 @@ A schema is a flat set of keys, each a CPU tensor of fixed dtype and shape.
 A request that matches the transport's schema carries its leaves to the
 server in C++ (``csrc/bindings.cpp``: ``match_schema``); the server
 
-1. copies the rows into a free staging buffer (``Batch.gather``, C++, the GIL
-   released for large copies): the only copy of the request bytes on the CPU,
+1. copies the rows into one of two staging buffers (``Batch.gather``, C++,
+   the GIL released for large copies): the only copy of the request bytes on
+   the CPU. While the model runs on one buffer, a C++ helper thread gathers
+   the requests already waiting into the other (``FastPath.prefetch``).
 2. runs the model on a dense TensorDict of batch size ``[n]`` whose leaves
    are views of the staging columns (moved to the model's device on a copy
    stream when that is a GPU),
@@ -191,23 +193,44 @@ class FastPath:
     # -- one batch --------------------------------------------------------------
 
     def gather(self, batch, max_rows: int) -> StagingBuffer | None:
-        """Copies the batch's requests of the current schema into a free
-        staging buffer; None when it has none."""
+        """Copies the batch's requests of the current schema into the next
+        staging buffer, after the rows a prefetch already put there; None
+        when the batch has none."""
         schema = self._transport._schema
         if schema is None:
+            if batch.rows:
+                batch.ungather()
             return None
         schema_id = self._transport._schema_id
         if schema_id != self._schema_id or max_rows > self._buffers[0].rows:
+            if batch.rows:  # gathered for a schema or a size that is gone
+                batch.ungather()
             self._schema_id = schema_id
             self._buffers = [StagingBuffer(schema, max_rows, self._pin) for _ in range(2)]
             self._next = 0
-        buffer = self._buffers[self._next]
+        buffer = self._next_buffer()
         self._next = (self._next + 1) % len(self._buffers)
+        if batch.gather(schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows) == 0:
+            return None
+        return buffer
+
+    def prefetch(self) -> bool:
+        """Starts gathering the next batch into the buffer the current batch
+        does not use, while the model runs (see ``Prefetcher`` in C++).
+        Returns whether requests were waiting and a prefetch started."""
+        schema = self._transport._schema
+        if schema is None or self._transport._schema_id != self._schema_id:
+            return False
+        buffer = self._next_buffer()
+        return self._transport._queue.prefetch(
+            self._schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows
+        )
+
+    def _next_buffer(self) -> StagingBuffer:
+        buffer = self._buffers[self._next]
         if buffer.copied is not None:
             buffer.copied.synchronize()  # its last host-to-device copy must be done
             buffer.copied = None
-        if batch.gather(schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows) == 0:
-            return None
         return buffer
 
     def model_input(self, buffer: StagingBuffer, n: int) -> TensorDictBase:

@@ -694,7 +694,9 @@ class InferenceServer:
         queue_ms = self._queue_ms(dispatch_ns, batch.rows_submitted_ns)
         fast = self._fast
         with self._model_lock:
-            output = self.model(fast.model_input(buffer, n))
+            model_input = fast.model_input(buffer, n)
+            fast.prefetch()  # the next batch is gathered while the model runs
+            output = self.model(model_input)
             self._check_output(output, n)
             version = self._policy_version
         if self.collect_stats:  # before the hand-back: a caller with its result sees it counted

@@ -13,17 +13,19 @@
 namespace {
 
 using batchserve::gather_rows;
+using batchserve::RowSource;
 using batchserve::StagingColumns;
 
 // One request: two leaves of 3 and 5 bytes, filled from `seed`.
 struct FakeRequest {
   std::vector<uint8_t> a, b;
-  const void* leaves[2];
+  RowSource source;
   explicit FakeRequest(uint8_t seed) : a(3), b(5) {
     std::iota(a.begin(), a.end(), seed);
     std::iota(b.begin(), b.end(), static_cast<uint8_t>(seed + 100));
-    leaves[0] = a.data();
-    leaves[1] = b.data();
+    source.count = 2;
+    source.data[0] = a.data();
+    source.data[1] = b.data();
   }
 };
 
@@ -39,9 +41,9 @@ struct Staging {
   }
 };
 
-std::vector<const void* const*> sources_of(const std::vector<FakeRequest>& requests) {
-  std::vector<const void* const*> out;
-  for (const FakeRequest& r : requests) out.push_back(r.leaves);
+std::vector<const RowSource*> sources_of(const std::vector<FakeRequest>& requests) {
+  std::vector<const RowSource*> out;
+  for (const FakeRequest& r : requests) out.push_back(&r.source);
   return out;
 }
 
@@ -49,7 +51,7 @@ TEST(GatherRows, CopiesEachRequestToItsRow) {
   std::vector<FakeRequest> requests;
   for (uint8_t i = 0; i < 4; ++i) requests.emplace_back(static_cast<uint8_t>(i * 10));
   Staging staging(4);
-  gather_rows(sources_of(requests), 2, staging.columns);
+  gather_rows(sources_of(requests), 0, staging.columns);
   for (size_t i = 0; i < 4; ++i) {
     for (size_t k = 0; k < 3; ++k) EXPECT_EQ(staging.a[i * 3 + k], requests[i].a[k]);
     for (size_t k = 0; k < 5; ++k) EXPECT_EQ(staging.b[i * 5 + k], requests[i].b[k]);
@@ -61,7 +63,7 @@ TEST(GatherRows, FewerRequestsThanRowsLeavesTheRestAlone) {
   requests.emplace_back(1);
   Staging staging(8);
   std::fill(staging.a.begin(), staging.a.end(), 0xEE);
-  gather_rows(sources_of(requests), 2, staging.columns);
+  gather_rows(sources_of(requests), 0, staging.columns);
   EXPECT_EQ(staging.a[0], 1);
   for (size_t k = 3; k < staging.a.size(); ++k) EXPECT_EQ(staging.a[k], 0xEE);
 }
@@ -71,7 +73,7 @@ TEST(GatherRows, FullStagingIsFilledToTheLastByte) {
   std::vector<FakeRequest> requests;
   for (size_t i = 0; i < kRows; ++i) requests.emplace_back(static_cast<uint8_t>(i));
   Staging staging(kRows);
-  gather_rows(sources_of(requests), 2, staging.columns);
+  gather_rows(sources_of(requests), 0, staging.columns);
   EXPECT_EQ(staging.b.back(), requests.back().b.back());
 }
 
@@ -80,21 +82,37 @@ TEST(GatherRows, MoreRequestsThanRowsThrowsBeforeCopying) {
   for (uint8_t i = 0; i < 5; ++i) requests.emplace_back(i);
   Staging staging(4);
   std::fill(staging.a.begin(), staging.a.end(), 0xEE);
-  EXPECT_THROW(gather_rows(sources_of(requests), 2, staging.columns), std::length_error);
+  EXPECT_THROW(gather_rows(sources_of(requests), 0, staging.columns), std::length_error);
   for (uint8_t v : staging.a) EXPECT_EQ(v, 0xEE);  // nothing written
 }
 
 TEST(GatherRows, RequestsWithFewerLeavesThanColumnsThrow) {
   std::vector<FakeRequest> requests;
   requests.emplace_back(1);
+  requests.back().source.count = 1;
   Staging staging(2);
-  EXPECT_THROW(gather_rows(sources_of(requests), 1, staging.columns), std::length_error);
+  EXPECT_THROW(gather_rows(sources_of(requests), 0, staging.columns), std::length_error);
+}
+
+TEST(GatherRows, AppendsAfterFirstRow) {
+  std::vector<FakeRequest> first, second;
+  first.emplace_back(10);
+  second.emplace_back(20);
+  second.emplace_back(30);
+  Staging staging(3);
+  gather_rows(sources_of(first), 0, staging.columns);
+  gather_rows(sources_of(second), 1, staging.columns);
+  EXPECT_EQ(staging.a[0], 10);
+  EXPECT_EQ(staging.a[3], 20);
+  EXPECT_EQ(staging.a[6], 30);
+  EXPECT_THROW(gather_rows(sources_of(second), 2, staging.columns), std::length_error);
+  EXPECT_THROW(gather_rows(sources_of(first), 4, staging.columns), std::length_error);
 }
 
 TEST(GatherRows, MismatchedColumnSizesThrow) {
   Staging staging(2);
   staging.columns.leaf_bytes.pop_back();
-  EXPECT_THROW(gather_rows({}, 2, staging.columns), std::length_error);
+  EXPECT_THROW(gather_rows({}, 0, staging.columns), std::length_error);
 }
 
 TEST(GatherRows, ZeroByteLeavesAndEmptyBatchesAreFine) {
@@ -102,9 +120,9 @@ TEST(GatherRows, ZeroByteLeavesAndEmptyBatchesAreFine) {
   requests.emplace_back(1);
   Staging staging(1);
   staging.columns.leaf_bytes = {3, 0};
-  gather_rows(sources_of(requests), 2, staging.columns);
+  gather_rows(sources_of(requests), 0, staging.columns);
   EXPECT_EQ(staging.a[2], 3);
-  gather_rows({}, 2, staging.columns);
+  gather_rows({}, 0, staging.columns);
 }
 
 }  // namespace
