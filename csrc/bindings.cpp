@@ -488,8 +488,11 @@ class Batch {
     const TorchRefs& t = torch_refs();
     std::vector<py::object> rows_of;  // per column: its n row views
     rows_of.reserve(columns.size());
+    py::int_ zero(0);
     for (const py::object& column : columns) {
-      py::object views = call_method(column.ptr(), t.s_unbind);
+      // unbind makes n views in one call; for one row, indexing is cheaper.
+      py::object views = n == 1 ? py::make_tuple(column[zero])
+                                : call_method(column.ptr(), t.s_unbind);
       if (!PyTuple_Check(views.ptr()) || static_cast<size_t>(PyTuple_GET_SIZE(views.ptr())) != n)
         throw std::invalid_argument("resolve_rows: every column must have " +
                                     std::to_string(n) + " rows");

@@ -30,6 +30,7 @@ general-path batch that could take the fast path sets it. Anything else
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ class RequestSchema:
     dtypes: tuple[torch.dtype, ...]
     shapes: tuple[torch.Size, ...]
 
-    @property
+    @functools.cached_property
     def leaf_bytes(self) -> tuple[int, ...]:
         return tuple(
             s.numel() * torch.empty((), dtype=d).element_size()
@@ -267,36 +268,39 @@ class FastPath:
                                                    device=output.device))
             batch.resolve_rows_with(output.unbind(0))
             return
-        keys, values = columns
-        batch.resolve_rows(keys, values, output.device)
+        keys, values, device = columns
+        batch.resolve_rows(keys, values, device)
 
     def _columns(self, output: TensorDictBase, buffer: StagingBuffer, version_key,
                  version: int, n: int):
         """The output's keys and columns (plus the policy version), none of
-        them in staging memory; None when the output has nested or
-        non-tensor entries."""
+        them in staging memory, and the device the results are on; None when
+        the output has nested or non-tensor entries."""
         if type(output) is not TensorDict:
             return None
         keys, values = [], []
-        for key, value in output.items():
+        for key, value in output._tensordict.items():  # exact TensorDict: its leaves
             if type(value) is not torch.Tensor:
                 return None
             keys.append(key)
             values.append(buffer.clone_if_owned(value))
-        if self._to_pinned_host and values:
+        device = output.device
+        if self._to_pinned_host:
             values = self._to_host(values)
+            device = self.output_device
         if version_key is not None:
             if isinstance(version_key, tuple):
                 if len(version_key) != 1:
                     return None
                 version_key = version_key[0]
-            column = self._versions(version, n)
+            # New per batch, like every column: a caller may write to its result.
+            column = torch.full((n,), version, dtype=torch.long, device=device)
             if version_key in keys:
                 values[keys.index(version_key)] = column
             else:
                 keys.append(version_key)
                 values.append(column)
-        return keys, values
+        return keys, values, device
 
     def _to_host(self, values: list) -> list:
         """GPU columns copied into pinned memory (a fresh block per batch from
@@ -312,8 +316,3 @@ class FastPath:
         torch.cuda.current_stream(self.device).synchronize()
         return pinned
 
-    @staticmethod
-    def _versions(version: int, n: int) -> torch.Tensor:
-        """A new column of n rows of ``version`` (new per batch: a caller may
-        write to its result)."""
-        return torch.full((n,), version, dtype=torch.long)
