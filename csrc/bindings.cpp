@@ -815,9 +815,6 @@ class PyRequestQueue {
   uint64_t schema_id() const { return schema_ ? schema_->id : 0; }
   bool schema_strict() const { return schema_ && schema_->strict; }
 
-  // How long the server spins for work before it sleeps (nanoseconds).
-  void set_server_spin(int64_t ns) { queue_.set_server_spin_ns(ns); }
-
   // Transport protocol: up to max_items requests, without waiting.
   py::tuple drain(size_t max_items) {
     std::vector<Request> popped;
@@ -1055,7 +1052,7 @@ PYBIND11_MODULE(_core, m) {
       .def("clear_schema", &PyRequestQueue::clear_schema)
       .def_property_readonly("schema_id", &PyRequestQueue::schema_id)
       .def_property_readonly("schema_strict", &PyRequestQueue::schema_strict)
-      .def("set_server_spin", &PyRequestQueue::set_server_spin, py::arg("ns"))
+
       .def("fail_pending", &PyRequestQueue::fail_pending, py::arg("exc"))
       .def("close", &PyRequestQueue::close)
       .def("reopen", &PyRequestQueue::reopen)
