@@ -491,11 +491,15 @@ class Batch {
     py::int_ zero(0);
     for (const py::object& column : columns) {
       // unbind makes n views in one call; for one row, indexing is cheaper.
+      if (PyObject_Length(column.ptr()) != static_cast<Py_ssize_t>(n)) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        throw std::invalid_argument("resolve_rows: every column must have " +
+                                    std::to_string(n) + " rows");
+      }
       py::object views = n == 1 ? py::make_tuple(column[zero])
                                 : call_method(column.ptr(), t.s_unbind);
       if (!PyTuple_Check(views.ptr()) || static_cast<size_t>(PyTuple_GET_SIZE(views.ptr())) != n)
-        throw std::invalid_argument("resolve_rows: every column must have " +
-                                    std::to_string(n) + " rows");
+        throw std::invalid_argument("resolve_rows: unbind gave no tuple of rows");
       rows_of.push_back(std::move(views));
     }
     std::vector<py::object> results;

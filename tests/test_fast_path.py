@@ -516,3 +516,46 @@ def test_cuda_results_survive_later_batches():
     for i, result in held:
         assert torch.equal(result["observation"], torch.full((4,), float(i)))
         assert torch.equal(result["twice"], torch.full((4,), 2.0 * i))
+
+
+def test_core_batch_refuses_columns_of_the_wrong_length():
+    """The C++ hand-back checks every column against the row count, so a
+    wrong output can only fail the batch, never read out of bounds."""
+    from concurrent.futures import Future
+
+    from batchserve import _core
+
+    queue = _core.RequestQueue(8)
+    schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
+    futures = [Future() for _ in range(3)]
+    for i, f in enumerate(futures):
+        queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
+    batch = queue.collect()
+    staging = torch.zeros(4, 2)
+    assert batch.gather(schema_id, [staging.data_ptr()], [8], 4) == 3
+    assert torch.equal(staging[:3, 0], torch.tensor([0.0, 1.0, 2.0]))
+    for bad in (torch.zeros(2, 1), torch.zeros(5, 1)):
+        with pytest.raises(ValueError, match="3 rows"):
+            batch.resolve_rows(["y"], [bad], None)
+    batch.resolve_rows(["y"], [staging[:3].clone()], None)
+    assert [f.result(timeout=5)["y"][0].item() for f in futures] == [0.0, 1.0, 2.0]
+
+
+def test_core_gather_never_takes_more_rows_than_staging_holds():
+    from concurrent.futures import Future
+
+    from batchserve import _core
+
+    queue = _core.RequestQueue(8)
+    schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
+    futures = [Future() for _ in range(5)]
+    for i, f in enumerate(futures):
+        queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
+    batch = queue.collect()
+    staging = torch.zeros(3, 2)
+    assert batch.gather(schema_id, [staging.data_ptr()], [8], 2) == 2  # capacity 2 of 3 rows
+    assert torch.equal(staging[2], torch.zeros(2))  # the row past capacity is untouched
+    assert len(batch.items) == 3  # the rest take the general path
+    assert batch.gather(schema_id, [staging.data_ptr()], [8], 3) == 3  # appends one more row
+    assert torch.equal(staging[2], torch.full((2,), 2.0))
+    batch.fail(RuntimeError("done"))
