@@ -17,6 +17,7 @@
 // notify() costs one fence and one load while nobody waits.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -100,6 +101,23 @@ bool spin_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
   for (int i = 0; i < spin_iterations; ++i) {
     if (ready()) return true;
     cpu_relax();
+  }
+  return park_until(event, ready, deadline_ns);
+}
+
+// Like spin_then_park, with the spin bounded in time rather than iterations
+// (the clock is read every few re-checks).
+template <typename Ready>
+bool spin_for_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
+                        int64_t spin_ns) {
+  if (spin_ns > 0) {
+    const int64_t until = std::min(deadline_ns, add_saturating(monotonic_ns(), spin_ns));
+    do {
+      for (int i = 0; i < 32; ++i) {
+        if (ready()) return true;
+        cpu_relax();
+      }
+    } while (monotonic_ns() < until);
   }
   return park_until(event, ready, deadline_ns);
 }

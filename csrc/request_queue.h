@@ -44,12 +44,10 @@ enum class PushResult { kOk, kClosed, kTimedOut };
 
 class RequestQueue {
  public:
-  // How long a waiter re-checks before sleeping. Kept short: on a small
-  // machine a spinning thread steals the core the other side needs
-  // (measured on the 2-core CI VM: a server spinning 50 µs for work served
-  // 8 actor threads ~20% slower, and one actor no faster).
+  // How long a waiter re-checks before sleeping. A producer waiting for room
+  // spins briefly: the server frees room a batch at a time. The server spins
+  // for server_spin_ns (set by its owner, see set_server_spin_ns).
   static constexpr int kProducerSpin = 64;
-  static constexpr int kServerSpin = 256;
 
   explicit RequestQueue(size_t capacity) : ring_(capacity) {}
 
@@ -108,13 +106,13 @@ class RequestQueue {
   // interrupt() is called after `seen_interrupts` was read from
   // interrupts(), or the deadline passes. True if a request is ready.
   bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts) {
-    spin_then_park(
+    spin_for_then_park(
         not_empty_,
         [this, seen_interrupts] {
           return ring_.ready() || closed() ||
                  interrupts_.load(std::memory_order_acquire) != seen_interrupts;
         },
-        deadline_ns, kServerSpin);
+        deadline_ns, server_spin_ns_.load(std::memory_order_relaxed));
     return ring_.ready();
   }
 
@@ -147,6 +145,11 @@ class RequestQueue {
 
   void reopen() { closed_.store(false, std::memory_order_seq_cst); }
 
+  // How long the server spins for work before it sleeps (0: sleep at once).
+  void set_server_spin_ns(int64_t ns) {
+    server_spin_ns_.store(ns > 0 ? ns : 0, std::memory_order_relaxed);
+  }
+
   bool closed() const { return closed_.load(std::memory_order_acquire); }
   size_t size() const { return ring_.size_approx(); }
   size_t capacity() const { return ring_.capacity(); }
@@ -167,6 +170,7 @@ class RequestQueue {
   std::atomic<bool> closed_{false};
   std::atomic<uint32_t> pushers_{0};
   std::atomic<uint32_t> interrupts_{0};
+  std::atomic<int64_t> server_spin_ns_{0};
 };
 
 }  // namespace batchserve
