@@ -660,16 +660,15 @@ class Ticket {
 class PyRequestQueue {
  public:
   explicit PyRequestQueue(size_t capacity) : queue_(capacity) {}
-  ~PyRequestQueue() {  // GIL held (Python frees it)
-    deferred_->flush();
-    Prefetcher::Taken taken;
-    {
-      py::gil_scoped_release nogil;
-      taken = finish_prefetch();
+  // GIL held (Python frees the queue). Requests still here (Futures whose
+  // transport was dropped) end with an error rather than never.
+  ~PyRequestQueue() {
+    try {
+      fail_pending(py::reinterpret_steal<py::object>(
+          new_runtime_error("batchserve: the request queue was destroyed")));
+    } catch (...) {  // a destructor must not throw; Python reports none here
+      PyErr_Clear();
     }
-    for (const Request& r : taken.rows) discard_unserved(r);
-    for (const Request& r : taken.others) discard_unserved(r);
-    for (const Request& r : taken.dropped) discard(r);
   }
   PyRequestQueue(const PyRequestQueue&) = delete;
   PyRequestQueue& operator=(const PyRequestQueue&) = delete;
@@ -989,17 +988,6 @@ class PyRequestQueue {
   Prefetcher::Taken finish_prefetch() {
     std::lock_guard<std::mutex> lock(prefetch_mutex_);
     return prefetcher_.finish();
-  }
-
-  // GIL held. Ends a request that can no longer be served (its queue is
-  // being destroyed).
-  static void discard_unserved(const Request& r) {
-    PyObject* err = new_runtime_error("batchserve: the request queue was destroyed");
-    std::vector<Completion*> to_wake;
-    settle(r, err, true, to_wake);
-    release_python_refs(r);
-    wake_and_release(to_wake);
-    Py_DECREF(err);
   }
 
   OwnedRows match(PyObject* item) {

@@ -376,3 +376,14 @@ def test_ctrl_c_reaches_a_caller_blocked_on_a_full_queue():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.count("interrupted") == 2, done.stdout + done.stderr
+
+
+def test_dropping_a_transport_ends_its_queued_requests():
+    import gc
+
+    transport = ThreadingTransport()
+    future = transport.submit(request(1))
+    del transport
+    gc.collect()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        future.result(timeout=5)

@@ -39,12 +39,21 @@ Request request_of(const Leaf& leaf) {
   return r;
 }
 
-StagingColumns staging_of(std::vector<uint64_t>& column) {
+StagingColumns staging_of(uint64_t* column, size_t rows) {
   StagingColumns s;
-  s.base = {reinterpret_cast<uint8_t*>(column.data())};
+  s.base = {reinterpret_cast<uint8_t*>(column)};
   s.leaf_bytes = {sizeof(uint64_t)};
-  s.rows = column.size();
+  s.rows = rows;
   return s;
+}
+
+// A job for schema 1 that takes up to `max_items` into `rows` rows of `column`.
+Prefetcher::Job job_for(uint64_t* column, size_t rows, size_t max_items) {
+  Prefetcher::Job job;
+  job.max_items = max_items;
+  job.schema_id = 1;
+  job.staging = staging_of(column, rows);
+  return job;
 }
 
 TEST(TakeRows, TakesMatchingRequestsInOrderUpToRoom) {
@@ -93,10 +102,7 @@ TEST(Prefetcher, GathersWhatIsReadyIntoStaging) {
   }
   std::vector<uint64_t> column(8, 0);
   Prefetcher prefetcher(queue);
-  Prefetcher::Job job;
-  job.max_items = 10;
-  job.schema_id = 1;
-  job.staging = staging_of(column);
+  const Prefetcher::Job job = job_for(column.data(), column.size(), 10);
   prefetcher.start(job);
   EXPECT_TRUE(prefetcher.started());
   EXPECT_THROW(prefetcher.start(job), std::logic_error);  // one job at a time
@@ -123,13 +129,7 @@ TEST(Prefetcher, NeverWritesPastStagingRows) {
   }
   auto column = std::make_unique<uint64_t[]>(4);  // exactly 4 rows: ASan guards the end
   Prefetcher prefetcher(queue);
-  Prefetcher::Job job;
-  job.max_items = 64;
-  job.schema_id = 1;
-  job.staging.base = {reinterpret_cast<uint8_t*>(column.get())};
-  job.staging.leaf_bytes = {sizeof(uint64_t)};
-  job.staging.rows = 4;
-  prefetcher.start(job);
+  prefetcher.start(job_for(column.get(), 4, 64));
   Prefetcher::Taken taken = prefetcher.finish();
   EXPECT_EQ(taken.rows.size(), 4u);
   EXPECT_EQ(taken.others.size(), 16u);  // the rest go to the general path
@@ -146,11 +146,7 @@ TEST(Prefetcher, DropsWithdrawnRequests) {
   queue.push(r, 0);
   std::vector<uint64_t> column(4, 0);
   Prefetcher prefetcher(queue);
-  Prefetcher::Job job;
-  job.max_items = 4;
-  job.schema_id = 1;
-  job.staging = staging_of(column);
-  prefetcher.start(job);
+  prefetcher.start(job_for(column.data(), column.size(), 4));
   Prefetcher::Taken taken = prefetcher.finish();
   EXPECT_TRUE(taken.rows.empty());
   ASSERT_EQ(taken.dropped.size(), 1u);
@@ -181,11 +177,7 @@ TEST(Prefetcher, JobsRacingProducersLoseNothing) {
   size_t total = 0;
   const int64_t give_up = batchserve_test::monotonic_ns() + batchserve_test::kLongWait;
   while (total < seen.size() && batchserve_test::monotonic_ns() < give_up) {
-    Prefetcher::Job job;
-    job.max_items = 32;
-    job.schema_id = 1;
-    job.staging = staging_of(column);
-    prefetcher.start(job);
+    prefetcher.start(job_for(column.data(), column.size(), 32));
     Prefetcher::Taken taken = prefetcher.finish();
     ASSERT_TRUE(taken.others.empty());
     for (size_t i = 0; i < taken.rows.size(); ++i) {
@@ -206,11 +198,7 @@ TEST(Prefetcher, DestroyedWhileIdleOrAfterAJob) {
   queue.push(request_of(leaf), 0);
   std::vector<uint64_t> column(2, 0);
   Prefetcher prefetcher(queue);
-  Prefetcher::Job job;
-  job.max_items = 2;
-  job.schema_id = 1;
-  job.staging = staging_of(column);
-  prefetcher.start(job);
+  prefetcher.start(job_for(column.data(), column.size(), 2));
   EXPECT_EQ(prefetcher.finish().rows.size(), 1u);
 }
 
