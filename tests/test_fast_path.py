@@ -84,14 +84,28 @@ class ReturnsViewOfInput(nn.Module):
         )
 
 
+def with_nested_output(td):
+    """The identity plus a nested entry: the output takes TensorDict's own
+    unbind instead of the column hand-back."""
+    return td.set(("extra", "copy"), td["observation"] + 0)
+
+
 @pytest.mark.parametrize(
-    "model", [make_policy(), ReturnsViewOfInput(), lambda td: td], ids=["tdmodule", "view", "identity"]
+    "model, server_kwargs",
+    [
+        (make_policy(), {}),
+        (ReturnsViewOfInput(), {}),
+        (lambda td: td, {}),
+        (with_nested_output, {}),
+        (make_policy(), {"policy_version_key": ("meta", "version")}),
+    ],
+    ids=["tdmodule", "view", "identity", "nested-output", "nested-version-key"],
 )
-def test_results_never_share_memory_with_later_batches(transport, model):
+def test_results_never_share_memory_with_later_batches(transport, model, server_kwargs):
     """Results held while hundreds of later batches reuse the staging memory
     keep exactly what they had."""
     held = []
-    with InferenceServer(model, transport, max_batch_size=4) as server:
+    with InferenceServer(model, transport, max_batch_size=4, **server_kwargs) as server:
         client = transport.client()
         for i in range(300):
             obs = torch.full((4,), float(i))

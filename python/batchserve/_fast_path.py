@@ -261,6 +261,7 @@ class FastPath:
             output = output.to(self.output_device)
         columns = self._columns(output, buffer, version_key, version, n)
         if columns is None:  # nested or non-tensor entries: TensorDict's own unbind
+            output = output.apply(buffer.clone_if_owned)  # nothing may point into staging
             if self._to_pinned_host:
                 output = output.to(self.output_device)
             if version_key is not None:
