@@ -103,6 +103,9 @@ struct TorchRefs {
   PyObject* s_is_contiguous;
   PyObject* s_data_ptr;
   PyObject* s_unbind;
+  PyObject* s_is_neg;
+  PyObject* s_clone;
+  PyObject* s_device;
 };
 
 const TorchRefs& torch_refs() {
@@ -126,6 +129,9 @@ const TorchRefs& torch_refs() {
         name("is_contiguous"),
         name("data_ptr"),
         name("unbind"),
+        name("is_neg"),
+        name("clone"),
+        name("device"),
     };
   }();
   return *refs;
@@ -160,6 +166,8 @@ struct FastSchema {
   std::vector<py::object> dtypes;
   std::vector<py::object> shapes;  // torch.Size
   std::vector<size_t> leaf_bytes;
+  py::object device;               // the requests' TensorDict device (None or cpu)
+  std::vector<py::object> general_keys;  // a request holding one takes the general path
 };
 
 // A fast request's leaves, in schema order: the data pointers the C++ core
@@ -205,9 +213,13 @@ std::string repr(PyObject* o) {
 // does not (it then takes the general path). Against a strict schema
 // (request_spec=), a TensorDict with a missing key raises KeyError and one
 // with a leaf of the wrong dtype, shape or device raises ValueError, naming
-// the key; other differences (non-contiguous leaves, a batched request) fall
-// back to the general path, which serves them correctly.
-OwnedRows match_schema(PyObject* item, const FastSchema& schema) {
+// the key; other differences (non-contiguous or negated-view leaves, a
+// batched request, another TensorDict device, a key that asks for the general
+// path such as torchrl's interaction type) fall back to the general path,
+// which serves them correctly. With `own_copy` the leaves are cloned (a
+// submit() caller goes on and may resize or refill its tensors); a blocking
+// caller's own tensors are read in place while it waits.
+OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) {
   const TorchRefs& t = torch_refs();
   if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
   if (PyObject_Length(attr(item, t.s_batch_size).ptr()) != 0) {
@@ -219,10 +231,20 @@ OwnedRows match_schema(PyObject* item, const FastSchema& schema) {
   const size_t n = schema.keys.size();
   if (n > RequestRows::kMaxLeaves) return nullptr;
   if (!schema.strict && static_cast<size_t>(PyDict_Size(leaves.ptr())) != n) return nullptr;
+  for (const py::object& key : schema.general_keys) {
+    const int has = PyDict_Contains(leaves.ptr(), key.ptr());
+    if (has < 0) throw py::error_already_set();
+    if (has == 1) return nullptr;
+  }
+  {
+    py::object device = attr(item, t.s_device);
+    const int same = PyObject_RichCompareBool(device.ptr(), schema.device.ptr(), Py_EQ);
+    if (same < 0) throw py::error_already_set();
+    if (same == 0) return nullptr;
+  }
   OwnedRows rows(new RequestRows());
   rows->schema_id = schema.id;
-  const void* data[RequestRows::kMaxLeaves];
-  PyObject* tensors[RequestRows::kMaxLeaves];
+  PyObject* tensors[RequestRows::kMaxLeaves];  // borrowed until all match
   for (size_t j = 0; j < n; ++j) {
     PyObject* key = schema.keys[j].ptr();
     PyObject* v = PyDict_GetItemWithError(leaves.ptr(), key);  // borrowed
@@ -267,17 +289,23 @@ OwnedRows match_schema(PyObject* item, const FastSchema& schema) {
                            "tensors (the server moves the batch to its device)");
     }
     if (attr(v, t.s_layout).ptr() != t.strided ||
-        call_method(v, t.s_is_contiguous).ptr() != Py_True)
+        call_method(v, t.s_is_contiguous).ptr() != Py_True ||
+        call_method(v, t.s_is_neg).ptr() != Py_False)  // a lazily negated view
       return nullptr;
-    data[j] = data_ptr(v);
     tensors[j] = v;
   }
   for (size_t j = 0; j < n; ++j) {
-    Py_INCREF(tensors[j]);
-    rows->tensors[j] = tensors[j];
-    rows->data[j] = data[j];
+    PyObject* tensor = tensors[j];
+    if (own_copy) {
+      tensor = PyObject_CallMethodNoArgs(tensor, t.s_clone);
+      if (tensor == nullptr) throw py::error_already_set();
+    } else {
+      Py_INCREF(tensor);
+    }
+    rows->tensors[j] = tensor;
+    rows->count = j + 1;  // owned from here on, released with `rows`
+    rows->data[j] = data_ptr(tensor);
   }
-  rows->count = n;
   return rows;
 }
 
@@ -378,10 +406,14 @@ class Batch {
 
   // Results are handed out through `deferred` (see DeferredWakes) when
   // given; failures always wake at once.
-  // `rows` were gathered ahead into staging rows 0.. (see Prefetcher).
+  // `rows` were gathered ahead into rows 0.. of the staging buffer whose
+  // first column is at `prefetched_into` (see Prefetcher).
   Batch(std::vector<Request> rows, std::vector<Request> requests,
-        std::shared_ptr<DeferredWakes> deferred)
-      : requests_(std::move(requests)), rows_(std::move(rows)), deferred_(std::move(deferred)) {}
+        std::shared_ptr<DeferredWakes> deferred, uintptr_t prefetched_into)
+      : requests_(std::move(requests)),
+        rows_(std::move(rows)),
+        deferred_(std::move(deferred)),
+        prefetched_into_(rows_.empty() ? 0 : prefetched_into) {}
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
@@ -441,20 +473,23 @@ class Batch {
     std::vector<const RowSource*> sources;
     sources.reserve(snapshot.size());
     for (const RowSource& s : snapshot) sources.push_back(&s);
-    const size_t n = rows_.size();
     {
       py::gil_scoped_release nogil;
       gather_rows(sources, first, staging);
     }
-    return n;
+    return rows_.size();  // a shutdown may have failed them meanwhile
   }
 
   // Gives the fast path's rows back to the general path (their staging was
-  // filled for a schema or buffer that is gone).
+  // filled for a schema or buffer that is gone, or another server's).
   void ungather() {
     requests_.insert(requests_.begin(), rows_.begin(), rows_.end());
     rows_.clear();
+    prefetched_into_ = 0;
   }
+
+  // The first staging column the prefetched rows are in (0: none).
+  uintptr_t prefetched_into() const { return prefetched_into_; }
 
   // General path: results has one entry per request, in request order.
   void resolve(const py::sequence& results) {
@@ -622,6 +657,7 @@ class Batch {
   std::vector<Request> requests_;  // general path
   std::vector<Request> rows_;      // fast path: row i of the staging batch
   std::shared_ptr<DeferredWakes> deferred_;
+  uintptr_t prefetched_into_ = 0;
 };
 
 // The handle of one blocking request handed out by drain() (the transport
@@ -692,7 +728,7 @@ class PyRequestQueue {
   // released, return it or raise the server's exception.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
-    OwnedRows rows = match(item.ptr());
+    OwnedRows rows = match(item.ptr(), false);
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
     const Request request{item.ptr(), nullptr, completion, submit_ns, rows.get()};
@@ -771,7 +807,7 @@ class PyRequestQueue {
   void submit(const py::object& item, const py::object& future, bool block,
               std::optional<double> timeout_s) {
     const int64_t deadline = block ? deadline_from(timeout_s) : 0;
-    OwnedRows rows = match(item.ptr());
+    OwnedRows rows = match(item.ptr(), true);
     const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(), rows.get()};
     Py_INCREF(item.ptr());
     Py_INCREF(future.ptr());
@@ -795,7 +831,8 @@ class PyRequestQueue {
   // TensorDict an error at submission.
   uint64_t set_schema(const std::vector<py::object>& keys, const std::vector<py::object>& dtypes,
                       const std::vector<py::object>& shapes,
-                      const std::vector<size_t>& leaf_bytes, bool strict) {
+                      const std::vector<size_t>& leaf_bytes, bool strict,
+                      const py::object& device, const std::vector<py::object>& general_keys) {
     if (dtypes.size() != keys.size() || shapes.size() != keys.size() ||
         leaf_bytes.size() != keys.size())
       throw std::invalid_argument("set_schema: one dtype, shape and size per key");
@@ -810,6 +847,8 @@ class PyRequestQueue {
     schema->dtypes = dtypes;
     schema->shapes = shapes;
     schema->leaf_bytes = leaf_bytes;
+    schema->device = device;
+    schema->general_keys = general_keys;
     schema_ = std::move(schema);
     return schema_->id;
   }
@@ -882,8 +921,11 @@ class PyRequestQueue {
   std::unique_ptr<Batch> collect() {
     std::vector<Request> batch, dropped;
     size_t prefetched = 0;  // batch[0, prefetched) are gathered rows
+    uintptr_t prefetched_into = 0;
     std::vector<Completion*> to_wake;
     to_wake.swap(deferred_->pending);
+    std::vector<Request> carried;  // older than anything still in the ring
+    carried.swap(carried_);
     {
       py::gil_scoped_release nogil;
       for (Completion* c : to_wake) {
@@ -892,7 +934,9 @@ class PyRequestQueue {
       }
       Prefetcher::Taken taken = finish_prefetch();
       prefetched = taken.rows.size();
+      prefetched_into = reinterpret_cast<uintptr_t>(taken.staging);
       batch = std::move(taken.rows);  // the policy counts them as collected
+      batch.insert(batch.end(), carried.begin(), carried.end());
       batch.insert(batch.end(), taken.others.begin(), taken.others.end());
       dropped = std::move(taken.dropped);
       batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
@@ -903,6 +947,13 @@ class PyRequestQueue {
     const size_t max_batch_size = settings_.load().max_batch_size;
     if (!batch.empty() && batch.size() < max_batch_size)
       detail::take_ready(queue_, max_batch_size - batch.size(), batch, dropped);
+    // A prefetch took up to the maximum of its time; one lowered since then
+    // holds: the excess waits for the next batch (regathered there).
+    if (batch.size() > max_batch_size) {
+      carried_.assign(batch.begin() + static_cast<std::ptrdiff_t>(max_batch_size), batch.end());
+      batch.resize(max_batch_size);
+      prefetched = std::min(prefetched, max_batch_size);
+    }
     for (const Request& r : dropped) discard(r);
     // Futures cancelled by their callers are dropped; a prefetched row keeps
     // its staging row (its result then goes nowhere).
@@ -921,7 +972,7 @@ class PyRequestQueue {
       if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
     if (rows.empty() && others.empty()) return nullptr;
     adapt_server_spin(rows.size() + others.size());
-    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_);
+    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_, prefetched_into);
   }
 
   // Ends every queued request (and any a prefetch took) with `exc`; returns
@@ -947,6 +998,9 @@ class PyRequestQueue {
     for (const Request& r : taken.dropped) discard(r);
     for (const Request& r : taken.rows) fail(r);
     for (const Request& r : taken.others) fail(r);
+    std::vector<Request> carried;
+    carried.swap(carried_);
+    for (const Request& r : carried) fail(r);
     wake_and_release(to_wake);
     std::vector<Request> pending;
     while (queue_.pop_many(pending, 1024) > 0) {
@@ -956,6 +1010,10 @@ class PyRequestQueue {
     }
     return total;
   }
+
+  // Wakes the callers whose results are published (see DeferredWakes) now
+  // rather than at the next collect().
+  void wake_resolved() { deferred_->flush(); }
 
   void close() {
     deferred_->flush();
@@ -990,15 +1048,16 @@ class PyRequestQueue {
     return prefetcher_.finish();
   }
 
-  OwnedRows match(PyObject* item) {
+  OwnedRows match(PyObject* item, bool own_copy) {
     if (!schema_) return nullptr;
     std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
-    return match_schema(item, *schema);
+    return match_schema(item, *schema, own_copy);
   }
 
   RequestQueue queue_;
   BatchSettings settings_;
   std::mutex prefetch_mutex_;  // start() and finish() of prefetcher_, never at once
+  std::vector<Request> carried_;  // taken beyond a lowered max_batch_size (GIL held)
   int64_t mean_batch_x16_ = 16;  // server thread only
   Prefetcher prefetcher_{queue_};
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
@@ -1035,6 +1094,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("device"))
       .def("resolve_rows_with", &Batch::resolve_rows_with, py::arg("results"))
       .def("ungather", &Batch::ungather)
+      .def_property_readonly("prefetched_into", &Batch::prefetched_into)
       .def("fail", &Batch::fail, py::arg("exc"))
       .def("fail_rows", &Batch::fail_rows, py::arg("exc"))
       .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"));
@@ -1055,10 +1115,13 @@ PYBIND11_MODULE(_core, m) {
       .def("configure", &PyRequestQueue::configure, py::arg("max_batch_size"),
            py::arg("min_batch_size"), py::arg("timeout"))
       .def("collect", &PyRequestQueue::collect)
+      .def("wake_resolved", &PyRequestQueue::wake_resolved)
       .def("prefetch", &PyRequestQueue::prefetch, py::arg("schema_id"), py::arg("columns"),
            py::arg("leaf_bytes"), py::arg("capacity"))
       .def("set_schema", &PyRequestQueue::set_schema, py::arg("keys"), py::arg("dtypes"),
-           py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false)
+           py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false,
+           py::arg("device") = py::none(),
+           py::arg("general_keys") = std::vector<py::object>{})
       .def("clear_schema", &PyRequestQueue::clear_schema)
       .def_property_readonly("schema_id", &PyRequestQueue::schema_id)
       .def_property_readonly("schema_strict", &PyRequestQueue::schema_strict)

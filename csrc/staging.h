@@ -70,6 +70,7 @@ class Prefetcher {
     std::vector<Request> rows;     // gathered into the job's staging, row i = rows[i]
     std::vector<Request> others;   // for the general path
     std::vector<Request> dropped;  // withdrawn by their callers
+    const uint8_t* staging = nullptr;  // the job's first column: which buffer `rows` are in
   };
 
   explicit Prefetcher(RequestQueue& queue) : queue_(queue) {}
@@ -136,6 +137,7 @@ class Prefetcher {
         taken.others.insert(taken.others.begin(), taken.rows.begin(), taken.rows.end());
         taken.rows.clear();
       }
+      taken.staging = job_.staging.base.empty() ? nullptr : job_.staging.base[0];
       taken_ = std::move(taken);
       state_.store(kDone, std::memory_order_release);
       to_owner_.notify_all();

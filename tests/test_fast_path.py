@@ -269,11 +269,13 @@ class GatedModel:
     def __init__(self):
         self.permits = threading.Semaphore(0)
         self.forwards = 0
+        self.sizes: list[int] = []
         self.started = threading.Condition()
 
     def __call__(self, td):
         with self.started:
             self.forwards += 1
+            self.sizes.append(td.batch_size[0])
             self.started.notify_all()
         assert self.permits.acquire(timeout=30), "test never let the forward go"
         return echo_model(td)
@@ -573,3 +575,168 @@ def test_core_gather_never_takes_more_rows_than_staging_holds():
     assert batch.gather(schema_id, [staging.data_ptr()], [8], 3) == 3  # appends one more row
     assert torch.equal(staging[2], torch.full((2,), 2.0))
     batch.fail(RuntimeError("done"))
+
+
+# -- edge cases found in review -------------------------------------------------
+
+
+def test_interaction_type_is_honoured_with_a_request_spec():
+    from tensordict.nn.probabilistic import InteractionType, interaction_type
+
+    from batchserve._collate import INTERACTION_TYPE_KEY
+
+    seen = []
+
+    def model(td):
+        seen.append(interaction_type())
+        return echo_model(td)
+
+    transport = spec_transport()
+    with InferenceServer(model, transport):
+        td = request(1)
+        td[INTERACTION_TYPE_KEY] = torch.tensor(3)  # RANDOM
+        assert transport.client()(td)["echo"].item() == 1
+        assert transport.client()(request(2))["echo"].item() == 2
+    assert seen == [InteractionType.RANDOM, None]
+    with pytest.raises(ValueError, match="must not declare"):
+        schema_from_spec(TensorDict({"x": torch.zeros(1), INTERACTION_TYPE_KEY: torch.tensor(0)}))
+
+
+def test_two_servers_on_one_transport_route_every_request():
+    transport = ThreadingTransport()
+    errors: list[BaseException] = []
+    servers = [InferenceServer(echo_model, transport, max_batch_size=8).start() for _ in range(2)]
+    try:
+
+        def actor(t: int) -> None:
+            client = transport.client()
+            try:
+                for k in range(100):
+                    assert client(request(t * 1000 + k))["echo"].item() == t * 1000 + k
+            except BaseException as exc:
+                errors.append(exc)
+
+        workers = [threading.Thread(target=actor, args=(t,)) for t in range(16)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert not errors, errors[0]
+
+
+def test_submitted_leaves_are_copied_at_submission():
+    """A submit() caller goes on: resizing or refilling its tensor afterwards
+    must neither change its request nor let the server read freed memory."""
+    model = BlockingModel()
+    transport = ThreadingTransport()
+    with InferenceServer(lambda td: model(td) if "id" in td.keys() else td, transport, max_batch_size=4):
+        client = transport.client()
+        client(TensorDict({"observation": torch.ones(16)}))  # the schema
+        futures = []
+        for _ in range(4):
+            x = torch.ones(16)
+            futures.append(client.submit(TensorDict({"observation": x})))
+            x.resize_(1 << 20).fill_(7.0)
+        for f in futures:
+            assert f.result(timeout=10)["observation"].sum().item() == 16.0
+
+
+def test_negated_views_take_the_general_path(transport):
+    leaf = torch.tensor([3 + 5j, 1 - 2j]).conj().imag  # float32, contiguous, negated lazily
+    assert leaf.is_neg()
+    with InferenceServer(lambda td: td, transport):
+        client = transport.client()
+        client(TensorDict({"observation": torch.zeros(2)}))  # the schema
+        result = client(TensorDict({"observation": leaf}))
+    assert torch.equal(result["observation"], torch.tensor([-5.0, 2.0]))
+
+
+def test_outputs_with_more_batch_dims_match_the_general_path():
+    def model(td):
+        n = td.batch_size[0]
+        return TensorDict({"steps": td["observation"][:, :2].clone()}, batch_size=[n, 2])
+
+    tds = [TensorDict({"observation": torch.randn(4)}) for _ in range(12)]
+    for kwargs in ({}, {"policy_version_key": ("meta", "version")}):
+        fast, _ = serve_all(tds, fast=True, model=model, **kwargs)
+        general, _ = serve_all(tds, fast=False, model=model, **kwargs)
+        for a, b in zip(fast, general):
+            assert a.batch_size == b.batch_size == torch.Size([2])
+            assert torch.equal(a["steps"], b["steps"])
+            key = kwargs.get("policy_version_key", "policy_version")
+            assert a[key].shape == b[key].shape == torch.Size([2])
+
+
+def test_fast_callers_do_not_wait_for_the_general_forward_of_their_batch(transport):
+    general_entered, release_general = threading.Event(), threading.Event()
+
+    def model(td):
+        if td["observation"].shape[-1] == 5:  # the general-path part of the batch
+            general_entered.set()
+            assert release_general.wait(30)
+        return echo_model(td)
+
+    with InferenceServer(model, transport, max_batch_size=8, timeout=5) as server:
+        client = transport.client()
+        client(request(-1))  # the schema
+        server.min_batch_size = 2  # the next two requests share a batch
+        odd = client.submit(TensorDict({"id": torch.tensor(7), "observation": torch.randn(5)}))
+        fast = client.submit(request(8))
+        try:
+            assert general_entered.wait(10)
+            assert fast.result(timeout=10)["echo"].item() == 8  # while the general forward runs
+        finally:
+            release_general.set()
+        assert odd.result(timeout=10)["echo"].item() == 7
+
+
+def test_a_lowered_max_batch_size_holds_for_prefetched_requests(transport, monkeypatch):
+    from batchserve._fast_path import FastPath
+
+    started = []
+    original = FastPath.prefetch
+    monkeypatch.setattr(
+        FastPath, "prefetch", lambda self: started.append(original(self)) or started[-1]
+    )
+    model = GatedModel()
+    with InferenceServer(model, transport, max_batch_size=8, timeout=0.002) as server:
+        client = transport.client()
+        model.permits.release()
+        client(request(-1))  # the schema; forward 1
+        first = client.submit(request(0))
+        model.wait_for_forward(2)  # forward 2 holds the server
+        later = [client.submit(request(i)) for i in range(1, 15)]
+        model.permits.release()  # forward 3 takes 1..8; a prefetch takes 9..14
+        model.wait_for_forward(3)
+        assert started[-1], "the prefetch did not start"
+        server.max_batch_size = 2  # lowered while the prefetched rows wait
+        for _ in range(20):
+            model.permits.release()
+        assert echoes([first] + later) == list(range(15))
+    assert model.sizes[2] == 8
+    assert all(size <= 2 for size in model.sizes[3:]), model.sizes
+
+
+def test_request_device_metadata_is_kept(transport):
+    with InferenceServer(make_policy(), transport):
+        client = transport.client()
+        for _ in range(3):
+            result = client(TensorDict({"observation": torch.randn(4)}, device="cpu"))
+        assert result.device == torch.device("cpu")
+        result = client(TensorDict({"observation": torch.randn(4)}))
+        assert result.device is None
+
+
+def test_a_model_reshaping_its_input_in_place_does_not_affect_later_batches(transport):
+    def model(td):
+        obs = td["observation"]
+        obs.unsqueeze_(1)  # in place: changes this view's shape
+        return TensorDict({"shape": torch.tensor([list(obs.shape)] * td.batch_size[0])}, batch_size=td.batch_size)
+
+    with InferenceServer(model, transport, max_batch_size=1):
+        client = transport.client()
+        shapes = [client(TensorDict({"observation": torch.randn(4)}))["shape"].tolist() for _ in range(5)]
+    assert shapes == [[1, 1, 4]] * 5

@@ -1,7 +1,7 @@
 """Where the server loop gets its batches from.
 
 Two sources behind one small interface (``configure``, ``next_batch``,
-``open``, ``close``, ``closed``, ``fail_pending``):
+``wake_resolved``, ``open``, ``close``, ``closed``, ``fail_pending``):
 
 * :class:`NativeBatches` for transports backed by the C++ request queue: the
   batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
@@ -38,6 +38,11 @@ class NativeBatches:
 
     def next_batch(self):
         return self._queue.collect()
+
+    def wake_resolved(self) -> None:
+        """Wakes the callers of resolved requests now rather than when the
+        next batch is collected (the GIL-free moment the core waits for)."""
+        self._queue.wake_resolved()
 
     @property
     def closed(self) -> bool:
@@ -145,6 +150,9 @@ class ProtocolBatches:
         items, callbacks, submitted_at = self._drain(max_items)
         submitted_ns = [None if s is None else int(s * 1e9) for s in submitted_at]
         return list(items), list(callbacks), submitted_ns
+
+    def wake_resolved(self) -> None:
+        """Resolved callers are woken at once here."""
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
         """Applies from the next batch (a protocol transport cannot be woken)."""

@@ -46,11 +46,13 @@ MAX_LEAVES = 8
 
 @dataclass(frozen=True)
 class RequestSchema:
-    """The keys, dtypes and shapes of one request on the fast path."""
+    """The keys, dtypes and shapes of one request on the fast path, and the
+    device its TensorDict declares (None or the CPU)."""
 
     keys: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     shapes: tuple[torch.Size, ...]
+    device: torch.device | None = None
 
     @functools.cached_property
     def leaf_bytes(self) -> tuple[int, ...]:
@@ -67,6 +69,7 @@ def _fits_fast_path(value) -> bool:
         and value.is_cpu
         and value.is_contiguous()
         and not value.dtype.is_complex  # conjugate views share unconjugated memory
+        and not value.is_neg()  # nor do lazily negated ones
         and not value.is_quantized
     )
 
@@ -84,7 +87,7 @@ def schema_of(td) -> RequestSchema | None:
         shapes.append(value.shape)
     if not keys or len(keys) > MAX_LEAVES:
         return None
-    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes))
+    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes), td.device)
 
 
 def schema_from_spec(spec) -> RequestSchema:
@@ -104,6 +107,12 @@ def schema_from_spec(spec) -> RequestSchema:
         )
     keys, dtypes, shapes = [], [], []
     for key, value in spec.items():
+        if key == INTERACTION_TYPE_KEY:
+            raise ValueError(
+                f"request_spec must not declare {INTERACTION_TYPE_KEY!r}: torchrl's "
+                "PolicyClientModule adds it per request, and such requests take the "
+                "general path, which honours it."
+            )
         if not isinstance(value, torch.Tensor) or isinstance(value, TensorDictBase):
             raise ValueError(
                 f"request_spec key {key!r}: the fast path takes flat tensor leaves; "
@@ -116,16 +125,18 @@ def schema_from_spec(spec) -> RequestSchema:
         shapes.append(value.shape)
     if not keys or len(keys) > MAX_LEAVES:
         raise ValueError(f"request_spec must have 1 to {MAX_LEAVES} tensor leaves; got {len(keys)}.")
-    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes))
+    device = spec.device if spec.device is not None and spec.device.type == "cpu" else None
+    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes), device)
 
 
 class StagingBuffer:
     """``rows`` rows of every leaf of a schema, one column tensor per leaf."""
 
-    __slots__ = ("keys", "columns", "pointers", "rows", "copied", "_views")
+    __slots__ = ("keys", "device", "columns", "pointers", "rows", "copied")
 
     def __init__(self, schema: RequestSchema, rows: int, pin: bool):
         self.keys = schema.keys
+        self.device = schema.device
         self.columns = tuple(
             torch.empty((rows, *shape), dtype=dtype, pin_memory=pin)
             for dtype, shape in zip(schema.dtypes, schema.shapes)
@@ -133,14 +144,12 @@ class StagingBuffer:
         self.pointers = [c.data_ptr() for c in self.columns]
         self.rows = rows
         self.copied = None  # CUDA event: the last host-to-device copy from here is done
-        self._views: dict[int, tuple] = {}
 
     def batch(self, n: int) -> TensorDict:
-        """A new TensorDict of batch size [n] over the first n rows."""
-        views = self._views.get(n)
-        if views is None:
-            views = self._views[n] = tuple(c[:n] for c in self.columns)
-        return TensorDict._new_unsafe(dict(zip(self.keys, views)), batch_size=torch.Size([n]))
+        """A new TensorDict of batch size [n] over the first n rows (new
+        views each time: a model may reshape its input in place)."""
+        views = {key: column[:n] for key, column in zip(self.keys, self.columns)}
+        return TensorDict._new_unsafe(views, batch_size=torch.Size([n]), device=self.device)
 
     def clone_if_owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it lies in this buffer's memory (the
@@ -211,6 +220,8 @@ class FastPath:
             self._next = 0
         buffer = self._next_buffer()
         self._next = (self._next + 1) % len(self._buffers)
+        if batch.rows and batch.prefetched_into != buffer.pointers[0]:
+            batch.ungather()  # prefetched for another server on this transport
         if batch.gather(schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows) == 0:
             return None
         return buffer
@@ -264,8 +275,8 @@ class FastPath:
             output = output.apply(buffer.clone_if_owned)  # nothing may point into staging
             if self._to_pinned_host:
                 output = output.to(self.output_device)
-            if version_key is not None:
-                output.set(version_key, torch.full((n,), version, dtype=torch.long,
+            if version_key is not None:  # as the general path stamps it
+                output.set(version_key, torch.full(output.batch_size, version, dtype=torch.long,
                                                    device=output.device))
             batch.resolve_rows_with(output.unbind(0))
             return
@@ -277,8 +288,8 @@ class FastPath:
         """The output's keys and columns (plus the policy version), none of
         them in staging memory, and the device the results are on; None when
         the output has nested or non-tensor entries."""
-        if type(output) is not TensorDict:
-            return None
+        if type(output) is not TensorDict or output.batch_dims != 1:
+            return None  # results keep the output's further batch dims this way
         keys, values = [], []
         for key, value in output._tensordict.items():  # exact TensorDict: its leaves
             if type(value) is not torch.Tensor:

@@ -622,6 +622,8 @@ class InferenceServer:
         waiting get when a BaseException from the model stopped it."""
         batches = self._batches
         while not run.stop.is_set():
+            if self.weight_sync is not None and not passive_weight_sync:
+                batches.wake_resolved()  # applying new weights may take a while
             self._poll_weight_sync(passive_weight_sync)
             batch = batches.next_batch()
             if batch is None:
@@ -663,8 +665,10 @@ class InferenceServer:
                 except Exception as exc:
                     self._stats.record_failed_batch()
                     batch.fail_rows(exc)
-        items = batch.items
-        if items:
+        if len(batch):  # general-path requests remain
+            if had_rows:
+                self._batches.wake_resolved()  # the fast rows' callers need not wait for them
+            items = batch.items
             if fast is not None:
                 fast.learn(items, had_rows)
             self._serve_items(batch, items, dispatch_ns)

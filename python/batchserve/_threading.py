@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from batchserve import _core
+from batchserve._collate import INTERACTION_TYPE_KEY
 from batchserve._fast_path import RequestSchema, schema_from_spec
 from batchserve._transport import InferenceTransport
 
@@ -67,7 +68,7 @@ class ThreadingTransport(InferenceTransport):
     def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         self._schema_id = self._queue.set_schema(
             list(schema.keys), list(schema.dtypes), list(schema.shapes),
-            list(schema.leaf_bytes), strict,
+            list(schema.leaf_bytes), strict, schema.device, [INTERACTION_TYPE_KEY],
         )
         self._schema = schema
 
