@@ -135,28 +135,40 @@ def test_results_do_not_alias_each_other_or_the_request(transport):
         assert torch.equal(result["observation"], torch.full((4,), float(i) + 100))
 
 
+def start_echo_actors(transport, threads: int, calls: int) -> tuple[list, list]:
+    """Starts `threads` actor threads, each making `calls` blocking calls with
+    distinct ids and checking its echo; returns the threads and the errors
+    they hit (filled as they run)."""
+    errors: list[BaseException] = []
+
+    def actor(t: int) -> None:
+        client = transport.client()
+        try:
+            for k in range(calls):
+                i = t * 10_000 + k
+                out = client(request(i))["echo"].item()
+                assert out == i, (out, i)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=actor, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    return workers, errors
+
+
+def join_all(workers) -> None:
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers)
+
+
 def test_routing_under_32_threads():
     transport = ThreadingTransport()
     threads, per_thread = 32, 60
-    errors: list[BaseException] = []
     with InferenceServer(echo_model, transport, max_batch_size=16, timeout=0.001) as server:
-
-        def actor(t: int) -> None:
-            client = transport.client()
-            try:
-                for k in range(per_thread):
-                    i = t * 1000 + k
-                    out = client(request(i))
-                    assert out["echo"].item() == i, (out["echo"].item(), i)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        workers = [threading.Thread(target=actor, args=(t,)) for t in range(threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(60)
-        assert not any(w.is_alive() for w in workers)
+        workers, errors = start_echo_actors(transport, threads, per_thread)
+        join_all(workers)
         stats = server.stats()
     assert not errors, errors[0]
     assert stats["requests"] == threads * per_thread
@@ -234,13 +246,12 @@ def test_mixed_batches_are_served_by_both_paths(transport):
         assert server.stats()["fast_path_requests"] >= 16
 
 
-def test_requests_gathered_during_a_forward_are_served(transport, monkeypatch):
-    """Requests that arrive while the model runs are gathered into the other
-    staging buffer by the C++ prefetcher; they are served, each its own row,
-    and the batch being served is not disturbed."""
+@pytest.fixture
+def prefetches(monkeypatch) -> list:
+    """Whether each FastPath.prefetch call started a prefetch, in order."""
     from batchserve._fast_path import FastPath
 
-    started = []
+    started: list[bool] = []
     original = FastPath.prefetch
 
     def counting_prefetch(self):
@@ -248,6 +259,13 @@ def test_requests_gathered_during_a_forward_are_served(transport, monkeypatch):
         return started[-1]
 
     monkeypatch.setattr(FastPath, "prefetch", counting_prefetch)
+    return started
+
+
+def test_requests_gathered_during_a_forward_are_served(transport, prefetches):
+    """Requests that arrive while the model runs are gathered into the other
+    staging buffer by the C++ prefetcher; they are served, each its own row,
+    and the batch being served is not disturbed."""
     model = BlockingModel()
     with InferenceServer(model, transport, max_batch_size=8, timeout=0.002):
         client = transport.client()
@@ -260,7 +278,7 @@ def test_requests_gathered_during_a_forward_are_served(transport, monkeypatch):
         later = [client.submit(request(i)) for i in range(1, 30)]  # arrive mid-forward
         model.release.set()
         assert echoes([first] + later) == list(range(30))
-    assert any(started), "no prefetch started although requests waited"
+    assert any(prefetches), "no prefetch started although requests waited"
 
 
 class GatedModel:
@@ -285,14 +303,7 @@ class GatedModel:
             assert self.started.wait_for(lambda: self.forwards >= n, timeout=10)
 
 
-def test_shutdown_with_a_prefetch_in_flight_fails_its_requests(monkeypatch):
-    from batchserve._fast_path import FastPath
-
-    started = []
-    original = FastPath.prefetch
-    monkeypatch.setattr(
-        FastPath, "prefetch", lambda self: started.append(original(self)) or started[-1]
-    )
+def test_shutdown_with_a_prefetch_in_flight_fails_its_requests(prefetches):
     transport = ThreadingTransport()
     model = GatedModel()
     server = InferenceServer(model, transport, max_batch_size=4).start()
@@ -305,7 +316,7 @@ def test_shutdown_with_a_prefetch_in_flight_fails_its_requests(monkeypatch):
     model.permits.release()  # forward 2 ends; forward 3 takes 1..4, prefetch takes 5..8
     model.wait_for_forward(3)
     assert first.result(timeout=10)["echo"].item() == 0
-    assert started[-1], "the prefetch did not start"
+    assert prefetches[-1], "the prefetch did not start"
     server.shutdown(timeout=0.2)  # forward 3 is still held
     for f in later:
         with pytest.raises(RuntimeError):
@@ -393,27 +404,15 @@ def test_request_spec_sets_a_strict_schema():
 )
 def test_request_spec_mismatch_raises_naming_the_key(bad, error, match):
     transport = spec_transport()
-    errors: list[BaseException] = []
     with InferenceServer(echo_model, transport, max_batch_size=8) as server:
         client = transport.client()
-
-        def good_actor(t: int) -> None:
-            try:
-                for k in range(50):
-                    assert client(request(t * 100 + k))["echo"].item() == t * 100 + k
-            except BaseException as exc:
-                errors.append(exc)
-
-        workers = [threading.Thread(target=good_actor, args=(t,)) for t in range(4)]
-        for w in workers:
-            w.start()
+        workers, errors = start_echo_actors(transport, 4, 50)
         for _ in range(20):
             with pytest.raises(error, match=match):
                 client(bad)
             with pytest.raises(error, match=match):
                 client.submit(bad)
-        for w in workers:
-            w.join(60)
+        join_all(workers)
         assert not errors, errors[0]
         assert server.stats()["requests"] == 200  # nothing lost, nothing extra
 
@@ -534,19 +533,25 @@ def test_cuda_results_survive_later_batches():
         assert torch.equal(result["twice"], torch.full((4,), 2.0 * i))
 
 
-def test_core_batch_refuses_columns_of_the_wrong_length():
-    """The C++ hand-back checks every column against the row count, so a
-    wrong output can only fail the batch, never read out of bounds."""
+def core_batch(n: int):
+    """A C++ queue with a one-leaf schema (float32[2]) and a batch of `n`
+    Future requests, request i full of i: (schema id, futures, batch)."""
     from concurrent.futures import Future
 
     from batchserve import _core
 
     queue = _core.RequestQueue(8)
     schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
-    futures = [Future() for _ in range(3)]
+    futures = [Future() for _ in range(n)]
     for i, f in enumerate(futures):
         queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
-    batch = queue.collect()
+    return schema_id, futures, queue.collect()
+
+
+def test_core_batch_refuses_columns_of_the_wrong_length():
+    """The C++ hand-back checks every column against the row count, so a
+    wrong output can only fail the batch, never read out of bounds."""
+    schema_id, futures, batch = core_batch(3)
     staging = torch.zeros(4, 2)
     assert batch.gather(schema_id, [staging.data_ptr()], [8], 4) == 3
     assert torch.equal(staging[:3, 0], torch.tensor([0.0, 1.0, 2.0]))
@@ -558,16 +563,7 @@ def test_core_batch_refuses_columns_of_the_wrong_length():
 
 
 def test_core_gather_never_takes_more_rows_than_staging_holds():
-    from concurrent.futures import Future
-
-    from batchserve import _core
-
-    queue = _core.RequestQueue(8)
-    schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
-    futures = [Future() for _ in range(5)]
-    for i, f in enumerate(futures):
-        queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
-    batch = queue.collect()
+    schema_id, _, batch = core_batch(5)
     staging = torch.zeros(3, 2)
     assert batch.gather(schema_id, [staging.data_ptr()], [8], 2) == 2  # capacity 2 of 3 rows
     assert torch.equal(staging[2], torch.zeros(2))  # the row past capacity is untouched
@@ -604,23 +600,10 @@ def test_interaction_type_is_honoured_with_a_request_spec():
 
 def test_two_servers_on_one_transport_route_every_request():
     transport = ThreadingTransport()
-    errors: list[BaseException] = []
     servers = [InferenceServer(echo_model, transport, max_batch_size=8).start() for _ in range(2)]
     try:
-
-        def actor(t: int) -> None:
-            client = transport.client()
-            try:
-                for k in range(100):
-                    assert client(request(t * 1000 + k))["echo"].item() == t * 1000 + k
-            except BaseException as exc:
-                errors.append(exc)
-
-        workers = [threading.Thread(target=actor, args=(t,)) for t in range(16)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(60)
+        workers, errors = start_echo_actors(transport, 16, 100)
+        join_all(workers)
     finally:
         for server in servers:
             server.shutdown()
@@ -693,14 +676,7 @@ def test_fast_callers_do_not_wait_for_the_general_forward_of_their_batch(transpo
         assert odd.result(timeout=10)["echo"].item() == 7
 
 
-def test_a_lowered_max_batch_size_holds_for_prefetched_requests(transport, monkeypatch):
-    from batchserve._fast_path import FastPath
-
-    started = []
-    original = FastPath.prefetch
-    monkeypatch.setattr(
-        FastPath, "prefetch", lambda self: started.append(original(self)) or started[-1]
-    )
+def test_a_lowered_max_batch_size_holds_for_prefetched_requests(transport, prefetches):
     model = GatedModel()
     with InferenceServer(model, transport, max_batch_size=8, timeout=0.002) as server:
         client = transport.client()
@@ -711,7 +687,7 @@ def test_a_lowered_max_batch_size_holds_for_prefetched_requests(transport, monke
         later = [client.submit(request(i)) for i in range(1, 15)]
         model.permits.release()  # forward 3 takes 1..8; a prefetch takes 9..14
         model.wait_for_forward(3)
-        assert started[-1], "the prefetch did not start"
+        assert prefetches[-1], "the prefetch did not start"
         server.max_batch_size = 2  # lowered while the prefetched rows wait
         for _ in range(20):
             model.permits.release()
