@@ -736,8 +736,9 @@ class PyRequestQueue {
     // Push and first wait in one GIL-free stretch: a caller that took the
     // GIL back in between would hold it just when the server wakes up for
     // this very request, and the server would sleep on the GIL. The caller
-    // spins for its result only in the one-actor case (see
-    // caller_spin_deadline), else sleeps at once.
+    // sleeps at once: on a small machine a spinning caller takes the core
+    // the server and torch's threads need (measured: 1-actor latency
+    // 85 µs parked, 150-165 µs spinning, on the 2-core CI VM).
     PushResult pushed = PushResult::kTimedOut;
     bool done = false;
     for (;;) {
@@ -746,9 +747,7 @@ class PyRequestQueue {
         pushed = queue_.push(request, std::min(deadline, monotonic_ns() + kSignalCheckNs));
         if (pushed == PushResult::kOk) {
           const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
-          const int64_t spin_until = caller_spin_deadline(submit_ns);
-          done = (spin_until > 0 && completion->spin_until(std::min(slice, spin_until))) ||
-                 completion->wait_until(slice, 0);
+          done = completion->wait_until(slice, 0);
         }
       }
       if (pushed != PushResult::kTimedOut || monotonic_ns() >= deadline) break;
@@ -792,7 +791,6 @@ class PyRequestQueue {
                         : "no result within the timeout; the request was "
                           "already being served and its result is discarded");
     }
-    record_latency(monotonic_ns() - submit_ns);
     py::object outcome = py::reinterpret_steal<py::object>(
         static_cast<PyObject*>(completion->outcome()));
     const bool is_error = completion->is_error();
@@ -1040,35 +1038,8 @@ class PyRequestQueue {
 
   void adapt_server_spin(size_t batch_size) {
     // Moving average of batch sizes in 1/16ths, weight 1/8.
-    int64_t mean = mean_batch_x16_.load(std::memory_order_relaxed);
-    mean += (static_cast<int64_t>(batch_size) * 16 - mean) / 8;
-    mean_batch_x16_.store(mean, std::memory_order_relaxed);
-    queue_.set_server_spin_ns(lone_actor() ? kLoneActorSpinNs : 0);
-  }
-
-  bool lone_actor() const { return mean_batch_x16_.load(std::memory_order_relaxed) <= 24; }
-
-  // In the one-actor case the caller spins for its result too, when calls
-  // are short: up to twice the typical call, measured from submission, and
-  // never when a typical call is longer than kCallerSpinLimitNs (then the
-  // model is long, and torch's own threads want the other core). Measured
-  // on the 2-core CI VM, MLP workload, one actor: p50 ~77 µs against ~104 µs
-  // parked. With more actors a spinning caller takes the core others need,
-  // so they sleep at once.
-  static constexpr int64_t kCallerSpinLimitNs = 150'000;
-
-  // GIL released. When to stop spinning; 0: do not spin.
-  int64_t caller_spin_deadline(int64_t submit_ns) const {
-    const int64_t typical = latency_ema_ns_.load(std::memory_order_relaxed);
-    if (!lone_actor() || typical <= 0 || typical > kCallerSpinLimitNs) return 0;
-    return add_saturating(submit_ns, 2 * typical);
-  }
-
-  // A racy moving average (weight 1/8) of call latencies: precise enough to
-  // size a spin.
-  void record_latency(int64_t ns) {
-    const int64_t old = latency_ema_ns_.load(std::memory_order_relaxed);
-    latency_ema_ns_.store(old == 0 ? ns : old + (ns - old) / 8, std::memory_order_relaxed);
+    mean_batch_x16_ += (static_cast<int64_t>(batch_size) * 16 - mean_batch_x16_) / 8;
+    queue_.set_server_spin_ns(mean_batch_x16_ <= 24 ? kLoneActorSpinNs : 0);
   }
 
   // GIL released. What the prefetch started last took (nothing if none).
@@ -1087,8 +1058,7 @@ class PyRequestQueue {
   BatchSettings settings_;
   std::mutex prefetch_mutex_;  // start() and finish() of prefetcher_, never at once
   std::vector<Request> carried_;  // taken beyond a lowered max_batch_size (GIL held)
-  std::atomic<int64_t> mean_batch_x16_{16};  // written by the server thread
-  std::atomic<int64_t> latency_ema_ns_{0};   // written by callers
+  int64_t mean_batch_x16_ = 16;  // server thread only
   Prefetcher prefetcher_{queue_};
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change

@@ -66,24 +66,7 @@ class Completion {
     return false;
   }
 
-  // Wakes the caller. The server may publish the outcome (finish) while it
-  // still holds a lock the caller needs next, Python's GIL, and notify only
-  // once it has let go; a spinning caller therefore waits for notify().
-  void notify() noexcept {
-    notified_.store(true, std::memory_order_release);
-    done_.notify_all();
-  }
-
-  // Caller: re-checks without sleeping until notified or `until_ns`.
-  bool spin_until(int64_t until_ns) noexcept {
-    do {
-      for (int i = 0; i < 32; ++i) {
-        if (notified_.load(std::memory_order_acquire)) return true;
-        cpu_relax();
-      }
-    } while (monotonic_ns() < until_ns);
-    return notified_.load(std::memory_order_acquire);
-  }
+  void notify() noexcept { done_.notify_all(); }
 
   // Caller: waits until kDone or the deadline. Returns true when done.
   bool wait_until(int64_t deadline_ns, int spin_iterations) noexcept {
@@ -120,7 +103,6 @@ class Completion {
 
   std::atomic<uint32_t> state_{kQueued};
   std::atomic<uint32_t> refs_{2};
-  std::atomic<bool> notified_{false};
   void* outcome_ = nullptr;
   bool is_error_ = false;
   EventCount done_;
