@@ -47,7 +47,6 @@ struct QueueFullError : std::runtime_error {
 
 // A blocking caller re-checks for Python signals (Ctrl-C) this often.
 constexpr int64_t kSignalCheckNs = 200'000'000;
-constexpr int kCallerSpin = 128;
 
 [[noreturn]] void raise_timeout(const std::string& message) {
   PyErr_SetString(PyExc_TimeoutError, message.c_str());
@@ -332,14 +331,18 @@ void settle(const Request& r, PyObject* outcome, bool is_error,
 }
 
 // GIL held on entry and exit; wakes callers without it.
-void wake_and_release(std::vector<Completion*>& to_wake) {
-  if (to_wake.empty()) return;
-  py::gil_scoped_release nogil;
+void notify_and_release(std::vector<Completion*>& to_wake) {
   for (Completion* c : to_wake) {
     c->notify();
     c->release();
   }
   to_wake.clear();
+}
+
+void wake_and_release(std::vector<Completion*>& to_wake) {
+  if (to_wake.empty()) return;
+  py::gil_scoped_release nogil;
+  notify_and_release(to_wake);
 }
 
 // Callers whose results the server has published but not yet woken. The
@@ -492,20 +495,7 @@ class Batch {
   uintptr_t prefetched_into() const { return prefetched_into_; }
 
   // General path: results has one entry per request, in request order.
-  void resolve(const py::sequence& results) {
-    if (requests_.empty()) return;  // already failed (e.g. by a shutdown)
-    const size_t n = requests_.size();
-    if (static_cast<size_t>(py::len(results)) != n)
-      throw std::invalid_argument("resolve: expected " + std::to_string(n) +
-                                  " results, got " +
-                                  std::to_string(py::len(results)));
-    std::vector<py::object> held;  // keep every result alive while settling
-    held.reserve(n);
-    for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
-    if (requests_.size() != n) return;  // failed while results were read
-    settle(take(requests_), [&held](size_t i) { return held[i].ptr(); }, false,
-           deferred_.get());
-  }
+  void resolve(const py::sequence& results) { resolve_each(requests_, results, "resolve"); }
 
   // Fast path: the i-th gathered request's result is a TensorDict of batch
   // size [] holding row i of each column (keys[j] -> columns[j][i], views
@@ -555,19 +545,10 @@ class Batch {
   }
 
   // Fast path, with one result object per gathered request (used when the
-  // output cannot be handed back by rows, e.g. it stays on a GPU).
+  // output cannot be handed back by columns: nested or non-tensor entries,
+  // more than one batch dimension).
   void resolve_rows_with(const py::sequence& results) {
-    if (rows_.empty()) return;
-    const size_t n = rows_.size();
-    if (static_cast<size_t>(py::len(results)) != n)
-      throw std::invalid_argument("resolve_rows_with: expected " + std::to_string(n) +
-                                  " results, got " + std::to_string(py::len(results)));
-    std::vector<py::object> held;
-    held.reserve(n);
-    for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
-    if (rows_.size() != n) return;
-    settle(take(rows_), [&held](size_t i) { return held[i].ptr(); }, false,
-           deferred_.get());
+    resolve_each(rows_, results, "resolve_rows_with");
   }
 
   // Ends every request still in the batch, on both paths.
@@ -599,6 +580,21 @@ class Batch {
   }
 
  private:
+  // Ends each request of `which` (requests_ or rows_) with its entry of
+  // `results`, in order.
+  void resolve_each(std::vector<Request>& which, const py::sequence& results, const char* name) {
+    if (which.empty()) return;  // already failed (e.g. by a shutdown)
+    const size_t n = which.size();
+    if (static_cast<size_t>(py::len(results)) != n)
+      throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(n) +
+                                  " results, got " + std::to_string(py::len(results)));
+    std::vector<py::object> held;  // keep every result alive while settling
+    held.reserve(n);
+    for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
+    if (which.size() != n) return;  // failed while results were read
+    settle(take(which), [&held](size_t i) { return held[i].ptr(); }, false, deferred_.get());
+  }
+
   static StagingColumns staging_columns(const std::vector<uintptr_t>& columns,
                                         const std::vector<size_t>& leaf_bytes, size_t capacity) {
     if (leaf_bytes.size() != columns.size())
@@ -853,8 +849,6 @@ class PyRequestQueue {
     return schema_->id;
   }
 
-  void clear_schema() { schema_.reset(); }
-  uint64_t schema_id() const { return schema_ ? schema_->id : 0; }
   bool schema_strict() const { return schema_ && schema_->strict; }
 
   // Transport protocol: up to max_items requests, without waiting.
@@ -928,10 +922,7 @@ class PyRequestQueue {
     carried.swap(carried_);
     {
       py::gil_scoped_release nogil;
-      for (Completion* c : to_wake) {
-        c->notify();
-        c->release();
-      }
+      notify_and_release(to_wake);
       Prefetcher::Taken taken = finish_prefetch();
       prefetched = taken.rows.size();
       prefetched_into = reinterpret_cast<uintptr_t>(taken.staging);
@@ -1122,8 +1113,6 @@ PYBIND11_MODULE(_core, m) {
            py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false,
            py::arg("device") = py::none(),
            py::arg("general_keys") = std::vector<py::object>{})
-      .def("clear_schema", &PyRequestQueue::clear_schema)
-      .def_property_readonly("schema_id", &PyRequestQueue::schema_id)
       .def_property_readonly("schema_strict", &PyRequestQueue::schema_strict)
 
       .def("fail_pending", &PyRequestQueue::fail_pending, py::arg("exc"))

@@ -290,6 +290,10 @@ class FastPath:
         the output has nested or non-tensor entries."""
         if type(output) is not TensorDict or output.batch_dims != 1:
             return None  # results keep the output's further batch dims this way
+        if isinstance(version_key, tuple):
+            if len(version_key) != 1:
+                return None  # a nested stamp: TensorDict's own set and unbind
+            version_key = version_key[0]
         keys, values = [], []
         for key, value in output._tensordict.items():  # exact TensorDict: its leaves
             if type(value) is not torch.Tensor:
@@ -301,10 +305,6 @@ class FastPath:
             values = self._to_host(values)
             device = self.output_device
         if version_key is not None:
-            if isinstance(version_key, tuple):
-                if len(version_key) != 1:
-                    return None
-                version_key = version_key[0]
             # New per batch, like every column: a caller may write to its result.
             column = torch.full((n,), version, dtype=torch.long, device=device)
             if version_key in keys:
