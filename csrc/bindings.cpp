@@ -31,6 +31,7 @@
 #include "futex.h"
 #include "request_queue.h"
 #include "row_copy.h"
+#include "shared_slots.h"
 #include "staging.h"
 
 namespace py = pybind11;
@@ -308,67 +309,6 @@ OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) 
   return rows;
 }
 
-// GIL held. Releases what a request owns on the Python side.
-void release_python_refs(const Request& r) {
-  Py_XDECREF(static_cast<PyObject*>(r.payload));
-  Py_XDECREF(static_cast<PyObject*>(r.future));
-  free_rows(r.rows);
-}
-
-// GIL held. Ends one request with `outcome` (a result or an exception).
-// Completions that must be woken are appended to `to_wake` (their reference
-// is released after the wake-up, outside the GIL).
-void settle(const Request& r, PyObject* outcome, bool is_error,
-            std::vector<Completion*>& to_wake) {
-  if (r.completion != nullptr) {
-    Py_INCREF(outcome);
-    if (!r.completion->finish(outcome, is_error)) Py_DECREF(outcome);
-    to_wake.push_back(r.completion);
-  } else if (r.future != nullptr) {
-    call_future(static_cast<PyObject*>(r.future),
-                is_error ? "set_exception" : "set_result", outcome);
-  }
-}
-
-// GIL held on entry and exit; wakes callers without it.
-void notify_and_release(std::vector<Completion*>& to_wake) {
-  for (Completion* c : to_wake) {
-    c->notify();
-    c->release();
-  }
-  to_wake.clear();
-}
-
-void wake_and_release(std::vector<Completion*>& to_wake) {
-  if (to_wake.empty()) return;
-  py::gil_scoped_release nogil;
-  notify_and_release(to_wake);
-}
-
-// Callers whose results the server has published but not yet woken. The
-// worker wakes them when it next releases the GIL (collect()): a caller woken
-// while the worker still holds the GIL would block on the GIL and need a
-// second, much slower wake-up (CPython's GIL hand-off) to go on. Changed
-// only with the GIL held.
-struct DeferredWakes {
-  std::vector<Completion*> pending;
-
-  // GIL held on entry and exit; wakes without it.
-  void flush() {
-    if (pending.empty()) return;
-    std::vector<Completion*> to_wake;
-    to_wake.swap(pending);
-    wake_and_release(to_wake);
-  }
-};
-
-// GIL held. Drops a request that will never be served (withdrawn by its
-// caller): no outcome, only references to release.
-void discard(const Request& r) {
-  release_python_refs(r);
-  if (r.completion != nullptr) r.completion->release();
-}
-
 // GIL held. A new RuntimeError; MemoryError (never null) if even that
 // cannot be allocated, so a request always gets an outcome.
 PyObject* new_runtime_error(const char* message) {
@@ -390,6 +330,273 @@ void set_error_from(PyObject* outcome) {
   } else {
     PyErr_SetObject(PyExc_RuntimeError, outcome);
   }
+}
+
+// ---------------------------------------------------------------------------
+// Shared-memory slots (csrc/shared_slots.h), the Python side of both ends.
+
+// GIL held. `value` as a contiguous CPU tensor of `dtype` (converted when it
+// is not), checked to hold `rows` rows of `shape` (rows < 0: exactly
+// `shape`). Raises ValueError naming `key` otherwise.
+py::object slot_leaf(PyObject* value, const py::object& key, const py::object& dtype,
+                     const py::object& shape, Py_ssize_t rows) {
+  const TorchRefs& t = torch_refs();
+  const int is_tensor = PyObject_IsInstance(value, t.tensor_type);
+  if (is_tensor < 0) throw py::error_already_set();
+  if (is_tensor == 0)
+    raise_spec_error(PyExc_ValueError, "response key " + repr(key.ptr()) +
+                                           " must be a tensor (response_spec); got " +
+                                           repr(reinterpret_cast<PyObject*>(Py_TYPE(value))));
+  py::object v = py::reinterpret_borrow<py::object>(value);
+  if (attr(v.ptr(), t.s_is_cpu).ptr() != Py_True || attr(v.ptr(), t.s_dtype).ptr() != dtype.ptr() ||
+      call_method(v.ptr(), t.s_is_contiguous).ptr() != Py_True) {
+    v = v.attr("to")(py::arg("device") = "cpu", py::arg("dtype") = dtype).attr("contiguous")();
+  }
+  py::object got = attr(v.ptr(), t.s_shape);
+  py::object want = shape;
+  if (rows >= 0) {
+    if (PyObject_Length(got.ptr()) < 1 || PyLong_AsSsize_t(PyTuple_GET_ITEM(got.ptr(), 0)) != rows) {
+      PyErr_Clear();
+      raise_spec_error(PyExc_ValueError, "model output key " + repr(key.ptr()) + " has shape " +
+                                             repr(got.ptr()) + " for a batch of " +
+                                             std::to_string(rows) + " requests");
+    }
+    got = py::reinterpret_steal<py::object>(PySequence_GetSlice(got.ptr(), 1, PY_SSIZE_T_MAX));
+    if (!got) throw py::error_already_set();
+  }
+  const int same = PyObject_RichCompareBool(got.ptr(), want.ptr(), Py_EQ);
+  if (same < 0) throw py::error_already_set();
+  if (same == 0)
+    raise_spec_error(PyExc_ValueError, "response key " + repr(key.ptr()) + " has shape " +
+                                           repr(got.ptr()) + " per request; response_spec declares " +
+                                           repr(want.ptr()));
+  return v;
+}
+
+// The server process's end of a SharedMemoryTransport: the intake its
+// RequestQueue takes slots from, plus what turns a slot into Python objects
+// (a request TensorDict for the general path) and results and exceptions into
+// slot bytes.
+class SlotServer final : public SlotIntake {
+ public:
+  SlotServer(std::shared_ptr<SharedSlots> slots, uint64_t schema_id,
+             std::vector<py::object> request_keys, std::vector<py::object> request_banks,
+             py::object request_device, std::vector<py::object> response_keys,
+             std::vector<py::object> response_dtypes, std::vector<py::object> response_shapes)
+      : SlotIntake(slots, schema_id),
+        request_keys_(std::move(request_keys)),
+        request_banks_(std::move(request_banks)),
+        request_device_(std::move(request_device)),
+        response_keys_(std::move(response_keys)),
+        response_dtypes_(std::move(response_dtypes)),
+        response_shapes_(std::move(response_shapes)),
+        dumps_(py::module_::import("pickle").attr("dumps")) {
+    if (request_keys_.size() != slots->request_leaves() ||
+        request_banks_.size() != request_keys_.size() ||
+        response_keys_.size() != slots->response_leaves() ||
+        response_dtypes_.size() != response_keys_.size() ||
+        response_shapes_.size() != response_keys_.size())
+      throw std::invalid_argument("SlotServer: keys do not match the segment's layout");
+  }
+
+  // GIL held. The request in slot `s` as a TensorDict of views of its rows.
+  py::object item(uint32_t s) const {
+    py::dict leaves;
+    py::int_ index(s);
+    for (size_t j = 0; j < request_keys_.size(); ++j)
+      leaves[request_keys_[j]] = request_banks_[j][index];
+    PyObject* td = PyObject_CallFunctionObjArgs(torch_refs().new_unsafe, leaves.ptr(),
+                                                torch_refs().empty_size, request_device_.ptr(),
+                                                nullptr);
+    if (td == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(td);
+  }
+
+  // GIL held. Writes `outcome` into slot `s` and ends it (kDone, or kFailed
+  // with its exception, or the error of writing it). True when its client
+  // waits for it (wake it).
+  bool settle(uint32_t s, PyObject* outcome, bool is_error) {
+    if (!is_error) {
+      try {
+        write_result(s, outcome);
+      } catch (py::error_already_set& e) {
+        write_error(s, e.value().ptr());
+        is_error = true;
+      }
+    } else {
+      write_error(s, outcome);
+    }
+    return slots().finish(s, is_error);
+  }
+
+  // The fast path's hand-back: row i of each column goes to the response
+  // rows of requests[i]'s slot (copied with the GIL released), matching
+  // columns to response_spec by key; output keys it does not declare are
+  // dropped. Raises (ending nothing) when a declared key is missing or its
+  // column does not fit. Returns the slots to wake.
+  std::vector<uint32_t> scatter(const std::vector<Request>& requests,
+                                const std::vector<py::object>& keys,
+                                const std::vector<py::object>& columns) {
+    const Py_ssize_t n = static_cast<Py_ssize_t>(requests.size());
+    std::vector<py::object> held;
+    std::vector<const uint8_t*> source;
+    for (size_t j = 0; j < response_keys_.size(); ++j) {
+      const py::object* column = nullptr;
+      for (size_t k = 0; k < keys.size() && column == nullptr; ++k) {
+        const int same = PyObject_RichCompareBool(keys[k].ptr(), response_keys_[j].ptr(), Py_EQ);
+        if (same < 0) throw py::error_already_set();
+        if (same == 1) column = &columns[k];
+      }
+      if (column == nullptr) {
+        PyErr_SetObject(PyExc_KeyError,
+                        py::str("the model output has no key {!r} (declared by response_spec)")
+                            .format(response_keys_[j])
+                            .ptr());
+        throw py::error_already_set();
+      }
+      held.push_back(slot_leaf(column->ptr(), response_keys_[j], response_dtypes_[j],
+                               response_shapes_[j], n));
+      source.push_back(static_cast<const uint8_t*>(data_ptr(held.back().ptr())));
+    }
+    SharedSlots& sh = slots();
+    {
+      py::gil_scoped_release nogil;
+      for (Py_ssize_t i = 0; i < n; ++i)
+        for (size_t j = 0; j < source.size(); ++j) {
+          const size_t bytes = sh.response_leaf_bytes(j);
+          if (bytes != 0) std::memcpy(sh.response_row(requests[i].slot, j), source[j] + i * bytes, bytes);
+        }
+    }
+    std::vector<uint32_t> to_wake;
+    for (const Request& r : requests)
+      if (sh.finish(r.slot, false)) to_wake.push_back(r.slot);
+    return to_wake;
+  }
+
+ private:
+  void write_result(uint32_t s, PyObject* result) {
+    SharedSlots& sh = slots();
+    for (size_t j = 0; j < response_keys_.size(); ++j) {
+      py::object value = py::reinterpret_steal<py::object>(
+          PyObject_CallMethod(result, "get", "O", response_keys_[j].ptr()));
+      if (!value) throw py::error_already_set();
+      py::object leaf = slot_leaf(value.ptr(), response_keys_[j], response_dtypes_[j],
+                                  response_shapes_[j], -1);
+      const size_t bytes = sh.response_leaf_bytes(j);
+      if (bytes != 0) std::memcpy(sh.response_row(s, j), data_ptr(leaf.ptr()), bytes);
+    }
+  }
+
+  // The exception, pickled; a RuntimeError with its text when it does not
+  // pickle or fit; nothing (the client raises a generic error) at worst.
+  void write_error(uint32_t s, PyObject* exc) {
+    SharedSlots& sh = slots();
+    SlotHeader& slot = sh.slot(s);
+    slot.error_len = 0;
+    auto store = [&](PyObject* e) {
+      PyObject* blob = PyObject_CallOneArg(dumps_.ptr(), e);
+      if (blob == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+      const Py_ssize_t len = PyBytes_Size(blob);
+      const bool fits = len >= 0 && static_cast<size_t>(len) <= sh.error_bytes();
+      if (fits) {
+        std::memcpy(sh.error_area(s), PyBytes_AS_STRING(blob), static_cast<size_t>(len));
+        slot.error_len = static_cast<uint32_t>(len);
+      }
+      Py_DECREF(blob);
+      return fits;
+    };
+    if (store(exc)) return;
+    std::string text = repr(exc);
+    if (text.size() > sh.error_bytes() / 2) text.resize(sh.error_bytes() / 2);
+    PyObject* fallback = new_runtime_error(("the server raised " + text).c_str());
+    store(fallback);
+    Py_DECREF(fallback);
+  }
+
+  std::vector<py::object> request_keys_, request_banks_;
+  py::object request_device_;
+  std::vector<py::object> response_keys_, response_dtypes_, response_shapes_;
+  py::object dumps_;
+};
+
+SlotServer& slot_server(const Request& r) { return *static_cast<SlotServer*>(r.intake); }
+
+// A caller to wake once the GIL is let go: a blocking in-process caller, or
+// the client process waiting on a slot.
+struct Wake {
+  Completion* completion = nullptr;
+  SharedSlots* slots = nullptr;
+  uint32_t slot = 0;
+};
+
+// GIL held. Releases what a request owns on the Python side.
+void release_python_refs(const Request& r) {
+  Py_XDECREF(static_cast<PyObject*>(r.payload));
+  Py_XDECREF(static_cast<PyObject*>(r.future));
+  if (r.intake == nullptr) free_rows(r.rows);  // a slot's rows are the intake's
+}
+
+// GIL held. Ends one request with `outcome` (a result or an exception).
+// Callers that must be woken are appended to `to_wake` (a completion's
+// reference is released after the wake-up, outside the GIL).
+void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake) {
+  if (r.intake != nullptr) {
+    if (slot_server(r).settle(r.slot, outcome, is_error))
+      to_wake.push_back(Wake{nullptr, &slot_server(r).slots(), r.slot});
+  } else if (r.completion != nullptr) {
+    Py_INCREF(outcome);
+    if (!r.completion->finish(outcome, is_error)) Py_DECREF(outcome);
+    to_wake.push_back(Wake{r.completion});
+  } else if (r.future != nullptr) {
+    call_future(static_cast<PyObject*>(r.future),
+                is_error ? "set_exception" : "set_result", outcome);
+  }
+}
+
+// GIL held on entry and exit; wakes callers without it.
+void notify_and_release(std::vector<Wake>& to_wake) {
+  for (const Wake& w : to_wake) {
+    if (w.completion != nullptr) {
+      w.completion->notify();
+      w.completion->release();
+    } else {
+      w.slots->wake(w.slot);
+    }
+  }
+  to_wake.clear();
+}
+
+void wake_and_release(std::vector<Wake>& to_wake) {
+  if (to_wake.empty()) return;
+  py::gil_scoped_release nogil;
+  notify_and_release(to_wake);
+}
+
+// Callers whose results the server has published but not yet woken. The
+// worker wakes them when it next releases the GIL (collect()): a caller woken
+// while the worker still holds the GIL would block on the GIL and need a
+// second, much slower wake-up (CPython's GIL hand-off) to go on. Changed
+// only with the GIL held.
+struct DeferredWakes {
+  std::vector<Wake> pending;
+
+  // GIL held on entry and exit; wakes without it.
+  void flush() {
+    if (pending.empty()) return;
+    std::vector<Wake> to_wake;
+    to_wake.swap(pending);
+    wake_and_release(to_wake);
+  }
+};
+
+// GIL held. Drops a request that will never be served (withdrawn by its
+// caller): no outcome, only references to release.
+void discard(const Request& r) {
+  release_python_refs(r);
+  if (r.completion != nullptr) r.completion->release();
 }
 
 // A set of requests taken from the queue together. gather() moves those of
@@ -433,12 +640,15 @@ class Batch {
   size_t size() const { return requests_.size() + rows_.size(); }
   size_t rows() const { return rows_.size(); }
 
-  // The general path's requests.
+  // The general path's requests (a slot's: a TensorDict of views of its rows).
   py::list items() const {
     py::list out(requests_.size());
-    for (size_t i = 0; i < requests_.size(); ++i)
-      out[i] = py::reinterpret_borrow<py::object>(
-          static_cast<PyObject*>(requests_[i].payload));
+    for (size_t i = 0; i < requests_.size(); ++i) {
+      const Request& r = requests_[i];
+      out[i] = r.intake != nullptr
+                   ? slot_server(r).item(r.slot)
+                   : py::reinterpret_borrow<py::object>(static_cast<PyObject*>(r.payload));
+    }
     return out;
   }
 
@@ -468,6 +678,10 @@ class Batch {
     snapshot.reserve(rows_.size() - first);
     held.reserve((rows_.size() - first) * columns.size());
     for (size_t i = first; i < rows_.size(); ++i) {
+      if (rows_[i].intake != nullptr) {  // shared memory, mapped for the process's life
+        snapshot.push_back(*rows_[i].rows);
+        continue;
+      }
       const auto* leaves = static_cast<const RequestRows*>(rows_[i].rows);
       snapshot.push_back(*leaves);
       for (size_t j = 0; j < leaves->count; ++j)
@@ -504,12 +718,32 @@ class Batch {
   // building them in the callers' threads was measured 2x slower at 8
   // actor threads (36 k vs 18-20 k req/s, p99 0.4 vs 3.8 ms), as freshly
   // woken callers contend with the server for the GIL.
+  //
+  // Requests from shared-memory slots get their rows copied into their
+  // response slots instead (SlotServer::scatter): no Python object per
+  // request at all.
   void resolve_rows(const std::vector<py::object>& keys, const std::vector<py::object>& columns,
                     const py::object& device) {
     if (rows_.empty()) return;
     const size_t n = rows_.size();
     if (columns.size() != keys.size())
       throw std::invalid_argument("resolve_rows: one column per key expected");
+    if (rows_.front().intake != nullptr) {
+      for (const Request& r : rows_)
+        if (r.intake != rows_.front().intake)
+          throw std::logic_error("resolve_rows: rows from two sources in one batch");
+      std::vector<uint32_t> to_wake = slot_server(rows_.front()).scatter(rows_, keys, columns);
+      if (rows_.size() != n) return;  // failed meanwhile (scatter let go of the GIL)
+      SharedSlots* slots = &slot_server(rows_.front()).slots();
+      std::vector<Wake> wakes;
+      wakes.reserve(to_wake.size());
+      for (uint32_t s : to_wake) wakes.push_back(Wake{nullptr, slots, s});
+      take(rows_);
+      // Now, not at the next collect(): these callers are other processes
+      // and do not need this process's GIL to go on.
+      wake_and_release(wakes);
+      return;
+    }
     const TorchRefs& t = torch_refs();
     std::vector<py::object> rows_of;  // per column: its n row views
     rows_of.reserve(columns.size());
@@ -627,7 +861,7 @@ class Batch {
   }
 
   // GIL held. Wakes now, or leaves the wake-ups to `deferred`.
-  static void wake(std::vector<Completion*>& to_wake, DeferredWakes* deferred) {
+  static void wake(std::vector<Wake>& to_wake, DeferredWakes* deferred) {
     if (deferred == nullptr) {
       wake_and_release(to_wake);
       return;
@@ -641,7 +875,7 @@ class Batch {
   template <typename OutcomeOf>
   static void settle(std::vector<Request> requests, OutcomeOf&& outcome_of,
                      bool is_error, DeferredWakes* deferred = nullptr) {
-    std::vector<Completion*> to_wake;
+    std::vector<Wake> to_wake;
     to_wake.reserve(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
       batchserve::settle(requests[i], outcome_of(i), is_error, to_wake);
@@ -656,15 +890,16 @@ class Batch {
   uintptr_t prefetched_into_ = 0;
 };
 
-// The handle of one blocking request handed out by drain() (the transport
-// protocol path): it quacks like the Future it replaces.
+// The handle of a request handed out by drain() (the transport protocol
+// path) whose caller is not waiting on a Future (a blocking in-process call,
+// a shared-memory slot): it quacks like the Future it replaces.
 class Ticket {
  public:
-  explicit Ticket(Completion* completion) : completion_(completion) {}
+  explicit Ticket(const Request& request) : request_(request) {}
   Ticket(const Ticket&) = delete;
   Ticket& operator=(const Ticket&) = delete;
   ~Ticket() {
-    if (completion_ != nullptr) {
+    if (!done_) {
       PyObject* err = new_runtime_error(
           "batchserve: a request was dropped before it was resolved");
       end(err, true);
@@ -674,19 +909,19 @@ class Ticket {
 
   void set_result(const py::object& result) { end(result.ptr(), false); }
   void set_exception(const py::object& exc) { end(exc.ptr(), true); }
-  bool done() const { return completion_ == nullptr; }
+  bool done() const { return done_; }
 
  private:
   void end(PyObject* outcome, bool is_error) {
-    if (completion_ == nullptr) return;
-    Completion* c = std::exchange(completion_, nullptr);
-    Py_INCREF(outcome);
-    if (!c->finish(outcome, is_error)) Py_DECREF(outcome);
-    std::vector<Completion*> to_wake{c};
+    if (done_) return;
+    done_ = true;
+    std::vector<Wake> to_wake;
+    settle(request_, outcome, is_error, to_wake);
     wake_and_release(to_wake);
   }
 
-  Completion* completion_;
+  Request request_;  // owns no Python reference (drain handed them out)
+  bool done_ = false;
 };
 
 class PyRequestQueue {
@@ -863,11 +1098,17 @@ class PyRequestQueue {
         discard(r);  // cancelled by its caller
         continue;
       }
-      items.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.payload)));
-      free_rows(r.rows);  // the protocol path hands out the TensorDict itself
-      if (r.completion != nullptr) {
-        handles.append(py::cast(new Ticket(r.completion),
-                                py::return_value_policy::take_ownership));
+      if (r.intake != nullptr) {
+        items.append(slot_server(r).item(r.slot));
+      } else {
+        items.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.payload)));
+        free_rows(r.rows);  // the protocol path hands out the TensorDict itself
+      }
+      if (r.completion != nullptr || r.intake != nullptr) {
+        Request bare = r;  // its references were handed out above
+        bare.payload = nullptr;
+        bare.rows = nullptr;
+        handles.append(py::cast(new Ticket(bare), py::return_value_policy::take_ownership));
       } else {
         handles.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.future)));
       }
@@ -916,7 +1157,7 @@ class PyRequestQueue {
     std::vector<Request> batch, dropped;
     size_t prefetched = 0;  // batch[0, prefetched) are gathered rows
     uintptr_t prefetched_into = 0;
-    std::vector<Completion*> to_wake;
+    std::vector<Wake> to_wake;
     to_wake.swap(deferred_->pending);
     std::vector<Request> carried;  // older than anything still in the ring
     carried.swap(carried_);
@@ -971,7 +1212,7 @@ class PyRequestQueue {
   size_t fail_pending(const py::object& exc) {
     deferred_->flush();
     size_t total = 0;
-    std::vector<Completion*> to_wake;
+    std::vector<Wake> to_wake;
     auto fail = [&](const Request& r) {
       if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
         discard(r);
@@ -1013,6 +1254,15 @@ class PyRequestQueue {
   }
   void reopen() { queue_.reopen(); }
   bool closed() const { return queue_.closed(); }
+
+  // Requests also come from shared-memory slots (a SharedMemoryTransport's
+  // server end). Once, before the queue is used.
+  void attach_slots(std::shared_ptr<SlotServer> slots) {
+    if (slots_) throw std::logic_error("attach_slots: the queue already has slots");
+    slots_ = std::move(slots);
+    queue_.attach_intake(slots_.get());
+  }
+  size_t reaped_slots() const { return slots_ ? slots_->reaped() : 0; }
   size_t size() const { return queue_.size(); }
   size_t capacity() const { return queue_.capacity(); }
 
@@ -1046,6 +1296,7 @@ class PyRequestQueue {
   }
 
   RequestQueue queue_;
+  std::shared_ptr<SlotServer> slots_;  // the intake of queue_, if any (outlives the prefetcher)
   BatchSettings settings_;
   std::mutex prefetch_mutex_;  // start() and finish() of prefetcher_, never at once
   std::vector<Request> carried_;  // taken beyond a lowered max_batch_size (GIL held)
@@ -1054,6 +1305,226 @@ class PyRequestQueue {
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
   uint64_t last_schema_id_ = 0;
+};
+
+// The actor's end of a SharedMemoryTransport, in any process: it copies a
+// request's leaves into a free slot, publishes it, and waits on the slot's
+// futex for the server to write the result; all without the GIL. A client
+// object may be used from several threads (each call takes its own slot).
+class SlotClient {
+ public:
+  // How often a waiting client looks at the server's health and at signals.
+  static constexpr int64_t kCheckNs = 100'000'000;
+
+  SlotClient(std::shared_ptr<SharedSlots> slots, std::vector<py::object> request_keys,
+             std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
+             py::object request_device, std::vector<py::object> response_keys,
+             std::vector<py::object> response_banks, py::object response_device,
+             bool copy_result, py::object normalise)
+      : slots_(std::move(slots)),
+        response_keys_(std::move(response_keys)),
+        response_banks_(std::move(response_banks)),
+        response_device_(std::move(response_device)),
+        copy_result_(copy_result),
+        normalise_(std::move(normalise)),
+        loads_(py::module_::import("pickle").attr("loads")) {
+    torch_refs();
+    schema_.strict = true;
+    schema_.keys = std::move(request_keys);
+    schema_.dtypes = std::move(request_dtypes);
+    schema_.shapes = std::move(request_shapes);
+    schema_.device = std::move(request_device);
+    if (schema_.keys.size() != slots_->request_leaves() ||
+        response_keys_.size() != slots_->response_leaves() ||
+        response_banks_.size() != response_keys_.size())
+      throw std::invalid_argument("SlotClient: keys do not match the segment's layout");
+    if (schema_.keys.size() > RequestRows::kMaxLeaves)
+      throw std::invalid_argument("SlotClient: at most " + std::to_string(RequestRows::kMaxLeaves) +
+                                  " request leaves");
+  }
+
+  // The blocking call: submit, wait, return the result or raise the server's
+  // exception. On timeout the request is withdrawn if the server has not
+  // taken it yet, else its result is discarded; TimeoutError either way.
+  py::object call(const py::object& item, std::optional<double> timeout_s) {
+    const int64_t deadline = deadline_from(timeout_s);
+    const uint32_t s = submit_until(item, deadline, true);
+    return finish_wait(s, deadline, false);
+  }
+
+  // Submits and returns the slot, for a future (SharedMemoryFuture). Blocks
+  // while every slot is in flight, until `timeout` (TimeoutError).
+  uint32_t submit(const py::object& item, std::optional<double> timeout_s) {
+    return submit_until(item, deadline_from(timeout_s), false);
+  }
+
+  // The result of slot `s` (from submit). On timeout raises TimeoutError and
+  // keeps the request in flight (call again), as torchrl's future does.
+  py::object result(uint32_t s, std::optional<double> timeout_s) {
+    return finish_wait(s, deadline_from(timeout_s), true);
+  }
+
+  bool done(uint32_t s) const { return slots_->finished(s); }
+
+  // Leaves slot `s`'s request: withdrawn if not yet taken (true), else its
+  // result is discarded. The slot is not the caller's any more.
+  bool cancel(uint32_t s) {
+    const SlotHeader::State left = slots_->give_up(s);
+    if (left != SlotHeader::kAbandoned) slots_->release(s);
+    return left == SlotHeader::kIdle;
+  }
+
+ private:
+  // GIL held. The request's leaves, after the Python-side normaliser for
+  // inputs the C++ matcher does not take as they are (a TensorDict subclass,
+  // non-contiguous leaves, a TensorDict device): raises what it raises.
+  OwnedRows match(const py::object& item, py::object& normalised) {
+    OwnedRows rows = match_schema(item.ptr(), schema_, false);
+    if (rows) return rows;
+    normalised = normalise_(item);
+    rows = match_schema(normalised.ptr(), schema_, false);
+    if (!rows) raise_spec_error(PyExc_ValueError, "request does not match request_spec: " +
+                                                      repr(normalised.ptr()));
+    return rows;
+  }
+
+  // GIL held. A slot holding `item`, published to the server; with
+  // `and_wait`, also waits for the result for up to one check interval in
+  // the same GIL-free stretch.
+  uint32_t submit_until(const py::object& item, int64_t deadline, bool and_wait) {
+    py::object normalised;
+    OwnedRows rows = match(item, normalised);
+    if (slots_->closed()) throw QueueClosedError("the inference server is shut down");
+    int slot = slots_->try_claim(hint_.load(std::memory_order_relaxed));
+    while (slot < 0) {
+      SlotWait w;
+      {
+        py::gil_scoped_release nogil;
+        w = slots_->claim(hint_.load(std::memory_order_relaxed),
+                          std::min(deadline, monotonic_ns() + kCheckNs), slot);
+      }
+      if (w == SlotWait::kOk) break;
+      raise_if_unservable(w);
+      if (monotonic_ns() >= deadline)
+        raise_timeout("no free slot within the timeout: all " + std::to_string(slots_->num_slots()) +
+                      " slots hold requests in flight (num_slots)");
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    const uint32_t s = static_cast<uint32_t>(slot);
+    hint_.store(s, std::memory_order_relaxed);
+    SlotWait submitted;
+    {
+      py::gil_scoped_release nogil;
+      for (size_t j = 0; j < rows->count; ++j) {
+        const size_t bytes = slots_->request_leaf_bytes(j);
+        if (bytes != 0) std::memcpy(slots_->request_row(s, j), rows->data[j], bytes);
+      }
+      submitted = slots_->submit(s, monotonic_ns());
+      if (submitted == SlotWait::kOk && and_wait)
+        slots_->wait(s, std::min(deadline, monotonic_ns() + kCheckNs));
+    }
+    if (submitted != SlotWait::kOk) {
+      slots_->release(s);
+      throw QueueClosedError("the inference server is shut down");
+    }
+    return s;
+  }
+
+  [[noreturn]] void raise_unservable(SlotWait why) const {
+    if (why == SlotWait::kClosed) throw QueueClosedError("the inference server is shut down");
+    throw QueueClosedError("the inference server process (pid " +
+                           std::to_string(slots_->server_pid()) +
+                           ") is gone; no request can be served");
+  }
+  void raise_if_unservable(SlotWait why) const {
+    if (why == SlotWait::kClosed || why == SlotWait::kServerDead) raise_unservable(why);
+  }
+
+  // GIL held. Waits for slot `s`'s outcome, reads it, frees the slot.
+  py::object finish_wait(uint32_t s, int64_t deadline, bool keep_on_timeout) {
+    bool done = slots_->finished(s);
+    while (!done) {
+      int64_t now;
+      {
+        py::gil_scoped_release nogil;
+        done = slots_->wait(s, std::min(deadline, monotonic_ns() + kCheckNs));
+        now = monotonic_ns();
+      }
+      if (done) break;
+      // The server shut down with this request still queued, or died.
+      if (slots_->closed() && slots_->withdraw(s)) {
+        slots_->release(s);
+        raise_unservable(SlotWait::kClosed);
+      }
+      if (slots_->server_dead()) {
+        if (slots_->finished(s)) break;
+        if (slots_->give_up(s) != SlotHeader::kAbandoned) slots_->release(s);
+        raise_unservable(SlotWait::kServerDead);
+      }
+      const bool expired = now >= deadline;
+      const bool interrupted = !expired && PyErr_CheckSignals() != 0;
+      if (!expired && !interrupted) continue;
+      if (keep_on_timeout && !interrupted)
+        raise_timeout("no result within the timeout; the request is still in flight");
+      const SlotHeader::State left = slots_->give_up(s);
+      if (left == SlotHeader::kDone || left == SlotHeader::kFailed) {
+        if (!interrupted) break;  // the result won the race with the timeout
+        slots_->release(s);
+        throw py::error_already_set();
+      }
+      if (left == SlotHeader::kIdle) slots_->release(s);
+      if (interrupted) throw py::error_already_set();
+      raise_timeout(left == SlotHeader::kIdle
+                        ? "no result within the timeout; the request was "
+                          "withdrawn before it was batched"
+                        : "no result within the timeout; the request was "
+                          "already being served and its result is discarded");
+    }
+    return read_outcome(s);
+  }
+
+  // GIL held. The finished slot's result (or raises its exception); frees it.
+  py::object read_outcome(uint32_t s) {
+    struct Release {
+      SharedSlots& slots;
+      uint32_t s;
+      ~Release() { slots.release(s); }
+    } release{*slots_, s};
+    SlotHeader& slot = slots_->slot(s);
+    if (slot.state.load(std::memory_order_acquire) == SlotHeader::kFailed) {
+      py::object exc;
+      if (slot.error_len > 0) {
+        py::bytes blob(reinterpret_cast<const char*>(slots_->error_area(s)), slot.error_len);
+        PyObject* e = PyObject_CallOneArg(loads_.ptr(), blob.ptr());
+        if (e == nullptr) PyErr_Clear();
+        exc = py::reinterpret_steal<py::object>(e);
+      }
+      if (!exc) exc = py::reinterpret_steal<py::object>(new_runtime_error(
+                    "the server failed this request (its exception could not be sent)"));
+      set_error_from(exc.ptr());
+      throw py::error_already_set();
+    }
+    const TorchRefs& t = torch_refs();
+    py::dict leaves;
+    py::int_ index(s);
+    for (size_t j = 0; j < response_keys_.size(); ++j) {
+      py::object view = response_banks_[j][index];
+      if (copy_result_) view = call_method(view.ptr(), t.s_clone);
+      leaves[response_keys_[j]] = view;
+    }
+    PyObject* td = PyObject_CallFunctionObjArgs(t.new_unsafe, leaves.ptr(), t.empty_size,
+                                                response_device_.ptr(), nullptr);
+    if (td == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(td);
+  }
+
+  std::shared_ptr<SharedSlots> slots_;
+  FastSchema schema_;
+  std::vector<py::object> response_keys_, response_banks_;
+  py::object response_device_;
+  bool copy_result_;
+  py::object normalise_, loads_;
+  std::atomic<uint32_t> hint_{0};  // the slot this client used last: likely free
 };
 
 }  // namespace
@@ -1115,10 +1586,66 @@ PYBIND11_MODULE(_core, m) {
            py::arg("general_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &PyRequestQueue::schema_strict)
 
+      .def("attach_slots", &PyRequestQueue::attach_slots, py::arg("slots"))
+      .def_property_readonly("reaped_slots", &PyRequestQueue::reaped_slots)
       .def("fail_pending", &PyRequestQueue::fail_pending, py::arg("exc"))
       .def("close", &PyRequestQueue::close)
       .def("reopen", &PyRequestQueue::reopen)
       .def_property_readonly("closed", &PyRequestQueue::closed)
       .def_property_readonly("capacity", &PyRequestQueue::capacity)
       .def("__len__", &PyRequestQueue::size);
+
+  py::class_<SharedSlots, std::shared_ptr<SharedSlots>>(m, "SharedSegment", py::buffer_protocol())
+      .def_static(
+          "create",
+          [](const std::string& name, uint32_t num_slots, std::vector<size_t> request_leaf_bytes,
+             std::vector<size_t> response_leaf_bytes, size_t error_bytes, uint64_t fingerprint) {
+            SlotLayout layout;
+            layout.num_slots = num_slots;
+            layout.request_leaf_bytes = std::move(request_leaf_bytes);
+            layout.response_leaf_bytes = std::move(response_leaf_bytes);
+            layout.error_bytes = error_bytes;
+            layout.fingerprint = fingerprint;
+            return SharedSlots::create(name, layout);
+          },
+          py::arg("name"), py::arg("num_slots"), py::arg("request_leaf_bytes"),
+          py::arg("response_leaf_bytes"), py::arg("error_bytes"), py::arg("fingerprint"))
+      .def_static("attach", &SharedSlots::attach, py::arg("name"), py::arg("fingerprint"))
+      .def_buffer([](SharedSlots& s) {
+        return py::buffer_info(s.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(s.size())}, {1});
+      })
+      .def("unlink", &SharedSlots::unlink)
+      .def_property_readonly("name", &SharedSlots::name)
+      .def_property_readonly("size", &SharedSlots::size)
+      .def_property_readonly("num_slots", &SharedSlots::num_slots)
+      .def("request_offset", &SharedSlots::request_offset, py::arg("leaf"))
+      .def("response_offset", &SharedSlots::response_offset, py::arg("leaf"))
+      .def_property_readonly("closed", &SharedSlots::closed)
+      .def_property_readonly("server_pid", &SharedSlots::server_pid)
+      .def_property_readonly("server_dead", &SharedSlots::server_dead)
+      .def_property_readonly("owned_slots", &SharedSlots::owned_slots)
+      .def_property_readonly("ready_count", &SharedSlots::ready_count);
+
+  py::class_<SlotServer, std::shared_ptr<SlotServer>>(m, "SlotServer")
+      .def(py::init<std::shared_ptr<SharedSlots>, uint64_t, std::vector<py::object>,
+                    std::vector<py::object>, py::object, std::vector<py::object>,
+                    std::vector<py::object>, std::vector<py::object>>(),
+           py::arg("segment"), py::arg("schema_id"), py::arg("request_keys"),
+           py::arg("request_banks"), py::arg("request_device"), py::arg("response_keys"),
+           py::arg("response_dtypes"), py::arg("response_shapes"));
+
+  py::class_<SlotClient>(m, "SlotClient")
+      .def(py::init<std::shared_ptr<SharedSlots>, std::vector<py::object>, std::vector<py::object>,
+                    std::vector<py::object>, py::object, std::vector<py::object>,
+                    std::vector<py::object>, py::object, bool, py::object>(),
+           py::arg("segment"), py::arg("request_keys"), py::arg("request_dtypes"),
+           py::arg("request_shapes"), py::arg("request_device"), py::arg("response_keys"),
+           py::arg("response_banks"), py::arg("response_device"), py::arg("copy_result"),
+           py::arg("normalise"))
+      .def("call", &SlotClient::call, py::arg("item"), py::arg("timeout") = py::none())
+      .def("submit", &SlotClient::submit, py::arg("item"), py::arg("timeout") = py::none())
+      .def("result", &SlotClient::result, py::arg("slot"), py::arg("timeout") = py::none())
+      .def("done", &SlotClient::done, py::arg("slot"))
+      .def("cancel", &SlotClient::cancel, py::arg("slot"));
 }

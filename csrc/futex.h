@@ -55,8 +55,11 @@ static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t),
 
 // Sleeps while *word == expected, until woken or `deadline_ns` passes.
 // Spurious returns are allowed: callers re-check their condition.
+// `process_shared`: the word lies in memory shared between processes (the
+// kernel then keys the wait by the page, not by this process's address).
+// Every waiter and waker of one word must agree on it.
 inline void futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected,
-                             int64_t deadline_ns) noexcept {
+                             int64_t deadline_ns, bool process_shared = false) noexcept {
   timespec abs{};
   timespec* abs_ptr = nullptr;
   if (deadline_ns != kNoDeadline) {
@@ -65,13 +68,14 @@ inline void futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected,
     abs_ptr = &abs;
   }
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word),
-          FUTEX_WAIT_BITSET_PRIVATE, expected, abs_ptr, nullptr,
+          process_shared ? FUTEX_WAIT_BITSET : FUTEX_WAIT_BITSET_PRIVATE, expected, abs_ptr,
+          nullptr,
           FUTEX_BITSET_MATCH_ANY);
 }
 
-inline void futex_wake_all(std::atomic<uint32_t>* word) noexcept {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE,
-          INT_MAX, nullptr, nullptr, 0);
+inline void futex_wake_all(std::atomic<uint32_t>* word, bool process_shared = false) noexcept {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word),
+          process_shared ? FUTEX_WAKE : FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
 }
 
 }  // namespace batchserve

@@ -15,6 +15,11 @@
 // condition (its re-check is ordered after the notifier's write by the two
 // seq_cst fences) or an epoch different from its key (futex returns at once).
 // notify() costs one fence and one load while nobody waits.
+//
+// An EventCount made with process_shared=true may live in memory mapped by
+// several processes (csrc/shared_slots.h): it is three plain 32-bit words
+// (zero-filled memory is a valid private one), and its futex calls then use
+// the shared variant.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +40,9 @@ inline void cpu_relax() noexcept {
 
 class EventCount {
  public:
+  explicit EventCount(bool process_shared = false) noexcept
+      : process_shared_(process_shared ? 1 : 0) {}
+
   uint32_t prepare_wait() noexcept {
     waiters_.fetch_add(1, std::memory_order_seq_cst);
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -54,7 +62,7 @@ class EventCount {
         notified = false;
         break;
       }
-      futex_wait_until(&epoch_, key, deadline_ns);
+      futex_wait_until(&epoch_, key, deadline_ns, process_shared_ != 0);
     }
     waiters_.fetch_sub(1, std::memory_order_seq_cst);
     return notified;
@@ -65,7 +73,7 @@ class EventCount {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (waiters_.load(std::memory_order_relaxed) == 0) return;
     epoch_.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake_all(&epoch_);
+    futex_wake_all(&epoch_, process_shared_ != 0);
   }
 
   bool has_waiters() const noexcept {
@@ -75,6 +83,7 @@ class EventCount {
  private:
   std::atomic<uint32_t> epoch_{0};
   std::atomic<uint32_t> waiters_{0};
+  uint32_t process_shared_;
 };
 
 // Sleeps on `event` until `ready()` holds or the deadline passes. Returns

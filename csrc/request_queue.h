@@ -15,6 +15,11 @@
 // costs nothing while uncontended (the server thread) and lets a shutdown
 // drain the ring from another thread without breaking the single-consumer
 // rule of the ring.
+//
+// Requests may also come from an intake (RequestIntake): a source the
+// consumer takes from after the ring, such as the shared-memory slots that
+// actor processes fill (csrc/shared_slots.h). The server then sleeps on the
+// intake's event, which those producers notify.
 #pragma once
 
 #include <atomic>
@@ -31,13 +36,32 @@
 
 namespace batchserve {
 
+class RequestIntake;
+
 struct Request {
   void* payload = nullptr;            // the caller's input (opaque)
   void* future = nullptr;             // a Future to resolve, or null (opaque)
   Completion* completion = nullptr;   // a blocking caller's slot, or null
   int64_t submit_ns = 0;              // arrival, monotonic_ns()
   const RowSource* rows = nullptr;    // fast path: the request's fixed-schema
-                                      // leaves, or null (owned by the layer above)
+                                      // leaves, or null (owned by the layer above,
+                                      // or by the intake)
+  RequestIntake* intake = nullptr;    // where it came from, if not the ring
+  uint32_t slot = 0;                  // the intake's name for it
+};
+
+// Requests that reach the consumer other than through push(). Taking is
+// called with the queue's consumer lock held (one taker at a time).
+class RequestIntake {
+ public:
+  virtual ~RequestIntake() = default;
+  virtual bool ready() const = 0;          // a request can be taken now
+  virtual size_t size() const = 0;         // about how many wait
+  // Appends up to max_items requests to `out`; returns how many.
+  virtual size_t take(std::vector<Request>& out, size_t max_items) = 0;
+  virtual EventCount& work_event() = 0;    // producers notify it
+  virtual void close() = 0;                // the queue closed: refuse producers
+  virtual void reopen() = 0;
 };
 
 enum class PushResult { kOk, kClosed, kTimedOut };
@@ -79,7 +103,7 @@ class RequestQueue {
     }
     // Notify before leaving pushers_: once close() has seen pushers_ == 0,
     // no producer touches the queue any more.
-    if (result == PushResult::kOk) not_empty_.notify_all();
+    if (result == PushResult::kOk) work_->notify_all();
     pushers_.fetch_sub(1, std::memory_order_seq_cst);
     return result;
   }
@@ -99,7 +123,16 @@ class RequestQueue {
       out.push_back(r);
       ++n;
     }
+    if (intake_ != nullptr && n < max_items) n += intake_->take(out, max_items - n);
     return n;
+  }
+
+  // Before any consumer or producer runs: requests also come from `intake`
+  // (not owned; it must outlive the queue's use), and the server sleeps on
+  // its event.
+  void attach_intake(RequestIntake* intake) {
+    intake_ = intake;
+    work_ = &intake->work_event();
   }
 
   // Server side: sleeps until a request is published, the queue is closed,
@@ -107,13 +140,13 @@ class RequestQueue {
   // interrupts(), or the deadline passes. True if a request is ready.
   bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts) {
     spin_for_then_park(
-        not_empty_,
+        *work_,
         [this, seen_interrupts] {
-          return ring_.ready() || closed() ||
+          return has_work() || closed() ||
                  interrupts_.load(std::memory_order_acquire) != seen_interrupts;
         },
         deadline_ns, server_spin_ns_.load(std::memory_order_relaxed));
-    return ring_.ready();
+    return has_work();
   }
 
   bool wait_for_work(int64_t deadline_ns) {
@@ -126,7 +159,7 @@ class RequestQueue {
   // count move.
   void interrupt() {
     interrupts_.fetch_add(1, std::memory_order_acq_rel);
-    not_empty_.notify_all();
+    work_->notify_all();
   }
 
   uint32_t interrupts() const {
@@ -137,13 +170,17 @@ class RequestQueue {
   // push is in flight: the ring holds every request that was accepted.
   void close() {
     closed_.store(true, std::memory_order_seq_cst);
-    not_empty_.notify_all();
+    if (intake_ != nullptr) intake_->close();
+    work_->notify_all();
     not_full_.notify_all();
     while (pushers_.load(std::memory_order_seq_cst) != 0)
       std::this_thread::yield();
   }
 
-  void reopen() { closed_.store(false, std::memory_order_seq_cst); }
+  void reopen() {
+    if (intake_ != nullptr) intake_->reopen();
+    closed_.store(false, std::memory_order_seq_cst);
+  }
 
   // How long the server spins for work before it sleeps (0: sleep at once).
   void set_server_spin_ns(int64_t ns) {
@@ -151,11 +188,14 @@ class RequestQueue {
   }
 
   bool closed() const { return closed_.load(std::memory_order_acquire); }
-  size_t size() const { return ring_.size_approx(); }
+  size_t size() const {
+    return ring_.size_approx() + (intake_ != nullptr ? intake_->size() : 0);
+  }
   size_t capacity() const { return ring_.capacity(); }
 
  private:
   bool has_space() const { return ring_.size_approx() < ring_.capacity(); }
+  bool has_work() const { return ring_.ready() || (intake_ != nullptr && intake_->ready()); }
 
   bool pop_locked(Request& out) {
     if (!ring_.try_pop(out)) return false;
@@ -165,6 +205,8 @@ class RequestQueue {
 
   MpscRing<Request> ring_;
   EventCount not_empty_;
+  EventCount* work_ = &not_empty_;      // where the server sleeps
+  RequestIntake* intake_ = nullptr;
   EventCount not_full_;
   std::mutex consumer_mutex_;
   std::atomic<bool> closed_{false};

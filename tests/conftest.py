@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import glob
 import threading
 
 import pytest
@@ -58,3 +60,15 @@ def transport():
 def echo_server(transport):
     with InferenceServer(echo_model, transport, max_batch_size=16, timeout=0.005) as server:
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left():
+    """After the whole suite, no shared-memory segment made by a batchserve
+    transport is left in /dev/shm (every test's transport, served or not,
+    removed its name)."""
+    before = set(glob.glob("/dev/shm/batchserve-*"))
+    yield
+    gc.collect()  # transports only referenced by finished tests
+    left = set(glob.glob("/dev/shm/batchserve-*")) - before
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"

@@ -14,6 +14,7 @@ transports run under :class:`batchserve.InferenceServer`.
 
 from batchserve._core import QueueFull, ServerClosedError
 from batchserve._server import InferenceServer
+from batchserve._shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve._threading import ThreadingTransport
 from batchserve._transport import InferenceClient, InferenceTransport
 
@@ -25,6 +26,8 @@ __all__ = [
     "InferenceTransport",
     "QueueFull",
     "ServerClosedError",
+    "SharedMemoryClient",
+    "SharedMemoryTransport",
     "ThreadingTransport",
 ]
 

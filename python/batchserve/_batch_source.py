@@ -27,10 +27,13 @@ _MAX_WAIT_S = 0.1
 
 
 class NativeBatches:
-    """Batches from a transport whose queue is the C++ core."""
+    """Batches from a transport whose queue is the C++ core. ``on_close``
+    (optional) runs when the server stops taking requests (a shared-memory
+    transport removes its segment's name then)."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, on_close=None):
         self._queue = queue
+        self._on_close = on_close
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
         """Applies at once, even to a server asleep in next_batch()."""
@@ -53,6 +56,8 @@ class NativeBatches:
 
     def close(self) -> None:
         self._queue.close()
+        if self._on_close is not None:
+            self._on_close()
 
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # The C++ queue serialises consumers, so this is safe while the
@@ -219,5 +224,5 @@ def batches_for(transport):
     """The batch source that fits ``transport``."""
     queue = getattr(transport, "_queue", None)
     if isinstance(queue, _core.RequestQueue):
-        return NativeBatches(queue)
+        return NativeBatches(queue, getattr(transport, "_server_stopped", None))
     return ProtocolBatches(transport)

@@ -179,6 +179,10 @@ class FastPath:
         self._cuda = device is not None and device.type == "cuda"
         self._pin = torch.cuda.is_available()
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        # What the transport hands back (None: every output key), and whether
+        # gathering the next batch on a helper thread pays for the hand-off.
+        self._result_keys = getattr(transport, "_result_keys", None)
+        self._prefetch_pays = getattr(transport, "_prefetch_pays", True)
         self._schema_id = 0
         self._buffers: list[StagingBuffer] = []
         self._next = 0
@@ -231,7 +235,8 @@ class FastPath:
         does not use, while the model runs (see ``Prefetcher`` in C++).
         Returns whether requests were waiting and a prefetch started."""
         schema = self._transport._schema
-        if schema is None or self._transport._schema_id != self._schema_id:
+        if (not self._prefetch_pays or schema is None
+                or self._transport._schema_id != self._schema_id):
             return False
         buffer = self._next_buffer()
         return self._transport._queue.prefetch(
@@ -295,7 +300,10 @@ class FastPath:
                 return None  # a nested stamp: TensorDict's own set and unbind
             version_key = version_key[0]
         keys, values = [], []
+        wanted = self._result_keys
         for key, value in output._tensordict.items():  # exact TensorDict: its leaves
+            if wanted is not None and key not in wanted:
+                continue  # dropped by the transport: no need to keep it
             if type(value) is not torch.Tensor:
                 return None
             keys.append(key)

@@ -5,6 +5,7 @@ policy version, statistics) over a batch source.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -30,12 +31,16 @@ _WEIGHT_SYNC_LOG_INTERVAL_S = 10.0
 
 # Servers still running when the interpreter exits are shut down before
 # Python waits for non-daemon threads, so callers blocked on them get an
-# error instead of keeping the process alive.
+# error instead of keeping the process alive. Only in the process that
+# started them: a forked child (an actor process) holds a copy of the server
+# object, whose shutdown would close the shared-memory transport for all.
 _running_servers: weakref.WeakSet = weakref.WeakSet()
 
 
 def _shutdown_running_servers() -> None:
     for server in list(_running_servers):
+        if server._started_in != os.getpid():
+            continue
         try:
             server.shutdown(timeout=1.0)
         except Exception:  # exiting anyway: never block the exit on one server
@@ -275,7 +280,8 @@ class InferenceServer:
         if request_spec is not None:
             if not isinstance(self._batches, NativeBatches):
                 raise ValueError(
-                    "request_spec needs a batchserve transport (ThreadingTransport); "
+                    "request_spec needs a batchserve transport (ThreadingTransport, "
+                    "SharedMemoryTransport); "
                     f"{type(transport).__name__} has its own request format."
                 )
             transport._set_schema(schema_from_spec(request_spec), strict=True)
@@ -292,6 +298,7 @@ class InferenceServer:
         self._worker: threading.Thread | None = None
         self._last_worker: threading.Thread | None = None  # may outlive a shutdown
         self._run: _Run | None = None
+        self._started_in: int | None = None  # the pid of the process serving
 
         if self.device is not None and hasattr(self.model, "to"):
             self.model.to(self.device)
@@ -475,6 +482,7 @@ class InferenceServer:
                     f"{startup_error!r}"
                 ) from startup_error
             self._run, self._worker, self._last_worker = run, worker, worker
+            self._started_in = os.getpid()
             _running_servers.add(self)
         return self
 
@@ -523,10 +531,13 @@ class InferenceServer:
     def transport_kind(self) -> str:
         """torchrl's selector for the transport ("thread", "process", ...,
         "custom" for a user transport)."""
+        from batchserve._shared_memory import SharedMemoryTransport
         from batchserve._threading import ThreadingTransport
 
         if isinstance(self.transport, ThreadingTransport):
             return "thread"
+        if isinstance(self.transport, SharedMemoryTransport):
+            return "shared_memory"
         if type(self.transport).__module__.startswith("torchrl"):
             from torchrl.modules.inference_server._factory import _inference_transport_kind
 
@@ -546,6 +557,8 @@ class InferenceServer:
         self.shutdown()
 
     def __del__(self) -> None:
+        if getattr(self, "_started_in", None) != os.getpid():
+            return  # a forked copy: the server runs in the parent
         if getattr(self, "_worker", None) is not None and self.is_alive:
             self.shutdown(timeout=1.0)
 

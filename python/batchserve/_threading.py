@@ -5,12 +5,11 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from batchserve import _core
-from batchserve._collate import INTERACTION_TYPE_KEY
 from batchserve._fast_path import RequestSchema, schema_from_spec
-from batchserve._transport import InferenceTransport
+from batchserve._native import NativeTransport
 
 
-class ThreadingTransport(InferenceTransport):
+class ThreadingTransport(NativeTransport):
     """In-process transport for actors that are threads.
 
     Requests go into a bounded lock-free C++ queue; the server takes them in
@@ -54,24 +53,6 @@ class ThreadingTransport(InferenceTransport):
         if request_spec is not None:
             self._set_schema(schema_from_spec(request_spec), strict=True)
 
-    # -- fast-path schema ---------------------------------------------------
-
-    @property
-    def request_spec(self) -> RequestSchema | None:
-        """The fixed schema of fast-path requests (given or learned), if any."""
-        return self._schema
-
-    @property
-    def _schema_strict(self) -> bool:
-        return self._queue.schema_strict
-
-    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
-        self._schema_id = self._queue.set_schema(
-            list(schema.keys), list(schema.dtypes), list(schema.shapes),
-            list(schema.leaf_bytes), strict, schema.device, [INTERACTION_TYPE_KEY],
-        )
-        self._schema = schema
-
     # -- actor side -------------------------------------------------------
 
     def submit(
@@ -94,33 +75,6 @@ class ThreadingTransport(InferenceTransport):
         future: Future = Future()
         self._queue.submit(td, future, block, timeout)
         return future
-
-    # -- server side (torchrl's protocol) -------------------------------------
-
-    def drain(self, max_items: int) -> tuple[list, list]:
-        """Dequeue up to ``max_items`` pending requests without waiting."""
-        items, callbacks, _ = self._queue.drain(max_items)
-        return items, callbacks
-
-    def drain_with_timing(self, max_items: int) -> tuple[list, list, list]:
-        """Like :meth:`drain`, plus ``time.monotonic()`` submission times."""
-        return self._queue.drain(max_items)
-
-    def wait_for_work(self, timeout: float) -> None:
-        """Block until a request is queued or ``timeout`` seconds pass."""
-        self._queue.wait_for_work(timeout)
-
-    def resolve(self, callback, result) -> None:
-        """Hand ``result`` to the request's caller."""
-        callback.set_result(result)
-
-    def resolve_exception(self, callback, exc: BaseException) -> None:
-        """Hand ``exc`` to the request's caller."""
-        callback.set_exception(exc)
-
-    def __len__(self) -> int:
-        """Requests waiting to be batched."""
-        return len(self._queue)
 
     @property
     def max_queue_size(self) -> int:

@@ -18,7 +18,7 @@ import torch
 from batchserve.bench import report, scenario as scenarios
 from batchserve.bench.runner import measure, measure_bare
 from batchserve.bench.schedule import interleave
-from batchserve.bench.systems import BenchError, torchrl_available
+from batchserve.bench.systems import BenchError, systems_for, torchrl_available
 
 
 def _int_list(text: str) -> list[int]:
@@ -126,13 +126,14 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         parser.error(str(exc))
 
 
-def systems_for(parser: argparse.ArgumentParser, args) -> list[str]:
+def check_systems(parser: argparse.ArgumentParser, args) -> bool:
+    """Whether torchrl runs side by side (and is installed)."""
     if args.vs != "torchrl":
-        return ["batchserve"]
+        return False
     if not torchrl_available():
         parser.exit(2, "batchserve-bench: error: --vs torchrl needs torchrl: "
                        "pip install torchrl  (or pip install \"batchserve[bench]\")\n")
-    return ["batchserve", "torchrl"]
+    return True
 
 
 def run(args, parser) -> int:
@@ -143,7 +144,7 @@ def run(args, parser) -> int:
     if not out.is_terminal:  # piped or redirected: do not squeeze the tables to 80 columns
         out = Console(width=200)
     chosen = resolve_scenarios(parser, args)
-    systems = systems_for(parser, args)
+    vs_torchrl = check_systems(parser, args)
     results = []
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
@@ -154,7 +155,7 @@ def run(args, parser) -> int:
             default_threads = torch.get_num_threads()
             for scen in chosen:
                 torch.set_num_threads(scen.torch_threads or default_threads)
-                slots = interleave(list(scen.actor_counts), systems, scen.rounds)
+                slots = interleave(list(scen.actor_counts), systems_for(scen, vs_torchrl), scen.rounds)
                 overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
                 measurements = []
                 current = progress.add_task("bare model(td)", total=1.0, note="")

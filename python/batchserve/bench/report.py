@@ -90,7 +90,7 @@ def table(scenario: Scenario, rows: dict):
         ("RSS +MB", "right"), ("req/s vs torchrl", "right"), ("p99 vs torchrl", "right"),
     ]:
         t.add_column(name, justify=justify)
-    order = {"bare": 0, "batchserve": 1, "torchrl": 2}
+    order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3}
     for key in sorted(rows, key=lambda k: (k[1] if k[0] != "bare" else 0, order.get(k[0], 9))):
         row = rows[key]
         lat = row["latency_us"]

@@ -153,7 +153,7 @@ def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None
 
 
 def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
-    model = RecordingModel(make_policy(scenario), scenario.device)
+    model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
     transport = make_transport(system, scenario)
     server = make_server(system, model, transport, scenario)
     observation = make_observation(scenario)
@@ -297,8 +297,9 @@ class _Inbox:
 def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tensordict", "batchserve.bench.runner"])
-    model = RecordingModel(make_policy(scenario), scenario.device)
-    transport = make_transport(system, scenario, mp_context=ctx)
+    model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
+    transport = make_transport(system, scenario, mp_context=ctx, actors=actors,
+                               policy=model.policy)
     clients = [transport.client() for _ in range(actors)]
     server = make_server(system, model, transport, scenario)
     quotas = requests_per_actor(scenario, actors)

@@ -15,9 +15,10 @@ command-line flags override any of its fields. Fields:
     requests        measured requests per measurement (overrides duration)
     warmup          seconds run before measuring, excluded
     rounds          alternating rounds per system
-    torch_threads   torch.set_num_threads for the run (default: torch's own);
-                    on a small machine intra-op threads of the server's
-                    forward compete with the actors for the cores
+    torch_threads   torch.set_num_threads for the run, in the main thread and
+                    in the thread that runs each server's forward (default:
+                    torch's own); on a small machine intra-op threads of the
+                    server's forward compete with the actors for the cores
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The systems compared: how each one serves a scenario.
 
-Thread actors use each system's ThreadingTransport. Process actors use
-torchrl's MPTransport for both systems (batchserve's own cross-process
-transport is not built yet), so that comparison measures the server loops
-on the same transport.
+Thread actors use each system's ThreadingTransport. Process actors use each
+system's SharedMemoryTransport; with --vs torchrl a process scenario also
+runs torchrl's server on its MPTransport ("torchrl-mp"), the transport
+torchrl users reach for first.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib.util
 
 from batchserve.bench.scenario import Scenario
 
-SYSTEMS = ("batchserve", "torchrl")
+SYSTEMS = ("batchserve", "torchrl", "torchrl-mp")
 
 
 class BenchError(RuntimeError):
@@ -39,12 +39,47 @@ def server_kwargs(scenario: Scenario) -> dict:
     return kwargs
 
 
-def make_transport(system: str, scenario: Scenario, mp_context=None):
+def systems_for(scenario: Scenario, vs_torchrl: bool) -> list[str]:
+    if not vs_torchrl:
+        return ["batchserve"]
     if scenario.actors == "processes":
-        require_torchrl("process actors (torchrl's MPTransport)")
-        from torchrl.modules.inference_server import MPTransport
+        return ["batchserve", "torchrl", "torchrl-mp"]
+    return ["batchserve", "torchrl"]
 
-        return MPTransport(ctx=mp_context)
+
+def slot_specs(scenario: Scenario, actors: int, policy):
+    """request_spec, response_spec and num_slots of a shared-memory transport
+    for the scenario's workload: the response is what the policy writes for
+    one request (keys other than the request's), plus the policy version."""
+    import torch
+    from tensordict import TensorDict
+
+    request = TensorDict({"observation": torch.zeros(
+        scenario.observation_shape, dtype=getattr(torch, scenario.observation_dtype))})
+    with torch.no_grad():
+        output = policy(request.unsqueeze(0).clone())
+    response = TensorDict({
+        key: torch.zeros_like(value[0]) for key, value in output.items()
+        if key not in request.keys() and isinstance(value, torch.Tensor)
+    })
+    response["policy_version"] = torch.zeros((), dtype=torch.long)
+    return request, response, max(64, 2 * actors)
+
+
+def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int = 1,
+                   policy=None):
+    if scenario.actors == "processes":
+        request, response, num_slots = slot_specs(scenario, actors, policy)
+        if system == "batchserve":
+            import batchserve
+
+            return batchserve.SharedMemoryTransport(request, response, num_slots=num_slots)
+        require_torchrl("--vs torchrl")
+        from torchrl.modules.inference_server import MPTransport, SharedMemoryTransport
+
+        if system == "torchrl-mp":
+            return MPTransport(ctx=mp_context)
+        return SharedMemoryTransport(request, response, num_slots=num_slots, ctx=mp_context)
     if system == "batchserve":
         import batchserve
 

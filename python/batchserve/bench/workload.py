@@ -70,10 +70,19 @@ def make_policy(scenario: Scenario):
 class RecordingModel:
     """Wraps the policy to record what each server really ran: batch sizes
     and forward times, measured the same way for every system, and only
-    while a measurement window is open (between start() and stop())."""
+    while a measurement window is open (between start() and stop()).
 
-    def __init__(self, policy, device: str = "cpu"):
+    ``threads`` (the scenario's torch_threads) is applied in the thread that
+    runs the forward, on its first call, whichever system's server that
+    thread belongs to: torch's intra-op setting is per thread, so setting it
+    in the main thread leaves a server thread with torch's default, whose
+    OpenMP workers spin between forwards on the cores the actors need.
+    """
+
+    def __init__(self, policy, device: str = "cpu", threads: int | None = None):
         self.policy = policy
+        self._threads = threads
+        self._configured = threading.local()
         self._synchronize = torch.device(device).type == "cuda"
         self._lock = threading.Lock()
         self._active = False
@@ -92,6 +101,9 @@ class RecordingModel:
             return dict(self.batch_sizes), list(self.forward_ns)
 
     def __call__(self, td):
+        if self._threads is not None and not getattr(self._configured, "done", False):
+            torch.set_num_threads(self._threads)
+            self._configured.done = True
         t0 = time.perf_counter_ns()
         out = self.policy(td)
         if self._synchronize:  # time the kernels, not their launch

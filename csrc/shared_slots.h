@@ -1,0 +1,595 @@
+// Shared-memory slots: how actor processes hand requests to a server
+// process and get results back without pipes or pickling.
+//
+// One POSIX shared-memory segment (shm_open + mmap) per transport holds
+//
+//   SegmentHeader  layout, the server's identity, `closed`, two events
+//   SlotHeader[n]  per slot: owner, state (a futex word), arrival, its event
+//   ready bitmap   one bit per slot: "submitted, not yet taken"
+//   request bank   per request leaf: n rows of leaf_bytes (row s = slot s)
+//   response bank  per response leaf: n rows
+//   error area     per slot: a pickled exception
+//
+// A slot's life (every arrow one atomic operation, so a process killed
+// anywhere leaves a state the server can recognise and undo):
+//
+//   owner 0 ──claim (CAS owner 0→pid)──► kIdle: the client writes its rows
+//     kIdle ──submit: state=kQueued, then set the ready bit──► kQueued
+//     kQueued ──server: clear the bit (fetch_and), CAS kQueued→kTaken──► kTaken
+//     kTaken ──server: rows written, CAS kTaken→kDone|kFailed, wake──► kDone|kFailed
+//     kDone|kFailed ──client reads the result, release: state=kIdle, owner=0
+//   A client that times out withdraws (clears its own ready bit: it gets the
+//   bit or the server does, never both) or abandons (CAS kQueued|kTaken→
+//   kAbandoned: whoever ends the request then frees the slot).
+//
+// Dead processes: the owner word holds the client's pid and the slot its
+// start time, so the server can tell a live owner from a dead (or reused)
+// pid. reap_dead_owners() frees the slots of dead clients that the server
+// does not hold (kIdle, kDone, kFailed, kQueued without its ready bit); a
+// dead client's kQueued/kTaken slot is served as usual and freed at the next
+// reap. Clients detect a dead server the same way, from the header.
+//
+// Nothing here knows about Python; the server side feeds a RequestQueue
+// through SlotIntake, so the batching policy, the gather into staging and the
+// Prefetcher are the fast path's own.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "futex.h"
+#include "parking.h"
+#include "request_queue.h"
+#include "row_copy.h"
+
+namespace batchserve {
+
+// ---------------------------------------------------------------------------
+// Process identity: a pid and its start time, so a reused pid is not taken
+// for the process that died.
+
+// Start time of `pid` (clock ticks after boot, /proc/<pid>/stat field 22), or
+// 0 when no such process runs (a zombie counts as dead: it has exited).
+inline uint64_t process_start_time(uint32_t pid) noexcept {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%u/stat", pid);
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  char buf[1024];
+  const ssize_t n = ::read(fd, buf, sizeof buf - 1);
+  ::close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  const char* p = std::strrchr(buf, ')');  // the command name may hold spaces
+  if (p == nullptr || p[1] != ' ') return 0;
+  p += 2;  // field 3: state
+  if (*p == 'Z' || *p == 'X' || *p == 'x') return 0;
+  for (int field = 3; field < 22; ++field) {
+    p = std::strchr(p, ' ');
+    if (p == nullptr) return 0;
+    ++p;
+  }
+  const uint64_t start = std::strtoull(p, nullptr, 10);
+  return start == 0 ? 1 : start;  // 0 means "not running"
+}
+
+struct ProcessIdentity {
+  uint32_t pid = 0;
+  uint64_t start = 0;
+};
+
+// This process (recomputed after a fork).
+inline ProcessIdentity self_identity() noexcept {
+  static std::atomic<uint32_t> cached_pid{0};
+  static std::atomic<uint64_t> cached_start{0};
+  const uint32_t pid = static_cast<uint32_t>(::getpid());
+  if (cached_pid.load(std::memory_order_acquire) != pid) {
+    cached_start.store(process_start_time(pid), std::memory_order_relaxed);
+    cached_pid.store(pid, std::memory_order_release);
+  }
+  return {pid, cached_start.load(std::memory_order_relaxed)};
+}
+
+inline bool process_alive(uint32_t pid, uint64_t start) noexcept {
+  const uint64_t now = process_start_time(pid);
+  return now != 0 && (start == 0 || now == start);
+}
+
+// ---------------------------------------------------------------------------
+// The segment.
+
+constexpr size_t kMaxSlotLeaves = 16;
+
+struct SlotLayout {
+  uint32_t num_slots = 0;
+  std::vector<size_t> request_leaf_bytes;
+  std::vector<size_t> response_leaf_bytes;
+  size_t error_bytes = 2048;
+  uint64_t fingerprint = 0;  // of the keys, dtypes and shapes (checked on attach)
+};
+
+struct SegmentHeader {
+  static constexpr uint64_t kMagic = 0x3130767368736231ULL;  // "1bshsv01"
+  std::atomic<uint64_t> magic;  // written last by the creator
+  uint64_t total_bytes;
+  uint64_t fingerprint;
+  uint32_t num_slots;
+  uint32_t request_leaves;
+  uint32_t response_leaves;
+  uint32_t error_bytes;
+  uint64_t request_leaf_bytes[kMaxSlotLeaves];
+  uint64_t request_offset[kMaxSlotLeaves];
+  uint64_t response_leaf_bytes[kMaxSlotLeaves];
+  uint64_t response_offset[kMaxSlotLeaves];
+  uint64_t slots_offset;
+  uint64_t ready_offset;
+  uint64_t errors_offset;
+  alignas(64) std::atomic<uint32_t> closed;   // the server shut down
+  std::atomic<uint32_t> server_pid;           // 0: no server has started
+  std::atomic<uint64_t> server_start;
+  alignas(64) EventCount work{true};          // the server sleeps here
+  alignas(64) EventCount freed{true};         // submitters wait here for a slot
+};
+
+struct alignas(64) SlotHeader {
+  enum State : uint32_t { kIdle = 0, kQueued = 1, kTaken = 2, kDone = 3, kFailed = 4, kAbandoned = 5 };
+  std::atomic<uint32_t> owner;        // pid of the client holding it, 0: free
+  std::atomic<uint32_t> state;
+  std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
+  int64_t submit_ns;
+  uint32_t error_len;
+  EventCount done{true};              // the owner waits here for its result
+};
+
+// Why a client operation did not go through.
+enum class SlotWait { kOk, kTimedOut, kClosed, kServerDead };
+
+// One process's mapping of a segment. The creator unlinks the name; the
+// memory lives until the last process unmaps it.
+class SharedSlots {
+ public:
+  // Creates the segment `name` ("/..."); fails if it exists.
+  static std::shared_ptr<SharedSlots> create(const std::string& name, const SlotLayout& layout) {
+    if (layout.num_slots == 0) throw std::invalid_argument("SharedSlots: num_slots must be positive");
+    if (layout.request_leaf_bytes.empty() || layout.response_leaf_bytes.empty() ||
+        layout.request_leaf_bytes.size() > kMaxSlotLeaves ||
+        layout.response_leaf_bytes.size() > kMaxSlotLeaves)
+      throw std::invalid_argument("SharedSlots: 1 to " + std::to_string(kMaxSlotLeaves) +
+                                  " leaves per request and per response");
+    const uint32_t n = layout.num_slots;
+    auto align = [](size_t x) { return (x + 63) & ~size_t{63}; };
+    size_t offset = align(sizeof(SegmentHeader));
+    const size_t slots_offset = offset;
+    offset = align(offset + sizeof(SlotHeader) * n);
+    const size_t ready_offset = offset;
+    offset = align(offset + sizeof(uint64_t) * ready_words(n));
+    std::vector<size_t> request_offset, response_offset;
+    for (size_t b : layout.request_leaf_bytes) {
+      request_offset.push_back(offset);
+      offset = align(offset + b * n);
+    }
+    for (size_t b : layout.response_leaf_bytes) {
+      response_offset.push_back(offset);
+      offset = align(offset + b * n);
+    }
+    const size_t errors_offset = offset;
+    offset = align(offset + layout.error_bytes * n);
+    const size_t total = offset;
+
+    const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), "shm_open " + name);
+    if (::ftruncate(fd, static_cast<off_t>(total)) != 0) {
+      const int err = errno;
+      ::close(fd);
+      ::shm_unlink(name.c_str());
+      throw std::system_error(err, std::generic_category(), "ftruncate " + name);
+    }
+    std::shared_ptr<SharedSlots> out;
+    try {
+      out = std::shared_ptr<SharedSlots>(new SharedSlots(name, fd, total));
+    } catch (...) {
+      ::shm_unlink(name.c_str());
+      throw;
+    }
+    out->created_ = true;
+    // ftruncate zero-fills: every atomic starts at 0. Construct the objects
+    // that need more than zeros, then publish the layout with the magic.
+    auto* h = new (out->base_) SegmentHeader();
+    h->total_bytes = total;
+    h->fingerprint = layout.fingerprint;
+    h->num_slots = n;
+    h->request_leaves = static_cast<uint32_t>(layout.request_leaf_bytes.size());
+    h->response_leaves = static_cast<uint32_t>(layout.response_leaf_bytes.size());
+    h->error_bytes = static_cast<uint32_t>(layout.error_bytes);
+    for (size_t j = 0; j < layout.request_leaf_bytes.size(); ++j) {
+      h->request_leaf_bytes[j] = layout.request_leaf_bytes[j];
+      h->request_offset[j] = request_offset[j];
+    }
+    for (size_t j = 0; j < layout.response_leaf_bytes.size(); ++j) {
+      h->response_leaf_bytes[j] = layout.response_leaf_bytes[j];
+      h->response_offset[j] = response_offset[j];
+    }
+    h->slots_offset = slots_offset;
+    h->ready_offset = ready_offset;
+    h->errors_offset = errors_offset;
+    for (uint32_t s = 0; s < n; ++s) new (out->base_ + slots_offset + s * sizeof(SlotHeader)) SlotHeader();
+    for (size_t w = 0; w < ready_words(n); ++w)
+      new (out->base_ + ready_offset + w * sizeof(uint64_t)) std::atomic<uint64_t>(0);
+    h->magic.store(SegmentHeader::kMagic, std::memory_order_release);
+    out->bind();
+    return out;
+  }
+
+  // Maps the existing segment `name`; checks its fingerprint when nonzero.
+  static std::shared_ptr<SharedSlots> attach(const std::string& name, uint64_t fingerprint) {
+    const int fd = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), "shm_open " + name);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < sizeof(SegmentHeader)) {
+      ::close(fd);
+      throw std::runtime_error("SharedSlots: " + name + " is not a batchserve segment");
+    }
+    std::shared_ptr<SharedSlots> out(new SharedSlots(name, fd, static_cast<size_t>(st.st_size)));
+    const SegmentHeader* h = out->header();
+    if (h->magic.load(std::memory_order_acquire) != SegmentHeader::kMagic ||
+        h->total_bytes != out->size_)
+      throw std::runtime_error("SharedSlots: " + name + " is not a batchserve segment");
+    if (fingerprint != 0 && h->fingerprint != fingerprint)
+      throw std::runtime_error("SharedSlots: " + name + " was made for other specs");
+    out->bind();
+    return out;
+  }
+
+  ~SharedSlots() { ::munmap(base_, size_); }
+  SharedSlots(const SharedSlots&) = delete;
+  SharedSlots& operator=(const SharedSlots&) = delete;
+
+  // Removes the name (creator only; idempotent). Mappings stay valid.
+  bool unlink() {
+    if (!created_ || unlinked_) return false;
+    unlinked_ = true;
+    return ::shm_unlink(name_.c_str()) == 0;
+  }
+
+  const std::string& name() const { return name_; }
+  uint8_t* base() const { return base_; }
+  size_t size() const { return size_; }
+  uint32_t num_slots() const { return n_; }
+  SegmentHeader* header() const { return reinterpret_cast<SegmentHeader*>(base_); }
+  SlotHeader& slot(uint32_t s) const { return slots_[s]; }
+  size_t request_leaves() const { return header()->request_leaves; }
+  size_t response_leaves() const { return header()->response_leaves; }
+  size_t request_leaf_bytes(size_t j) const { return header()->request_leaf_bytes[j]; }
+  size_t response_leaf_bytes(size_t j) const { return header()->response_leaf_bytes[j]; }
+  uint8_t* request_row(uint32_t s, size_t j) const {
+    return base_ + header()->request_offset[j] + s * header()->request_leaf_bytes[j];
+  }
+  uint8_t* response_row(uint32_t s, size_t j) const {
+    return base_ + header()->response_offset[j] + s * header()->response_leaf_bytes[j];
+  }
+  size_t request_offset(size_t j) const { return header()->request_offset[j]; }
+  size_t response_offset(size_t j) const { return header()->response_offset[j]; }
+  uint8_t* error_area(uint32_t s) const {
+    return base_ + header()->errors_offset + size_t{s} * header()->error_bytes;
+  }
+  size_t error_bytes() const { return header()->error_bytes; }
+
+  // -- liveness ------------------------------------------------------------
+
+  bool closed() const { return header()->closed.load(std::memory_order_seq_cst) != 0; }
+
+  // A server started once and its process is gone.
+  bool server_dead() const {
+    const uint32_t pid = header()->server_pid.load(std::memory_order_acquire);
+    if (pid == 0) return false;
+    return !process_alive(pid, header()->server_start.load(std::memory_order_acquire));
+  }
+  uint32_t server_pid() const { return header()->server_pid.load(std::memory_order_acquire); }
+
+  // Server: this process serves from now on; clients may submit.
+  void open_for(const ProcessIdentity& server) {
+    SegmentHeader* h = header();
+    h->server_start.store(server.start, std::memory_order_release);
+    h->server_pid.store(server.pid, std::memory_order_release);
+    h->closed.store(0, std::memory_order_seq_cst);
+  }
+
+  // Server: no more submissions. Clients waiting for a slot wake and see
+  // it; requests already submitted are ended by the server (it drains the
+  // ready bits after this, and a submit that races sees `closed`).
+  void close() {
+    SegmentHeader* h = header();
+    h->closed.store(1, std::memory_order_seq_cst);
+    h->freed.notify_all();
+  }
+
+  // -- client side -----------------------------------------------------------
+
+  // Takes a free slot for this process, looking at `hint` first. -1: none.
+  int try_claim(uint32_t hint) {
+    const ProcessIdentity me = self_identity();
+    for (uint32_t i = 0; i < n_; ++i) {
+      const uint32_t s = (hint + i) % n_;
+      SlotHeader& sl = slots_[s];
+      uint32_t expected = 0;
+      if (sl.owner.load(std::memory_order_relaxed) == 0 &&
+          sl.owner.compare_exchange_strong(expected, me.pid, std::memory_order_acq_rel)) {
+        sl.owner_start.store(me.start, std::memory_order_release);
+        return static_cast<int>(s);
+      }
+    }
+    return -1;
+  }
+
+  // Takes a free slot, waiting until `deadline_ns` while all are held.
+  SlotWait claim(uint32_t hint, int64_t deadline_ns, int& slot) {
+    slot = -1;
+    const bool got = park_until(
+        header()->freed,
+        [&] {
+          if (closed()) return true;
+          slot = try_claim(hint);
+          return slot >= 0;
+        },
+        deadline_ns);
+    if (slot >= 0) return SlotWait::kOk;
+    if (closed()) return SlotWait::kClosed;
+    (void)got;
+    return server_dead() ? SlotWait::kServerDead : SlotWait::kTimedOut;
+  }
+
+  // Publishes the request written into slot `s`'s rows and wakes the server.
+  // kClosed: the server shut down and the request was withdrawn (the slot is
+  // still the caller's).
+  SlotWait submit(uint32_t s, int64_t submit_ns) {
+    SlotHeader& sl = slots_[s];
+    sl.submit_ns = submit_ns;
+    sl.error_len = 0;
+    sl.state.store(SlotHeader::kQueued, std::memory_order_release);
+    ready_word(s).fetch_or(bit(s), std::memory_order_seq_cst);
+    header()->work.notify_all();
+    // Dekker with close(): it stores `closed` then drains the bits; we set
+    // the bit then read `closed`. One of us sees the other.
+    if (closed() && withdraw(s)) return SlotWait::kClosed;
+    return SlotWait::kOk;
+  }
+
+  bool finished(uint32_t s) const {
+    const uint32_t st = slots_[s].state.load(std::memory_order_acquire);
+    return st == SlotHeader::kDone || st == SlotHeader::kFailed;
+  }
+
+  // Waits until slot `s` holds its result (kDone or kFailed) or `deadline_ns`.
+  bool wait(uint32_t s, int64_t deadline_ns) {
+    return park_until(slots_[s].done, [&] { return finished(s); }, deadline_ns);
+  }
+
+  // Client gives up on its request: true if it was withdrawn before the
+  // server took it (the slot is the caller's again, kIdle).
+  bool withdraw(uint32_t s) {
+    const uint64_t old = ready_word(s).fetch_and(~bit(s), std::memory_order_acq_rel);
+    if ((old & bit(s)) == 0) return false;
+    slots_[s].state.store(SlotHeader::kIdle, std::memory_order_release);
+    return true;
+  }
+
+  // Client leaves a request it no longer waits for. Returns the state that
+  // decided: kIdle (withdrawn: the caller still owns the slot), kAbandoned
+  // (the server frees the slot when it ends the request), or kDone/kFailed
+  // (the result won the race: the caller reads or releases it).
+  SlotHeader::State give_up(uint32_t s) {
+    if (withdraw(s)) return SlotHeader::kIdle;
+    SlotHeader& sl = slots_[s];
+    uint32_t st = sl.state.load(std::memory_order_acquire);
+    while (st == SlotHeader::kQueued || st == SlotHeader::kTaken) {
+      if (sl.state.compare_exchange_weak(st, SlotHeader::kAbandoned, std::memory_order_acq_rel))
+        return SlotHeader::kAbandoned;
+    }
+    return static_cast<SlotHeader::State>(st);
+  }
+
+  // Client: hands slot `s` back.
+  void release(uint32_t s) { free_slot(s); }
+
+  // -- server side -----------------------------------------------------------
+
+  bool any_ready() const {
+    for (size_t w = 0; w < ready_words(n_); ++w)
+      if (ready_[w].load(std::memory_order_acquire) != 0) return true;
+    return false;
+  }
+
+  size_t ready_count() const {
+    size_t total = 0;
+    for (size_t w = 0; w < ready_words(n_); ++w)
+      total += static_cast<size_t>(__builtin_popcountll(ready_[w].load(std::memory_order_relaxed)));
+    return total;
+  }
+
+  // Takes up to `max_items` submitted slots, round robin from where the
+  // last take stopped (no slot waits more than num_slots / max_items takes),
+  // marking them kTaken. One taker at a time.
+  size_t take(std::vector<uint32_t>& out, size_t max_items) {
+    size_t taken = 0;
+    const uint32_t start = cursor_;
+    for (uint32_t i = 0; i < n_ && taken < max_items;) {
+      const uint32_t s = (start + i) % n_;
+      const size_t w = s / 64;
+      const uint64_t word = ready_[w].load(std::memory_order_acquire) >> (s % 64);
+      if (word == 0) {  // nothing from s to the end of its word (or of the slots)
+        i += std::min<uint32_t>(64 - s % 64, n_ - s);
+        continue;
+      }
+      const uint32_t skip = static_cast<uint32_t>(__builtin_ctzll(word));
+      if (i + skip >= n_) break;
+      const uint32_t t = s + skip;
+      i += skip + 1;
+      const uint64_t old = ready_[w].fetch_and(~bit(t), std::memory_order_acq_rel);
+      if ((old & bit(t)) == 0) continue;  // withdrawn meanwhile
+      uint32_t expected = SlotHeader::kQueued;
+      if (!slots_[t].state.compare_exchange_strong(expected, SlotHeader::kTaken,
+                                                   std::memory_order_acq_rel)) {
+        if (expected == SlotHeader::kAbandoned) free_slot(t);
+        continue;
+      }
+      out.push_back(t);
+      ++taken;
+      cursor_ = (t + 1) % n_;
+    }
+    return taken;
+  }
+
+  // Server: the outcome of slot `s` is written. False when its client
+  // abandoned it (the slot is freed here). Does not wake: see wake().
+  bool finish(uint32_t s, bool failed) {
+    uint32_t expected = SlotHeader::kTaken;
+    if (slots_[s].state.compare_exchange_strong(
+            expected, failed ? SlotHeader::kFailed : SlotHeader::kDone, std::memory_order_acq_rel))
+      return true;
+    if (expected == SlotHeader::kAbandoned) free_slot(s);
+    return false;
+  }
+
+  void wake(uint32_t s) { slots_[s].done.notify_all(); }
+
+  // Server (the taker): frees the slots of clients that died, except those
+  // it is serving. Returns how many.
+  size_t reap_dead_owners() {
+    size_t freed = 0;
+    for (uint32_t s = 0; s < n_; ++s) {
+      SlotHeader& sl = slots_[s];
+      const uint32_t owner = sl.owner.load(std::memory_order_acquire);
+      if (owner == 0 || process_alive(owner, sl.owner_start.load(std::memory_order_acquire)))
+        continue;
+      const uint32_t st = sl.state.load(std::memory_order_acquire);
+      const bool queued = (ready_word(s).load(std::memory_order_acquire) & bit(s)) != 0;
+      const bool held_by_server =
+          st == SlotHeader::kTaken || st == SlotHeader::kAbandoned ||
+          (st == SlotHeader::kQueued && queued);
+      if (held_by_server) continue;  // served as usual, freed at a later reap
+      free_slot(s);
+      ++freed;
+    }
+    return freed;
+  }
+
+  size_t owned_slots() const {
+    size_t total = 0;
+    for (uint32_t s = 0; s < n_; ++s) total += slots_[s].owner.load(std::memory_order_relaxed) != 0;
+    return total;
+  }
+
+ private:
+  SharedSlots(std::string name, int fd, size_t size) : name_(std::move(name)), size_(size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    const int err = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) throw std::system_error(err, std::generic_category(), "mmap " + name_);
+    base_ = static_cast<uint8_t*>(p);
+  }
+
+  void bind() {
+    n_ = header()->num_slots;
+    slots_ = reinterpret_cast<SlotHeader*>(base_ + header()->slots_offset);
+    ready_ = reinterpret_cast<std::atomic<uint64_t>*>(base_ + header()->ready_offset);
+  }
+
+  static size_t ready_words(uint32_t n) { return (n + 63) / 64; }
+  static uint64_t bit(uint32_t s) { return uint64_t{1} << (s % 64); }
+  std::atomic<uint64_t>& ready_word(uint32_t s) const { return ready_[s / 64]; }
+
+  void free_slot(uint32_t s) {
+    SlotHeader& sl = slots_[s];
+    sl.state.store(SlotHeader::kIdle, std::memory_order_release);
+    sl.owner_start.store(0, std::memory_order_relaxed);
+    sl.owner.store(0, std::memory_order_seq_cst);
+    header()->freed.notify_all();
+  }
+
+  std::string name_;
+  uint8_t* base_ = nullptr;
+  size_t size_ = 0;
+  uint32_t n_ = 0;
+  SlotHeader* slots_ = nullptr;
+  std::atomic<uint64_t>* ready_ = nullptr;
+  uint32_t cursor_ = 0;  // the taker's round-robin position (taker only)
+  bool created_ = false;
+  bool unlinked_ = false;
+};
+
+// ---------------------------------------------------------------------------
+// The server process's intake: submitted slots become Requests of its
+// RequestQueue, each carrying a RowSource over its request rows, so the
+// fast path gathers them straight from shared memory into staging.
+
+class SlotIntake : public RequestIntake {
+ public:
+  // How often take() looks for slots of dead clients.
+  static constexpr int64_t kReapIntervalNs = 100'000'000;
+
+  SlotIntake(std::shared_ptr<SharedSlots> slots, uint64_t schema_id)
+      : slots_(std::move(slots)), rows_(slots_->num_slots()) {
+    if (slots_->request_leaves() > RowSource::kMaxLeaves)
+      throw std::invalid_argument("SlotIntake: at most " + std::to_string(RowSource::kMaxLeaves) +
+                                  " request leaves");
+    for (uint32_t s = 0; s < slots_->num_slots(); ++s) {
+      rows_[s].schema_id = schema_id;
+      rows_[s].count = slots_->request_leaves();
+      for (size_t j = 0; j < rows_[s].count; ++j) rows_[s].data[j] = slots_->request_row(s, j);
+    }
+  }
+
+  bool ready() const override { return slots_->any_ready(); }
+  size_t size() const override { return slots_->ready_count(); }
+
+  size_t take(std::vector<Request>& out, size_t max_items) override {
+    const int64_t now = monotonic_ns();
+    if (now >= next_reap_ns_) {
+      next_reap_ns_ = now + kReapIntervalNs;
+      reaped_ += slots_->reap_dead_owners();
+    }
+    taken_.clear();
+    slots_->take(taken_, max_items);
+    for (uint32_t s : taken_) {
+      Request r;
+      r.submit_ns = slots_->slot(s).submit_ns;
+      r.rows = &rows_[s];
+      r.intake = this;
+      r.slot = s;
+      out.push_back(r);
+    }
+    return taken_.size();
+  }
+
+  EventCount& work_event() override { return slots_->header()->work; }
+  void close() override { slots_->close(); }
+  void reopen() override { slots_->open_for(self_identity()); }
+
+  SharedSlots& slots() const { return *slots_; }
+  size_t reaped() const { return reaped_; }
+
+ private:
+  std::shared_ptr<SharedSlots> slots_;
+  std::vector<RowSource> rows_;
+  std::vector<uint32_t> taken_;
+  int64_t next_reap_ns_ = 0;
+  size_t reaped_ = 0;  // taker only
+};
+
+}  // namespace batchserve

@@ -1,0 +1,66 @@
+"""Transports whose queue is the C++ core: the server's side they share.
+
+The server takes their requests in batches with ``RequestQueue.collect``
+(``batchserve._batch_source.NativeBatches``) and matches fast-path requests
+against their schema; torchrl's transport protocol (``drain``,
+``wait_for_work``, ``resolve``, ``resolve_exception``) is here too, so
+torchrl's own server can drive them.
+"""
+
+from __future__ import annotations
+
+from batchserve._collate import INTERACTION_TYPE_KEY
+from batchserve._fast_path import RequestSchema
+from batchserve._transport import InferenceTransport
+
+
+class NativeTransport(InferenceTransport):
+    """Base of :class:`ThreadingTransport` and :class:`SharedMemoryTransport`:
+    subclasses provide ``_queue`` (a ``_core.RequestQueue``), ``_schema`` and
+    ``_schema_id``."""
+
+    # -- fast-path schema ---------------------------------------------------
+
+    @property
+    def request_spec(self) -> RequestSchema | None:
+        """The fixed schema of fast-path requests (given or learned), if any."""
+        return self._schema
+
+    @property
+    def _schema_strict(self) -> bool:
+        return self._queue.schema_strict
+
+    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
+        """Sets the schema fast-path requests are matched against."""
+        self._schema_id = self._queue.set_schema(
+            list(schema.keys), list(schema.dtypes), list(schema.shapes),
+            list(schema.leaf_bytes), strict, schema.device, [INTERACTION_TYPE_KEY],
+        )
+        self._schema = schema
+
+    # -- server side (torchrl's protocol) -------------------------------------
+
+    def drain(self, max_items: int) -> tuple[list, list]:
+        """Dequeue up to ``max_items`` pending requests without waiting."""
+        items, callbacks, _ = self._queue.drain(max_items)
+        return items, callbacks
+
+    def drain_with_timing(self, max_items: int) -> tuple[list, list, list]:
+        """Like :meth:`drain`, plus ``time.monotonic()`` submission times."""
+        return self._queue.drain(max_items)
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until a request is queued or ``timeout`` seconds pass."""
+        self._queue.wait_for_work(timeout)
+
+    def resolve(self, callback, result) -> None:
+        """Hand ``result`` to the request's caller."""
+        callback.set_result(result)
+
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        """Hand ``exc`` to the request's caller."""
+        callback.set_exception(exc)
+
+    def __len__(self) -> int:
+        """Requests waiting to be batched."""
+        return len(self._queue)

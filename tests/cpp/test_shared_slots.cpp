@@ -1,0 +1,320 @@
+// SharedSlots (csrc/shared_slots.h): the slot life cycle, the races between
+// a client's timeout and the server's take, round-robin taking, dead-process
+// recovery (with real child processes), and a RequestQueue fed by SlotIntake.
+#include "shared_slots.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cstring>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "batch_policy.h"
+#include "test_util.h"
+
+namespace {
+
+using batchserve::Request;
+using batchserve::RequestQueue;
+using batchserve::SharedSlots;
+using batchserve::SlotHeader;
+using batchserve::SlotIntake;
+using batchserve::SlotLayout;
+using batchserve::SlotWait;
+using batchserve_test::kLongWait;
+using batchserve_test::monotonic_ns;
+using batchserve_test::poll_until;
+
+std::string unique_name() {
+  static std::atomic<int> counter{0};
+  return "/bs-cpptest-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+// A segment of `n` slots, an 8-byte request and an 8-byte response leaf,
+// unlinked when the test ends.
+struct Segment {
+  explicit Segment(uint32_t n, uint64_t fingerprint = 7) {
+    SlotLayout layout;
+    layout.num_slots = n;
+    layout.request_leaf_bytes = {8};
+    layout.response_leaf_bytes = {8};
+    layout.error_bytes = 64;
+    layout.fingerprint = fingerprint;
+    name = unique_name();
+    slots = SharedSlots::create(name, layout);
+  }
+  ~Segment() { slots->unlink(); }
+  std::string name;
+  std::shared_ptr<SharedSlots> slots;
+};
+
+uint64_t read_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+void write_u64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, sizeof v); }
+
+// The server's half of one echo: response row = request row + 1.
+void serve_all(SharedSlots& slots, std::vector<uint32_t>& taken) {
+  for (uint32_t s : taken) {
+    write_u64(slots.response_row(s, 0), read_u64(slots.request_row(s, 0)) + 1);
+    slots.finish(s, false);
+    slots.wake(s);
+  }
+  taken.clear();
+}
+
+TEST(SharedSlots, AttachSeesTheCreatorsLayoutAndChecksTheFingerprint) {
+  Segment seg(10, 42);
+  auto other = SharedSlots::attach(seg.name, 42);
+  EXPECT_EQ(other->num_slots(), 10u);
+  EXPECT_EQ(other->request_leaf_bytes(0), 8u);
+  EXPECT_EQ(other->request_offset(0), seg.slots->request_offset(0));
+  write_u64(seg.slots->request_row(3, 0), 99);
+  EXPECT_EQ(read_u64(other->request_row(3, 0)), 99u);  // the same memory
+  EXPECT_THROW(SharedSlots::attach(seg.name, 43), std::runtime_error);
+  EXPECT_TRUE(seg.slots->unlink());
+  EXPECT_THROW(SharedSlots::attach(seg.name, 42), std::system_error);
+  EXPECT_EQ(read_u64(other->request_row(3, 0)), 99u);  // mappings outlive the name
+}
+
+TEST(SharedSlots, OneRequestRoundTrip) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  int s = -1;
+  ASSERT_EQ(slots.claim(2, kLongWait + monotonic_ns(), s), SlotWait::kOk);
+  EXPECT_EQ(s, 2);  // the hint is tried first
+  EXPECT_EQ(slots.slot(s).owner.load(), static_cast<uint32_t>(::getpid()));
+  write_u64(slots.request_row(s, 0), 41);
+  ASSERT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kOk);
+  EXPECT_EQ(slots.ready_count(), 1u);
+  std::vector<uint32_t> taken;
+  EXPECT_EQ(slots.take(taken, 8), 1u);
+  EXPECT_EQ(slots.slot(s).state.load(), SlotHeader::kTaken);
+  serve_all(slots, taken);
+  EXPECT_TRUE(slots.wait(s, monotonic_ns() + kLongWait));
+  EXPECT_EQ(read_u64(slots.response_row(s, 0)), 42u);
+  slots.release(s);
+  EXPECT_EQ(slots.owned_slots(), 0u);
+}
+
+TEST(SharedSlots, FullSlotsTimeOutThenAReleaseWakesAClaimer) {
+  Segment seg(2);
+  SharedSlots& slots = *seg.slots;
+  int a = -1, b = -1, c = -1;
+  ASSERT_EQ(slots.claim(0, 0, a), SlotWait::kOk);
+  ASSERT_EQ(slots.claim(0, 0, b), SlotWait::kOk);
+  EXPECT_EQ(slots.claim(0, monotonic_ns() + 1'000'000, c), SlotWait::kTimedOut);
+  std::thread claimer([&] { EXPECT_EQ(slots.claim(0, monotonic_ns() + kLongWait, c), SlotWait::kOk); });
+  batchserve_test::pause_briefly();
+  slots.release(a);
+  claimer.join();
+  EXPECT_EQ(c, a);
+}
+
+TEST(SharedSlots, TakeIsRoundRobinAcrossWordsAndTheWrap) {
+  for (uint32_t n : {10u, 64u, 100u, 130u}) {
+    Segment seg(n);
+    SharedSlots& slots = *seg.slots;
+    for (uint32_t i = 0; i < n; ++i) {
+      int s = -1;
+      ASSERT_EQ(slots.claim(i, 0, s), SlotWait::kOk);
+      ASSERT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kOk);
+    }
+    std::vector<uint32_t> order, taken;
+    while (slots.take(taken, 3) > 0) {
+      order.insert(order.end(), taken.begin(), taken.end());
+      // resubmit the first of each take: it must not jump the queue
+      const uint32_t again = taken.front();
+      serve_all(slots, taken);
+      if (order.size() < n) {
+        ASSERT_EQ(slots.submit(again, monotonic_ns()), SlotWait::kOk);
+      }
+    }
+    std::set<uint32_t> first_lap(order.begin(), order.begin() + n);
+    EXPECT_EQ(first_lap.size(), n) << "n=" << n;  // every slot once before any twice
+  }
+}
+
+TEST(SharedSlots, WithdrawAndTakeRaceEndEachRequestOnce) {
+  Segment seg(64);
+  SharedSlots& slots = *seg.slots;
+  constexpr int kClients = 4, kRequests = 2000;
+  std::atomic<int> done{0}, withdrawn{0}, abandoned{0}, served{0};
+  std::atomic<bool> stop{false};
+  std::thread server([&] {
+    std::vector<uint32_t> taken;
+    while (!stop.load()) {
+      served += static_cast<int>(slots.take(taken, 16));
+      for (uint32_t s : taken) {
+        write_u64(slots.response_row(s, 0), read_u64(slots.request_row(s, 0)) + 1);
+        if (slots.finish(s, false)) slots.wake(s);
+      }
+      taken.clear();
+    }
+  });
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (int i = 0; i < kRequests; ++i) {
+        int s = -1;
+        ASSERT_EQ(slots.claim(static_cast<uint32_t>(c), monotonic_ns() + kLongWait, s), SlotWait::kOk);
+        const uint64_t id = static_cast<uint64_t>(c) << 32 | static_cast<uint64_t>(i);
+        write_u64(slots.request_row(s, 0), id);
+        ASSERT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kOk);
+        if (i % 2 == 0 && slots.wait(s, monotonic_ns() + kLongWait)) {
+          EXPECT_EQ(read_u64(slots.response_row(s, 0)), id + 1);
+          ++done;
+          slots.release(s);
+          continue;
+        }
+        switch (slots.give_up(s)) {  // odd ids leave at once
+          case SlotHeader::kIdle: ++withdrawn; slots.release(s); break;
+          case SlotHeader::kAbandoned: ++abandoned; break;  // the server frees it
+          default:
+            EXPECT_EQ(read_u64(slots.response_row(s, 0)), id + 1);
+            ++done;
+            slots.release(s);
+        }
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  poll_until([&] { return slots.owned_slots() == 0 || slots.ready_count() > 0; });
+  poll_until([&] { return slots.owned_slots() == 0; });  // abandoned slots freed by finish
+  stop = true;
+  server.join();
+  EXPECT_EQ(done + withdrawn + abandoned, kClients * kRequests);
+  // Every completed request was served once; an abandoned one was served
+  // or dropped by the server's take (abandoned between its bit and its CAS).
+  EXPECT_GE(served, done.load());
+  EXPECT_LE(served, done + abandoned);
+}
+
+TEST(SharedSlots, SubmitAfterCloseIsWithdrawn) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  slots.close();
+  int s = -1;
+  EXPECT_EQ(slots.claim(0, monotonic_ns() + kLongWait, s), SlotWait::kClosed);
+  slots.open_for(batchserve::self_identity());
+  ASSERT_EQ(slots.claim(0, 0, s), SlotWait::kOk);
+  slots.close();
+  EXPECT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kClosed);
+  EXPECT_EQ(slots.ready_count(), 0u);
+  EXPECT_EQ(slots.slot(s).state.load(), SlotHeader::kIdle);
+}
+
+// Forks a child that runs `body` (in the child: async-signal-safe work,
+// then it waits to be killed or exits).
+template <typename Body>
+pid_t fork_child(Body&& body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    body();
+    for (;;) ::pause();
+  }
+  return pid;
+}
+
+TEST(SharedSlots, SlotsOfKilledClientsAreReaped) {
+  Segment seg(8);
+  SharedSlots& slots = *seg.slots;
+  auto child_slots = SharedSlots::attach(seg.name, 7);
+  // Child A claims a slot and dies holding it (kIdle); child B submits and
+  // dies waiting for its result (kQueued, then served).
+  const pid_t a = fork_child([&] {
+    int s;
+    child_slots->claim(0, batchserve::kNoDeadline, s);
+    write_u64(child_slots->request_row(static_cast<uint32_t>(s), 0), 1);
+  });
+  const pid_t b = fork_child([&] {
+    int s;
+    child_slots->claim(4, batchserve::kNoDeadline, s);
+    write_u64(child_slots->request_row(static_cast<uint32_t>(s), 0), 2);
+    child_slots->submit(static_cast<uint32_t>(s), monotonic_ns());
+  });
+  poll_until([&] { return slots.owned_slots() == 2 && slots.ready_count() == 1; });
+  ::kill(a, SIGKILL);
+  ::kill(b, SIGKILL);
+  // Not reaped by waitpid yet: zombies, which count as dead.
+  poll_until([&] { return batchserve::process_start_time(static_cast<uint32_t>(a)) == 0; });
+  poll_until([&] { return batchserve::process_start_time(static_cast<uint32_t>(b)) == 0; });
+  EXPECT_EQ(slots.reap_dead_owners(), 1u);  // A's; B's request is still queued
+  std::vector<uint32_t> taken;
+  ASSERT_EQ(slots.take(taken, 8), 1u);
+  EXPECT_EQ(slots.reap_dead_owners(), 0u);  // being served: left alone
+  serve_all(slots, taken);
+  EXPECT_EQ(slots.reap_dead_owners(), 1u);
+  EXPECT_EQ(slots.owned_slots(), 0u);
+  ::waitpid(a, nullptr, 0);
+  ::waitpid(b, nullptr, 0);
+}
+
+TEST(SharedSlots, ClientsSeeADeadServer) {
+  Segment seg(2);
+  SharedSlots& slots = *seg.slots;
+  EXPECT_FALSE(slots.server_dead());  // no server yet: clients wait for one
+  const pid_t server = fork_child([&] { seg.slots->open_for(batchserve::self_identity()); });
+  poll_until([&] { return slots.server_pid() == static_cast<uint32_t>(server); });
+  EXPECT_FALSE(slots.server_dead());
+  ::kill(server, SIGKILL);
+  poll_until([&] { return slots.server_dead(); });
+  int s = -1, t = -1;
+  ASSERT_EQ(slots.claim(0, 0, s), SlotWait::kOk);
+  ASSERT_EQ(slots.claim(0, 0, t), SlotWait::kOk);
+  int u = -1;
+  EXPECT_EQ(slots.claim(0, monotonic_ns() + 1'000'000, u), SlotWait::kServerDead);
+  ::waitpid(server, nullptr, 0);
+}
+
+TEST(SlotIntake, FeedsARequestQueueAndItsBatchingPolicy) {
+  Segment seg(16);
+  SharedSlots& slots = *seg.slots;
+  SlotIntake intake(seg.slots, 5);
+  RequestQueue queue(8);
+  queue.attach_intake(&intake);
+  queue.reopen();
+  EXPECT_EQ(slots.server_pid(), static_cast<uint32_t>(::getpid()));
+  batchserve::BatchSettings settings;
+  batchserve::BatchPolicy policy;
+  policy.max_batch_size = 4;
+  policy.timeout_ns = 1'000'000;
+  settings.store(policy, queue);
+
+  std::thread client([&] {  // wakes the server through the segment's event
+    for (uint64_t i = 0; i < 6; ++i) {
+      int s = -1;
+      ASSERT_EQ(slots.claim(static_cast<uint32_t>(i), monotonic_ns() + kLongWait, s), SlotWait::kOk);
+      write_u64(slots.request_row(static_cast<uint32_t>(s), 0), i);
+      ASSERT_EQ(slots.submit(static_cast<uint32_t>(s), monotonic_ns()), SlotWait::kOk);
+    }
+  });
+  std::vector<Request> all;
+  while (all.size() < 6) {
+    std::vector<Request> batch, dropped;
+    batchserve::collect_batch(queue, settings, batch, dropped);
+    EXPECT_LE(batch.size(), 4u);
+    EXPECT_TRUE(dropped.empty());
+    all.insert(all.end(), batch.begin(), batch.end());
+  }
+  client.join();
+  std::set<uint64_t> ids;
+  for (const Request& r : all) {
+    EXPECT_EQ(r.intake, &intake);
+    EXPECT_EQ(r.rows->schema_id, 5u);
+    EXPECT_EQ(r.rows->data[0], slots.request_row(r.slot, 0));
+    ids.insert(read_u64(static_cast<const uint8_t*>(r.rows->data[0])));
+  }
+  EXPECT_EQ(ids.size(), 6u);
+  queue.close();
+  EXPECT_TRUE(slots.closed());
+}
+
+}  // namespace

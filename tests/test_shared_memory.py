@@ -1,0 +1,475 @@
+"""SharedMemoryTransport: actors in other processes through shared-memory slots.
+
+Cross-process echoes under every start method (ids prove routing), torchrl's
+semantics (declared keys only, KeyError before a slot is used, views with
+copy_result=False, a full transport blocking its submitter), bad inputs, and
+the faults: an actor SIGKILLed mid-request, the server process SIGKILLed,
+shutdown with processes still attached. The suite-wide check that no segment
+is left in /dev/shm is in conftest.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import batchserve
+from batchserve import InferenceServer, ServerClosedError, SharedMemoryTransport
+
+from conftest import BlockingModel
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def request_spec() -> TensorDict:
+    return TensorDict({"observation": torch.zeros(4), "id": torch.zeros((), dtype=torch.long)})
+
+
+def response_spec() -> TensorDict:
+    return TensorDict({
+        "action": torch.zeros(2),
+        "id": torch.zeros((), dtype=torch.long),
+        "policy_version": torch.zeros((), dtype=torch.long),
+    })
+
+
+def request(i: int) -> TensorDict:
+    return TensorDict({"observation": torch.full((4,), float(i)), "id": torch.tensor(i)})
+
+
+def double_model(td):
+    """action = 2 * observation[:2]; the request's id comes back as "id"."""
+    return TensorDict({"action": td["observation"][:, :2] * 2, "id": td["id"].clone(),
+                       "unused": torch.zeros(td.batch_size[0], 3)}, batch_size=td.batch_size)
+
+
+def make_transport(num_slots: int = 16, **kwargs) -> SharedMemoryTransport:
+    return SharedMemoryTransport(request_spec(), response_spec(), num_slots=num_slots, **kwargs)
+
+
+def check(result: TensorDict, i: int) -> None:
+    assert result["id"].item() == i
+    assert torch.equal(result["action"], torch.full((2,), 2.0 * i))
+
+
+def segment_path(transport: SharedMemoryTransport) -> str:
+    return "/dev/shm" + transport.name
+
+
+# Child-process targets: module level, so that spawn and forkserver can pickle them.
+
+def echo_actor(client, first: int, count: int, results) -> None:
+    bad = []
+    for i in range(first, first + count):
+        out = client(request(i))
+        if out["id"].item() != i or not torch.equal(out["action"], torch.full((2,), 2.0 * i)):
+            bad.append(i)
+    results.put((first, count, bad))
+
+
+def call_when_told(client, attached, go, results) -> None:
+    attached.set()  # unpickling `client` mapped the segment
+    go.wait(60)
+    try:
+        client(request(7))
+        results.put("served")
+    except ServerClosedError as exc:
+        results.put(f"ServerClosedError: {exc}")
+    except BaseException as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def call_and_hang(client, started) -> None:
+    started.set()
+    client(request(1))  # the server never answers: the test kills us
+
+
+def slow_model(td):
+    time.sleep(120)
+    return double_model(td)
+
+
+def serve_in_child(transport, ready) -> None:
+    server = InferenceServer(slow_model, transport, max_batch_size=8, timeout=0.001).start()
+    ready.set()
+    time.sleep(300)
+    server.shutdown()
+
+
+def run_actors(ctx, transport, processes: int, per_actor: int) -> None:
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=echo_actor, args=(transport.client(), 1000 * p, per_actor, results))
+        for p in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        reports = [results.get(timeout=150) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert sorted(r[0] for r in reports) == [1000 * p for p in range(processes)]
+    assert all(r[1] == per_actor and r[2] == [] for r in reports), reports
+    assert all(p.exitcode == 0 for p in procs)
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tensordict", "batchserve"])
+    return ctx
+
+
+# -- in one process -------------------------------------------------------------
+
+
+def test_round_trip_declared_keys_and_copies():
+    transport = make_transport()
+    client = transport.client()
+    with InferenceServer(double_model, transport, max_batch_size=8) as server:
+        extra = request(3).set("ignored", torch.ones(5))
+        out = client(extra)
+        check(out, 3)
+        assert set(out.keys()) == {"action", "id", "policy_version"}  # "unused" dropped
+        assert out["policy_version"].item() == server.policy_version
+        out["action"].fill_(-1)  # a copy: the next result is unaffected
+        check(client(request(3)), 3)
+        assert server.stats()["fast_path_requests"] == 2
+    assert server.transport_kind == "shared_memory"
+
+
+def test_copy_result_false_returns_a_view_of_the_slot():
+    transport = make_transport(copy_result=False)
+    client = transport.client()
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        first = client(request(1))
+        check(first, 1)
+        client(request(2))  # the same client reuses its slot
+        assert first["id"].item() == 2  # the view now shows the later result
+
+
+def test_threads_share_one_client():
+    transport = make_transport(num_slots=8)
+    client = transport.client()
+    errors = []
+
+    def worker(base):
+        try:
+            for i in range(base, base + 100):
+                check(client(request(i)), i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        threads = [threading.Thread(target=worker, args=(1000 * t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors
+    assert transport._segment.owned_slots == 0
+
+
+def test_futures_block_when_full_and_time_out_like_torchrl():
+    transport = make_transport(num_slots=2)
+    client = transport.client()
+    futures = [client.submit(request(i)) for i in range(2)]  # no server yet
+    assert not futures[0].done()
+    with pytest.raises(queue.Empty):  # torchrl's future raises queue.Empty
+        futures[0].result(timeout=0.05)
+    with pytest.raises(TimeoutError):  # a full transport blocks the submitter
+        client.submit(request(9), timeout=0.05)
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        for i, f in enumerate(futures):
+            check(f.result(timeout=30), i)  # the request stayed in flight
+            assert f.done()
+        third = client.submit(request(5))
+        assert third.exception(timeout=30) is None
+        check(third.result(), 5)
+    assert transport._segment.owned_slots == 0
+
+
+def test_timeouts_withdraw_or_abandon_and_keep_no_slot():
+    transport = make_transport(num_slots=2)
+    client = transport.client()
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        client(request(1), timeout=0.05)  # no server: never taken
+    model = BlockingModel()
+
+    def blocking(td):
+        model(td)
+        return double_model(td)
+
+    with InferenceServer(blocking, transport, max_batch_size=8):
+        with pytest.raises(TimeoutError, match="already being served"):
+            client(request(2), timeout=0.5)
+        assert model.entered.is_set()
+        model.release.set()
+        check(client(request(3)), 3)
+        deadline = time.monotonic() + 10
+        while transport._segment.owned_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert transport._segment.owned_slots == 0  # the abandoned slot came back
+
+
+def test_dropped_future_gives_its_slot_back():
+    transport = make_transport(num_slots=1)
+    client = transport.client()
+    future = client.submit(request(1))
+    del future
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        check(client(request(2), timeout=30), 2)
+
+
+def test_model_errors_reach_the_caller_and_serving_goes_on():
+    transport = make_transport()
+    client = transport.client()
+    calls = []
+
+    def flaky(td):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("boom: the model failed")
+        return double_model(td)
+
+    with InferenceServer(flaky, transport, max_batch_size=8):
+        with pytest.raises(ValueError, match="boom"):
+            client(request(1))
+        check(client(request(2)), 2)
+
+
+def test_a_missing_response_key_fails_the_request_with_its_name():
+    transport = make_transport()
+    client = transport.client()
+
+    def no_id(td):
+        return TensorDict({"action": td["observation"][:, :2]}, batch_size=td.batch_size)
+
+    with InferenceServer(no_id, transport, max_batch_size=8):
+        with pytest.raises(KeyError, match="'id'"):
+            client(request(1))
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (TensorDict({"observation": torch.zeros(4)}), KeyError, "'id'"),
+        (TensorDict({"observation": torch.zeros(5), "id": torch.tensor(1)}), ValueError, "shape"),
+        (TensorDict({"observation": torch.zeros(4, dtype=torch.float64), "id": torch.tensor(1)}),
+         ValueError, "dtype"),
+        (TensorDict({"observation": torch.zeros(4, device="meta"), "id": torch.tensor(1)}),
+         ValueError, "CPU"),
+        ({"observation": torch.zeros(4), "id": torch.tensor(1)}, TypeError, "TensorDict"),
+        (TensorDict({"observation": torch.zeros(3, 4), "id": torch.ones(3, dtype=torch.long)},
+                    batch_size=[3]), ValueError, "batch size"),
+    ],
+    ids=["missing-key", "shape", "dtype", "not-cpu", "not-a-tensordict", "batched"],
+)
+def test_bad_inputs_raise_clearly_without_using_a_slot(bad, error, match):
+    transport = make_transport(num_slots=4)
+    client, other = transport.client(), transport.client()
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        with pytest.raises(error, match=match):
+            client(bad)
+        with pytest.raises(error, match=match):
+            client.submit(bad)
+        assert transport._segment.owned_slots == 0
+        check(other(request(4)), 4)  # other clients are unaffected
+        check(client(request(5)), 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_leaves_are_refused():
+    transport = make_transport()
+    with pytest.raises(ValueError, match="CPU"):
+        transport.client()(TensorDict({"observation": torch.zeros(4, device="cuda"),
+                                       "id": torch.tensor(1)}))
+
+
+def test_inputs_the_matcher_normalises():
+    transport = make_transport()
+    client = transport.client()
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        strided = TensorDict({"observation": torch.full((4, 2), 6.0)[:, 0], "id": torch.tensor(6)})
+        check(client(strided), 6)  # a non-contiguous leaf
+        on_cpu = TensorDict({"observation": torch.full((4,), 7.0), "id": torch.tensor(7)},
+                            device="cpu")
+        check(client(on_cpu), 7)  # a TensorDict device the spec does not declare
+
+
+def test_specs_are_validated_like_torchrl():
+    with pytest.raises(ValueError, match="num_slots"):
+        SharedMemoryTransport(request_spec(), response_spec(), num_slots=0)
+    with pytest.raises(TypeError, match="tensor leaves"):
+        SharedMemoryTransport(TensorDict({"x": torch.zeros(1), "s": "text"}), response_spec(),
+                              num_slots=2)
+    with pytest.raises(ValueError, match="flat keys"):
+        SharedMemoryTransport(TensorDict({"a": {"b": torch.zeros(1)}}), response_spec(),
+                              num_slots=2)
+    with pytest.raises(ValueError, match="CPU"):
+        SharedMemoryTransport(TensorDict({"x": torch.zeros(1, device="meta")}), response_spec(),
+                              num_slots=2)
+
+
+def test_general_path_and_torchrl_protocol_write_results_into_slots():
+    """A custom collate_fn takes the general path (slot views as items);
+    torchrl's transport protocol (drain, resolve) works too."""
+    transport = make_transport()
+    client = transport.client()
+
+    def collate(items):
+        return torch.stack(items)
+
+    with InferenceServer(double_model, transport, max_batch_size=8, collate_fn=collate) as server:
+        check(client(request(8)), 8)
+        assert server.stats()["fast_path_requests"] == 0
+    # The protocol, driven by hand as a protocol server would.
+    transport = make_transport()
+    future = transport.client().submit(request(9))
+    items, callbacks = transport.drain(8)
+    assert len(items) == 1 and items[0]["id"].item() == 9
+    transport.resolve(callbacks[0], double_model(items[0].unsqueeze(0))[0].set(
+        "policy_version", torch.tensor(0)))
+    check(future.result(timeout=30), 9)
+    failing = transport.client().submit(request(10))
+    _, callbacks = transport.drain(8)
+    transport.resolve_exception(callbacks[0], RuntimeError("rejected"))
+    with pytest.raises(RuntimeError, match="rejected"):
+        failing.result(timeout=30)
+
+
+def test_shutdown_unlinks_and_later_calls_raise():
+    transport = make_transport()
+    client = transport.client()
+    server = InferenceServer(double_model, transport, max_batch_size=8).start()
+    check(client(request(1)), 1)
+    assert os.path.exists(segment_path(transport))
+    server.shutdown()
+    assert not os.path.exists(segment_path(transport))
+    with pytest.raises(ServerClosedError):
+        client(request(2))
+    server.start()  # a restart serves the clients that are attached
+    check(client(request(3)), 3)
+    server.shutdown()
+
+
+# -- across processes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_echo_across_processes(method, forkserver):
+    ctx = forkserver if method == "forkserver" else mp.get_context(method)
+    transport = make_transport(num_slots=8)
+    with InferenceServer(double_model, transport, max_batch_size=8, timeout=0.001):
+        run_actors(ctx, transport, processes=2 if method == "spawn" else 3, per_actor=100)
+    assert transport._segment.owned_slots == 0
+
+
+def test_torch_multiprocessing_children():
+    import torch.multiprocessing as tmp
+
+    transport = make_transport(num_slots=4)
+    with InferenceServer(double_model, transport, max_batch_size=8, timeout=0.001):
+        run_actors(tmp.get_context("spawn"), transport, processes=1, per_actor=50)
+
+
+def test_32_processes_lose_and_misroute_nothing(forkserver):
+    transport = make_transport(num_slots=64)
+    with InferenceServer(double_model, transport, max_batch_size=64, timeout=0.001) as server:
+        run_actors(forkserver, transport, processes=32, per_actor=40)
+        assert server.stats()["requests"] == 32 * 40
+    assert transport._segment.owned_slots == 0
+
+
+def test_killed_actor_does_not_keep_its_slot(forkserver):
+    transport = make_transport(num_slots=2)
+    model = BlockingModel()
+
+    def blocking(td):
+        model(td)
+        return double_model(td)
+
+    with InferenceServer(blocking, transport, max_batch_size=8, timeout=0.001):
+        started = forkserver.Event()
+        child = forkserver.Process(target=call_and_hang, args=(transport.client(), started))
+        child.start()
+        assert started.wait(60) and model.entered.wait(60)  # its request is being served
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        model.release.set()
+        # Both slots serve again: the dead actor's was freed by the server.
+        client = transport.client()
+        futures = [client.submit(request(i), timeout=30) for i in range(2)]
+        for i, f in enumerate(futures):
+            check(f.result(timeout=30), i)
+        assert transport._queue.reaped_slots == 1
+
+
+def test_dead_server_process_unblocks_clients_promptly(forkserver):
+    transport = make_transport(num_slots=4)
+    ready = forkserver.Event()
+    server = forkserver.Process(target=serve_in_child, args=(transport, ready))
+    server.start()
+    try:
+        assert ready.wait(60)
+        client = transport.client()
+        errors = []
+
+        def call():
+            try:
+                client(request(1))
+            except BaseException as exc:
+                errors.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while transport._segment.ready_count == 0 and transport._segment.owned_slots == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # let the child take it into its (endless) forward
+        killed = time.monotonic()
+        os.kill(server.pid, signal.SIGKILL)
+        caller.join(10)
+        assert not caller.is_alive()
+        assert time.monotonic() - killed < 5  # "within about a second", with CI slack
+        assert len(errors) == 1 and isinstance(errors[0], ServerClosedError)
+        assert "is gone" in str(errors[0])
+        with pytest.raises(ServerClosedError, match="is gone"):
+            client(request(2), timeout=30)  # later calls too
+    finally:
+        server.kill()
+        server.join(30)
+        transport.close()
+
+
+def test_a_child_that_outlives_the_server_gets_a_clear_error(forkserver):
+    transport = make_transport()
+    attached, go, results = forkserver.Event(), forkserver.Event(), forkserver.Queue()
+    child = forkserver.Process(target=call_when_told,
+                               args=(transport.client(), attached, go, results))
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        child.start()
+        assert attached.wait(60)
+        check(transport.client()(request(1)), 1)
+    go.set()
+    try:
+        outcome = results.get(timeout=60)
+    finally:
+        child.join(30)
+    assert outcome.startswith("ServerClosedError") and "shut down" in outcome
+
+
+def test_library_exports_it():
+    assert batchserve.SharedMemoryTransport is SharedMemoryTransport
