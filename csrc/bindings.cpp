@@ -335,6 +335,14 @@ void set_error_from(PyObject* outcome) {
 // ---------------------------------------------------------------------------
 // Shared-memory slots (csrc/shared_slots.h), the Python side of both ends.
 
+// Cuts `text` to at most `max_bytes` without splitting a UTF-8 character.
+void truncate_utf8(std::string& text, size_t max_bytes) {
+  if (text.size() <= max_bytes) return;
+  size_t end = max_bytes;
+  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+  text.resize(end);
+}
+
 // GIL held. `value` as a contiguous CPU tensor of `dtype` (converted when it
 // is not), checked to hold `rows` rows of `shape` (rows < 0: exactly
 // `shape`). Raises ValueError naming `key` otherwise.
@@ -377,7 +385,7 @@ py::object slot_leaf(PyObject* value, const py::object& key, const py::object& d
 // RequestQueue takes slots from, plus what turns a slot into Python objects
 // (a request TensorDict for the general path) and results and exceptions into
 // slot bytes.
-class SlotServer final : public SlotIntake {
+class SlotServer final : public SlotIntake, public std::enable_shared_from_this<SlotServer> {
  public:
   SlotServer(std::shared_ptr<SharedSlots> slots, uint64_t schema_id,
              std::vector<py::object> request_keys, std::vector<py::object> request_banks,
@@ -430,14 +438,13 @@ class SlotServer final : public SlotIntake {
   }
 
   // The fast path's hand-back: row i of each column goes to the response
-  // rows of requests[i]'s slot (copied with the GIL released), matching
-  // columns to response_spec by key; output keys it does not declare are
-  // dropped. Raises (ending nothing) when a declared key is missing or its
-  // column does not fit. Returns the slots to wake.
-  std::vector<uint32_t> scatter(const std::vector<Request>& requests,
-                                const std::vector<py::object>& keys,
-                                const std::vector<py::object>& columns) {
-    const Py_ssize_t n = static_cast<Py_ssize_t>(requests.size());
+  // rows of slots[i] (copied with the GIL released), matching columns to
+  // response_spec by key; output keys it does not declare are dropped.
+  // Raises when a declared key is missing or its column does not fit. Ends
+  // no request: the caller does (finish), if they are still its to end.
+  void scatter(const std::vector<uint32_t>& slots_of_rows, const std::vector<py::object>& keys,
+               const std::vector<py::object>& columns) {
+    const Py_ssize_t n = static_cast<Py_ssize_t>(slots_of_rows.size());
     std::vector<py::object> held;
     std::vector<const uint8_t*> source;
     for (size_t j = 0; j < response_keys_.size(); ++j) {
@@ -459,18 +466,12 @@ class SlotServer final : public SlotIntake {
       source.push_back(static_cast<const uint8_t*>(data_ptr(held.back().ptr())));
     }
     SharedSlots& sh = slots();
-    {
-      py::gil_scoped_release nogil;
-      for (Py_ssize_t i = 0; i < n; ++i)
-        for (size_t j = 0; j < source.size(); ++j) {
-          const size_t bytes = sh.response_leaf_bytes(j);
-          if (bytes != 0) std::memcpy(sh.response_row(requests[i].slot, j), source[j] + i * bytes, bytes);
-        }
-    }
-    std::vector<uint32_t> to_wake;
-    for (const Request& r : requests)
-      if (sh.finish(r.slot, false)) to_wake.push_back(r.slot);
-    return to_wake;
+    py::gil_scoped_release nogil;  // `held` keeps the columns alive meanwhile
+    for (Py_ssize_t i = 0; i < n; ++i)
+      for (size_t j = 0; j < source.size(); ++j) {
+        const size_t bytes = sh.response_leaf_bytes(j);
+        if (bytes != 0) std::memcpy(sh.response_row(slots_of_rows[i], j), source[j] + i * bytes, bytes);
+      }
   }
 
  private:
@@ -487,33 +488,29 @@ class SlotServer final : public SlotIntake {
     }
   }
 
-  // The exception, pickled; a RuntimeError with its text when it does not
-  // pickle or fit; nothing (the client raises a generic error) at worst.
+  // The exception, pickled, followed by its repr: a client that cannot
+  // unpickle it (a class only the server has, a pickle too large for the
+  // area) raises a RuntimeError with that text instead.
   void write_error(uint32_t s, PyObject* exc) {
     SharedSlots& sh = slots();
     SlotHeader& slot = sh.slot(s);
+    const size_t room = sh.error_bytes();
+    std::string text = repr(exc);
+    truncate_utf8(text, room / 2);
     slot.error_len = 0;
-    auto store = [&](PyObject* e) {
-      PyObject* blob = PyObject_CallOneArg(dumps_.ptr(), e);
-      if (blob == nullptr) {
-        PyErr_Clear();
-        return false;
-      }
+    PyObject* blob = PyObject_CallOneArg(dumps_.ptr(), exc);
+    if (blob == nullptr) {
+      PyErr_Clear();
+    } else {
       const Py_ssize_t len = PyBytes_Size(blob);
-      const bool fits = len >= 0 && static_cast<size_t>(len) <= sh.error_bytes();
-      if (fits) {
+      if (len >= 0 && static_cast<size_t>(len) + text.size() <= room) {
         std::memcpy(sh.error_area(s), PyBytes_AS_STRING(blob), static_cast<size_t>(len));
         slot.error_len = static_cast<uint32_t>(len);
       }
       Py_DECREF(blob);
-      return fits;
-    };
-    if (store(exc)) return;
-    std::string text = repr(exc);
-    if (text.size() > sh.error_bytes() / 2) text.resize(sh.error_bytes() / 2);
-    PyObject* fallback = new_runtime_error(("the server raised " + text).c_str());
-    store(fallback);
-    Py_DECREF(fallback);
+    }
+    std::memcpy(sh.error_area(s) + slot.error_len, text.data(), text.size());
+    slot.error_text_len = static_cast<uint32_t>(text.size());
   }
 
   std::vector<py::object> request_keys_, request_banks_;
@@ -523,6 +520,12 @@ class SlotServer final : public SlotIntake {
 };
 
 SlotServer& slot_server(const Request& r) { return *static_cast<SlotServer*>(r.intake); }
+
+// The SlotServer a request from slots came from, kept alive by who holds this.
+std::shared_ptr<SlotServer> keep_slot_server(const Request& r) {
+  return r.intake == nullptr ? nullptr
+                             : std::static_pointer_cast<SlotServer>(slot_server(r).shared_from_this());
+}
 
 // A caller to wake once the GIL is let go: a blocking in-process caller, or
 // the client process waiting on a slot.
@@ -619,11 +622,13 @@ class Batch {
   // `rows` were gathered ahead into rows 0.. of the staging buffer whose
   // first column is at `prefetched_into` (see Prefetcher).
   Batch(std::vector<Request> rows, std::vector<Request> requests,
-        std::shared_ptr<DeferredWakes> deferred, uintptr_t prefetched_into)
+        std::shared_ptr<DeferredWakes> deferred, uintptr_t prefetched_into,
+        std::shared_ptr<SlotServer> slots = nullptr)
       : requests_(std::move(requests)),
         rows_(std::move(rows)),
         deferred_(std::move(deferred)),
-        prefetched_into_(rows_.empty() ? 0 : prefetched_into) {}
+        prefetched_into_(rows_.empty() ? 0 : prefetched_into),
+        slots_(std::move(slots)) {}
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
@@ -729,19 +734,20 @@ class Batch {
     if (columns.size() != keys.size())
       throw std::invalid_argument("resolve_rows: one column per key expected");
     if (rows_.front().intake != nullptr) {
-      for (const Request& r : rows_)
+      std::vector<uint32_t> slots_of_rows;
+      for (const Request& r : rows_) {
         if (r.intake != rows_.front().intake)
           throw std::logic_error("resolve_rows: rows from two sources in one batch");
-      std::vector<uint32_t> to_wake = slot_server(rows_.front()).scatter(rows_, keys, columns);
-      if (rows_.size() != n) return;  // failed meanwhile (scatter let go of the GIL)
-      SharedSlots* slots = &slot_server(rows_.front()).slots();
+        slots_of_rows.push_back(r.slot);
+      }
+      std::shared_ptr<SlotServer> server = keep_slot_server(rows_.front());
+      server->scatter(slots_of_rows, keys, columns);  // lets go of the GIL
+      if (rows_.size() != n) return;  // a shutdown failed them meanwhile: they are ended
       std::vector<Wake> wakes;
-      wakes.reserve(to_wake.size());
-      for (uint32_t s : to_wake) wakes.push_back(Wake{nullptr, slots, s});
-      take(rows_);
-      // Now, not at the next collect(): these callers are other processes
-      // and do not need this process's GIL to go on.
-      wake_and_release(wakes);
+      for (const Request& r : take(rows_))
+        if (server->slots().finish(r.slot, false))
+          wakes.push_back(Wake{nullptr, &server->slots(), r.slot});
+      wake_and_release(wakes);  // other processes: they do not need our GIL
       return;
     }
     const TorchRefs& t = torch_refs();
@@ -861,13 +867,17 @@ class Batch {
   }
 
   // GIL held. Wakes now, or leaves the wake-ups to `deferred`.
+  // Slots' clients (other processes) are woken now either way.
   static void wake(std::vector<Wake>& to_wake, DeferredWakes* deferred) {
     if (deferred == nullptr) {
       wake_and_release(to_wake);
       return;
     }
-    deferred->pending.insert(deferred->pending.end(), to_wake.begin(), to_wake.end());
+    std::vector<Wake> now;
+    for (const Wake& w : to_wake)
+      (w.completion != nullptr ? deferred->pending : now).push_back(w);
     to_wake.clear();
+    wake_and_release(now);
   }
 
   // GIL held. Ends each request of `requests` (owned by the caller, no
@@ -888,6 +898,7 @@ class Batch {
   std::vector<Request> rows_;      // fast path: row i of the staging batch
   std::shared_ptr<DeferredWakes> deferred_;
   uintptr_t prefetched_into_ = 0;
+  std::shared_ptr<SlotServer> slots_;  // where requests from slots go back (kept alive)
 };
 
 // The handle of a request handed out by drain() (the transport protocol
@@ -895,7 +906,8 @@ class Batch {
 // a shared-memory slot): it quacks like the Future it replaces.
 class Ticket {
  public:
-  explicit Ticket(const Request& request) : request_(request) {}
+  explicit Ticket(const Request& request)
+      : request_(request), slots_(keep_slot_server(request)) {}
   Ticket(const Ticket&) = delete;
   Ticket& operator=(const Ticket&) = delete;
   ~Ticket() {
@@ -921,6 +933,7 @@ class Ticket {
   }
 
   Request request_;  // owns no Python reference (drain handed them out)
+  std::shared_ptr<SlotServer> slots_;  // keeps request_.intake alive
   bool done_ = false;
 };
 
@@ -1204,7 +1217,8 @@ class PyRequestQueue {
       if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
     if (rows.empty() && others.empty()) return nullptr;
     adapt_server_spin(rows.size() + others.size());
-    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_, prefetched_into);
+    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_, prefetched_into,
+                                   slots_);
   }
 
   // Ends every queued request (and any a prefetch took) with `exc`; returns
@@ -1307,6 +1321,32 @@ class PyRequestQueue {
   uint64_t last_schema_id_ = 0;
 };
 
+// A SharedMemoryTransport client's timeout: a TimeoutError that is also the
+// queue.Empty torchrl's shared-memory client raises. Made at module import.
+PyObject* g_result_timeout = nullptr;
+
+[[noreturn]] void raise_result_timeout(const std::string& message) {
+  PyErr_SetString(g_result_timeout != nullptr ? g_result_timeout : PyExc_TimeoutError,
+                  message.c_str());
+  throw py::error_already_set();
+}
+
+// A submitted request's slot, owned by its SharedMemoryFuture. Dropped
+// unread (the future was discarded, or a signal interrupted the caller
+// before it got the future), it gives the slot back.
+struct PendingSlot {
+  std::shared_ptr<SharedSlots> slots;
+  uint32_t slot = 0;
+  bool open = true;  // the slot is still the caller's
+
+  PendingSlot(std::shared_ptr<SharedSlots> s, uint32_t n) : slots(std::move(s)), slot(n) {}
+  PendingSlot(const PendingSlot&) = delete;
+  PendingSlot& operator=(const PendingSlot&) = delete;
+  ~PendingSlot() {
+    if (open && slots->give_up(slot) != SlotHeader::kAbandoned) slots->release(slot);
+  }
+};
+
 // The actor's end of a SharedMemoryTransport, in any process: it copies a
 // request's leaves into a free slot, publishes it, and waits on the slot's
 // futex for the server to write the result; all without the GIL. A client
@@ -1345,33 +1385,40 @@ class SlotClient {
 
   // The blocking call: submit, wait, return the result or raise the server's
   // exception. On timeout the request is withdrawn if the server has not
-  // taken it yet, else its result is discarded; TimeoutError either way.
+  // taken it yet, else its result is discarded; ResultTimeout either way.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
-    const uint32_t s = submit_until(item, deadline, true);
-    return finish_wait(s, deadline, false);
+    PendingSlot pending(slots_, submit_until(item, deadline, true));
+    return finish_wait(pending, deadline, false);
   }
 
-  // Submits and returns the slot, for a future (SharedMemoryFuture). Blocks
-  // while every slot is in flight, until `timeout` (TimeoutError).
-  uint32_t submit(const py::object& item, std::optional<double> timeout_s) {
-    return submit_until(item, deadline_from(timeout_s), false);
+  // Submits; the returned PendingSlot owns the slot (for a future). Blocks
+  // while every slot is in flight, until `timeout` (ResultTimeout).
+  std::unique_ptr<PendingSlot> submit(const py::object& item, std::optional<double> timeout_s) {
+    auto pending =
+        std::make_unique<PendingSlot>(slots_, submit_until(item, deadline_from(timeout_s), false));
+    return pending;
   }
 
-  // The result of slot `s` (from submit). On timeout raises TimeoutError and
-  // keeps the request in flight (call again), as torchrl's future does.
-  py::object result(uint32_t s, std::optional<double> timeout_s) {
-    return finish_wait(s, deadline_from(timeout_s), true);
+  // The result of a submitted request, or None when `timeout` passes first:
+  // the request then stays in flight (ask again), as torchrl's future does.
+  py::object result(PendingSlot& pending, std::optional<double> timeout_s) {
+    if (!pending.open) throw std::logic_error("SlotClient.result: this request was already read");
+    return finish_wait(pending, deadline_from(timeout_s), true);
   }
 
-  bool done(uint32_t s) const { return slots_->finished(s); }
+  bool done(const PendingSlot& pending) const {
+    return !pending.open || slots_->finished(pending.slot);
+  }
 
-  // Leaves slot `s`'s request: withdrawn if not yet taken (true), else its
-  // result is discarded. The slot is not the caller's any more.
-  bool cancel(uint32_t s) {
-    const SlotHeader::State left = slots_->give_up(s);
-    if (left != SlotHeader::kAbandoned) slots_->release(s);
-    return left == SlotHeader::kIdle;
+  // Withdraws a request the server has not taken yet (true). A request being
+  // served or already answered stays as it is (false): its result can still
+  // be read.
+  bool cancel(PendingSlot& pending) {
+    if (!pending.open || !slots_->withdraw(pending.slot)) return false;
+    pending.open = false;
+    slots_->release(pending.slot);
+    return true;
   }
 
  private:
@@ -1406,8 +1453,9 @@ class SlotClient {
       if (w == SlotWait::kOk) break;
       raise_if_unservable(w);
       if (monotonic_ns() >= deadline)
-        raise_timeout("no free slot within the timeout: all " + std::to_string(slots_->num_slots()) +
-                      " slots hold requests in flight (num_slots)");
+        raise_result_timeout("no free slot within the timeout: all " +
+                             std::to_string(slots_->num_slots()) +
+                             " slots hold requests in flight (num_slots)");
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     }
     const uint32_t s = static_cast<uint32_t>(slot);
@@ -1440,8 +1488,18 @@ class SlotClient {
     if (why == SlotWait::kClosed || why == SlotWait::kServerDead) raise_unservable(why);
   }
 
-  // GIL held. Waits for slot `s`'s outcome, reads it, frees the slot.
-  py::object finish_wait(uint32_t s, int64_t deadline, bool keep_on_timeout) {
+  // The caller leaves its request (timeout, signal, dead server): the slot
+  // is no longer the caller's, whatever state it was in.
+  void leave(PendingSlot& pending) {
+    pending.open = false;
+    if (slots_->give_up(pending.slot) != SlotHeader::kAbandoned) slots_->release(pending.slot);
+  }
+
+  // GIL held. Waits for the outcome, reads it, frees the slot. With
+  // `keep_on_timeout`, a timeout returns None and leaves the request in
+  // flight; otherwise it raises ResultTimeout.
+  py::object finish_wait(PendingSlot& pending, int64_t deadline, bool keep_on_timeout) {
+    const uint32_t s = pending.slot;
     bool done = slots_->finished(s);
     while (!done) {
       int64_t now;
@@ -1453,33 +1511,35 @@ class SlotClient {
       if (done) break;
       // The server shut down with this request still queued, or died.
       if (slots_->closed() && slots_->withdraw(s)) {
+        pending.open = false;
         slots_->release(s);
         raise_unservable(SlotWait::kClosed);
       }
       if (slots_->server_dead()) {
         if (slots_->finished(s)) break;
-        if (slots_->give_up(s) != SlotHeader::kAbandoned) slots_->release(s);
+        leave(pending);
         raise_unservable(SlotWait::kServerDead);
       }
       const bool expired = now >= deadline;
       const bool interrupted = !expired && PyErr_CheckSignals() != 0;
       if (!expired && !interrupted) continue;
-      if (keep_on_timeout && !interrupted)
-        raise_timeout("no result within the timeout; the request is still in flight");
-      const SlotHeader::State left = slots_->give_up(s);
-      if (left == SlotHeader::kDone || left == SlotHeader::kFailed) {
-        if (!interrupted) break;  // the result won the race with the timeout
-        slots_->release(s);
-        throw py::error_already_set();
+      if (keep_on_timeout) {
+        if (interrupted) throw py::error_already_set();  // still in flight: ask again
+        return py::none();
       }
-      if (left == SlotHeader::kIdle) slots_->release(s);
+      if (slots_->finished(s) && !interrupted) break;  // the result won the race
+      const SlotHeader::State left = slots_->give_up(s);
+      if ((left == SlotHeader::kDone || left == SlotHeader::kFailed) && !interrupted) break;
+      pending.open = false;
+      if (left != SlotHeader::kAbandoned) slots_->release(s);
       if (interrupted) throw py::error_already_set();
-      raise_timeout(left == SlotHeader::kIdle
-                        ? "no result within the timeout; the request was "
-                          "withdrawn before it was batched"
-                        : "no result within the timeout; the request was "
-                          "already being served and its result is discarded");
+      raise_result_timeout(left == SlotHeader::kIdle
+                               ? "no result within the timeout; the request was "
+                                 "withdrawn before it was batched"
+                               : "no result within the timeout; the request was "
+                                 "already being served and its result is discarded");
     }
+    pending.open = false;
     return read_outcome(s);
   }
 
@@ -1499,8 +1559,18 @@ class SlotClient {
         if (e == nullptr) PyErr_Clear();
         exc = py::reinterpret_steal<py::object>(e);
       }
-      if (!exc) exc = py::reinterpret_steal<py::object>(new_runtime_error(
-                    "the server failed this request (its exception could not be sent)"));
+      if (!exc) {  // not picklable there, or not unpicklable here: its text
+        const char* text = reinterpret_cast<const char*>(slots_->error_area(s)) + slot.error_len;
+        PyObject* message = PyUnicode_DecodeUTF8(text, slot.error_text_len, "replace");
+        if (message == nullptr) throw py::error_already_set();
+        PyObject* prefixed = PyUnicode_FromFormat("the server raised %U", message);
+        Py_DECREF(message);
+        if (prefixed == nullptr) throw py::error_already_set();
+        exc = py::reinterpret_steal<py::object>(
+            PyObject_CallOneArg(PyExc_RuntimeError, prefixed));
+        Py_DECREF(prefixed);
+        if (!exc) throw py::error_already_set();
+      }
       set_error_from(exc.ptr());
       throw py::error_already_set();
     }
@@ -1537,6 +1607,18 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<QueueClosedError>(m, "ServerClosedError", PyExc_RuntimeError);
   py::register_exception<QueueFullError>(
       m, "QueueFull", py::module_::import("queue").attr("Full"));
+
+  {
+    py::tuple bases = py::make_tuple(py::handle(PyExc_TimeoutError),
+                                     py::module_::import("queue").attr("Empty"));
+    g_result_timeout = PyErr_NewExceptionWithDoc(
+        "batchserve._core.ResultTimeout",
+        "A SharedMemoryTransport request ran out of time: a TimeoutError, and the "
+        "queue.Empty torchrl's shared-memory client raises.",
+        bases.ptr(), nullptr);
+    if (g_result_timeout == nullptr) throw py::error_already_set();
+    m.add_object("ResultTimeout", py::handle(g_result_timeout));
+  }
 
   m.def("monotonic_ns", &monotonic_ns,
         "Nanoseconds on the clock the core stamps requests with "
@@ -1645,7 +1727,11 @@ PYBIND11_MODULE(_core, m) {
            py::arg("normalise"))
       .def("call", &SlotClient::call, py::arg("item"), py::arg("timeout") = py::none())
       .def("submit", &SlotClient::submit, py::arg("item"), py::arg("timeout") = py::none())
-      .def("result", &SlotClient::result, py::arg("slot"), py::arg("timeout") = py::none())
-      .def("done", &SlotClient::done, py::arg("slot"))
-      .def("cancel", &SlotClient::cancel, py::arg("slot"));
+      .def("result", &SlotClient::result, py::arg("pending"), py::arg("timeout") = py::none())
+      .def("done", &SlotClient::done, py::arg("pending"))
+      .def("cancel", &SlotClient::cancel, py::arg("pending"));
+
+  py::class_<PendingSlot>(m, "PendingSlot")
+      .def_readonly("slot", &PendingSlot::slot)
+      .def_readonly("open", &PendingSlot::open);
 }

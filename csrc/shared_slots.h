@@ -153,7 +153,8 @@ struct alignas(64) SlotHeader {
   std::atomic<uint32_t> state;
   std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
   int64_t submit_ns;
-  uint32_t error_len;
+  uint32_t error_len;                 // pickled exception: error area [0, error_len)
+  uint32_t error_text_len;            // its text, after it (for a client that cannot unpickle it)
   EventCount done{true};              // the owner waits here for its result
 };
 
@@ -207,7 +208,7 @@ class SharedSlots {
       ::shm_unlink(name.c_str());
       throw;
     }
-    out->created_ = true;
+    out->creator_pid_ = static_cast<uint32_t>(::getpid());
     // ftruncate zero-fills: every atomic starts at 0. Construct the objects
     // that need more than zeros, then publish the layout with the magic.
     auto* h = new (out->base_) SegmentHeader();
@@ -260,9 +261,10 @@ class SharedSlots {
   SharedSlots(const SharedSlots&) = delete;
   SharedSlots& operator=(const SharedSlots&) = delete;
 
-  // Removes the name (creator only; idempotent). Mappings stay valid.
+  // Removes the name (the creating process only: a forked child's copy of
+  // this object must not; idempotent). Mappings stay valid.
   bool unlink() {
-    if (!created_ || unlinked_) return false;
+    if (creator_pid_ != static_cast<uint32_t>(::getpid()) || unlinked_) return false;
     unlinked_ = true;
     return ::shm_unlink(name_.c_str()) == 0;
   }
@@ -302,9 +304,14 @@ class SharedSlots {
   }
   uint32_t server_pid() const { return header()->server_pid.load(std::memory_order_acquire); }
 
-  // Server: this process serves from now on; clients may submit.
+  // Server: this process serves from now on; clients may submit. When the
+  // previous server's process died, what it held is recovered first: the
+  // requests it was serving are queued again (their rows are intact) and
+  // the slots whose clients gave up on them are freed.
   void open_for(const ProcessIdentity& server) {
     SegmentHeader* h = header();
+    const uint32_t previous = h->server_pid.load(std::memory_order_acquire);
+    if (previous != 0 && previous != server.pid && server_dead()) recover_from_dead_server();
     h->server_start.store(server.start, std::memory_order_release);
     h->server_pid.store(server.pid, std::memory_order_release);
     h->closed.store(0, std::memory_order_seq_cst);
@@ -361,6 +368,7 @@ class SharedSlots {
     SlotHeader& sl = slots_[s];
     sl.submit_ns = submit_ns;
     sl.error_len = 0;
+    sl.error_text_len = 0;
     sl.state.store(SlotHeader::kQueued, std::memory_order_release);
     ready_word(s).fetch_or(bit(s), std::memory_order_seq_cst);
     header()->work.notify_all();
@@ -483,10 +491,31 @@ class SharedSlots {
           st == SlotHeader::kTaken || st == SlotHeader::kAbandoned ||
           (st == SlotHeader::kQueued && queued);
       if (held_by_server) continue;  // served as usual, freed at a later reap
+      // Take the slot from exactly the owner judged dead (it may have been
+      // released and claimed by a live process meanwhile), marking it so no
+      // claimer gets it before its state is reset.
+      uint32_t expected = owner;
+      if (!sl.owner.compare_exchange_strong(expected, kReaping, std::memory_order_acq_rel))
+        continue;
       free_slot(s);
       ++freed;
     }
     return freed;
+  }
+
+  // Slots a dead server held: kTaken → queued again, kAbandoned → freed.
+  // Only before this process serves (no take runs concurrently).
+  void recover_from_dead_server() {
+    for (uint32_t s = 0; s < n_; ++s) {
+      SlotHeader& sl = slots_[s];
+      uint32_t st = sl.state.load(std::memory_order_acquire);
+      if (st == SlotHeader::kTaken &&
+          sl.state.compare_exchange_strong(st, SlotHeader::kQueued, std::memory_order_acq_rel)) {
+        ready_word(s).fetch_or(bit(s), std::memory_order_seq_cst);
+      } else if (st == SlotHeader::kAbandoned) {
+        free_slot(s);
+      }
+    }
   }
 
   size_t owned_slots() const {
@@ -510,6 +539,7 @@ class SharedSlots {
     ready_ = reinterpret_cast<std::atomic<uint64_t>*>(base_ + header()->ready_offset);
   }
 
+  static constexpr uint32_t kReaping = 0xFFFFFFFFu;  // never a pid (pid_max < 2^22)
   static size_t ready_words(uint32_t n) { return (n + 63) / 64; }
   static uint64_t bit(uint32_t s) { return uint64_t{1} << (s % 64); }
   std::atomic<uint64_t>& ready_word(uint32_t s) const { return ready_[s / 64]; }
@@ -529,7 +559,7 @@ class SharedSlots {
   SlotHeader* slots_ = nullptr;
   std::atomic<uint64_t>* ready_ = nullptr;
   uint32_t cursor_ = 0;  // the taker's round-robin position (taker only)
-  bool created_ = false;
+  uint32_t creator_pid_ = 0;  // 0: attached, not created
   bool unlinked_ = false;
 };
 

@@ -473,6 +473,7 @@ def test_request_spec_needs_a_batchserve_transport():
     [
         (TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2]), "one request"),
         (TensorDict({"x": {"y": torch.zeros(1)}}), "flat tensor leaves"),
+        (TensorDict({"x": torch.zeros(1, device="meta")}), "CPU tensors"),
         (TensorDict({}), "1 to 8"),
         (TensorDict({f"k{i}": torch.zeros(1) for i in range(9)}), "1 to 8"),
     ],

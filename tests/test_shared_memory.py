@@ -203,7 +203,7 @@ def test_futures_block_when_full_and_time_out_like_torchrl():
 def test_timeouts_withdraw_or_abandon_and_keep_no_slot():
     transport = make_transport(num_slots=2)
     client = transport.client()
-    with pytest.raises(TimeoutError, match="withdrawn"):
+    with pytest.raises(queue.Empty, match="withdrawn"):  # as torchrl's; also a TimeoutError
         client(request(1), timeout=0.05)  # no server: never taken
     model = BlockingModel()
 
@@ -221,6 +221,31 @@ def test_timeouts_withdraw_or_abandon_and_keep_no_slot():
         while transport._segment.owned_slots and time.monotonic() < deadline:
             time.sleep(0.01)
         assert transport._segment.owned_slots == 0  # the abandoned slot came back
+
+
+def test_future_outcomes_are_the_servers_and_cancel_keeps_an_answer():
+    transport = make_transport(num_slots=2)
+    client = transport.client()
+
+    def times_out(td):
+        if td["id"][0].item() == 1:
+            raise TimeoutError("the model's backend timed out")
+        return double_model(td)
+
+    with InferenceServer(times_out, transport, max_batch_size=1):
+        first = client.submit(request(1))
+        with pytest.raises(TimeoutError, match="backend") as info:
+            first.result(timeout=30)
+        assert not isinstance(info.value, queue.Empty)  # the server's, not a wait's
+        assert first.done()
+        second = client.submit(request(2))
+        check(second.result(timeout=30), 2)  # not another request's result
+        assert not second.cancel()  # answered: cancel leaves the result
+        check(second.result(), 2)
+    transport2 = make_transport(num_slots=1)
+    pending = transport2.client().submit(request(3))  # no server
+    assert pending.cancel() and pending.cancelled()
+    assert transport2._segment.owned_slots == 0
 
 
 def test_dropped_future_gives_its_slot_back():
@@ -247,6 +272,74 @@ def test_model_errors_reach_the_caller_and_serving_goes_on():
         with pytest.raises(ValueError, match="boom"):
             client(request(1))
         check(client(request(2)), 2)
+
+
+class LocalOnlyError(Exception):
+    """Pickles, but its __init__ needs two arguments: it does not unpickle."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"error {code}: {detail}")
+
+
+@pytest.mark.parametrize(
+    "exc, text",
+    [
+        (LocalOnlyError(503, "the backend fell over"), "error 503"),
+        (ValueError("€" * 1000), "€€€"),  # larger than the error area, not ASCII
+    ],
+    ids=["does-not-unpickle", "too-large"],
+)
+def test_exceptions_that_cannot_cross_arrive_as_their_text(exc, text):
+    transport = make_transport()
+    client = transport.client()
+
+    def raises(td):
+        raise exc
+
+    with InferenceServer(raises, transport, max_batch_size=8):
+        with pytest.raises(RuntimeError, match=f"the server raised .*{text}"):
+            client(request(1))
+
+
+def test_a_ticket_outlives_its_transport():
+    transport = make_transport()
+    future = transport.client().submit(request(4))
+    _, callbacks = transport.drain(8)
+    del transport
+    import gc
+
+    gc.collect()
+    callbacks[0].set_result(double_model(request(4).unsqueeze(0))[0].set(
+        "policy_version", torch.tensor(0)))
+    check(future.result(timeout=30), 4)
+
+
+def test_shutdown_during_the_hand_back_fails_cleanly():
+    """A shutdown whose timeout ends while the worker copies results into
+    the slots (the GIL released) ends each request once, without a crash."""
+    big = TensorDict({"action": torch.zeros(2_000_000), "id": torch.zeros((), dtype=torch.long),
+                      "policy_version": torch.zeros((), dtype=torch.long)})
+    transport = SharedMemoryTransport(request_spec(), big, num_slots=4)
+    client = transport.client()
+
+    def slow_big(td):
+        time.sleep(0.3)
+        n = td.batch_size[0]
+        return TensorDict({"action": torch.ones(n, 2_000_000), "id": td["id"].clone()},
+                          batch_size=td.batch_size)
+
+    for shutdown_after in (0.28, 0.3, 0.32):
+        server = InferenceServer(slow_big, transport, max_batch_size=4).start()
+        futures = [client.submit(request(i)) for i in range(4)]
+        time.sleep(0.05)
+        server.shutdown(timeout=shutdown_after)
+        for f in futures:
+            try:
+                assert f.result(timeout=30)["id"].item() in range(4)
+            except ServerClosedError:
+                pass
+        server.shutdown(timeout=None)
+    assert transport._segment.owned_slots == 0
 
 
 def test_a_missing_response_key_fails_the_request_with_its_name():
@@ -314,7 +407,7 @@ def test_specs_are_validated_like_torchrl():
     with pytest.raises(TypeError, match="tensor leaves"):
         SharedMemoryTransport(TensorDict({"x": torch.zeros(1), "s": "text"}), response_spec(),
                               num_slots=2)
-    with pytest.raises(ValueError, match="flat keys"):
+    with pytest.raises(ValueError, match="flat tensor leaves"):
         SharedMemoryTransport(TensorDict({"a": {"b": torch.zeros(1)}}), response_spec(),
                               num_slots=2)
     with pytest.raises(ValueError, match="CPU"):
@@ -374,6 +467,22 @@ def test_echo_across_processes(method, forkserver):
     with InferenceServer(double_model, transport, max_batch_size=8, timeout=0.001):
         run_actors(ctx, transport, processes=2 if method == "spawn" else 3, per_actor=100)
     assert transport._segment.owned_slots == 0
+
+
+def exit_after_one_call(client) -> None:
+    client(request(1))
+
+
+def test_a_forked_child_leaves_the_segment_in_place():
+    transport = make_transport()
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        child = mp.get_context("fork").Process(target=exit_after_one_call,
+                                               args=(transport.client(),))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert os.path.exists(segment_path(transport))  # only the creator removes it
+        check(transport.client()(request(2)), 2)
 
 
 def test_torch_multiprocessing_children():
@@ -448,6 +557,10 @@ def test_dead_server_process_unblocks_clients_promptly(forkserver):
         assert "is gone" in str(errors[0])
         with pytest.raises(ServerClosedError, match="is gone"):
             client(request(2), timeout=30)  # later calls too
+        # A new server recovers what the dead one held and serves again.
+        with InferenceServer(double_model, transport, max_batch_size=8):
+            check(client(request(3), timeout=30), 3)
+        assert transport._segment.owned_slots == 0
     finally:
         server.kill()
         server.join(30)

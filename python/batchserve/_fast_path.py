@@ -90,43 +90,70 @@ def schema_of(td) -> RequestSchema | None:
     return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes), td.device)
 
 
+def spec_leaves(spec, argname: str, max_leaves: int | None = None):
+    """The keys, dtypes, shapes and TensorDict device (None or the CPU) of a
+    spec: a TensorDict describing one request or response, with flat keys
+    and 1 to ``max_leaves`` CPU tensor leaves.
+
+    Raises:
+        TypeError: not a TensorDict, or a leaf that is not a tensor.
+        ValueError: a batch size, nested keys, a non-CPU leaf, an unsupported
+            dtype, no leaves or too many.
+    """
+    if not isinstance(spec, TensorDictBase):
+        raise TypeError(
+            f"{argname} must be a TensorDict (a representative single item); got "
+            f"{type(spec).__name__}."
+        )
+    if spec.batch_dims != 0:
+        raise ValueError(
+            f"{argname} must describe one request (batch size []); got {list(spec.batch_size)}."
+        )
+    keys, dtypes, shapes = [], [], []
+    for key in spec.keys():
+        value = spec.get(key)
+        if isinstance(value, TensorDictBase):
+            raise ValueError(
+                f"{argname} key {key!r}: only flat tensor leaves are supported; it holds a "
+                "nested TensorDict (flatten it, e.g. with flatten_keys())."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{argname} key {key!r}: only tensor leaves are supported; got "
+                f"{type(value).__name__}. Encode small metadata as tensors."
+            )
+        if value.device.type != "cpu":
+            raise ValueError(
+                f"{argname} key {key!r} is a {value.device} tensor; requests and results "
+                "travel as CPU tensors (the server moves batches to its device)."
+            )
+        if value.dtype.is_complex or value.is_quantized:
+            raise ValueError(f"{argname} key {key!r}: dtype {value.dtype} is not supported.")
+        keys.append(key)
+        dtypes.append(value.dtype)
+        shapes.append(value.shape)
+    if max_leaves is not None and not 1 <= len(keys) <= max_leaves:
+        raise ValueError(f"{argname} must have 1 to {max_leaves} tensor leaves; got {len(keys)}.")
+    if not keys:
+        raise ValueError(f"{argname} must contain at least one tensor leaf.")
+    device = spec.device if spec.device is not None and spec.device.type == "cpu" else None
+    return tuple(keys), tuple(dtypes), tuple(shapes), device
+
+
 def schema_from_spec(spec) -> RequestSchema:
     """The strict schema of ``request_spec`` (a representative single request).
 
     Raises:
-        ValueError: the spec cannot describe fast-path requests (nested keys,
-            non-tensor entries, a batch size, too many leaves).
+        TypeError, ValueError: the spec cannot describe fast-path requests
+            (see :func:`spec_leaves`), or declares torchrl's interaction type.
     """
-    if not isinstance(spec, TensorDictBase):
-        raise TypeError(
-            f"request_spec must be a TensorDict (a representative request); got {type(spec).__name__}."
-        )
-    if spec.batch_dims != 0:
+    if isinstance(spec, TensorDictBase) and INTERACTION_TYPE_KEY in spec.keys():
         raise ValueError(
-            f"request_spec must describe one request (batch size []); got {list(spec.batch_size)}."
+            f"request_spec must not declare {INTERACTION_TYPE_KEY!r}: torchrl's "
+            "PolicyClientModule adds it per request, and such requests take the "
+            "general path, which honours it."
         )
-    keys, dtypes, shapes = [], [], []
-    for key, value in spec.items():
-        if key == INTERACTION_TYPE_KEY:
-            raise ValueError(
-                f"request_spec must not declare {INTERACTION_TYPE_KEY!r}: torchrl's "
-                "PolicyClientModule adds it per request, and such requests take the "
-                "general path, which honours it."
-            )
-        if not isinstance(value, torch.Tensor) or isinstance(value, TensorDictBase):
-            raise ValueError(
-                f"request_spec key {key!r}: the fast path takes flat tensor leaves; "
-                f"got {type(value).__name__}."
-            )
-        if value.dtype.is_complex or value.is_quantized:
-            raise ValueError(f"request_spec key {key!r}: dtype {value.dtype} is not supported.")
-        keys.append(key)
-        dtypes.append(value.dtype)
-        shapes.append(value.shape)
-    if not keys or len(keys) > MAX_LEAVES:
-        raise ValueError(f"request_spec must have 1 to {MAX_LEAVES} tensor leaves; got {len(keys)}.")
-    device = spec.device if spec.device is not None and spec.device.type == "cpu" else None
-    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes), device)
+    return RequestSchema(*spec_leaves(spec, "request_spec", MAX_LEAVES))
 
 
 class StagingBuffer:

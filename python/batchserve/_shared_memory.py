@@ -30,11 +30,11 @@ name from ``/dev/shm`` (processes that mapped it keep their mapping).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import multiprocessing as mp
 import os
-import queue
 import secrets
 import threading
 import weakref
@@ -45,7 +45,7 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._fast_path import MAX_LEAVES, RequestSchema
+from batchserve._fast_path import MAX_LEAVES, RequestSchema, spec_leaves
 from batchserve._native import NativeTransport
 
 # Bytes per slot for a pickled exception (longer ones are sent as their text).
@@ -54,10 +54,9 @@ _RESOURCE_TYPE = "shared_memory"  # multiprocessing's resource tracker unlinks l
 _names = itertools.count()
 
 
-class ResultTimeout(TimeoutError, queue.Empty):
-    """``SharedMemoryFuture.result(timeout)`` ran out of time; the request
-    stays in flight. Both a :class:`TimeoutError` and the
-    :class:`queue.Empty` torchrl's future raises."""
+ResultTimeout = _core.ResultTimeout
+"""A request through a :class:`SharedMemoryTransport` ran out of time: both a
+:class:`TimeoutError` and the :class:`queue.Empty` torchrl's client raises."""
 
 
 @dataclass(frozen=True)
@@ -71,44 +70,7 @@ class SlotSpec:
 
     @classmethod
     def of(cls, spec, argname: str, max_leaves: int | None = None) -> SlotSpec:
-        if not isinstance(spec, TensorDictBase):
-            raise TypeError(
-                f"{argname} must be a TensorDict (a representative single "
-                f"{argname.split('_')[0]}); got {type(spec).__name__}."
-            )
-        if spec.batch_dims != 0:
-            raise ValueError(
-                f"{argname} must describe one request (batch size []); got {list(spec.batch_size)}."
-            )
-        keys, dtypes, shapes = [], [], []
-        for key in spec.keys():
-            value = spec.get(key)
-            if isinstance(value, TensorDictBase):
-                raise ValueError(
-                    f"SharedMemoryTransport {argname} must have flat keys; {key!r} holds a "
-                    "nested TensorDict (flatten it, e.g. with flatten_keys())."
-                )
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"SharedMemoryTransport specs only support tensor leaves; {argname} has a "
-                    f"{type(value).__name__} at key {key!r}. Encode small metadata as tensors."
-                )
-            if value.device.type != "cpu":
-                raise ValueError(
-                    f"SharedMemoryTransport slots live in CPU shared memory; {argname} has a "
-                    f"{value.device} tensor at key {key!r}."
-                )
-            if value.dtype.is_complex or value.is_quantized:
-                raise ValueError(f"{argname} key {key!r}: dtype {value.dtype} is not supported.")
-            keys.append(key)
-            dtypes.append(value.dtype)
-            shapes.append(value.shape)
-        if not keys:
-            raise ValueError(f"{argname} must contain at least one tensor leaf.")
-        if max_leaves is not None and len(keys) > max_leaves:
-            raise ValueError(f"{argname} may have at most {max_leaves} leaves; got {len(keys)}.")
-        device = spec.device if spec.device is not None and spec.device.type == "cpu" else None
-        return cls(tuple(keys), tuple(dtypes), tuple(shapes), device)
+        return cls(*spec_leaves(spec, argname, max_leaves))
 
     @property
     def leaf_bytes(self) -> list[int]:
@@ -201,18 +163,19 @@ class SharedMemoryFuture:
     A future dropped unread gives its slot back.
     """
 
-    __slots__ = ("_client", "_slot", "_outcome", "_is_error", "_settled", "__weakref__")
+    __slots__ = ("_client", "_pending", "_outcome", "_is_error", "_settled", "_cancelled")
 
-    def __init__(self, client: SharedMemoryClient, slot: int):
+    def __init__(self, client: SharedMemoryClient, pending):
         self._client = client
-        self._slot = slot
+        self._pending = pending  # owns the slot until the result is read
         self._outcome = None
         self._is_error = False
         self._settled = False
+        self._cancelled = False
 
     def done(self) -> bool:
         """Whether ``result()`` returns without waiting."""
-        return self._settled or self._client._core.done(self._slot)
+        return self._settled or self._client._core.done(self._pending)
 
     def result(self, timeout: float | None = None):
         """The result, or raises the server's exception."""
@@ -227,31 +190,31 @@ class SharedMemoryFuture:
         return self._outcome if self._is_error else None
 
     def cancel(self) -> bool:
-        """Withdraws the request if the server has not taken it yet."""
-        if self._settled:
+        """Withdraws the request if the server has not taken it yet; a request
+        being served or answered is left as it is (False)."""
+        if self._settled or not self._client._core.cancel(self._pending):
             return False
-        withdrawn = self._client._core.cancel(self._slot)
-        self._settled, self._is_error = True, True
-        self._outcome = _core.ServerClosedError("the request was cancelled")
-        return withdrawn
+        self._settled = self._is_error = self._cancelled = True
+        self._outcome = concurrent.futures.CancelledError()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     def _settle(self, timeout) -> None:
         if self._settled:
             return
         try:
-            self._outcome = self._client._core.result(self._slot, timeout)
-        except TimeoutError as exc:
-            raise ResultTimeout(str(exc)) from None
+            outcome = self._client._core.result(self._pending, timeout)
+        except (KeyboardInterrupt, SystemExit):
+            raise  # the caller's signal, not the request's outcome
         except BaseException as exc:  # the server's exception, or closed / dead
             self._outcome, self._is_error = exc, True
+        else:
+            if outcome is None:
+                raise ResultTimeout("no result within the timeout; the request is still in flight")
+            self._outcome = outcome
         self._settled = True
-
-    def __del__(self):
-        if not getattr(self, "_settled", True):
-            try:
-                self._client._core.cancel(self._slot)
-            except Exception:
-                pass
 
 
 class SharedMemoryClient:
@@ -310,7 +273,9 @@ class SharedMemoryClient:
         Raises:
             KeyError: ``td`` lacks a key of ``request_spec`` (no slot used).
             ValueError: a leaf of another dtype or shape, or not on the CPU.
-            TimeoutError: no result within ``timeout`` seconds.
+            ResultTimeout: no result within ``timeout`` seconds (a
+                ``TimeoutError`` and a ``queue.Empty``); the request was
+                withdrawn, or its result will be discarded.
             ServerClosedError: the server shut down or its process died.
         """
         return self._core.call(td, timeout)

@@ -274,6 +274,51 @@ TEST(SharedSlots, ClientsSeeADeadServer) {
   ::waitpid(server, nullptr, 0);
 }
 
+TEST(SharedSlots, ANewServerRecoversWhatADeadServerHeld) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  int a = -1, b = -1;
+  ASSERT_EQ(slots.claim(0, 0, a), SlotWait::kOk);
+  ASSERT_EQ(slots.claim(1, 0, b), SlotWait::kOk);
+  ASSERT_EQ(slots.submit(static_cast<uint32_t>(a), monotonic_ns()), SlotWait::kOk);
+  ASSERT_EQ(slots.submit(static_cast<uint32_t>(b), monotonic_ns()), SlotWait::kOk);
+  // A server process takes both and dies serving them; the client of b
+  // gives up meanwhile.
+  const pid_t server = fork_child([&] {
+    seg.slots->open_for(batchserve::self_identity());
+    std::vector<uint32_t> taken;
+    seg.slots->take(taken, 8);
+  });
+  poll_until([&] { return slots.slot(static_cast<uint32_t>(b)).state.load() == SlotHeader::kTaken &&
+                          slots.slot(static_cast<uint32_t>(a)).state.load() == SlotHeader::kTaken; });
+  ::kill(server, SIGKILL);
+  poll_until([&] { return slots.server_dead(); });
+  EXPECT_EQ(slots.give_up(static_cast<uint32_t>(b)), SlotHeader::kAbandoned);
+  slots.open_for(batchserve::self_identity());
+  EXPECT_EQ(slots.ready_count(), 1u);  // a's request, queued again with its rows
+  EXPECT_EQ(slots.slot(static_cast<uint32_t>(b)).owner.load(), 0u);  // b's slot freed
+  std::vector<uint32_t> taken;
+  ASSERT_EQ(slots.take(taken, 8), 1u);
+  EXPECT_EQ(taken[0], static_cast<uint32_t>(a));
+  ::waitpid(server, nullptr, 0);
+}
+
+TEST(SharedSlots, ReapingTakesTheSlotOnlyFromTheDeadOwner) {
+  Segment seg(1);
+  SharedSlots& slots = *seg.slots;
+  // A slot owned by a dead pid, then released and claimed by a live process
+  // between the reaper's checks: the owner CAS keeps the live claim.
+  const pid_t dead = fork_child([] {});
+  ::kill(dead, SIGKILL);
+  ::waitpid(dead, nullptr, 0);
+  slots.slot(0).owner.store(static_cast<uint32_t>(dead));
+  EXPECT_EQ(slots.reap_dead_owners(), 1u);
+  int s = -1;
+  ASSERT_EQ(slots.claim(0, 0, s), SlotWait::kOk);
+  EXPECT_EQ(slots.reap_dead_owners(), 0u);  // alive: kept
+  EXPECT_EQ(slots.slot(0).owner.load(), static_cast<uint32_t>(::getpid()));
+}
+
 TEST(SlotIntake, FeedsARequestQueueAndItsBatchingPolicy) {
   Segment seg(16);
   SharedSlots& slots = *seg.slots;
