@@ -1,10 +1,11 @@
 """Where the server's time goes, per batch: a per-stage timing breakdown.
 
-    python benchmarks/stage_breakdown.py [--actors 1,8,32] [--seconds 2]
+    python benchmarks/stage_breakdown.py [--actors 1,8,32] [--seconds 2] [--processes]
 
 Runs the harness's MLP workload (obs float32[64], 64->256->8) with actor
-threads calling a batchserve server, and times the server loop's stages by
-wrapping them (so each figure includes a little timing overhead):
+threads calling a batchserve server (or, with ``--processes``, actor
+processes through a SharedMemoryTransport), and times the server loop's
+stages by wrapping them (so each figure includes a little timing overhead):
 
 * ``wait``: ``collect()`` from the call to its return: waking the previous
   batch's callers, waiting for requests (the batching policy) and taking the
@@ -12,7 +13,8 @@ wrapping them (so each figure includes a little timing overhead):
 * ``gather``: copying fast-path rows into staging;
 * ``model``: the forward itself (torch releases and retakes the GIL around
   each op, so callers holding it stretch this too);
-* ``hand-back``: output columns and one TensorDict per request;
+* ``hand-back``: output columns and one TensorDict per request (for
+  processes: the copy into the response slots and the wake-ups);
 * ``other``: the rest of the loop (stats, prefetch, checks).
 
 It is a diagnostic for the figures in the README, not a benchmark: compare
@@ -22,6 +24,7 @@ systems with ``batchserve-bench``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import threading
 import time
 
@@ -30,7 +33,7 @@ import torch.nn as nn
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
-from batchserve import InferenceServer, ThreadingTransport
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from batchserve import _batch_source, _fast_path, _server
 
 _clock = time.perf_counter_ns
@@ -60,34 +63,60 @@ class Timings:
         self.batches = 0
 
 
-def run(actors: int, seconds: float, timings: Timings) -> None:
+def _process_actor(client, counts, index: int, stop) -> None:
+    observation = torch.randn(64)
+    while not stop.is_set():
+        client(TensorDict({"observation": observation}))
+        counts[index] += 1
+
+
+def run(actors: int, seconds: float, timings: Timings, processes: bool, threads: int) -> None:
     policy = TensorDictModule(
         nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 8)),
         in_keys=["observation"],
         out_keys=["action"],
     )
+    configured = threading.local()
 
     def model(td):
+        if not getattr(configured, "done", False):  # torch's setting is per thread
+            torch.set_num_threads(threads)
+            configured.done = True
         t0 = _clock()
         out = policy(td)
         timings.ns["model"] += _clock() - t0
         return out
 
-    transport = ThreadingTransport()
+    if processes:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "tensordict", "batchserve"])
+        transport = SharedMemoryTransport(
+            TensorDict({"observation": torch.zeros(64)}),
+            TensorDict({"action": torch.zeros(8), "policy_version": torch.zeros((), dtype=torch.long)}),
+            num_slots=max(64, 2 * actors),
+        )
+        stop, counts = ctx.Event(), ctx.Array("q", actors, lock=False)
+        threads_or_processes = [
+            ctx.Process(target=_process_actor, args=(transport.client(), counts, i, stop))
+            for i in range(actors)
+        ]
+    else:
+        transport = ThreadingTransport()
+        stop, counts = threading.Event(), [0] * actors
+        observation = torch.randn(64)
+
+        def actor(i: int) -> None:
+            client = transport.client()
+            while not stop.is_set():
+                client(TensorDict({"observation": observation}))
+                counts[i] += 1
+
+        threads_or_processes = [threading.Thread(target=actor, args=(i,)) for i in range(actors)]
     server = InferenceServer(model, transport, max_batch_size=64, timeout=0.001).start()
-    stop = threading.Event()
-    counts = [0] * actors
-    observation = torch.randn(64)
-
-    def actor(i: int) -> None:
-        client = transport.client()
-        while not stop.is_set():
-            client(TensorDict({"observation": observation}))
-            counts[i] += 1
-
-    threads = [threading.Thread(target=actor, args=(i,)) for i in range(actors)]
-    for t in threads:
+    for t in threads_or_processes:
         t.start()
+    while sum(counts) < 1000:  # every actor is up (processes take a while)
+        time.sleep(0.05)
     time.sleep(0.5)
     timings.reset()
     done0, t0 = sum(counts), _clock()
@@ -96,7 +125,7 @@ def run(actors: int, seconds: float, timings: Timings) -> None:
     snapshot = dict(timings.ns)
     batches = max(timings.batches, 1)
     stop.set()
-    for t in threads:
+    for t in threads_or_processes:
         t.join()
     server.shutdown()
     other = snapshot["serve"] - snapshot["gather"] - snapshot["model"] - snapshot["hand-back"]
@@ -118,7 +147,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--torch-threads", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=2,
+                        help="intra-op threads, in the main and the server's thread")
+    parser.add_argument("--processes", action="store_true",
+                        help="actor processes through a SharedMemoryTransport")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     timings = Timings()
@@ -127,7 +159,7 @@ def main() -> None:
     timings.wrap(_fast_path.FastPath, "gather", "gather")
     timings.wrap(_fast_path.FastPath, "hand_back", "hand-back")
     for actors in (int(a) for a in args.actors.split(",")):
-        run(actors, args.seconds, timings)
+        run(actors, args.seconds, timings, args.processes, args.torch_threads)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,42 @@ struct QueueFullError : std::runtime_error {
 // A blocking caller re-checks for Python signals (Ctrl-C) this often.
 constexpr int64_t kSignalCheckNs = 200'000'000;
 
+// The main thread's identity (PyThread_get_thread_ident), set at import.
+unsigned long g_main_thread = 0;
+
+// Releases the GIL for a scope, like py::gil_scoped_release, but safe in a
+// daemon thread still inside the scope when the interpreter exits (a server
+// worker past its shutdown timeout, a client thread waiting): CPython ends
+// such a thread when it retakes the GIL, with pthread_exit, whose forced
+// unwinding out of a (noexcept) destructor is std::terminate. Such a thread
+// parks instead, without the GIL, until the process is gone. The main
+// thread, which runs the finalization, retakes the GIL as usual.
+class GilRelease {
+ public:
+  GilRelease() : state_(PyEval_SaveThread()) {}
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+  ~GilRelease() {
+    if (PyThread_get_thread_ident() != g_main_thread)
+      while (interpreter_finalizing()) ::pause();
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (...) {  // the forced unwind of pthread_exit: finalization began meanwhile
+      for (;;) ::pause();  // never leaves the handler, so the unwind never completes
+    }
+  }
+
+ private:
+  static bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing() != 0;
+#else
+    return _Py_IsFinalizing() != 0;
+#endif
+  }
+  PyThreadState* state_;
+};
+
 [[noreturn]] void raise_timeout(const std::string& message) {
   PyErr_SetString(PyExc_TimeoutError, message.c_str());
   throw py::error_already_set();
@@ -438,10 +474,12 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
   }
 
   // The fast path's hand-back: row i of each column goes to the response
-  // rows of slots[i] (copied with the GIL released), matching columns to
-  // response_spec by key; output keys it does not declare are dropped.
-  // Raises when a declared key is missing or its column does not fit. Ends
-  // no request: the caller does (finish), if they are still its to end.
+  // rows of slots[i], matching columns to response_spec by key; output keys
+  // it does not declare are dropped. Then each request ends (kDone) and its
+  // client is woken: all in one stretch without the GIL. A shutdown that
+  // fails these requests meanwhile (with the GIL) races only on each slot's
+  // state CAS, so each ends once. Raises, ending nothing, when a declared
+  // key is missing or its column does not fit.
   void scatter(const std::vector<uint32_t>& slots_of_rows, const std::vector<py::object>& keys,
                const std::vector<py::object>& columns) {
     const Py_ssize_t n = static_cast<Py_ssize_t>(slots_of_rows.size());
@@ -466,12 +504,14 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
       source.push_back(static_cast<const uint8_t*>(data_ptr(held.back().ptr())));
     }
     SharedSlots& sh = slots();
-    py::gil_scoped_release nogil;  // `held` keeps the columns alive meanwhile
+    GilRelease nogil;  // `held` keeps the columns alive meanwhile
     for (Py_ssize_t i = 0; i < n; ++i)
       for (size_t j = 0; j < source.size(); ++j) {
         const size_t bytes = sh.response_leaf_bytes(j);
         if (bytes != 0) std::memcpy(sh.response_row(slots_of_rows[i], j), source[j] + i * bytes, bytes);
       }
+    for (uint32_t s : slots_of_rows)
+      if (sh.finish(s, false)) sh.wake(s);
   }
 
  private:
@@ -574,7 +614,7 @@ void notify_and_release(std::vector<Wake>& to_wake) {
 
 void wake_and_release(std::vector<Wake>& to_wake) {
   if (to_wake.empty()) return;
-  py::gil_scoped_release nogil;
+  GilRelease nogil;
   notify_and_release(to_wake);
 }
 
@@ -696,7 +736,7 @@ class Batch {
     sources.reserve(snapshot.size());
     for (const RowSource& s : snapshot) sources.push_back(&s);
     {
-      py::gil_scoped_release nogil;
+      GilRelease nogil;
       gather_rows(sources, first, staging);
     }
     return rows_.size();  // a shutdown may have failed them meanwhile
@@ -741,13 +781,10 @@ class Batch {
         slots_of_rows.push_back(r.slot);
       }
       std::shared_ptr<SlotServer> server = keep_slot_server(rows_.front());
-      server->scatter(slots_of_rows, keys, columns);  // lets go of the GIL
-      if (rows_.size() != n) return;  // a shutdown failed them meanwhile: they are ended
-      std::vector<Wake> wakes;
-      for (const Request& r : take(rows_))
-        if (server->slots().finish(r.slot, false))
-          wakes.push_back(Wake{nullptr, &server->slots(), r.slot});
-      wake_and_release(wakes);  // other processes: they do not need our GIL
+      // Ends them and wakes their clients (other processes: they do not
+      // need our GIL) with the GIL released.
+      server->scatter(slots_of_rows, keys, columns);
+      if (rows_.size() == n) take(rows_);  // else a shutdown took them meanwhile
       return;
     }
     const TorchRefs& t = torch_refs();
@@ -960,7 +997,7 @@ class PyRequestQueue {
     result = queue_.push(r, 0);  // first without giving up the GIL
     while (result == PushResult::kTimedOut && monotonic_ns() < deadline) {
       {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         result = queue_.push(r, std::min(deadline, monotonic_ns() + kSignalCheckNs));
       }
       if (result == PushResult::kTimedOut && PyErr_CheckSignals() != 0) return false;
@@ -987,7 +1024,7 @@ class PyRequestQueue {
     bool done = false;
     for (;;) {
       {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         pushed = queue_.push(request, std::min(deadline, monotonic_ns() + kSignalCheckNs));
         if (pushed == PushResult::kOk) {
           const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
@@ -1010,7 +1047,7 @@ class PyRequestQueue {
     while (!done) {
       int64_t now;
       {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
         done = completion->wait_until(slice, 0);
         now = monotonic_ns();
@@ -1131,7 +1168,7 @@ class PyRequestQueue {
   }
 
   bool wait_for_work(double timeout_s) {
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     return queue_.wait_for_work(deadline_after(timeout_s));
   }
 
@@ -1175,7 +1212,7 @@ class PyRequestQueue {
     std::vector<Request> carried;  // older than anything still in the ring
     carried.swap(carried_);
     {
-      py::gil_scoped_release nogil;
+      GilRelease nogil;
       notify_and_release(to_wake);
       Prefetcher::Taken taken = finish_prefetch();
       prefetched = taken.rows.size();
@@ -1238,7 +1275,7 @@ class PyRequestQueue {
     };
     Prefetcher::Taken taken;
     {
-      py::gil_scoped_release nogil;
+      GilRelease nogil;
       taken = finish_prefetch();
     }
     for (const Request& r : taken.dropped) discard(r);
@@ -1263,7 +1300,7 @@ class PyRequestQueue {
 
   void close() {
     deferred_->flush();
-    py::gil_scoped_release nogil;
+    GilRelease nogil;
     queue_.close();
   }
   void reopen() { queue_.reopen(); }
@@ -1446,7 +1483,7 @@ class SlotClient {
     while (slot < 0) {
       SlotWait w;
       {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         w = slots_->claim(hint_.load(std::memory_order_relaxed),
                           std::min(deadline, monotonic_ns() + kCheckNs), slot);
       }
@@ -1462,7 +1499,7 @@ class SlotClient {
     hint_.store(s, std::memory_order_relaxed);
     SlotWait submitted;
     {
-      py::gil_scoped_release nogil;
+      GilRelease nogil;
       for (size_t j = 0; j < rows->count; ++j) {
         const size_t bytes = slots_->request_leaf_bytes(j);
         if (bytes != 0) std::memcpy(slots_->request_row(s, j), rows->data[j], bytes);
@@ -1504,7 +1541,7 @@ class SlotClient {
     while (!done) {
       int64_t now;
       {
-        py::gil_scoped_release nogil;
+        GilRelease nogil;
         done = slots_->wait(s, std::min(deadline, monotonic_ns() + kCheckNs));
         now = monotonic_ns();
       }
@@ -1619,6 +1656,8 @@ PYBIND11_MODULE(_core, m) {
     if (g_result_timeout == nullptr) throw py::error_already_set();
     m.add_object("ResultTimeout", py::handle(g_result_timeout));
   }
+
+  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
 
   m.def("monotonic_ns", &monotonic_ns,
         "Nanoseconds on the clock the core stamps requests with "

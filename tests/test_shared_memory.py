@@ -342,6 +342,46 @@ def test_shutdown_during_the_hand_back_fails_cleanly():
     assert transport._segment.owned_slots == 0
 
 
+EXIT_DURING_HAND_BACK = """
+import sys, threading, time, torch
+from tensordict import TensorDict
+from batchserve import InferenceServer, SharedMemoryTransport
+n, width = 16, 2 * 1024 * 1024  # 16 slots of 8 MiB results: a long GIL-free copy
+transport = SharedMemoryTransport(TensorDict({"obs": torch.zeros(4)}),
+                                  TensorDict({"big": torch.zeros(width)}), num_slots=n)
+out = torch.ones(n, width)
+entered = threading.Event()
+def model(td):
+    entered.set()
+    time.sleep(1.0)
+    return TensorDict({"big": out[: td.batch_size[0]]}, batch_size=td.batch_size)
+server = InferenceServer(model, transport, max_batch_size=n, min_batch_size=n, timeout=5).start()
+clients = [transport.client() for _ in range(n)]
+def call(client):
+    try:
+        client(TensorDict({"obs": torch.zeros(4)}), timeout=30)
+    except Exception:
+        pass
+threads = [threading.Thread(target=call, args=(c,), daemon=True) for c in clients]
+for t in threads:
+    t.start()
+entered.wait(30)
+server.shutdown(timeout=float(sys.argv[1]))  # overdue: the worker is still copying
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("shutdown_timeout", [1.01, 1.05])
+def test_the_process_exits_cleanly_with_the_worker_in_the_hand_back(shutdown_timeout):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_DURING_HAND_BACK, str(shutdown_timeout)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "exiting" in done.stdout
+
+
 def test_a_missing_response_key_fails_the_request_with_its_name():
     transport = make_transport()
     client = transport.client()

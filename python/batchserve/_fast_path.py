@@ -209,6 +209,9 @@ class FastPath:
         # What the transport hands back (None: every output key), and whether
         # gathering the next batch on a helper thread pays for the hand-off.
         self._result_keys = getattr(transport, "_result_keys", None)
+        # The transport copies each result out during the hand-back (shared
+        # memory): output columns may stay in staging until then.
+        self._copies_results = getattr(transport, "_copies_results", False)
         self._prefetch_pays = getattr(transport, "_prefetch_pays", True)
         self._schema_id = 0
         self._buffers: list[StagingBuffer] = []
@@ -334,7 +337,7 @@ class FastPath:
             if type(value) is not torch.Tensor:
                 return None
             keys.append(key)
-            values.append(buffer.clone_if_owned(value))
+            values.append(value if self._copies_results else buffer.clone_if_owned(value))
         device = output.device
         if self._to_pinned_host:
             values = self._to_host(values)

@@ -37,6 +37,13 @@ _WEIGHT_SYNC_LOG_INTERVAL_S = 10.0
 _running_servers: weakref.WeakSet = weakref.WeakSet()
 
 
+# Workers still finishing a forward after a shutdown that timed out: the
+# exit waits a little for them, since a daemon thread still running torch or
+# the C++ core when the interpreter finalizes can abort the process.
+_finishing_workers: weakref.WeakSet = weakref.WeakSet()
+_EXIT_GRACE_S = 5.0
+
+
 def _shutdown_running_servers() -> None:
     for server in list(_running_servers):
         if server._started_in != os.getpid():
@@ -45,6 +52,9 @@ def _shutdown_running_servers() -> None:
             server.shutdown(timeout=1.0)
         except Exception:  # exiting anyway: never block the exit on one server
             _log.exception("batchserve: shutdown at exit failed")
+    deadline = time.monotonic() + _EXIT_GRACE_S
+    for worker in list(_finishing_workers):
+        worker.join(max(0.0, deadline - time.monotonic()))
 
 
 _register_atexit = getattr(threading, "_register_atexit", None)
@@ -509,6 +519,8 @@ class InferenceServer:
             still_running = worker is not None and worker.is_alive()
             error = ServerClosedError(_SHUTDOWN_MESSAGE)
             self._batches.fail_pending(error, worker_running=still_running)
+            if still_running:
+                _finishing_workers.add(worker)
             if still_running and run is not None and run.inflight is not None:
                 _log.warning(
                     "batchserve: the worker did not finish its forward within "
