@@ -92,6 +92,12 @@ def call_and_hang(client, started) -> None:
     client(request(1))  # the server never answers: the test kills us
 
 
+def submit_and_hang(client, count, submitted) -> None:
+    futures = [client.submit(request(i)) for i in range(count)]  # noqa: F841 (held)
+    submitted.set()
+    time.sleep(300)  # the test kills us holding the slots
+
+
 def slow_model(td):
     time.sleep(120)
     return double_model(td)
@@ -563,6 +569,25 @@ def test_killed_actor_does_not_keep_its_slot(forkserver):
         for i, f in enumerate(futures):
             check(f.result(timeout=30), i)
         assert transport._queue.reaped_slots == 1
+
+
+def test_slots_of_an_actor_killed_before_its_requests_were_served_come_back(forkserver):
+    transport = make_transport(num_slots=2)
+    submitted = forkserver.Event()
+    child = forkserver.Process(target=submit_and_hang, args=(transport.client(), 2, submitted))
+    child.start()
+    try:
+        assert submitted.wait(60)
+        assert transport._segment.owned_slots == 2  # both held, no server yet
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        client = transport.client()
+        futures = [client.submit(request(i), timeout=30) for i in range(2)]
+        for i, f in enumerate(futures):
+            check(f.result(timeout=30), i)
+    assert transport._segment.owned_slots == 0
 
 
 def test_dead_server_process_unblocks_clients_promptly(forkserver):
