@@ -49,24 +49,19 @@ struct QueueFullError : std::runtime_error {
 // A blocking caller re-checks for Python signals (Ctrl-C) this often.
 constexpr int64_t kSignalCheckNs = 200'000'000;
 
-// The main thread's identity (PyThread_get_thread_ident), set at import.
-unsigned long g_main_thread = 0;
-
 // Releases the GIL for a scope, like py::gil_scoped_release, but safe in a
 // daemon thread still inside the scope when the interpreter exits (a server
 // worker past its shutdown timeout, a client thread waiting): CPython ends
 // such a thread when it retakes the GIL, with pthread_exit, whose forced
 // unwinding out of a (noexcept) destructor is std::terminate. Such a thread
-// parks instead, without the GIL, until the process is gone. The main
-// thread, which runs the finalization, retakes the GIL as usual.
+// parks instead, without the GIL, until the process is gone. The thread
+// that runs the finalization retakes the GIL as usual.
 class GilRelease {
  public:
   GilRelease() : state_(PyEval_SaveThread()) {}
   GilRelease(const GilRelease&) = delete;
   GilRelease& operator=(const GilRelease&) = delete;
   ~GilRelease() {
-    if (PyThread_get_thread_ident() != g_main_thread)
-      while (interpreter_finalizing()) ::pause();
     try {
       PyEval_RestoreThread(state_);
     } catch (...) {  // the forced unwind of pthread_exit: finalization began meanwhile
@@ -75,13 +70,6 @@ class GilRelease {
   }
 
  private:
-  static bool interpreter_finalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-    return Py_IsFinalizing() != 0;
-#else
-    return _Py_IsFinalizing() != 0;
-#endif
-  }
   PyThreadState* state_;
 };
 
@@ -473,18 +461,13 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
     return slots().finish(s, is_error);
   }
 
-  // The fast path's hand-back: row i of each column goes to the response
-  // rows of slots[i], matching columns to response_spec by key; output keys
-  // it does not declare are dropped. Then each request ends (kDone) and its
-  // client is woken: all in one stretch without the GIL. A shutdown that
-  // fails these requests meanwhile (with the GIL) races only on each slot's
-  // state CAS, so each ends once. Raises, ending nothing, when a declared
-  // key is missing or its column does not fit.
-  void scatter(const std::vector<uint32_t>& slots_of_rows, const std::vector<py::object>& keys,
-               const std::vector<py::object>& columns) {
-    const Py_ssize_t n = static_cast<Py_ssize_t>(slots_of_rows.size());
+  // The output columns the response rows take, matched to response_spec
+  // by key (output keys it does not declare are dropped), each as a
+  // contiguous CPU tensor of the declared dtype holding `n` rows. Raises
+  // when a declared key is missing or its column does not fit.
+  std::vector<py::object> response_columns(const std::vector<py::object>& keys,
+                                           const std::vector<py::object>& columns, Py_ssize_t n) {
     std::vector<py::object> held;
-    std::vector<const uint8_t*> source;
     for (size_t j = 0; j < response_keys_.size(); ++j) {
       const py::object* column = nullptr;
       for (size_t k = 0; k < keys.size() && column == nullptr; ++k) {
@@ -501,11 +484,22 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
       }
       held.push_back(slot_leaf(column->ptr(), response_keys_[j], response_dtypes_[j],
                                response_shapes_[j], n));
-      source.push_back(static_cast<const uint8_t*>(data_ptr(held.back().ptr())));
     }
+    return held;
+  }
+
+  // The fast path's hand-back, for requests the caller has taken out of
+  // their batch (so no shutdown can end them meanwhile): row i of each
+  // response column goes to the response rows of slots[i], then each
+  // request ends (kDone) and its client is woken; all without the GIL.
+  void scatter(const std::vector<uint32_t>& slots_of_rows,
+               const std::vector<py::object>& response_columns) {
+    std::vector<const uint8_t*> source;
+    for (const py::object& column : response_columns)
+      source.push_back(static_cast<const uint8_t*>(data_ptr(column.ptr())));
     SharedSlots& sh = slots();
-    GilRelease nogil;  // `held` keeps the columns alive meanwhile
-    for (Py_ssize_t i = 0; i < n; ++i)
+    GilRelease nogil;  // the caller's `response_columns` keep the columns alive
+    for (size_t i = 0; i < slots_of_rows.size(); ++i)
       for (size_t j = 0; j < source.size(); ++j) {
         const size_t bytes = sh.response_leaf_bytes(j);
         if (bytes != 0) std::memcpy(sh.response_row(slots_of_rows[i], j), source[j] + i * bytes, bytes);
@@ -781,10 +775,13 @@ class Batch {
         slots_of_rows.push_back(r.slot);
       }
       std::shared_ptr<SlotServer> server = keep_slot_server(rows_.front());
-      // Ends them and wakes their clients (other processes: they do not
-      // need our GIL) with the GIL released.
-      server->scatter(slots_of_rows, keys, columns);
-      if (rows_.size() == n) take(rows_);  // else a shutdown took them meanwhile
+      std::vector<py::object> response = server->response_columns(keys, columns, n);
+      // From here these requests are the hand-back's alone: a shutdown
+      // that fails this batch meanwhile finds none of them, so nothing but
+      // this copy ends or writes their slots (the copy cannot stall). Their
+      // clients are other processes: woken without our GIL.
+      take(rows_);
+      server->scatter(slots_of_rows, response);
       return;
     }
     const TorchRefs& t = torch_refs();
@@ -1656,8 +1653,6 @@ PYBIND11_MODULE(_core, m) {
     if (g_result_timeout == nullptr) throw py::error_already_set();
     m.add_object("ResultTimeout", py::handle(g_result_timeout));
   }
-
-  g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
 
   m.def("monotonic_ns", &monotonic_ns,
         "Nanoseconds on the clock the core stamps requests with "
