@@ -73,6 +73,13 @@ class GilRelease {
   PyThreadState* state_;
 };
 
+// Why a blocking call that timed out has no result, for its TimeoutError.
+const char* timed_out_because(bool withdrawn) {
+  return withdrawn ? "no result within the timeout; the request was withdrawn before it was batched"
+                   : "no result within the timeout; the request was already being served and "
+                     "its result is discarded";
+}
+
 [[noreturn]] void raise_timeout(const std::string& message) {
   PyErr_SetString(PyExc_TimeoutError, message.c_str());
   throw py::error_already_set();
@@ -1063,11 +1070,7 @@ class PyRequestQueue {
       }
       completion->release();
       if (interrupted) throw py::error_already_set();
-      raise_timeout(left == Completion::kWithdrawn
-                        ? "no result within the timeout; the request was "
-                          "withdrawn before it was batched"
-                        : "no result within the timeout; the request was "
-                          "already being served and its result is discarded");
+      raise_timeout(timed_out_because(left == Completion::kWithdrawn));
     }
     py::object outcome = py::reinterpret_steal<py::object>(
         static_cast<PyObject*>(completion->outcome()));
@@ -1377,7 +1380,23 @@ struct PendingSlot {
   PendingSlot(const PendingSlot&) = delete;
   PendingSlot& operator=(const PendingSlot&) = delete;
   ~PendingSlot() {
-    if (open && slots->give_up(slot) != SlotHeader::kAbandoned) slots->release(slot);
+    if (open) leave();
+  }
+
+  // The caller leaves its request (dropped, timeout, signal, dead server):
+  // the slot is no longer the caller's, whatever state it was in.
+  void leave() {
+    open = false;
+    if (slots->give_up(slot) != SlotHeader::kAbandoned) slots->release(slot);
+  }
+
+  // Withdraws the request if the server has not taken it yet, giving the
+  // slot back; false (nothing changed) if it was taken.
+  bool withdraw() {
+    if (!slots->withdraw(slot)) return false;
+    open = false;
+    slots->release(slot);
+    return true;
   }
 };
 
@@ -1448,12 +1467,7 @@ class SlotClient {
   // Withdraws a request the server has not taken yet (true). A request being
   // served or already answered stays as it is (false): its result can still
   // be read.
-  bool cancel(PendingSlot& pending) {
-    if (!pending.open || !slots_->withdraw(pending.slot)) return false;
-    pending.open = false;
-    slots_->release(pending.slot);
-    return true;
-  }
+  bool cancel(PendingSlot& pending) { return pending.open && pending.withdraw(); }
 
  private:
   // GIL held. The request's leaves, after the Python-side normaliser for
@@ -1522,13 +1536,6 @@ class SlotClient {
     if (why == SlotWait::kClosed || why == SlotWait::kServerDead) raise_unservable(why);
   }
 
-  // The caller leaves its request (timeout, signal, dead server): the slot
-  // is no longer the caller's, whatever state it was in.
-  void leave(PendingSlot& pending) {
-    pending.open = false;
-    if (slots_->give_up(pending.slot) != SlotHeader::kAbandoned) slots_->release(pending.slot);
-  }
-
   // GIL held. Waits for the outcome, reads it, frees the slot. With
   // `keep_on_timeout`, a timeout returns None and leaves the request in
   // flight; otherwise it raises ResultTimeout.
@@ -1544,14 +1551,10 @@ class SlotClient {
       }
       if (done) break;
       // The server shut down with this request still queued, or died.
-      if (slots_->closed() && slots_->withdraw(s)) {
-        pending.open = false;
-        slots_->release(s);
-        raise_unservable(SlotWait::kClosed);
-      }
+      if (slots_->closed() && pending.withdraw()) raise_unservable(SlotWait::kClosed);
       if (slots_->server_dead()) {
         if (slots_->finished(s)) break;
-        leave(pending);
+        pending.leave();
         raise_unservable(SlotWait::kServerDead);
       }
       const bool expired = now >= deadline;
@@ -1567,11 +1570,7 @@ class SlotClient {
       pending.open = false;
       if (left != SlotHeader::kAbandoned) slots_->release(s);
       if (interrupted) throw py::error_already_set();
-      raise_result_timeout(left == SlotHeader::kIdle
-                               ? "no result within the timeout; the request was "
-                                 "withdrawn before it was batched"
-                               : "no result within the timeout; the request was "
-                                 "already being served and its result is discarded");
+      raise_result_timeout(timed_out_because(left == SlotHeader::kIdle));
     }
     pending.open = false;
     return read_outcome(s);

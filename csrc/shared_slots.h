@@ -347,7 +347,7 @@ class SharedSlots {
   // Takes a free slot, waiting until `deadline_ns` while all are held.
   SlotWait claim(uint32_t hint, int64_t deadline_ns, int& slot) {
     slot = -1;
-    const bool got = park_until(
+    park_until(
         header()->freed,
         [&] {
           if (closed()) return true;
@@ -357,7 +357,6 @@ class SharedSlots {
         deadline_ns);
     if (slot >= 0) return SlotWait::kOk;
     if (closed()) return SlotWait::kClosed;
-    (void)got;
     return server_dead() ? SlotWait::kServerDead : SlotWait::kTimedOut;
   }
 

@@ -60,6 +60,14 @@ def check(result: TensorDict, i: int) -> None:
     assert torch.equal(result["action"], torch.full((2,), 2.0 * i))
 
 
+def every_slot_serves(transport: SharedMemoryTransport) -> None:
+    """num_slots requests in flight at once, from a new client, all served."""
+    client = transport.client()
+    futures = [client.submit(request(i), timeout=30) for i in range(transport.num_slots)]
+    for i, f in enumerate(futures):
+        check(f.result(timeout=30), i)
+
+
 def segment_path(transport: SharedMemoryTransport) -> str:
     return "/dev/shm" + transport.name
 
@@ -565,11 +573,7 @@ def test_killed_actor_does_not_keep_its_slot(forkserver):
         os.kill(child.pid, signal.SIGKILL)
         child.join(30)
         model.release.set()
-        # Both slots serve again: the dead actor's was freed by the server.
-        client = transport.client()
-        futures = [client.submit(request(i), timeout=30) for i in range(2)]
-        for i, f in enumerate(futures):
-            check(f.result(timeout=30), i)
+        every_slot_serves(transport)  # the dead actor's slot was freed by the server
         assert transport._queue.reaped_slots == 1
 
 
@@ -585,10 +589,7 @@ def test_slots_of_an_actor_killed_before_its_requests_were_served_come_back(fork
         os.kill(child.pid, signal.SIGKILL)
         child.join(30)
     with InferenceServer(double_model, transport, max_batch_size=8):
-        client = transport.client()
-        futures = [client.submit(request(i), timeout=30) for i in range(2)]
-        for i, f in enumerate(futures):
-            check(f.result(timeout=30), i)
+        every_slot_serves(transport)
     assert transport._segment.owned_slots == 0
 
 

@@ -60,22 +60,14 @@ ResultTimeout = _core.ResultTimeout
 
 
 @dataclass(frozen=True)
-class SlotSpec:
-    """The leaves of one side (request or response) of the slots."""
-
-    keys: tuple[str, ...]
-    dtypes: tuple[torch.dtype, ...]
-    shapes: tuple[torch.Size, ...]
-    device: torch.device | None
+class SlotSpec(RequestSchema):
+    """The leaves of one side (request or response) of the slots: the fields
+    and ``leaf_bytes`` of a fast-path schema, plus where they lie in a
+    segment."""
 
     @classmethod
     def of(cls, spec, argname: str, max_leaves: int | None = None) -> SlotSpec:
         return cls(*spec_leaves(spec, argname, max_leaves))
-
-    @property
-    def leaf_bytes(self) -> list[int]:
-        return [s.numel() * torch.empty((), dtype=d).element_size()
-                for d, s in zip(self.dtypes, self.shapes)]
 
     def describe(self) -> str:
         return ";".join(f"{k}:{d}:{list(s)}" for k, d, s in zip(self.keys, self.dtypes, self.shapes))
@@ -130,25 +122,16 @@ def _unlink(segment: _core.SharedSegment) -> None:
             pass
 
 
+@dataclass(frozen=True)
 class _Layout:
     """What both ends need to find their way in a segment (picklable)."""
 
-    __slots__ = ("name", "fingerprint", "num_slots", "request", "response", "copy_result")
-
-    def __init__(self, name, fingerprint, num_slots, request, response, copy_result):
-        self.name = name
-        self.fingerprint = fingerprint
-        self.num_slots = num_slots
-        self.request = request
-        self.response = response
-        self.copy_result = copy_result
-
-    def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
+    name: str
+    fingerprint: int
+    num_slots: int
+    request: SlotSpec
+    response: SlotSpec
+    copy_result: bool
 
     def segment(self) -> _core.SharedSegment:
         return _attach(self.name, self.fingerprint)

@@ -12,9 +12,6 @@ import importlib.util
 
 from batchserve.bench.scenario import Scenario
 
-SYSTEMS = ("batchserve", "torchrl", "torchrl-mp")
-
-
 class BenchError(RuntimeError):
     """A run that cannot go on; the CLI prints it and exits non-zero."""
 
