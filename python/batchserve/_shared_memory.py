@@ -22,7 +22,7 @@ nothing is pickled and no pipe is crossed per request:
 Faults: a client process that dies holding a slot does not keep it (the
 server frees slots whose owner process is gone, every 0.1 s); clients that
 wait on a server process that died raise
-:class:`~batchserve.ServerClosedError` within about 0.1 s; the server's
+:class:`~batchserve.ServerClosedError` within about 0.2 s; the server's
 shutdown makes every later call raise it at once and removes the segment's
 name from ``/dev/shm`` (processes that mapped it keep their mapping).
 """
