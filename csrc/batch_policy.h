@@ -105,9 +105,11 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
     detail::take_ready(queue, policy.max_batch_size, batch, dropped);
     if (!batch.empty()) break;
     if (!queue.wait_for_work(idle_deadline, seen)) {
-      // Timed out, closed or interrupted; a request may still have landed.
+      // Timed out, closed or interrupted. A request that landed meanwhile
+      // is collected like any other: toward min_batch_size, not alone.
       detail::take_ready(queue, policy.max_batch_size, batch, dropped);
-      return;
+      if (batch.empty()) return;
+      break;
     }
   }
 

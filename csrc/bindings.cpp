@@ -506,11 +506,7 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
       source.push_back(static_cast<const uint8_t*>(data_ptr(column.ptr())));
     SharedSlots& sh = slots();
     GilRelease nogil;  // the caller's `response_columns` keep the columns alive
-    for (size_t i = 0; i < slots_of_rows.size(); ++i)
-      for (size_t j = 0; j < source.size(); ++j) {
-        const size_t bytes = sh.response_leaf_bytes(j);
-        if (bytes != 0) std::memcpy(sh.response_row(slots_of_rows[i], j), source[j] + i * bytes, bytes);
-      }
+    sh.write_responses(slots_of_rows, source);
     for (uint32_t s : slots_of_rows)
       if (sh.finish(s, false)) sh.wake(s);
   }

@@ -1,8 +1,10 @@
-// The fast path's copy: requests' leaves into batch staging rows (gather).
+// The fast path's copies: requests' leaves into batch staging rows (gather),
+// and a batch's output rows back to each request's own rows (scatter).
 //
 // A fixed schema is a list of leaves; leaf j of every request is
-// leaf_bytes[j] contiguous bytes. Staging holds `rows` rows of each leaf,
-// leaf j at base[j] (row i at base[j] + i * leaf_bytes[j]). Nothing here
+// leaf_bytes[j] contiguous bytes. A batch's columns hold one row per request
+// for each leaf, leaf j at base[j] (row i at base[j] + i * leaf_bytes[j]):
+// staging for the inputs, the model's output for the responses. Nothing here
 // knows about Python or torch: pointers and sizes only, so it runs with the
 // GIL released and is tested alone (under ASan for overruns).
 #pragma once
@@ -62,6 +64,25 @@ inline void gather_rows(const std::vector<const RowSource*>& sources, size_t fir
       if (n != 0) std::memcpy(dst.base[j] + (first_row + i) * n, s.data[j], n);
     }
   }
+}
+
+// The inverse of gather_rows: copies row i of column j (columns[j] +
+// i * leaf_bytes[j]) to row_dest(i, j), for rows 0 .. rows - 1. The caller
+// guarantees that every column holds at least `rows` rows and that
+// row_dest(i, j) points to leaf_bytes[j] writable bytes. Throws
+// std::length_error before copying anything when there is not one size per
+// column, so a column is never read with another leaf's size.
+template <typename RowDest>
+void scatter_rows(const std::vector<const uint8_t*>& columns, const std::vector<size_t>& leaf_bytes,
+                  size_t rows, RowDest&& row_dest) {
+  if (columns.size() != leaf_bytes.size())
+    throw std::length_error("scatter_rows: " + std::to_string(columns.size()) + " columns for " +
+                            std::to_string(leaf_bytes.size()) + " leaves");
+  for (size_t i = 0; i < rows; ++i)
+    for (size_t j = 0; j < columns.size(); ++j) {
+      const size_t n = leaf_bytes[j];
+      if (n != 0) std::memcpy(row_dest(i, j), columns[j] + i * n, n);
+    }
 }
 
 }  // namespace batchserve

@@ -462,6 +462,24 @@ class SharedSlots {
     return taken;
   }
 
+  // Server: the fast path's hand-back copy. Row i of each response column
+  // (one per response leaf, rows of response_leaf_bytes(j)) goes to the
+  // response rows of slot slots_of_rows[i]. The slots must be ones this
+  // server took and has not finished: their clients read the rows only once
+  // finish() publishes them. Throws before writing anything when a slot is
+  // out of range or there is not one column per response leaf.
+  void write_responses(const std::vector<uint32_t>& slots_of_rows,
+                       const std::vector<const uint8_t*>& columns) {
+    for (uint32_t s : slots_of_rows)
+      if (s >= n_)
+        throw std::out_of_range("write_responses: slot " + std::to_string(s) + " of " +
+                                std::to_string(n_));
+    std::vector<size_t> leaf_bytes(response_leaves());
+    for (size_t j = 0; j < leaf_bytes.size(); ++j) leaf_bytes[j] = response_leaf_bytes(j);
+    scatter_rows(columns, leaf_bytes, slots_of_rows.size(),
+                 [&](size_t i, size_t j) { return response_row(slots_of_rows[i], j); });
+  }
+
   // Server: the outcome of slot `s` is written. False when its client
   // abandoned it (the slot is freed here). Does not wake: see wake().
   bool finish(uint32_t s, bool failed) {

@@ -47,14 +47,6 @@ def test_context_manager(transport):
     assert not server.is_alive
 
 
-def test_restart_after_shutdown_serves_again(transport):
-    server = InferenceServer(echo_model, transport)
-    with server:
-        assert transport.client()(request(1))["echo"].item() == 1
-    with server:
-        assert transport.client()(request(2))["echo"].item() == 2
-
-
 def test_clients(echo_server, transport):
     client = echo_server.client()
     assert isinstance(client, InferenceClient)

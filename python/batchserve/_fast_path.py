@@ -249,9 +249,11 @@ class FastPath:
         if schema_id != self._schema_id or max_rows > self._buffers[0].rows:
             if batch.rows:  # gathered for a schema or a size that is gone
                 batch.ungather()
-            self._schema_id = schema_id
-            self._buffers = [StagingBuffer(schema, max_rows, self._pin) for _ in range(2)]
-            self._next = 0
+            # Allocate before switching: when this raises (out of memory),
+            # the batch fails with the error and the next batch allocates
+            # again; the old buffers are never taken for the new schema.
+            buffers = [StagingBuffer(schema, max_rows, self._pin) for _ in range(2)]
+            self._schema_id, self._buffers, self._next = schema_id, buffers, 0
         buffer = self._next_buffer()
         self._next = (self._next + 1) % len(self._buffers)
         if batch.rows and batch.prefetched_into != buffer.pointers[0]:

@@ -521,12 +521,14 @@ class InferenceServer:
             self._batches.fail_pending(error, worker_running=still_running)
             if still_running:
                 _finishing_workers.add(worker)
-            if still_running and run is not None and run.inflight is not None:
+            # Read once: the worker clears it when its forward ends.
+            inflight = run.inflight if still_running and run is not None else None
+            if inflight is not None:
                 _log.warning(
                     "batchserve: the worker did not finish its forward within "
                     "%s s; failing that batch's requests", timeout,
                 )
-                run.inflight.fail(error)
+                inflight.fail(error)
 
     def _make_fast_path(self) -> FastPath | None:
         """The fast path, for a batchserve transport and the default collation."""

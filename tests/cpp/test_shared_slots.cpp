@@ -1,11 +1,14 @@
-// SharedSlots (csrc/shared_slots.h): the slot life cycle, the races between
-// a client's timeout and the server's take, round-robin taking, dead-process
-// recovery (with real child processes), and a RequestQueue fed by SlotIntake.
+// SharedSlots (csrc/shared_slots.h): the slot life cycle, the server's
+// hand-back copy (write_responses), the races between a client's timeout and
+// the server's take, many clients against one server, round-robin taking,
+// dead-process recovery (with real child processes), and a RequestQueue fed
+// by SlotIntake.
 #include "shared_slots.h"
 
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <set>
@@ -28,20 +31,23 @@ using batchserve::SlotWait;
 using batchserve_test::kLongWait;
 using batchserve_test::monotonic_ns;
 using batchserve_test::poll_until;
+using batchserve_test::tagged_id;
 
 std::string unique_name() {
   static std::atomic<int> counter{0};
   return "/bs-cpptest-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
 }
 
-// A segment of `n` slots, an 8-byte request and an 8-byte response leaf,
-// unlinked when the test ends.
+// A segment of `n` slots, an 8-byte request leaf and response leaves of
+// `response_leaf_bytes` (one of 8 bytes unless told), unlinked when the test
+// ends.
 struct Segment {
-  explicit Segment(uint32_t n, uint64_t fingerprint = 7) {
+  explicit Segment(uint32_t n, uint64_t fingerprint = 7,
+                   std::vector<size_t> response_leaf_bytes = {8}) {
     SlotLayout layout;
     layout.num_slots = n;
     layout.request_leaf_bytes = {8};
-    layout.response_leaf_bytes = {8};
+    layout.response_leaf_bytes = std::move(response_leaf_bytes);
     layout.error_bytes = 64;
     layout.fingerprint = fingerprint;
     name = unique_name();
@@ -102,6 +108,61 @@ TEST(SharedSlots, OneRequestRoundTrip) {
   EXPECT_EQ(read_u64(slots.response_row(s, 0)), 42u);
   slots.release(s);
   EXPECT_EQ(slots.owned_slots(), 0u);
+}
+
+TEST(SharedSlots, WriteResponsesRoundTrip) {
+  Segment seg(4, 7, {8, 3, 0});  // a zero-byte leaf too
+  SharedSlots& slots = *seg.slots;
+  int a = -1, b = -1;
+  ASSERT_EQ(slots.claim(1, 0, a), SlotWait::kOk);
+  ASSERT_EQ(slots.claim(3, 0, b), SlotWait::kOk);
+  write_u64(slots.request_row(a, 0), 10);
+  write_u64(slots.request_row(b, 0), 20);
+  ASSERT_EQ(slots.submit(a, monotonic_ns()), SlotWait::kOk);
+  ASSERT_EQ(slots.submit(b, monotonic_ns()), SlotWait::kOk);
+  std::vector<uint32_t> taken;
+  ASSERT_EQ(slots.take(taken, 8), 2u);
+  // The server's batch output: one column per response leaf, row i for
+  // taken[i]; leaf 0 echoes the request + 1, leaf 1 is three bytes of i.
+  std::vector<uint64_t> echo;
+  std::vector<uint8_t> small;
+  for (size_t i = 0; i < taken.size(); ++i) {
+    echo.push_back(read_u64(slots.request_row(taken[i], 0)) + 1);
+    small.insert(small.end(), 3, static_cast<uint8_t>(i + 1));
+  }
+  slots.write_responses(taken, {reinterpret_cast<const uint8_t*>(echo.data()), small.data(), nullptr});
+  for (uint32_t s : taken) {
+    EXPECT_TRUE(slots.finish(s, false));
+    slots.wake(s);
+  }
+  for (int s : {a, b}) {
+    ASSERT_TRUE(slots.wait(s, monotonic_ns() + kLongWait));
+    const uint64_t request = read_u64(slots.request_row(s, 0));
+    EXPECT_EQ(read_u64(slots.response_row(s, 0)), request + 1);
+    const size_t row = static_cast<size_t>(std::find(taken.begin(), taken.end(), s) - taken.begin());
+    const uint8_t* leaf1 = slots.response_row(s, 1);
+    EXPECT_EQ(leaf1[0], row + 1);
+    EXPECT_EQ(leaf1[2], row + 1);
+    slots.release(s);
+  }
+  EXPECT_EQ(read_u64(slots.response_row(0, 0)), 0u);  // slots not in the batch
+  EXPECT_EQ(read_u64(slots.response_row(2, 0)), 0u);
+  EXPECT_EQ(slots.owned_slots(), 0u);
+}
+
+TEST(SharedSlots, WriteResponsesChecksBeforeWriting) {
+  Segment seg(4, 7, {8, 3});
+  SharedSlots& slots = *seg.slots;
+  const std::vector<uint64_t> echo = {1, 2};
+  const std::vector<uint8_t> small(6, 9);
+  const std::vector<const uint8_t*> columns = {reinterpret_cast<const uint8_t*>(echo.data()),
+                                               small.data()};
+  // Slot 4 is past the segment's last slot; slot 0 comes first in the batch
+  // and must not be written either.
+  EXPECT_THROW(slots.write_responses({0, 4}, columns), std::out_of_range);
+  EXPECT_THROW(slots.write_responses({0, 1}, {columns[0]}), std::length_error);
+  for (uint32_t s = 0; s < 4; ++s) EXPECT_EQ(read_u64(slots.response_row(s, 0)), 0u);
+  slots.write_responses({}, columns);  // an empty batch
 }
 
 TEST(SharedSlots, FullSlotsTimeOutThenAReleaseWakesAClaimer) {
@@ -195,6 +256,106 @@ TEST(SharedSlots, WithdrawAndTakeRaceEndEachRequestOnce) {
   // or dropped by the server's take (abandoned between its bit and its CAS).
   EXPECT_GE(served, done.load());
   EXPECT_LE(served, done + abandoned);
+}
+
+// Many clients, each running claim -> write its id -> submit -> wait ->
+// read -> release cycles against one server that echoes ids in batches
+// through write_responses. Every eighth request gives up after a moment, so
+// withdraw and abandon race the server's take and finish. No request may be
+// lost, served twice or answered with another request's response.
+TEST(SharedSlots, ManyClientsGetExactlyTheirOwnResponses) {
+  constexpr uint32_t kClients = 6, kRequests = 2000;
+  constexpr size_t kBatch = 4;
+  Segment seg(8);  // fewer slots than clients plus abandoned slots: claims wait too
+  SharedSlots& slots = *seg.slots;
+  enum Outcome : uint8_t { kNone, kAnswered, kWithdrawn, kAbandoned };
+  // outcome[c][i]: how request i of client c ended (written by client c).
+  std::vector<std::vector<Outcome>> outcome(kClients, std::vector<Outcome>(kRequests, kNone));
+  std::vector<uint64_t> taken_ids, answered_ids;  // the server's; read after join
+  std::atomic<bool> stop{false};
+
+  std::thread server([&] {
+    std::vector<uint32_t> taken;
+    std::vector<uint64_t> echo;
+    for (;;) {
+      batchserve::park_until(
+          slots.header()->work, [&] { return stop.load() || slots.any_ready(); },
+          batchserve::kNoDeadline);
+      if (stop.load()) return;
+      taken.clear();
+      slots.take(taken, kBatch);
+      echo.clear();
+      for (uint32_t s : taken) echo.push_back(read_u64(slots.request_row(s, 0)));
+      slots.write_responses(taken, {reinterpret_cast<const uint8_t*>(echo.data())});
+      for (size_t i = 0; i < taken.size(); ++i) {
+        taken_ids.push_back(echo[i]);
+        if (slots.finish(taken[i], false)) {  // false: abandoned, its slot freed
+          answered_ids.push_back(echo[i]);
+          slots.wake(taken[i]);
+        }
+      }
+    }
+  });
+
+  std::vector<std::thread> clients;
+  for (uint32_t c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (uint32_t i = 0; i < kRequests; ++i) {
+        int s = -1;
+        ASSERT_EQ(slots.claim(c, monotonic_ns() + kLongWait, s), SlotWait::kOk);
+        const uint64_t id = tagged_id(c, i);
+        write_u64(slots.request_row(s, 0), id);
+        ASSERT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kOk);
+        // An impatient request waits 0, 5 or 10 us: giving up then races
+        // the take (withdraw), the finish (abandon) or loses to the response.
+        const bool impatient = i % 8 == 7;
+        const int64_t deadline = monotonic_ns() + (impatient ? (i / 8 % 3) * 5'000 : kLongWait);
+        Outcome& o = outcome[c][i];
+        o = kAnswered;
+        if (!slots.wait(s, deadline)) {
+          switch (slots.give_up(s)) {
+            case SlotHeader::kIdle: o = kWithdrawn; break;
+            case SlotHeader::kAbandoned: o = kAbandoned; break;  // the server frees it
+            default: break;  // the response won the race
+          }
+        }
+        if (o == kAnswered) {
+          EXPECT_EQ(read_u64(slots.response_row(s, 0)), id);
+        }
+        if (o != kAbandoned) slots.release(s);
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  poll_until([&] { return slots.owned_slots() == 0; });  // abandoned slots, freed by the server
+  stop = true;
+  slots.header()->work.notify_all();
+  server.join();
+
+  // Each request was taken at most once, and answered exactly when its
+  // client read a response; a withdrawn one was never taken.
+  std::set<uint64_t> taken_set(taken_ids.begin(), taken_ids.end());
+  EXPECT_EQ(taken_set.size(), taken_ids.size()) << "a request was taken twice";
+  std::set<uint64_t> answered_set(answered_ids.begin(), answered_ids.end());
+  size_t counts[4] = {};
+  for (uint32_t c = 0; c < kClients; ++c)
+    for (uint32_t i = 0; i < kRequests; ++i) {
+      const Outcome o = outcome[c][i];
+      const uint64_t id = tagged_id(c, i);
+      ++counts[o];
+      SCOPED_TRACE("request " + std::to_string(i) + " of client " + std::to_string(c));
+      if (i % 8 != 7) {
+        EXPECT_EQ(o, kAnswered);
+      }
+      EXPECT_EQ(answered_set.count(id), o == kAnswered ? 1u : 0u);
+      if (o == kWithdrawn) {
+        EXPECT_EQ(taken_set.count(id), 0u);
+      }
+    }
+  EXPECT_EQ(counts[kNone], 0u);
+  EXPECT_EQ(counts[kAnswered] + counts[kWithdrawn] + counts[kAbandoned], size_t{kClients} * kRequests);
+  EXPECT_EQ(answered_ids.size(), counts[kAnswered]);
+  EXPECT_LE(taken_ids.size(), counts[kAnswered] + counts[kAbandoned]);
 }
 
 TEST(SharedSlots, SubmitAfterCloseIsWithdrawn) {

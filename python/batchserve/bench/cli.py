@@ -4,6 +4,7 @@
     batchserve-bench --quick                        # ~10 s
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
+    batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS drift, stalls
 """
 
 from __future__ import annotations
@@ -194,7 +195,61 @@ def run(args, parser) -> int:
     return 0
 
 
+def soak_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, str]]:
+    """The soak scenario files named (``kind = "soak"``); a soak runs alone."""
+    found = []
+    for name in args.scenarios:
+        try:
+            data, default_name = scenarios.read(name)
+        except FileNotFoundError:
+            continue  # resolve_scenarios reports it
+        if data.get("kind") == "soak":
+            found.append((data, default_name))
+    if found and len(found) != len(args.scenarios):
+        parser.error("a soak scenario runs on its own, not with throughput scenarios")
+    return found
+
+
+def run_soaks(args, parser, found: list[tuple[dict, str]]) -> int:
+    """Runs soak scenarios; exit status 1 when one lost, duplicated or
+    misrouted a request (or hung)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from batchserve.bench import soak
+
+    allowed = {"requests", "json", "no_progress", "scenarios", "vs"}
+    used = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
+    if used or args.vs != "none":
+        parser.error("a soak scenario takes only --requests, --json and --no-progress")
+    err = Console(stderr=True)
+    outcomes, failed = [], False
+    for data, default_name in found:
+        overrides = {"requests": args.requests} if args.requests is not None else {}
+        try:
+            config = soak.load_config({"name": default_name, **data}, **overrides)
+        except (ValueError, TypeError) as exc:
+            parser.error(f"soak scenario {default_name}: {exc}")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            console=err, disable=args.no_progress, transient=True)
+        with progress:
+            task = progress.add_task(f"{config.name}: {config.requests:,} requests", total=1.0)
+            outcome = soak.run_soak(config, progress_cb=lambda f: progress.update(task, completed=f))
+        print(soak.format_report(outcome))
+        failed = failed or bool(soak.failures(outcome))
+        outcomes.append(outcome)
+    machine = report.machine()
+    print(f"{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']}, "
+          f"tensordict {machine['tensordict']}")
+    if args.json:
+        report.write_json(args.json, {"command": ["batchserve-bench", *sys.argv[1:]],
+                                      "machine": machine, "soaks": outcomes})
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    sys.exit(run(args, parser))
+    found = soak_scenarios(parser, args)
+    sys.exit(run_soaks(args, parser, found) if found else run(args, parser))

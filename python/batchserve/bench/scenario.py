@@ -102,18 +102,24 @@ PACKAGED = os.path.join(os.path.dirname(__file__), "scenarios")
 """The scenario files of benchmarks/, installed with the package."""
 
 
-def load(path: str) -> Scenario:
-    """A scenario from a TOML file; `path` may omit the .toml suffix. A name
-    that is no file here is looked up among the packaged scenarios (so
-    `benchmarks/atari_threads` and `atari_threads` work outside the repo)."""
+def read(path: str) -> tuple[dict, str]:
+    """A scenario file's fields and its default name (the file's stem);
+    `path` may omit the .toml suffix. A name that is no file here is looked
+    up among the packaged scenarios (so `benchmarks/atari_threads` and
+    `atari_threads` work outside the repo)."""
     stem = path if path.endswith(".toml") else path + ".toml"
     candidates = [stem, path, os.path.join(PACKAGED, os.path.basename(stem))]
     for candidate in candidates:
         if os.path.isfile(candidate):
             with open(candidate, "rb") as f:
-                data = tomllib.load(f)
-            return from_mapping(data, default_name=os.path.basename(candidate).split(".")[0])
+                return tomllib.load(f), os.path.basename(candidate).split(".")[0]
     raise FileNotFoundError(path)
+
+
+def load(path: str) -> Scenario:
+    """A throughput scenario from a TOML file (see :func:`read`)."""
+    data, default_name = read(path)
+    return from_mapping(data, default_name=default_name)
 
 
 def from_mapping(data: dict, default_name: str = "scenario") -> Scenario:
