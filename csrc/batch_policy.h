@@ -88,7 +88,9 @@ inline void take_ready(RequestQueue& queue, size_t room,
 // Collects one batch into `batch`. Requests already in `batch` on entry
 // (taken ahead by a Prefetcher) count as collected: only the min_batch_size
 // phase runs then. Returns with an empty batch when no request came within
-// `timeout`, when the queue is closed, or when the settings changed while it
+// `timeout` (or by the time the queue's intake has housekeeping due, see
+// RequestIntake::next_take_due_ns), when the queue is closed, or when the
+// settings changed while it
 // waited for a first request. While it collects toward min_batch_size it
 // follows settings changes: the deadline is always the oldest request's
 // arrival plus the current timeout.

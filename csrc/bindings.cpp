@@ -1371,12 +1371,16 @@ struct PendingSlot {
   std::shared_ptr<SharedSlots> slots;
   uint32_t slot = 0;
   bool open = true;  // the slot is still the caller's
+  // The process whose request this is. A forked child inherits a copy of
+  // every future in flight; dropping the copy must not end the parent's
+  // request (the child never owned the slot).
+  pid_t owner = ::getpid();
 
   PendingSlot(std::shared_ptr<SharedSlots> s, uint32_t n) : slots(std::move(s)), slot(n) {}
   PendingSlot(const PendingSlot&) = delete;
   PendingSlot& operator=(const PendingSlot&) = delete;
   ~PendingSlot() {
-    if (open) leave();
+    if (open && owner == ::getpid()) leave();
   }
 
   // The caller leaves its request (dropped, timeout, signal, dead server):

@@ -22,6 +22,7 @@
 // intake's event, which those producers notify.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -62,6 +63,10 @@ class RequestIntake {
   virtual EventCount& work_event() = 0;    // producers notify it
   virtual void close() = 0;                // the queue closed: refuse producers
   virtual void reopen() = 0;
+  // When take() next has housekeeping to do even with nothing ready (the
+  // shared-memory slots look for dead clients): a waiting server wakes by
+  // then, so an idle server with a long timeout still does it.
+  virtual int64_t next_take_due_ns() const { return INT64_MAX; }
 };
 
 enum class PushResult { kOk, kClosed, kTimedOut };
@@ -139,6 +144,7 @@ class RequestQueue {
   // interrupt() is called after `seen_interrupts` was read from
   // interrupts(), or the deadline passes. True if a request is ready.
   bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts) {
+    if (intake_ != nullptr) deadline_ns = std::min(deadline_ns, intake_->next_take_due_ns());
     spin_for_then_park(
         *work_,
         [this, seen_interrupts] {

@@ -607,8 +607,8 @@ class SlotIntake : public RequestIntake {
 
   size_t take(std::vector<Request>& out, size_t max_items) override {
     const int64_t now = monotonic_ns();
-    if (now >= next_reap_ns_) {
-      next_reap_ns_ = now + kReapIntervalNs;
+    if (now >= next_reap_ns_.load(std::memory_order_relaxed)) {
+      next_reap_ns_.store(now + kReapIntervalNs, std::memory_order_relaxed);
       reaped_ += slots_->reap_dead_owners();
     }
     taken_.clear();
@@ -625,6 +625,9 @@ class SlotIntake : public RequestIntake {
   }
 
   EventCount& work_event() override { return slots_->header()->work; }
+  int64_t next_take_due_ns() const override {
+    return next_reap_ns_.load(std::memory_order_relaxed);
+  }
   void close() override { slots_->close(); }
   void reopen() override { slots_->open_for(self_identity()); }
 
@@ -635,7 +638,9 @@ class SlotIntake : public RequestIntake {
   std::shared_ptr<SharedSlots> slots_;
   std::vector<RowSource> rows_;
   std::vector<uint32_t> taken_;
-  int64_t next_reap_ns_ = 0;
+  // Written by the taker; read by the server's wait (a shutdown may take
+  // from another thread meanwhile).
+  std::atomic<int64_t> next_reap_ns_{0};
   size_t reaped_ = 0;  // taker only
 };
 

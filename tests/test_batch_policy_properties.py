@@ -214,9 +214,8 @@ def _check_timing(run: _Run, n, max_batch_size, min_batch_size, timeout_s):
     # request's arrival + timeout. A lower bound: exact, no slack (the core
     # returns only once monotonic_ns() >= deadline, on the clock of these
     # stamps, and the dispatch stamp is taken after collect() returned).
-    # One known exception, too narrow to show here: a first request pushed
-    # between the idle wait's timeout and collect_batch's last look at the
-    # queue (its `!wait_for_work` branch) is returned alone at once.
+    # This also holds for a first request pushed as the idle wait times out:
+    # collect_batch then collects toward min_batch_size as for any other.
     for c in batches:
         if len(c.items) < effective_min:
             oldest = min(c.submitted_ns)

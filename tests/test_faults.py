@@ -18,6 +18,23 @@ from batchserve import InferenceServer, ServerClosedError, ThreadingTransport
 from conftest import BlockingModel, echo_model, request
 
 
+def test_shutdown_called_by_the_model_lets_its_forward_finish(transport):
+    def model(td):
+        if (td["id"] == 7).any():
+            server.shutdown()  # on the worker thread: it cannot wait for itself
+        return echo_model(td)
+
+    server = InferenceServer(model, transport, max_batch_size=1).start()
+    client = transport.client()
+    assert client(request(7), timeout=30)["echo"].item() == 7  # its caller is served
+    with pytest.raises(ServerClosedError):
+        client(request(8), timeout=30)
+    server._last_worker.join(30)
+    assert not server._last_worker.is_alive()
+    with server:  # and it starts again
+        assert client(request(9), timeout=30)["echo"].item() == 9
+
+
 def test_wrong_batch_size_from_model_is_a_clear_error(transport):
     def model(td):
         return TensorDict({"echo": td["id"][:1].clone()}, batch_size=[1])

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 
 import pytest
@@ -89,8 +90,10 @@ def test_model_raises_a_base_exception(transport, exc_type):
     server = InferenceServer(model, transport, max_batch_size=1).start()
     client = transport.client()
     failed = client.submit(request(0))
-    with pytest.raises(ServerClosedError, match=exc_type.__name__):
+    with pytest.raises(ServerClosedError, match=exc_type.__name__) as info:
         failed.result(timeout=30)
+    if isinstance(transport, ThreadingTransport):  # a pickled copy has no __cause__
+        assert isinstance(info.value.__cause__, exc_type)
     server._worker.join(30)  # the worker exits right after failing the batch
     assert not server.is_alive
     with pytest.raises(ServerClosedError):  # later requests: at once, not a hang
@@ -139,10 +142,10 @@ def test_weight_sync_receive_raises(transport):
         for i in range(5):
             assert echo_of(client(request(i))) == i
         assert weights.calls >= 5  # polled between batches, failing each time
-        stats = server.stats()
-        assert stats["weight_sync_errors"] == weights.calls
-        assert stats["weight_updates"] == 0 and server.policy_version == 0
         assert server.is_alive
+    stats = server.stats()  # the worker has stopped: every failure is counted
+    assert stats["weight_sync_errors"] == weights.calls
+    assert stats["weight_updates"] == 0 and server.policy_version == 0
 
 
 # -- callers give up ------------------------------------------------------------------
@@ -167,14 +170,26 @@ def test_caller_times_out_and_the_result_arrives_later(transport):
 
     with InferenceServer(blocking, transport, max_batch_size=1) as server:
         # Taken into a forward, then abandoned: its result arrives later.
-        with pytest.raises(TimeoutError, match="already being served"):
-            client(request(2), timeout=1.0)
+        # (A loaded machine may not take it within the caller's second: that
+        # one is withdrawn, and the next try is taken.)
+        for abandoned in range(2, 7):
+            with pytest.raises(TimeoutError) as info:
+                client(request(abandoned), timeout=1.0)
+            if "already being served" in str(info.value):
+                break
+            assert "withdrawn" in str(info.value)
         assert model.entered.is_set()
         model.release.set()
         # The same client's next calls get their own results, never the late one.
-        assert [echo_of(client(request(i))) for i in range(3, 8)] == [3, 4, 5, 6, 7]
+        assert [echo_of(client(request(i))) for i in range(10, 15)] == [10, 11, 12, 13, 14]
         assert server.is_alive
-    assert seen == [2, 3, 4, 5, 6, 7]  # 1 never reached the model
+        if isinstance(transport, SharedMemoryTransport):
+            segment = transport._segment
+            deadline = time.monotonic() + 30  # hang guard
+            while segment.owned_slots and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert segment.owned_slots == 0  # the abandoned slot came back
+    assert seen == [abandoned, 10, 11, 12, 13, 14]  # 1 (and any withdrawn) never reached it
 
 
 # -- lifecycle ------------------------------------------------------------------------
@@ -246,7 +261,7 @@ def test_submit_after_shutdown(transport):
     client = transport.client()
     server.shutdown()
     with pytest.raises(ServerClosedError):
-        client.submit(request(0)).result(timeout=30)
+        client.submit(request(0))  # refused at submit(), not through a future
     with pytest.raises(ServerClosedError):
         client(request(1), timeout=30)
     with pytest.raises(RuntimeError):  # ServerClosedError is a RuntimeError
@@ -265,6 +280,8 @@ def test_server_garbage_collected_while_running(transport):
     assert alive() is not None and alive().is_alive
     assert echo_of(transport.client()(request(3))) == 3
     alive().shutdown()
+    if isinstance(transport, SharedMemoryTransport):
+        return  # the exit below is the server's, whatever its transport
 
     # A process that dropped its running server exits cleanly; a caller
     # blocked on it at exit gets ServerClosedError.

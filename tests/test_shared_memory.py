@@ -10,6 +10,7 @@ is left in /dev/shm is in conftest.py.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -560,7 +561,10 @@ def test_32_processes_lose_and_misroute_nothing(forkserver):
     assert transport._segment.owned_slots == 0
 
 
-def test_killed_actor_does_not_keep_its_slot(forkserver):
+# An idle server with a long timeout still looks for dead actors' slots
+# every 0.1 s (it wakes for that, not only at its batching timeout).
+@pytest.mark.parametrize("server_timeout", [0.001, 600.0])
+def test_killed_actor_does_not_keep_its_slot(forkserver, server_timeout):
     transport = make_transport(num_slots=2)
     model = BlockingModel()
 
@@ -568,7 +572,7 @@ def test_killed_actor_does_not_keep_its_slot(forkserver):
         model(td)
         return double_model(td)
 
-    with InferenceServer(blocking, transport, max_batch_size=8, timeout=0.001):
+    with InferenceServer(blocking, transport, max_batch_size=8, timeout=server_timeout):
         started = forkserver.Event()
         child = forkserver.Process(target=call_and_hang, args=(transport.client(), started))
         child.start()
@@ -578,6 +582,31 @@ def test_killed_actor_does_not_keep_its_slot(forkserver):
         model.release.set()
         every_slot_serves(transport)  # the dead actor's slot was freed by the server
         assert transport._queue.reaped_slots == 1
+
+
+def test_a_forked_child_dropping_inherited_futures_leaves_them_to_the_parent():
+    transport = make_transport(num_slots=8)
+    model = BlockingModel()
+
+    def blocking(td):
+        model(td)
+        return double_model(td)
+
+    with InferenceServer(blocking, transport, max_batch_size=1):
+        client = transport.client()
+        futures = [client.submit(request(i)) for i in range(4)]
+        assert model.entered.wait(30)  # request 0 in the forward, 1..3 queued
+        pid = os.fork()
+        if pid == 0:  # the child's copies are dropped; the requests stay the parent's
+            del futures
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        model.release.set()
+        for i, f in enumerate(futures):
+            check(f.result(timeout=30), i)
+    assert transport._segment.owned_slots == 0
 
 
 def test_slots_of_an_actor_killed_before_its_requests_were_served_come_back(forkserver):

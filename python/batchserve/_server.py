@@ -514,9 +514,12 @@ class InferenceServer:
             if run is not None:
                 run.stop.set()
             self._batches.close()
-            if worker is not None and worker is not threading.current_thread():
+            # Called from the model (on the worker): its forward goes on and
+            # hands back its results after this returns; the worker then stops.
+            from_worker = worker is threading.current_thread()
+            if worker is not None and not from_worker:
                 worker.join(timeout)
-            still_running = worker is not None and worker.is_alive()
+            still_running = worker is not None and worker.is_alive() and not from_worker
             error = ServerClosedError(_SHUTDOWN_MESSAGE)
             self._batches.fail_pending(error, worker_running=still_running)
             if still_running:

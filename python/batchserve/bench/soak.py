@@ -16,11 +16,13 @@ Every submission gets a fresh id that encodes (actor, sequence number). The
 model echoes the id and the observation's sum, and counts every id it sees
 in a preallocated table. A submission ends exactly once: with its result
 (checked: the echo is its id, the sum its observation's), with
-``ServerClosedError`` (a restart was under way; the actor goes on with a new
-id), or with a ``TimeoutError`` (``timeout_fraction`` of calls give up
-after a few hundred microseconds; the request is withdrawn or its late
-result discarded). Afterwards: no id was forwarded twice, every result came
-from a forward of its own id, and nothing is left outstanding.
+``ServerClosedError`` while a restart of its server overlapped the call (the
+actor goes on with a new id), or with a ``TimeoutError`` on one of the
+``timeout_fraction`` of calls that give up after a few hundred microseconds
+(the request is withdrawn or its late result discarded). Any other outcome
+is an error of the run, and so is a failed batch on a server. Afterwards: no
+id was forwarded twice, every result came from a forward of its own id, and
+nothing is left outstanding.
 
 Also reported: throughput, latency percentiles, the longest stall (the
 longest time in which no request ended, sampled every 2 ms, and the longest
@@ -53,6 +55,7 @@ from batchserve.bench.runner import _rss_mb
 # The outcomes of one actor's submissions, as the actor counted them.
 _COUNTERS = ("results", "closed", "timed_out", "misrouted", "corrupted", "other_errors")
 _STALL_SAMPLE_S = 0.002
+_THREAD_LANE, _PROCESS_LANE = 0, 1
 
 
 @dataclass
@@ -76,7 +79,8 @@ class SoakConfig:
     num_slots: int = 64  # of the shared-memory transport
     warmup_fraction: float = 0.1  # memory baseline taken after this share of requests
     seed: int = 0
-    hang_guard: float = 600.0  # seconds an actor may take beyond the run before it counts as hung
+    rss_drift_target_mb: float = 10.0  # the serving process's drift above this fails the run
+    hang_guard: float = 120.0  # seconds in which no request ends before the run counts as hung
 
     def validate(self) -> SoakConfig:
         if self.kind != "soak":
@@ -161,9 +165,11 @@ class _Actor:
     results came back, counting each submission's outcome."""
 
     def __init__(self, index: int, client, first_id: int, id_room: int, quota: int,
-                 config: SoakConfig, progress, general_fraction: float,
+                 config: SoakConfig, progress, general_fraction: float, epochs, lane: int,
                  abort: threading.Event | None = None):
         self.index = index
+        # epochs[lane] is odd while the actor's server restarts (see _Restarter).
+        self.epochs, self.lane = epochs, lane
         self.abort = abort  # set when the run is given up (a thread actor stops)
         self.client = client
         self.first_id = first_id
@@ -206,6 +212,7 @@ class _Actor:
             use_future = rng.random() < config.future_fraction
             seq += 1
             self.submitted += 1
+            epoch = self.epochs[self.lane]
             start = time.perf_counter_ns()
             try:
                 if use_future:
@@ -213,10 +220,13 @@ class _Actor:
                 else:
                     out = self.client(td, timeout=timeout)
             except ServerClosedError:
-                self.counts["closed"] += 1
-                time.sleep(0.0005)  # a restart is under way: back off a little
+                if epoch % 2 == 0 and self.epochs[self.lane] == epoch:
+                    self.counts["other_errors"] += 1  # no restart overlapped the call
+                else:
+                    self.counts["closed"] += 1
+                    time.sleep(0.0005)  # a restart is under way: back off a little
             except TimeoutError:
-                self.counts["timed_out"] += 1
+                self.counts["timed_out" if timeout is not None else "other_errors"] += 1
             except Exception:  # counted as a failure of the run
                 self.counts["other_errors"] += 1
             else:
@@ -239,9 +249,11 @@ class _Actor:
                 "rss_mb": self.rss_mb}
 
 
-def _process_actor(client, index, first_id, id_room, quota, config, progress, reports) -> None:
+def _process_actor(client, index, first_id, id_room, quota, config, progress, epochs,
+                   reports) -> None:
     torch.set_num_threads(1)
-    actor = _Actor(index, client, first_id, id_room, quota, config, progress, 0.0)
+    actor = _Actor(index, client, first_id, id_room, quota, config, progress, 0.0, epochs,
+                   _PROCESS_LANE)
     try:
         actor.run(warmup_point=max(1, int(quota * config.warmup_fraction)))
     finally:
@@ -303,12 +315,14 @@ class _Restarter(threading.Thread):
     points of the run: once every actor is under way, whenever the requests
     ended pass the next of `count` random fractions of `total`. Each shutdown
     gives the forward in progress a random grace (none, 2 ms or 1 s), then
-    waits for the worker."""
+    waits for the worker. epochs[lane] is odd from just before the shutdown
+    to just after the start: the window in which its actors may be refused."""
 
     def __init__(self, server: InferenceServer, count: int, total: int, watch: _StallWatch,
-                 rng: random.Random, stop: threading.Event):
+                 rng: random.Random, stop: threading.Event, epochs, lane: int):
         super().__init__(daemon=True, name="soak-restarter")
         self.server, self.watch, self.rng, self.stop = server, watch, rng, stop
+        self.epochs, self.lane = epochs, lane
         self.points = sorted(int(total * rng.uniform(0.05, 0.95)) for _ in range(count))
         self.done = 0
         self.error: BaseException | None = None
@@ -322,9 +336,11 @@ class _Restarter(threading.Thread):
                 while self.watch.ended() < point:
                     if self.stop.wait(0.001):
                         return
+                self.epochs[self.lane] += 1
                 self.server.shutdown(timeout=self.rng.choice([0.0, 0.002, 1.0]))
                 self.server.shutdown(timeout=None)  # the worker, if the grace ran out
                 self.server.start()
+                self.epochs[self.lane] += 1
                 self.done += 1
         except BaseException as exc:  # reported as a failure of the run
             self.error = exc
@@ -367,6 +383,7 @@ def run_soak(config: SoakConfig, *, progress_cb=None) -> dict:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tensordict", "batchserve.bench.soak"])
     process_progress = ctx.Array("q", actors, lock=False)  # one writer per entry
+    epochs = ctx.Array("q", 2, lock=False)  # per lane; written by its restarter only
     reports_queue = ctx.Queue()
     stop = threading.Event()
     watch = _StallWatch(thread_progress, process_progress, config.threads,
@@ -374,7 +391,7 @@ def run_soak(config: SoakConfig, *, progress_cb=None) -> dict:
 
     thread_actors = [
         _Actor(i, thread_transport.client(), ids.first(i), ids.per_actor, quotas[i], config,
-               thread_progress, config.general_fraction, abort=stop)
+               thread_progress, config.general_fraction, epochs, _THREAD_LANE, abort=stop)
         for i in range(config.threads)
     ]
     for server in servers.values():
@@ -382,7 +399,7 @@ def run_soak(config: SoakConfig, *, progress_cb=None) -> dict:
     processes = [
         ctx.Process(target=_process_actor, daemon=True,
                     args=(shm.client(), i, ids.first(i), ids.per_actor, quotas[i], config,
-                          process_progress, reports_queue))
+                          process_progress, epochs, reports_queue))
         for i in range(config.threads, actors)
     ]
     begin = time.perf_counter()
@@ -392,20 +409,24 @@ def run_soak(config: SoakConfig, *, progress_cb=None) -> dict:
     for t in threads:
         t.start()
     watch.start()
-    restarters = [_Restarter(server, config.restarts, config.requests, watch,
-                             random.Random(rng.random()), stop)
-                  for server in servers.values()]
+    restarters = [_Restarter(servers[name], config.restarts, config.requests, watch,
+                             random.Random(rng.random()), stop, epochs,
+                             _THREAD_LANE if name == "threads" else _PROCESS_LANE)
+                  for name in servers]
     for r in restarters:
         r.start()
 
     process_reports = []
-    deadline = time.monotonic() + config.hang_guard
+    last_ended, last_progress = -1, time.monotonic()
     try:
         while len(process_reports) < len(processes) or any(t.is_alive() for t in threads):
+            ended = watch.ended()
             if progress_cb is not None:
-                progress_cb(min(1.0, watch.ended() / config.requests))
-            if time.monotonic() > deadline:
-                break
+                progress_cb(min(1.0, ended / config.requests))
+            if ended != last_ended:
+                last_ended, last_progress = ended, time.monotonic()
+            elif time.monotonic() - last_progress > config.hang_guard:
+                break  # nothing ended for hang_guard seconds: the actors left count as hung
             try:
                 process_reports.append(reports_queue.get(timeout=0.2))
             except Exception:  # queue.Empty; or a dead actor, found below
@@ -467,6 +488,7 @@ def _summarise(config, ids, reports, threads, processes, restarters, watch, stat
         "restarts": sum(r.done for r in restarters),
         "restart_errors": [repr(r.error) for r in restarters if r.error is not None],
         "fast_path_requests": sum(s["fast_path_requests"] for s in stats.values()),
+        "failed_batches": sum(s["failed_batches"] for s in stats.values()),
         "latency_us": latency_summary(latencies) if len(latencies) else {},
         "longest_stall_ms": watch.longest_s * 1e3,
         "longest_call_ms": float(latencies.max()) / 1e6 if len(latencies) else float("nan"),
@@ -479,10 +501,12 @@ def _summarise(config, ids, reports, threads, processes, restarters, watch, stat
 
 
 def failures(report: dict) -> list[str]:
-    """What the run got wrong; empty when nothing was lost, duplicated or misrouted."""
+    """What the run got wrong; empty when nothing was lost, duplicated or
+    misrouted, no request failed but for a restart or its own timeout, and
+    the serving process's memory drift stayed under its target."""
     wrong = []
     for key in ("lost", "hung_actors", "out_of_ids", "misrouted", "corrupted", "other_errors",
-                "forwarded_twice"):
+                "forwarded_twice", "failed_batches"):
         if report[key]:
             wrong.append(f"{key}: {report[key]}")
     if report["forwarded"] < report["results"]:
@@ -490,6 +514,9 @@ def failures(report: dict) -> list[str]:
     if report["results"] < report["config"]["requests"]:
         wrong.append(f"only {report['results']} of {report['config']['requests']} results")
     wrong += [f"restart failed: {e}" for e in report["restart_errors"]]
+    target = report["config"]["rss_drift_target_mb"]
+    if report["rss_drift_mb"] > target:  # False when not measured (nan)
+        wrong.append(f"RSS drift {report['rss_drift_mb']:+.1f} MB over the {target} MB target")
     return wrong
 
 
