@@ -524,3 +524,37 @@ TEST(SlotIntake, FeedsARequestQueueAndItsBatchingPolicy) {
 }
 
 }  // namespace
+
+TEST(SlotIntake, AnIdleServerWithALongTimeoutStillReapsDeadClients) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  auto child_slots = SharedSlots::attach(seg.name, 7);
+  SlotIntake intake(seg.slots, 1);
+  RequestQueue queue(8);
+  queue.attach_intake(&intake);
+  queue.reopen();
+  batchserve::BatchSettings settings;
+  batchserve::BatchPolicy policy;
+  policy.timeout_ns = 600'000'000'000;  // ten minutes: far past ctest's timeout
+  settings.store(policy, queue);
+  const pid_t a = fork_child([&] {
+    int s;
+    child_slots->claim(0, batchserve::kNoDeadline, s);
+  });
+  poll_until([&] { return slots.owned_slots() == 1; });
+  // Nothing to serve: each collect returns when the intake's next look for
+  // dead clients is due, not after the timeout (ctest's timeout is the
+  // hang guard). The first look finds the client alive.
+  std::vector<Request> batch, dropped;
+  batchserve::collect_batch(queue, settings, batch, dropped);
+  EXPECT_TRUE(batch.empty());
+  EXPECT_EQ(intake.reaped(), 0u);
+  ::kill(a, SIGKILL);
+  ::waitpid(a, nullptr, 0);
+  while (intake.reaped() == 0) {
+    batchserve::collect_batch(queue, settings, batch, dropped);
+    EXPECT_TRUE(batch.empty());
+  }
+  EXPECT_EQ(slots.owned_slots(), 0u);
+  queue.close();
+}
