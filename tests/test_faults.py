@@ -14,7 +14,12 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from batchserve import InferenceServer, ServerClosedError, ThreadingTransport
+from batchserve import (
+    InferenceServer,
+    ServerClosedError,
+    SharedMemoryTransport,
+    ThreadingTransport,
+)
 from conftest import BlockingModel, echo_model, request
 
 
@@ -130,6 +135,37 @@ def test_restart_waits_for_a_worker_that_overran_its_shutdown(transport):
     server.shutdown(timeout=None)  # waits for the old worker
     with server:
         assert transport.client()(request(1))["echo"].item() == 1
+
+
+def _shared_memory_transport():
+    spec = TensorDict({"id": torch.zeros((), dtype=torch.long), "observation": torch.zeros(4)})
+    return SharedMemoryTransport(spec, TensorDict({"echo": torch.zeros((), dtype=torch.long)}),
+                                 num_slots=8)
+
+
+@pytest.mark.parametrize("make_transport", [ThreadingTransport, _shared_memory_transport],
+                         ids=["threads", "shared_memory"])
+def test_a_new_server_keeps_the_transport_an_old_one_let_go(make_transport):
+    transport = make_transport()
+    client = transport.client()
+    model = BlockingModel()
+    old = InferenceServer(model, transport, max_batch_size=1).start()
+    stuck = client.submit(request(0))
+    assert model.entered.wait(30)
+    old.shutdown(timeout=0.05)  # overdue: its worker is still in the forward
+    with pytest.raises(ServerClosedError):
+        stuck.result(timeout=30)
+    with InferenceServer(echo_model, transport, max_batch_size=4) as new:
+        assert client(request(1), timeout=30)["echo"].item() == 1
+        model.release.set()
+        old._last_worker.join(30)  # the old worker ends: it leaves the queue open
+        old.shutdown()  # and so does shutting the old server down again
+        assert client(request(2), timeout=30)["echo"].item() == 2
+        assert new.is_alive
+    with pytest.raises(ServerClosedError):  # the new one's shutdown does close it
+        client(request(3), timeout=30)
+    if isinstance(transport, SharedMemoryTransport):
+        transport.close()
 
 
 class _SlowConnect(_FailingSetup):

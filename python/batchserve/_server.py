@@ -308,6 +308,7 @@ class InferenceServer:
         self._worker: threading.Thread | None = None
         self._last_worker: threading.Thread | None = None  # may outlive a shutdown
         self._run: _Run | None = None
+        self._last_run: _Run | None = None
         self._started_in: int | None = None  # the pid of the process serving
 
         if self.device is not None and hasattr(self.model, "to"):
@@ -473,6 +474,7 @@ class InferenceServer:
                 )
             run = _Run()
             self._fast = self._make_fast_path()
+            self._serve_transport(run)
             self._batches.open()
             worker = threading.Thread(
                 target=self._worker_main,
@@ -492,6 +494,7 @@ class InferenceServer:
                     f"{startup_error!r}"
                 ) from startup_error
             self._run, self._worker, self._last_worker = run, worker, worker
+            self._last_run = run
             self._started_in = os.getpid()
             _running_servers.add(self)
         return self
@@ -513,7 +516,10 @@ class InferenceServer:
             _running_servers.discard(self)
             if run is not None:
                 run.stop.set()
-            self._batches.close()
+            # A server started on the transport since then keeps it open.
+            serves = self._serves_transport(run or self._last_run)
+            if serves:
+                self._batches.close()
             # Called from the model (on the worker): its forward goes on and
             # hands back its results after this returns; the worker then stops.
             from_worker = worker is threading.current_thread()
@@ -521,7 +527,8 @@ class InferenceServer:
                 worker.join(timeout)
             still_running = worker is not None and worker.is_alive() and not from_worker
             error = ServerClosedError(_SHUTDOWN_MESSAGE)
-            self._batches.fail_pending(error, worker_running=still_running)
+            if serves:
+                self._batches.fail_pending(error, worker_running=still_running)
             if still_running:
                 _finishing_workers.add(worker)
             # Read once: the worker clears it when its forward ends.
@@ -627,7 +634,7 @@ class InferenceServer:
             if not reported:
                 _log.error("batchserve: weight_sync set-up failed: %r", exc)
                 self._stop_serving(
-                    _closed_error(f"InferenceServer weight_sync set-up failed: {exc!r}", exc)
+                    run, _closed_error(f"InferenceServer weight_sync set-up failed: {exc!r}", exc)
                 )
             return
         run.ready.set()
@@ -639,13 +646,31 @@ class InferenceServer:
             _log.exception("batchserve: the worker stopped")
             error = _closed_error(f"InferenceServer stopped: {exc!r}", exc)
         finally:
-            self._stop_serving(error)
+            self._stop_serving(run, error)
 
-    def _stop_serving(self, error: BaseException) -> None:
-        """Worker exit: reject new requests, fail the waiting ones."""
-        self._batches.close()
-        self._batches.fail_pending(error, worker_running=False)
+    def _stop_serving(self, run: _Run, error: BaseException) -> None:
+        """Worker exit: reject new requests, fail the waiting ones (unless
+        another server has started on the transport meanwhile: an overdue
+        worker must not close the queue under it)."""
+        if self._serves_transport(run):
+            self._batches.close()
+            self._batches.fail_pending(error, worker_running=False)
         _running_servers.discard(self)
+
+    # The run serving a transport is recorded on the transport itself, so
+    # that two servers on one transport know which of them serves it.
+    _SERVING_ATTR = "_batchserve_serving_run"
+
+    def _serve_transport(self, run: _Run) -> None:
+        try:
+            setattr(self.transport, self._SERVING_ATTR, run)
+        except AttributeError:  # a transport with __slots__: nothing to record
+            pass
+
+    def _serves_transport(self, run: _Run | None) -> bool:
+        """Whether `run` (this server's latest) is the transport's server,
+        or no server ever recorded itself there."""
+        return getattr(self.transport, self._SERVING_ATTR, None) in (None, run)
 
     def _serve(self, run: _Run, passive_weight_sync: bool) -> BaseException | None:
         """Serves until stopped; returns the error that the requests left
