@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing as mp
-import os
 import random
 import threading
 import time
