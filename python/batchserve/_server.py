@@ -21,6 +21,7 @@ from batchserve._batch_source import NativeBatches, batches_for
 from batchserve._collate import default_collate, interaction_context
 from batchserve._fast_path import FastPath, schema_from_spec
 from batchserve._stats import ServerStats
+from batchserve._weights import check_weights, copy_weights, flat_weights, served_tensors
 
 _log = logging.getLogger("batchserve")
 
@@ -401,6 +402,39 @@ class InferenceServer:
             if mark_weight_update:
                 self._mark_weight_update()
         return result
+
+    def update_weights(self, weights, *, version: int | None = None) -> int:
+        """Copy new weights into the served model, between batches.
+
+        The weights are checked in full first (names, shapes, dtypes); a
+        bad update raises and leaves the model as it was. They are then
+        copied in place under the model lock, so no forward sees a model
+        half updated and a forward waits at most for this copy; results
+        of later batches carry the new version.
+
+        Args:
+            weights: a TensorDict of parameters and buffers (as from
+                ``TensorDict.from_module(model)``, on any device) or a
+                ``state_dict``.
+            version (int, optional, keyword-only): the policy version to
+                stamp from now on; ``None`` adds one to the current one.
+
+        Returns:
+            the policy version now stamped on results.
+
+        Raises:
+            ValueError: a parameter is missing, unexpected, or of another
+                shape or dtype (named in the message).
+            TypeError: ``weights`` is neither, or the model is not an
+                ``nn.Module``.
+        """
+        given = flat_weights(weights)
+        served = served_tensors(self.model, weights)
+        check_weights(served, given)
+        with self._model_lock:
+            copy_weights(served, given)
+            self._mark_weight_update(version)
+            return self._policy_version
 
     def _init_weight_sync(self) -> None:
         ws = self.weight_sync
