@@ -12,7 +12,7 @@ import torch.nn as nn
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
-from batchserve import InferenceServer, ThreadingTransport
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 
 
 def make_policy(in_features: int = 4, out_features: int = 2) -> TensorDictModule:
@@ -36,10 +36,12 @@ def echoes(futures, timeout: float = 10) -> list[int]:
 
 
 class BlockingModel:
-    """A model whose forwards wait until `release` is set; `entered` tells
-    when a forward started and `sizes` what batch sizes it saw."""
+    """A model whose forwards wait until `release` is set, then return
+    `then(td)` (default: echo_model); `entered` tells when a forward started
+    and `sizes` what batch sizes it saw."""
 
-    def __init__(self):
+    def __init__(self, then=echo_model):
+        self.then = then
         self.entered = threading.Event()
         self.release = threading.Event()
         self.sizes: list[int] = []
@@ -48,7 +50,15 @@ class BlockingModel:
         self.sizes.append(td.batch_size[0])
         self.entered.set()
         assert self.release.wait(30), "test never released the model"
-        return echo_model(td)
+        return self.then(td)
+
+
+def echo_shared_memory_transport(num_slots: int = 16) -> SharedMemoryTransport:
+    """A SharedMemoryTransport for request() and echo_model(): it declares
+    their keys."""
+    spec = TensorDict({"id": torch.zeros((), dtype=torch.long), "observation": torch.zeros(4)})
+    response = TensorDict({"echo": torch.zeros((), dtype=torch.long)})
+    return SharedMemoryTransport(spec, response, num_slots=num_slots)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from batchserve import (
     SharedMemoryTransport,
     ThreadingTransport,
 )
-from conftest import BlockingModel, echo_model, request
+from conftest import BlockingModel, echo_model, echo_shared_memory_transport, request
 
 
 def test_shutdown_called_by_the_model_lets_its_forward_finish(transport):
@@ -137,13 +137,7 @@ def test_restart_waits_for_a_worker_that_overran_its_shutdown(transport):
         assert transport.client()(request(1))["echo"].item() == 1
 
 
-def _shared_memory_transport():
-    spec = TensorDict({"id": torch.zeros((), dtype=torch.long), "observation": torch.zeros(4)})
-    return SharedMemoryTransport(spec, TensorDict({"echo": torch.zeros((), dtype=torch.long)}),
-                                 num_slots=8)
-
-
-@pytest.mark.parametrize("make_transport", [ThreadingTransport, _shared_memory_transport],
+@pytest.mark.parametrize("make_transport", [ThreadingTransport, echo_shared_memory_transport],
                          ids=["threads", "shared_memory"])
 def test_a_new_server_keeps_the_transport_an_old_one_let_go(make_transport):
     transport = make_transport()

@@ -31,7 +31,7 @@ from batchserve import (
     SharedMemoryTransport,
     ThreadingTransport,
 )
-from conftest import BlockingModel, echo_model, echoes, request
+from conftest import BlockingModel, echo_model, echo_shared_memory_transport, echoes, request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,9 +45,7 @@ def transport(request):
     if request.param == "threads":
         yield ThreadingTransport()
         return
-    spec = TensorDict({"id": torch.zeros((), dtype=torch.long), "observation": torch.zeros(4)})
-    response = TensorDict({"echo": torch.zeros((), dtype=torch.long)})
-    shm = SharedMemoryTransport(spec, response, num_slots=16)
+    shm = echo_shared_memory_transport(num_slots=16)
     yield shm
     shm.close()
 
@@ -64,6 +62,16 @@ def echo_of(result) -> int:
     return result["echo"].item()
 
 
+def only_the_poisoned_batch_fails(server, transport, match: str) -> None:
+    """A request with a negative id raises `match`; the next is served."""
+    client = transport.client()
+    with pytest.raises(ValueError, match=match):
+        client(request(-1))
+    assert echo_of(client(request(5))) == 5
+    assert server.is_alive
+    assert server.stats()["failed_batches"] == 1
+
+
 # -- the model, collate_fn and weight sync fail -------------------------------------
 
 
@@ -74,12 +82,7 @@ def test_model_raises_an_exception(transport):
         return echo_model(td)
 
     with InferenceServer(model, transport, max_batch_size=1) as server:
-        client = transport.client()
-        with pytest.raises(ValueError, match="poisoned batch"):
-            client(request(-1))
-        assert echo_of(client(request(5))) == 5
-        assert server.is_alive
-        assert server.stats()["failed_batches"] == 1
+        only_the_poisoned_batch_fails(server, transport, "poisoned batch")
 
 
 @pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
@@ -113,12 +116,7 @@ def test_collate_fn_raises(transport):
     with InferenceServer(
         echo_model, transport, max_batch_size=1, collate_fn=fragile_collate
     ) as server:
-        client = transport.client()
-        with pytest.raises(ValueError, match="poisoned"):
-            client(request(-1))
-        assert echo_of(client(request(2))) == 2
-        assert server.is_alive
-        assert server.stats()["failed_batches"] == 1
+        only_the_poisoned_batch_fails(server, transport, "poisoned")
 
 
 class _FailingReceive:
@@ -162,13 +160,8 @@ def test_caller_times_out_and_the_result_arrives_later(transport):
     # Before any server: the request is withdrawn and never reaches a model.
     with pytest.raises(TimeoutError, match="withdrawn"):
         client(request(1), timeout=0.05)
-    model = BlockingModel()
-
-    def blocking(td):
-        model(td)
-        return recording(td)
-
-    with InferenceServer(blocking, transport, max_batch_size=1) as server:
+    model = BlockingModel(then=recording)
+    with InferenceServer(model, transport, max_batch_size=1) as server:
         # Taken into a forward, then abandoned: its result arrives later.
         # (A loaded machine may not take it within the caller's second: that
         # one is withdrawn, and the next try is taken.)

@@ -220,13 +220,8 @@ def test_timeouts_withdraw_or_abandon_and_keep_no_slot():
     client = transport.client()
     with pytest.raises(queue.Empty, match="withdrawn"):  # as torchrl's; also a TimeoutError
         client(request(1), timeout=0.05)  # no server: never taken
-    model = BlockingModel()
-
-    def blocking(td):
-        model(td)
-        return double_model(td)
-
-    with InferenceServer(blocking, transport, max_batch_size=8):
+    model = BlockingModel(then=double_model)
+    with InferenceServer(model, transport, max_batch_size=8):
         with pytest.raises(TimeoutError, match="already being served"):
             client(request(2), timeout=0.5)
         assert model.entered.is_set()
@@ -566,13 +561,8 @@ def test_32_processes_lose_and_misroute_nothing(forkserver):
 @pytest.mark.parametrize("server_timeout", [0.001, 600.0])
 def test_killed_actor_does_not_keep_its_slot(forkserver, server_timeout):
     transport = make_transport(num_slots=2)
-    model = BlockingModel()
-
-    def blocking(td):
-        model(td)
-        return double_model(td)
-
-    with InferenceServer(blocking, transport, max_batch_size=8, timeout=server_timeout):
+    model = BlockingModel(then=double_model)
+    with InferenceServer(model, transport, max_batch_size=8, timeout=server_timeout):
         started = forkserver.Event()
         child = forkserver.Process(target=call_and_hang, args=(transport.client(), started))
         child.start()
@@ -586,13 +576,8 @@ def test_killed_actor_does_not_keep_its_slot(forkserver, server_timeout):
 
 def test_a_forked_child_dropping_inherited_futures_leaves_them_to_the_parent():
     transport = make_transport(num_slots=8)
-    model = BlockingModel()
-
-    def blocking(td):
-        model(td)
-        return double_model(td)
-
-    with InferenceServer(blocking, transport, max_batch_size=1):
+    model = BlockingModel(then=double_model)
+    with InferenceServer(model, transport, max_batch_size=1):
         client = transport.client()
         futures = [client.submit(request(i)) for i in range(4)]
         assert model.entered.wait(30)  # request 0 in the forward, 1..3 queued
