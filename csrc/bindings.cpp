@@ -33,6 +33,7 @@
 #include "row_copy.h"
 #include "shared_slots.h"
 #include "staging.h"
+#include "weight_banks.h"
 
 namespace py = pybind11;
 
@@ -1763,6 +1764,58 @@ PYBIND11_MODULE(_core, m) {
       .def("result", &SlotClient::result, py::arg("pending"), py::arg("timeout") = py::none())
       .def("done", &SlotClient::done, py::arg("pending"))
       .def("cancel", &SlotClient::cancel, py::arg("pending"));
+
+  // Weight banks (csrc/weight_banks.h): the shared-memory segment that
+  // WeightPublisher and SharedMemoryWeightReceiver (python/batchserve/
+  // _weight_banks.py) share. The tensor copies in and out are torch's.
+  static py::exception<WeightLayoutMismatch> layout_mismatch(m, "WeightLayoutMismatch",
+                                                             PyExc_ValueError);
+  py::register_exception<WeightRoleHeld>(m, "WeightRoleHeld", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const WeightLayoutMismatch& e) {  // args: (message, the segment's layout text)
+      PyErr_SetObject(layout_mismatch.ptr(), py::make_tuple(e.what(), e.existing_layout).ptr());
+    }
+  });
+  py::enum_<WeightRole>(m, "WeightRole")
+      .value("publisher", WeightRole::kPublisher)
+      .value("receiver", WeightRole::kReceiver);
+  py::class_<WeightBanks, std::shared_ptr<WeightBanks>>(m, "WeightBanks", py::buffer_protocol())
+      .def_static(
+          "open",
+          [](const std::string& name, const std::string& layout, uint64_t bank_bytes,
+             WeightRole role, double timeout) {
+            GilRelease released;  // may wait for a creator to finish setting it up
+            return WeightBanks::open(name, layout, bank_bytes, role, timeout);
+          },
+          py::arg("name"), py::arg("layout"), py::arg("bank_bytes"), py::arg("role"),
+          py::arg("timeout") = 5.0)
+      .def_buffer([](WeightBanks& b) {
+        return py::buffer_info(b.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {1});
+      })
+      .def("back", &WeightBanks::back)
+      .def("publish", &WeightBanks::publish, py::arg("version"))
+      .def("acquire", &WeightBanks::acquire)
+      .def("newest", &WeightBanks::newest)
+      .def(
+          "wait_for_publication",
+          [](WeightBanks& b, uint64_t seen, std::optional<double> timeout) {
+            GilRelease released;
+            return b.wait_for_publication(seen, timeout ? *timeout : -1.0);
+          },
+          py::arg("seen"), py::arg("timeout") = py::none())
+      .def("bank_publication", &WeightBanks::bank_publication, py::arg("bank"))
+      .def("bank_version", &WeightBanks::bank_version, py::arg("bank"))
+      .def("bank_offset", &WeightBanks::bank_offset, py::arg("bank"))
+      .def("role_held_elsewhere", &WeightBanks::role_held_elsewhere, py::arg("role"))
+      .def("release", &WeightBanks::release)
+      .def_property_readonly("bank_bytes", &WeightBanks::bank_bytes)
+      .def_property_readonly("published", &WeightBanks::published)
+      .def_property_readonly("last_version", &WeightBanks::last_version)
+      .def_property_readonly("name", &WeightBanks::name)
+      .def_property_readonly("size", &WeightBanks::size);
 
   py::class_<PendingSlot>(m, "PendingSlot")
       .def_readonly("slot", &PendingSlot::slot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import multiprocessing as mp
 import threading
 
 import pytest
@@ -59,6 +60,15 @@ def echo_shared_memory_transport(num_slots: int = 16) -> SharedMemoryTransport:
     spec = TensorDict({"id": torch.zeros((), dtype=torch.long), "observation": torch.zeros(4)})
     response = TensorDict({"echo": torch.zeros((), dtype=torch.long)})
     return SharedMemoryTransport(spec, response, num_slots=num_slots)
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A multiprocessing context whose children start from a server process
+    that has torch, tensordict and batchserve imported already."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tensordict", "batchserve"])
+    return ctx
 
 
 @pytest.fixture

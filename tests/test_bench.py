@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("rich", reason="the bench extra is not installed")
 
-from batchserve.bench import cli, metrics, report, scenario, schedule  # noqa: E402
+from batchserve.bench import cli, metrics, report, scenario, schedule, systems  # noqa: E402
 from batchserve.bench.runner import measure  # noqa: E402
 from batchserve.bench.systems import BenchError  # noqa: E402
 
@@ -224,3 +224,27 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
         assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
     assert set(result["overhead_us"]) == {"batchserve"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_the_weight_sync_scenario_runs_every_system(tmp_path, capsys):
+    """benchmarks/weight_sync's engine, scaled down: each system serves,
+    applies the trainer's updates and measures their latency."""
+    small = tmp_path / "tiny_weight_sync.toml"
+    small.write_text(
+        'kind = "weight_sync"\nobservation = 8\nhidden = [32]\nactions = 2\nactors = 2\n'
+        "update_hz = 20.0\nduration = 0.4\nrounds = 1\nsettle = 0.1\nwarmup = 0.1\n"
+    )
+    out = tmp_path / "ws.json"
+    vs = ["--vs", "torchrl"] if systems.torchrl_available() else []
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(small), "--no-progress", "--json", str(out), *vs])
+    assert exit_.value.code == 0, capsys.readouterr()
+    (run,) = json.loads(out.read_text())["weight_syncs"]
+    names = [r["system"] for r in run["results"]]
+    assert names == ["batchserve", "batchserve-inproc", *(["torchrl-shared", "torchrl-mp"] if vs else [])]
+    for r in run["results"]:
+        assert r["errors"] == [], r
+        assert r["updates_published"] >= 1 and r["updates_applied"] >= 1
+        assert r["updates_measured"] >= 1 and r["update_latency_us"]["p50"] > 0
+    assert "latency p50" in capsys.readouterr().out

@@ -139,13 +139,6 @@ def run_actors(ctx, transport, processes: int, per_actor: int) -> None:
     assert all(p.exitcode == 0 for p in procs)
 
 
-@pytest.fixture(scope="module")
-def forkserver():
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "tensordict", "batchserve"])
-    return ctx
-
-
 # -- in one process -------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from batchserve._core import QueueFull, ServerClosedError
 from batchserve._server import InferenceServer
 from batchserve._shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve._threading import ThreadingTransport
+from batchserve._weight_banks import SharedMemoryWeightReceiver, WeightPublisher
 from batchserve._transport import InferenceClient, InferenceTransport
 
 __version__ = "0.1.0"
@@ -28,7 +29,9 @@ __all__ = [
     "ServerClosedError",
     "SharedMemoryClient",
     "SharedMemoryTransport",
+    "SharedMemoryWeightReceiver",
     "ThreadingTransport",
+    "WeightPublisher",
 ]
 
 

@@ -79,6 +79,31 @@ def _is_scheme(weight_sync, name: str) -> bool:
     return cls is not None and isinstance(weight_sync, cls)
 
 
+class _ApplyUnderModelLock:
+    """Wraps the weight strategy of a torchrl scheme whose own receiver
+    thread applies updates (SharedMemWeightSyncScheme and its subclass
+    MultiProcessWeightSyncScheme): each in-place apply runs under the
+    server's model lock, between batches, and bumps the version in the same
+    critical section, so no forward sees a half-applied update or new
+    weights stamped with the old version. The scheme's cascade into
+    ``update_policy_weights_`` that follows is then not counted again."""
+
+    def __init__(self, strategy, server: InferenceServer):
+        self._strategy, self._server = strategy, server
+
+    def __getattr__(self, name):
+        return getattr(self._strategy, name)
+
+    def apply_weights(self, destination, weights, inplace=True):
+        server = self._server
+        with server._model_lock:
+            self._strategy.apply_weights(destination, weights, inplace=inplace)
+            if inplace and weights is not None:  # an update; connect()'s first apply is not
+                server._mark_weight_update()
+                with server._version_lock:
+                    server._cascades_to_skip += 1
+
+
 def _transport_named(name: str | None):
     """The transport a torchrl-style selector names; in-process kinds only."""
     if name in (None, "auto", "thread", "threading"):
@@ -158,8 +183,11 @@ class InferenceServer:
         policy_device: alias of ``device`` (torchrl's newer name).
         output_device (torch.device or str, optional): where results go
             before they are handed back.
-        weight_sync: a torchrl ``WeightSyncScheme`` (or any object with its
-            receiver methods) polled for new weights between batches.
+        weight_sync: where new weights come from, polled between batches:
+            a :class:`~batchserve.SharedMemoryWeightReceiver` (a trainer
+            process publishing with :class:`~batchserve.WeightPublisher`),
+            or a torchrl ``WeightSyncScheme`` (or any object with its
+            receiver methods).
         weight_sync_model_id (str, optional): model id used to initialise
             ``weight_sync`` on the receiver side. Default: ``"policy"``.
         policy_version (int, optional): initial policy version stamped on
@@ -305,6 +333,7 @@ class InferenceServer:
         self._model_lock = threading.RLock()
         self._lifecycle_lock = threading.Lock()
         self._version_lock = threading.Lock()
+        self._cascades_to_skip = 0  # see _ApplyUnderModelLock
         self._fast: FastPath | None = None
         self._worker: threading.Thread | None = None
         self._last_worker: threading.Thread | None = None  # may outlive a shutdown
@@ -366,20 +395,32 @@ class InferenceServer:
         """The policy version stamped on results."""
         return self._policy_version
 
-    def _mark_weight_update(self, version: int | None = None) -> None:
+    def _mark_weight_update(
+        self, version: int | None = None, locked_since_ns: int | None = None
+    ) -> None:
+        """Bumps (or sets) the policy version; `locked_since_ns`: when the
+        model lock was taken to copy the update in (stats: apply time)."""
         with self._version_lock:
             self._policy_version = (
                 self._policy_version + 1 if version is None else int(version)
             )
-        self._stats.record_weight_update()
+        apply_ms = None
+        if locked_since_ns is not None:
+            apply_ms = (_core.monotonic_ns() - locked_since_ns) / 1e6
+        self._stats.record_weight_update(apply_ms)
 
     def update_policy_weights_(self, model_id=None, policy_or_weights=None, **kwargs):
         """Weight-sync cascade hook: records one applied update.
 
         torchrl's schemes call this on their ``context`` after applying
         weights; the server installs itself as the context of a torchrl
-        scheme that has none, so the version bumps exactly once per update.
+        scheme that has none, so the version bumps exactly once per update
+        (an update applied under the model lock was counted already).
         """
+        with self._version_lock:
+            if self._cascades_to_skip:
+                self._cascades_to_skip -= 1
+                return
         self._mark_weight_update()
 
     def update_model(
@@ -432,20 +473,30 @@ class InferenceServer:
         served = served_tensors(self.model, weights)
         check_weights(served, given)
         with self._model_lock:
+            locked_ns = _core.monotonic_ns()
             copy_weights(served, given)
-            self._mark_weight_update(version)
+            self._mark_weight_update(version, locked_ns)
             return self._policy_version
 
     def _init_weight_sync(self) -> None:
         ws = self.weight_sync
         if ws is None:
             return
-        if _is_scheme(ws, "WeightSyncScheme") and getattr(ws, "context", None) is None:
-            ws.context = self
         if not getattr(ws, "initialized_on_receiver", False):
             ws.init_on_receiver(
                 model_id=self._weight_sync_model_id, model=self.model, worker_idx=0
             )
+        # After init_on_receiver: on a scheme set up as a sender in this
+        # process (the trainer's child holds the sending end), it resets the
+        # scheme, context included.
+        if _is_scheme(ws, "WeightSyncScheme") and getattr(ws, "context", None) is None:
+            ws.context = self
+        if (
+            _is_scheme(ws, "SharedMemWeightSyncScheme")
+            and ws.context is self
+            and not isinstance(getattr(ws, "_strategy", None), (_ApplyUnderModelLock, type(None)))
+        ):
+            ws._strategy = _ApplyUnderModelLock(ws._strategy, self)
         if not getattr(ws, "synchronized_on_receiver", False):
             ws.connect(worker_idx=0)
 
@@ -453,24 +504,34 @@ class InferenceServer:
         ws = self.weight_sync
         if ws is None or passive:
             return
-        with self._model_lock:
-            try:
-                weights = ws.receive(timeout=0.0)
-            except Exception:
-                # The model keeps its previous weights and serving goes on;
-                # the failure is counted in stats() and logged (with its
-                # traceback at most every _WEIGHT_SYNC_LOG_INTERVAL_S).
-                self._stats.record_weight_sync_error()
-                now = time.monotonic()
-                if now >= self._next_weight_sync_log:
-                    self._next_weight_sync_log = now + _WEIGHT_SYNC_LOG_INTERVAL_S
-                    _log.exception(
-                        "batchserve: weight_sync.receive() failed (%d failures so far)",
-                        self._stats.weight_sync_errors,
-                    )
+        try:
+            stage = getattr(ws, "stage_update", None)
+            if stage is not None:
+                # batchserve's receiver: take the newest version and start its
+                # device copies outside the lock; hold the lock only to apply.
+                staged = stage()
+                if staged is not None:
+                    with self._model_lock:
+                        locked_ns = _core.monotonic_ns()
+                        staged.apply()
+                        self._mark_weight_update(staged.version, locked_ns)
                 return
-            if weights is not None and getattr(ws, "context", None) is not self:
-                self._mark_weight_update()
+            with self._model_lock:
+                weights = ws.receive(timeout=0.0)
+                if weights is not None and getattr(ws, "context", None) is not self:
+                    self._mark_weight_update()
+        except Exception:
+            # The model keeps its previous weights and serving goes on;
+            # the failure is counted in stats() and logged (with its
+            # traceback at most every _WEIGHT_SYNC_LOG_INTERVAL_S).
+            self._stats.record_weight_sync_error()
+            now = time.monotonic()
+            if now >= self._next_weight_sync_log:
+                self._next_weight_sync_log = now + _WEIGHT_SYNC_LOG_INTERVAL_S
+                _log.exception(
+                    "batchserve: weight_sync failed to receive (%d failures so far)",
+                    self._stats.weight_sync_errors,
+                )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -645,7 +706,9 @@ class InferenceServer:
         ``p50/p95/p99_queue_ms`` (submission to dispatch),
         ``p50/p95/p99_forward_ms`` (collation, forward and hand-back
         preparation), ``batch_size_histogram`` (size -> batches),
-        ``policy_version``, ``weight_updates``, ``weight_sync_errors``.
+        ``policy_version``, ``weight_updates``, ``weight_sync_errors``,
+        ``p50/max_weight_apply_ms`` (how long copying an update in held the
+        model lock, for ``update_weights`` and batchserve's receiver).
 
         Args:
             reset (bool, optional): clear the counters after the snapshot.

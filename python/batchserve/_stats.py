@@ -42,6 +42,7 @@ class ServerStats:
         self._failed_batches = 0
         self._weight_updates = 0
         self._weight_sync_errors = 0
+        self._weight_apply_ms = collections.deque(maxlen=self._window_size)
         self._histogram: collections.Counter = collections.Counter()
         self._queue_ms = collections.deque(maxlen=self._window_size)
         self._forward_ms = collections.deque(maxlen=self._window_size)
@@ -60,9 +61,13 @@ class ServerStats:
         with self._lock:
             self._failed_batches += 1
 
-    def record_weight_update(self) -> None:
+    def record_weight_update(self, apply_ms: float | None = None) -> None:
+        """One applied update; `apply_ms`: how long it held the model lock
+        (what a forward could wait for), where the server copied it in."""
         with self._lock:
             self._weight_updates += 1
+            if apply_ms is not None:
+                self._weight_apply_ms.append(apply_ms)
 
     def record_weight_sync_error(self) -> None:
         with self._lock:
@@ -77,6 +82,7 @@ class ServerStats:
             elapsed = max(time.monotonic() - self._started, 1e-12)
             queue_ms = list(self._queue_ms)
             forward_ms = list(self._forward_ms)
+            apply_ms = list(self._weight_apply_ms)
             result = {
                 "requests": self._requests,
                 "fast_path_requests": self._fast_path_requests,
@@ -95,6 +101,8 @@ class ServerStats:
                 "policy_version": policy_version,
                 "weight_updates": self._weight_updates,
                 "weight_sync_errors": self._weight_sync_errors,
+                "p50_weight_apply_ms": percentile(apply_ms, 0.50),
+                "max_weight_apply_ms": max(apply_ms) if apply_ms else float("nan"),
             }
             if reset:
                 self._clear()

@@ -37,8 +37,14 @@ def served_tensors(model, weights) -> dict[str, torch.Tensor]:
     return model.state_dict(keep_vars=True)
 
 
-def check_weights(served: dict, given: dict) -> None:
-    """Raises ValueError naming the first parameters that do not fit."""
+def check_weights(
+    served: dict,
+    given: dict,
+    who: str = "update_weights",
+    outcome: str = "The served model is unchanged.",
+) -> None:
+    """Raises ValueError naming the first parameters that do not fit, as
+    ``"{who}: ... {outcome}"``."""
     missing = [k for k in served if k not in given]
     unexpected = [k for k in given if k not in served]
     if missing or unexpected:
@@ -47,18 +53,17 @@ def check_weights(served: dict, given: dict) -> None:
             parts.append(f"missing {', '.join(map(repr, missing))}")
         if unexpected:
             parts.append(f"unexpected {', '.join(map(repr, unexpected))}")
-        raise ValueError(f"update_weights: {'; '.join(parts)}. The served model is unchanged.")
+        raise ValueError(f"{who}: {'; '.join(parts)}. {outcome}")
     for name, current in served.items():
         value = given[name]
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"update_weights: {name!r} is a {type(value).__name__}, not a tensor. "
-                "The served model is unchanged."
+                f"{who}: {name!r} is a {type(value).__name__}, not a tensor. {outcome}"
             )
         if value.shape != current.shape or value.dtype != current.dtype:
             raise ValueError(
-                f"update_weights: {name!r} is {value.dtype} {list(value.shape)}; the served "
-                f"model's is {current.dtype} {list(current.shape)}. The served model is unchanged."
+                f"{who}: {name!r} is {value.dtype} {list(value.shape)}; expected "
+                f"{current.dtype} {list(current.shape)}. {outcome}"
             )
 
 

@@ -31,12 +31,9 @@ using batchserve::SlotWait;
 using batchserve_test::kLongWait;
 using batchserve_test::monotonic_ns;
 using batchserve_test::poll_until;
+using batchserve_test::fork_child;
 using batchserve_test::tagged_id;
-
-std::string unique_name() {
-  static std::atomic<int> counter{0};
-  return "/bs-cpptest-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
-}
+using batchserve_test::unique_name;
 
 // A segment of `n` slots, an 8-byte request leaf and response leaves of
 // `response_leaf_bytes` (one of 8 bytes unless told), unlinked when the test
@@ -370,18 +367,6 @@ TEST(SharedSlots, SubmitAfterCloseIsWithdrawn) {
   EXPECT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kClosed);
   EXPECT_EQ(slots.ready_count(), 0u);
   EXPECT_EQ(slots.slot(s).state.load(), SlotHeader::kIdle);
-}
-
-// Forks a child that runs `body` (in the child: async-signal-safe work,
-// then it waits to be killed or exits).
-template <typename Body>
-pid_t fork_child(Body&& body) {
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    body();
-    for (;;) ::pause();
-  }
-  return pid;
 }
 
 TEST(SharedSlots, SlotsOfKilledClientsAreReaped) {

@@ -8,12 +8,14 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -144,6 +146,28 @@ template <typename Wait>
     return ::testing::AssertionFailure()
            << "the wait returned true after " << elapsed_ns << " ns";
   return ran_to_timeout(elapsed_ns, timeout_ns);
+}
+
+// ---------------------------------------------------------------- processes
+
+// A shared-memory name of this process's own ("/bs-cpptest-<pid>-<n>"), so
+// parallel ctest runs never meet.
+inline std::string unique_name() {
+  static std::atomic<int> counter{0};
+  return "/bs-cpptest-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+// Forks a child that runs `body`, then waits to be killed (or `body` calls
+// _exit itself). Fork while no other thread of the test runs, or keep `body`
+// to async-signal-safe work.
+template <typename Body>
+pid_t fork_child(Body&& body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    body();
+    for (;;) ::pause();
+  }
+  return pid;
 }
 
 // ---------------------------------------------------------------- requests

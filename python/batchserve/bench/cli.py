@@ -5,6 +5,7 @@
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS drift, stalls
+    batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
 """
 
 from __future__ import annotations
@@ -195,55 +196,81 @@ def run(args, parser) -> int:
     return 0
 
 
-def soak_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, str]]:
-    """The soak scenario files named (``kind = "soak"``); a soak runs alone."""
+# Scenario files with a `kind` run on their own, through their own module.
+_KINDS = ("soak", "weight_sync")
+
+
+def kind_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, str]]:
+    """The scenario files named that have a ``kind`` (soak, weight_sync);
+    such a scenario runs alone."""
     found = []
     for name in args.scenarios:
         try:
             data, default_name = scenarios.read(name)
         except FileNotFoundError:
             continue  # resolve_scenarios reports it
-        if data.get("kind") == "soak":
+        if data.get("kind") in _KINDS:
             found.append((data, default_name))
-    if found and len(found) != len(args.scenarios):
-        parser.error("a soak scenario runs on its own, not with throughput scenarios")
+    if found and (len(found) != len(args.scenarios)
+                  or len({data["kind"] for data, _ in found}) != 1):
+        parser.error(f"a {found[0][0]['kind']} scenario runs on its own, not with other scenarios")
     return found
 
 
-def run_soaks(args, parser, found: list[tuple[dict, str]]) -> int:
-    """Runs soak scenarios; exit status 1 when one lost, duplicated or
-    misrouted a request (or hung)."""
+def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
+    """Runs soak or weight_sync scenarios; exit status 1 when a soak lost,
+    duplicated or misrouted a request (or hung), or an actor of a
+    weight_sync run failed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from batchserve.bench import soak
+    kind = found[0][0]["kind"]
+    if kind == "soak":
+        from batchserve.bench import soak as module
 
-    allowed = {"requests", "json", "no_progress", "scenarios", "vs"}
+        allowed, usage = {"requests"}, "--requests, --json and --no-progress"
+    else:
+        from batchserve.bench import weight_sync as module
+
+        allowed, usage = {"duration", "device"}, "--duration, --device, --vs, --json and --no-progress"
+    allowed |= {"json", "no_progress", "scenarios", "vs"}
     used = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
-    if used or args.vs != "none":
-        parser.error("a soak scenario takes only --requests, --json and --no-progress")
+    if used or (kind == "soak" and args.vs != "none"):
+        parser.error(f"a {kind} scenario takes only {usage}")
     err = Console(stderr=True)
     outcomes, failed = [], False
     for data, default_name in found:
-        overrides = {"requests": args.requests} if args.requests is not None else {}
+        overrides = {k: getattr(args, k) for k in allowed & {"requests", "duration", "device"}
+                     if getattr(args, k) is not None}
         try:
-            config = soak.load_config({"name": default_name, **data}, **overrides)
+            config = module.load_config({"name": default_name, **data}, **overrides)
         except (ValueError, TypeError) as exc:
-            parser.error(f"soak scenario {default_name}: {exc}")
+            parser.error(f"{kind} scenario {default_name}: {exc}")
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                             console=err, disable=args.no_progress, transient=True)
         with progress:
-            task = progress.add_task(f"{config.name}: {config.requests:,} requests", total=1.0)
-            outcome = soak.run_soak(config, progress_cb=lambda f: progress.update(task, completed=f))
-        print(soak.format_report(outcome))
-        failed = failed or bool(soak.failures(outcome))
+            if kind == "soak":
+                task = progress.add_task(f"{config.name}: {config.requests:,} requests", total=1.0)
+                outcome = module.run_soak(
+                    config, progress_cb=lambda f: progress.update(task, completed=f))
+            else:
+                systems = list(module.BATCHSERVE_SYSTEMS)
+                if args.vs == "torchrl":
+                    if not torchrl_available():
+                        parser.error("--vs torchrl needs torchrl: pip install torchrl")
+                    systems += module.TORCHRL_SYSTEMS
+                task = progress.add_task(config.name, total=len(systems))
+                outcome = module.run(config, systems, progress_cb=lambda name, i: progress.update(
+                    task, completed=i, description=f"{config.name}: {name}"))
+        print(module.format_report(outcome))
+        failed = failed or bool(module.failures(outcome))
         outcomes.append(outcome)
     machine = report.machine()
     print(f"{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']}, "
           f"tensordict {machine['tensordict']}")
     if args.json:
         report.write_json(args.json, {"command": ["batchserve-bench", *sys.argv[1:]],
-                                      "machine": machine, "soaks": outcomes})
+                                      "machine": machine, kind + "s": outcomes})
         print(f"wrote {args.json}")
     return 1 if failed else 0
 
@@ -251,5 +278,5 @@ def run_soaks(args, parser, found: list[tuple[dict, str]]) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    found = soak_scenarios(parser, args)
-    sys.exit(run_soaks(args, parser, found) if found else run(args, parser))
+    found = kind_scenarios(parser, args)
+    sys.exit(run_kind(args, parser, found) if found else run(args, parser))

@@ -136,6 +136,17 @@ def from_mapping(data: dict, default_name: str = "scenario") -> Scenario:
     return Scenario(**data).validate()
 
 
+def config_of(cls, data: dict, label: str, **overrides):
+    """A ``kind`` scenario's dataclass (soak, weight_sync) from its file's
+    fields and command-line overrides, validated; unknown fields are an
+    error naming them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {label} field(s): {', '.join(unknown)}")
+    return dataclasses.replace(cls(**data), **overrides).validate()
+
+
 def packaged_names() -> list[str]:
     try:
         return sorted(f[: -len(".toml")] for f in os.listdir(PACKAGED) if f.endswith(".toml"))

@@ -49,6 +49,7 @@ from tensordict import LazyStackedTensorDict, TensorDict
 
 from batchserve import InferenceServer, ServerClosedError, SharedMemoryTransport, ThreadingTransport
 from batchserve.bench.metrics import latency_summary
+from batchserve.bench.scenario import config_of
 from batchserve.bench.runner import _rss_mb
 
 # The outcomes of one actor's submissions, as the actor counted them.
@@ -98,11 +99,7 @@ class SoakConfig:
 
 
 def load_config(data: dict, **overrides) -> SoakConfig:
-    known = {f.name for f in dataclasses.fields(SoakConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown soak field(s): {', '.join(unknown)}")
-    return dataclasses.replace(SoakConfig(**data), **overrides).validate()
+    return config_of(SoakConfig, data, "soak", **overrides)
 
 
 # -- ids and the model ---------------------------------------------------------------
