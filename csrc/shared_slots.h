@@ -151,6 +151,15 @@ class SharedSlots {
       ::shm_unlink(name.c_str());
       throw std::system_error(err, std::generic_category(), "ftruncate " + name);
     }
+    // Reserve the memory now: a /dev/shm too small would otherwise show at
+    // the first write to a slot, as SIGBUS.
+    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total)); err != 0) {
+      ::close(fd);
+      ::shm_unlink(name.c_str());
+      throw std::system_error(err, std::generic_category(),
+                              name + " needs " + std::to_string(total) +
+                                  " bytes of shared memory (/dev/shm)");
+    }
     std::shared_ptr<SharedSlots> out;
     try {
       out = std::shared_ptr<SharedSlots>(new SharedSlots(name, fd, total));

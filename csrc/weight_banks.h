@@ -131,12 +131,16 @@ class WeightBanks {
   // -- the publisher ---------------------------------------------------------
 
   // The bank to write the next version into.
-  int back() const { return state_back(header()->state.load(std::memory_order_acquire)); }
+  int back() const {
+    check_holder();
+    return state_back(header()->state.load(std::memory_order_acquire));
+  }
 
   // Publishes the back bank (fully written by now) as `version`; returns its
   // publication number. Wait-free for practical purposes: the CAS only
   // retries while the receiver swaps front and middle.
   uint64_t publish(int64_t version) {
+    check_holder();
     WeightBankHeader* h = header();
     // One more than any number given so far, also by a publisher killed
     // between its CAS and its store of `published`.
@@ -148,12 +152,14 @@ class WeightBanks {
     const int b = state_back(s);
     h->bank_publication[b].store(number, std::memory_order_relaxed);
     h->bank_version[b].store(version, std::memory_order_relaxed);
+    // Before the swap: a publisher killed right after it must not leave the
+    // next one a stale last version to number from (a repeat); a gap is fine.
+    h->last_version.store(version, std::memory_order_relaxed);
     uint32_t next;
     do {
       next = make_state(state_middle(s), state_back(s), state_front(s), true);
     } while (!h->state.compare_exchange_weak(s, next, std::memory_order_acq_rel,
                                              std::memory_order_relaxed));
-    h->last_version.store(version, std::memory_order_relaxed);
     h->published.store(number, std::memory_order_release);
     h->publication_event.notify_all();
     return number;
@@ -165,6 +171,7 @@ class WeightBanks {
   // and returns the front bank. Check bank_publication(front) to see
   // whether it holds anything new (0: nothing was ever published).
   int acquire() {
+    check_holder();
     WeightBankHeader* h = header();
     uint32_t s = h->state.load(std::memory_order_acquire);
     while (state_fresh(s)) {
@@ -246,6 +253,15 @@ class WeightBanks {
     return add_saturating(monotonic_ns(), seconds_to_ns(timeout_s));
   }
 
+  // The role is this process's: a copy inherited by a forked child must not
+  // write or take banks behind its parent's back.
+  void check_holder() const {
+    if (me_ == 0 || static_cast<uint32_t>(me_) != static_cast<uint32_t>(::getpid()))
+      throw std::runtime_error("weights '" + name_ + "': this object holds no role in process " +
+                               std::to_string(::getpid()) +
+                               " (released, or inherited through fork())");
+  }
+
   static size_t align(size_t n) { return (n + 4095) & ~size_t{4095}; }
 
   // nullptr when the segment already exists.
@@ -265,6 +281,15 @@ class WeightBanks {
       ::close(fd);
       ::shm_unlink(name.c_str());
       throw std::system_error(err, std::generic_category(), "ftruncate " + name);
+    }
+    // ftruncate leaves the segment sparse: a /dev/shm too small for it would
+    // show only at the first write to a bank, as SIGBUS. Reserve it now.
+    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total)); err != 0) {
+      ::close(fd);
+      ::shm_unlink(name.c_str());
+      throw std::system_error(err, std::generic_category(),
+                              "weights '" + name + "' need " + std::to_string(total) +
+                                  " bytes of shared memory (/dev/shm)");
     }
     std::shared_ptr<WeightBanks> out;
     try {

@@ -395,3 +395,121 @@ def test_a_cuda_model_gets_its_weights_through_a_side_stream():
                 assert wait_for_version(client, v) == (v, float(v))
             assert receiver._registered is not None  # the banks are page-locked
     receiver.close()
+
+
+# -- what the review of issue 8 found ------------------------------------------------
+
+
+def test_a_receiver_moves_with_its_server_and_a_new_server_gets_the_newest_version():
+    """A receiver reused by a new server (another model, or the same one
+    after close()) applies the newest version to that server's model before
+    its first batch; the previous model keeps its own copy of the weights."""
+    name = segment_name()
+    receiver = SharedMemoryWeightReceiver(name)
+    first, second = policy_at(0), policy_at(0)
+    with WeightPublisher(name, policy_at(0)) as publisher:
+        transport = ThreadingTransport()
+        with InferenceServer(first, transport, weight_sync=receiver, timeout=0.005):
+            publisher.publish(policy_at(3))
+            assert wait_for_version(transport.client(), 1) == (1, 3.0)
+        publisher.publish(policy_at(4))
+        for model in (second, second):  # another model, then the same one again after close()
+            transport = ThreadingTransport()
+            with InferenceServer(model, transport, weight_sync=receiver, timeout=0.005) as server:
+                assert served(transport.client()) == (2, 4.0)  # from its first batch
+                assert server.stats()["weight_updates"] == 1
+            receiver.close()
+        publisher.publish(policy_at(5))
+    assert first.module.weight.eq(3.0).all() and second.module.weight.eq(4.0).all()
+
+
+def test_versions_only_go_up_and_a_closed_publisher_says_so():
+    name = segment_name()
+    publisher = WeightPublisher(name, policy_at(0))
+    assert publisher.publish(version=7) == 7
+    for stale in (7, 5):
+        with pytest.raises(ValueError, match=f"version {stale} is not newer than the last published, 7"):
+            publisher.publish(version=stale)
+    assert publisher.publish() == 8
+    publisher.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        publisher.publish()
+    receiver = SharedMemoryWeightReceiver(name)
+    with pytest.raises(RuntimeError, match="is not open"):
+        receiver.receive()
+
+
+def publish_in_forked_child(publisher, outcome):
+    try:
+        publisher.publish(policy_at(9))
+        outcome.put("published")
+    except RuntimeError as exc:
+        outcome.put(str(exc))
+
+
+def test_a_publisher_inherited_through_fork_cannot_publish():
+    import multiprocessing as mp
+
+    name = segment_name()
+    fork = mp.get_context("fork")
+    with WeightPublisher(name, policy_at(0)) as publisher:
+        outcome = fork.Queue()
+        child = fork.Process(target=publish_in_forked_child, args=(publisher, outcome))
+        child.start()
+        message = outcome.get(timeout=60)
+        child.join(60)
+        assert "holds no role in process" in message
+        assert publisher.version is None  # nothing was published
+        assert publisher.publish() == 1  # the parent still can
+
+
+def test_segments_are_removed_at_exit_without_close(tmp_path):
+    """Publisher and receiver left open by a script that exits normally."""
+    import subprocess
+    import sys
+
+    name = segment_name()
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import torch\n"
+        "from batchserve import SharedMemoryWeightReceiver, WeightPublisher\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        f"publisher = WeightPublisher({name!r}, model)\n"
+        "publisher.publish()\n"
+        f"receiver = SharedMemoryWeightReceiver({name!r})\n"
+        "receiver.init_on_receiver(model=torch.nn.Linear(4, 2))\n"
+        "assert receiver.receive() == 1\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_too_little_shared_memory_is_an_error_not_a_crash(tmp_path):
+    """A /dev/shm smaller than three copies of the weights (Docker's default
+    is 64 MiB) refuses the publisher with the size needed; it used to be a
+    SIGBUS at the first publish. Needs a private mount namespace to shrink
+    /dev/shm in: skipped where unshare is not allowed."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True
+    ).returncode != 0:
+        pytest.skip("unshare -m is not allowed here")
+    script = tmp_path / "small_shm.py"
+    script.write_text(
+        "import torch\n"
+        "from batchserve import WeightPublisher\n"
+        "try:\n"
+        "    WeightPublisher('batchserve-test-small', torch.nn.Linear(1024, 2048)).publish()\n"
+        "except RuntimeError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    run = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o size=16m tmpfs /dev/shm && {sys.executable} {script}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "need 25198592 bytes of shared memory" in run.stdout

@@ -54,8 +54,10 @@ def test_a_state_dict_works_too_and_may_live_on_another_device_or_be_shared():
         (lambda sd: sd.update({"module.weight": torch.zeros(3, 4)}), r"'module.weight' is torch.float32 \[3, 4\]"),
         (lambda sd: sd.update({"module.bias": torch.zeros(2, dtype=torch.float64)}), r"'module.bias' is torch.float64"),
         (lambda sd: sd.update({"module.bias": [0.0, 0.0]}), r"'module.bias' is a list"),
+        (lambda sd: sd.update({"module.bias": torch.zeros(2, device="meta")}), r"'module.bias' is a meta tensor"),
+        (lambda sd: sd.update({"module.bias": torch.zeros(2).to_sparse()}), r"'module.bias' is a torch.sparse_coo tensor"),
     ],
-    ids=["missing", "unexpected", "shape", "dtype", "not-a-tensor"],
+    ids=["missing", "unexpected", "shape", "dtype", "not-a-tensor", "meta", "sparse"],
 )
 def test_a_bad_update_is_refused_naming_the_parameter_and_changes_nothing(change, match):
     policy = make_policy()
@@ -138,3 +140,53 @@ def test_every_result_carries_the_version_that_computed_it(make_transport):
     assert problems == []
     if isinstance(transport, SharedMemoryTransport):
         transport.close()
+
+
+class TiedPolicy(nn.Module):
+    """Two layers sharing one weight, a persistent and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.register_buffer("scale", torch.ones(4))
+        self.register_buffer("cache", torch.zeros(4), persistent=False)
+
+    def forward(self, observation):
+        return self.b(self.a(observation)) * self.scale + self.cache
+
+
+def test_tied_parameters_and_non_persistent_buffers_in_every_form():
+    """A state_dict or TensorDict.from_module names a tied weight twice and
+    (from_module) carries non-persistent buffers: both are accepted, the
+    weight is copied once, and the server's non-persistent buffers stay."""
+    policy = TensorDictModule(TiedPolicy(), in_keys=["observation"], out_keys=["action"])
+    transport = ThreadingTransport()
+    with InferenceServer(policy, transport) as server:
+        for source in (lambda m: m.state_dict(), TensorDict.from_module):
+            other = TensorDictModule(TiedPolicy(), in_keys=["observation"], out_keys=["action"])
+            other.module.cache.fill_(5.0)  # not the server's to take
+            server.update_weights(source(other))
+            assert torch.equal(policy.module.a.weight, other.module.a.weight)
+            assert policy.module.b.weight is policy.module.a.weight  # still tied
+            assert policy.module.cache.eq(0.0).all()
+    assert server.policy_version == 2
+
+
+class _Strategy:
+    def apply_weights(self, destination, weights, inplace=True):
+        pass
+
+
+def test_a_torchrl_strategy_wrapped_by_a_server_pickles_as_itself():
+    """A scheme whose strategy the server wrapped (to apply under its model
+    lock) can still be sent to a new trainer process: the wrapper pickles as
+    the plain strategy, without the server."""
+    import pickle
+
+    from batchserve._server import _ApplyUnderModelLock
+
+    with InferenceServer(make_policy(), ThreadingTransport()) as server:
+        wrapped = _ApplyUnderModelLock(_Strategy(), server)
+        assert type(pickle.loads(pickle.dumps(wrapped))) is _Strategy

@@ -21,7 +21,7 @@ from batchserve._batch_source import NativeBatches, batches_for
 from batchserve._collate import default_collate, interaction_context
 from batchserve._fast_path import FastPath, schema_from_spec
 from batchserve._stats import ServerStats
-from batchserve._weights import check_weights, copy_weights, flat_weights, served_tensors
+from batchserve._weights import check_weights, copy_weights, flat_weights, model_weights
 
 _log = logging.getLogger("batchserve")
 
@@ -79,6 +79,10 @@ def _is_scheme(weight_sync, name: str) -> bool:
     return cls is not None and isinstance(weight_sync, cls)
 
 
+def _plain_strategy(strategy):
+    return strategy
+
+
 class _ApplyUnderModelLock:
     """Wraps the weight strategy of a torchrl scheme whose own receiver
     thread applies updates (SharedMemWeightSyncScheme and its subclass
@@ -92,7 +96,14 @@ class _ApplyUnderModelLock:
         self._strategy, self._server = strategy, server
 
     def __getattr__(self, name):
+        if name in ("_strategy", "_server"):  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self._strategy, name)
+
+    def __reduce__(self):
+        # A scheme sent to another process (a restarted trainer) carries the
+        # plain strategy: the server and its lock stay here.
+        return _plain_strategy, (self._strategy,)
 
     def apply_weights(self, destination, weights, inplace=True):
         server = self._server
@@ -470,8 +481,8 @@ class InferenceServer:
                 ``nn.Module``.
         """
         given = flat_weights(weights)
-        served = served_tensors(self.model, weights)
-        check_weights(served, given)
+        served, skipped = model_weights(self.model)
+        check_weights(served, given, skipped)
         with self._model_lock:
             locked_ns = _core.monotonic_ns()
             copy_weights(served, given)
@@ -482,23 +493,42 @@ class InferenceServer:
         ws = self.weight_sync
         if ws is None:
             return
-        if not getattr(ws, "initialized_on_receiver", False):
+        if hasattr(ws, "stage_update"):
+            # batchserve's receiver: (re)bound to this server's model at each
+            # start, so the newest version is applied before the first batch.
+            ws.init_on_receiver(model_id=self._weight_sync_model_id, model=self.model, worker_idx=0)
+        elif not getattr(ws, "initialized_on_receiver", False):
             ws.init_on_receiver(
                 model_id=self._weight_sync_model_id, model=self.model, worker_idx=0
             )
-        # After init_on_receiver: on a scheme set up as a sender in this
-        # process (the trainer's child holds the sending end), it resets the
-        # scheme, context included.
-        if _is_scheme(ws, "WeightSyncScheme") and getattr(ws, "context", None) is None:
-            ws.context = self
-        if (
-            _is_scheme(ws, "SharedMemWeightSyncScheme")
-            and ws.context is self
-            and not isinstance(getattr(ws, "_strategy", None), (_ApplyUnderModelLock, type(None)))
-        ):
-            ws._strategy = _ApplyUnderModelLock(ws._strategy, self)
+        if _is_scheme(ws, "WeightSyncScheme"):
+            self._bind_scheme(ws)
         if not getattr(ws, "synchronized_on_receiver", False):
             ws.connect(worker_idx=0)
+
+    def _bind_scheme(self, ws) -> None:
+        """Makes this server the context of a torchrl scheme: after
+        init_on_receiver, which resets a scheme set up as a sender in this
+        process (the trainer's child holds the sending end), context
+        included. A scheme bound to an earlier server of the same model
+        moves to this one; one bound to another model is refused (its
+        receiver thread would go on updating that model)."""
+        context = getattr(ws, "context", None)
+        if isinstance(context, InferenceServer) and context is not self:
+            if getattr(ws, "model", self.model) is not self.model:
+                raise ValueError(
+                    "this weight_sync scheme applies weights to another server's model; "
+                    "give each server (and model) a scheme of its own"
+                )
+            ws.context = context = None
+        if context is None:
+            ws.context = self
+        if _is_scheme(ws, "SharedMemWeightSyncScheme") and ws.context is self:
+            strategy = getattr(ws, "_strategy", None)
+            if isinstance(strategy, _ApplyUnderModelLock):
+                strategy._server = self
+            elif strategy is not None:
+                ws._strategy = _ApplyUnderModelLock(strategy, self)
 
     def _poll_weight_sync(self, passive: bool) -> None:
         ws = self.weight_sync

@@ -14,27 +14,26 @@ Either side may start first. The segment lives while either holds it.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from batchserve import _core
-from batchserve._weights import check_weights, flat_weights
+from batchserve._weights import check_weights, flat_weights, model_weights, without_aliases
 
 _ALIGN = 64  # bytes between tensors in a bank
 
 
-def _model_tensors(model) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of a module, by dotted name."""
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def _named_tensors(source) -> dict[str, torch.Tensor]:
+def _weights_of(source, who: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A module's, TensorDict's or state_dict's tensors by dotted name (each
+    tensor once), and the names to skip (see ``_weights.model_weights``)."""
     if isinstance(source, torch.nn.Module):
-        return _model_tensors(source)
-    tensors = flat_weights(source)
+        return model_weights(source, who)
+    tensors = flat_weights(source, who)
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name!r} is a {type(value).__name__}, not a tensor")
-    return tensors
+            raise ValueError(f"{who}: {name!r} is a {type(value).__name__}, not a tensor")
+    return without_aliases(tensors), set()
 
 
 class _Layout:
@@ -131,18 +130,27 @@ class WeightPublisher:
     def __init__(self, name: str, weights, *, timeout: float = 5.0):
         self.name = name
         self._source = weights
-        self._layout = _Layout(_named_tensors(weights))
+        tensors, self._skipped = _weights_of(weights, "WeightPublisher")
+        self._layout = _Layout(tensors)
         self._banks = _open_banks(
             name, self._layout, _core.WeightRole.publisher, timeout,
             ours="the publisher's weights", theirs="the server's model",
         )
+        # At interpreter exit too: the last holder removes the segment.
+        self._release = weakref.finalize(self, self._banks.release)
         self._views = [self._layout.views(self._banks, b) for b in range(3)]
+
+    def _open_banks(self):
+        if self._banks is None:
+            raise RuntimeError(f"WeightPublisher {self.name!r} is closed")
+        return self._banks
 
     @property
     def version(self) -> int | None:
         """The version last published under this name (by any publisher),
         or ``None`` before the first."""
-        return self._banks.last_version if self._banks.published else None
+        banks = self._open_banks()
+        return banks.last_version if banks.published else None
 
     @torch.no_grad()
     def publish(self, weights=None, *, version: int | None = None) -> int:
@@ -153,21 +161,30 @@ class WeightPublisher:
                 given at construction; ``None`` publishes the object given
                 then, as it is now.
             version (int, optional, keyword-only): the version the server
-                stamps on results from these weights; ``None`` adds one to
-                the last published (the first is ``1``).
+                stamps on results from these weights, newer than the last
+                published; ``None`` adds one to the last (the first is ``1``).
 
         Raises:
             ValueError: a parameter is missing, unexpected, or of another
-                shape or dtype (named); nothing is published.
+                shape or dtype (named), or ``version`` is not newer than the
+                last published; nothing is published.
         """
-        given = _named_tensors(self._source if weights is None else weights)
-        target = self._views[self._banks.back()]
-        check_weights(target, given, "WeightPublisher.publish", "Nothing was published.")
+        banks = self._open_banks()
+        who, outcome = "WeightPublisher.publish", "Nothing was published."
+        last = self.version
+        if version is None:
+            version = (last or 0) + 1
+        elif last is not None and int(version) <= last:
+            raise ValueError(
+                f"{who}: version {int(version)} is not newer than the last published, "
+                f"{last} (versions only go up for a server's callers). {outcome}"
+            )
+        given, _ = _weights_of(self._source if weights is None else weights, who)
+        target = self._views[banks.back()]
+        check_weights(target, given, self._skipped, who, outcome)
         for name, view in target.items():
             view.copy_(given[name])
-        if version is None:
-            version = (self.version or 0) + 1
-        self._banks.publish(int(version))
+        banks.publish(int(version))
         return int(version)
 
     def close(self) -> None:
@@ -175,7 +192,7 @@ class WeightPublisher:
         server holds it either."""
         self._views = []
         if self._banks is not None:
-            self._banks.release()
+            self._release()
             self._banks = None
 
     def __enter__(self) -> WeightPublisher:
@@ -275,7 +292,10 @@ class SharedMemoryWeightReceiver:
 
     def init_on_receiver(self, *, model_id=None, model=None, worker_idx=None, **kwargs) -> None:
         """Open the segment for the served ``model`` (creating it if the
-        trainer has not yet)."""
+        trainer has not yet). Called by every server start: the newest
+        version is then applied (again) before the first batch, so a new
+        server stamps what its model holds; a receiver moved to another
+        model leaves the previous one its own copy of the weights."""
         if model is None and kwargs.get("context") is not None:
             model = getattr(kwargs["context"], "model", None)
         if not isinstance(model, torch.nn.Module):
@@ -283,12 +303,19 @@ class SharedMemoryWeightReceiver:
                 "SharedMemoryWeightReceiver needs the served model to be an nn.Module; "
                 f"got {type(model).__name__}"
             )
-        self._targets = _model_tensors(model)
+        self._applied, self._applied_version = 0, None
+        if self._banks is not None:
+            if model is self._model:
+                return
+            self.close()
+        self._model = model
+        self._targets, _ = model_weights(model, "SharedMemoryWeightReceiver")
         self._layout = _Layout(self._targets)
         self._banks = _open_banks(
             self.name, self._layout, _core.WeightRole.receiver, self._timeout,
             ours="the server's model", theirs="the publisher's weights",
         )
+        self._release = weakref.finalize(self, self._banks.release)
         self._views = [self._layout.views(self._banks, b) for b in range(3)]
         self._device_copies = {
             name: torch.empty_like(t) for name, t in self._targets.items() if t.is_cuda
@@ -307,6 +334,14 @@ class SharedMemoryWeightReceiver:
         taken before the server's first batch."""
         self.synchronized_on_receiver = True
 
+    def _open_banks(self):
+        if self._banks is None:
+            raise RuntimeError(
+                f"SharedMemoryWeightReceiver {self.name!r} is not open: a server opens it "
+                "(init_on_receiver) when it starts"
+            )
+        return self._banks
+
     def receive(self, timeout: float | None = 0.0) -> int | None:
         """Apply the newest version if it was not yet; return its version,
         or ``None`` when there was none within ``timeout`` seconds (``None``:
@@ -315,7 +350,7 @@ class SharedMemoryWeightReceiver:
         for the last copy."""
         staged = self.stage_update()
         if staged is None and timeout != 0.0:
-            self._banks.wait_for_publication(self._applied, timeout)
+            self._open_banks().wait_for_publication(self._applied, timeout)
             staged = self.stage_update()
         if staged is None:
             return None
@@ -327,7 +362,7 @@ class SharedMemoryWeightReceiver:
     def stage_update(self) -> _StagedWeights | None:
         """A version newer than the one applied, staged for ``apply()`` (its
         device copies started), or ``None`` when there is nothing new."""
-        banks = self._banks
+        banks = self._open_banks()
         if self._serve_from_banks:
             newest = banks.bank_publication(banks.newest())
             if newest == 0 or newest == self._applied:
@@ -377,14 +412,15 @@ class SharedMemoryWeightReceiver:
         if self._registered is not None:
             self._registered()
             self._registered = None
-        if self._serve_from_banks and self._applied:
+        if self._serve_from_banks and self._banks is not None:
             with torch.no_grad():  # the model keeps its weights, in its own memory
                 for target in self._targets.values():
                     target.data = target.data.clone()
         self._views = []
         if self._banks is not None:
-            self._banks.release()
+            self._release()
             self._banks = None
+        self._model = None
         self.initialized_on_receiver = self.synchronized_on_receiver = False
 
     shutdown = close  # torchrl's scheme method name
@@ -400,6 +436,7 @@ class SharedMemoryWeightReceiver:
     _registered = None
     _pending_events = {}
     _serve_from_banks = False
+    _model = None
 
 
 def _page_lock(banks):
