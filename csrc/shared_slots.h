@@ -56,6 +56,7 @@
 #include "futex.h"
 #include "parking.h"
 #include "process_identity.h"
+#include "shm_segment.h"
 #include "request_queue.h"
 #include "row_copy.h"
 
@@ -145,21 +146,7 @@ class SharedSlots {
 
     const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
     if (fd < 0) throw std::system_error(errno, std::generic_category(), "shm_open " + name);
-    if (::ftruncate(fd, static_cast<off_t>(total)) != 0) {
-      const int err = errno;
-      ::close(fd);
-      ::shm_unlink(name.c_str());
-      throw std::system_error(err, std::generic_category(), "ftruncate " + name);
-    }
-    // Reserve the memory now: a /dev/shm too small would otherwise show at
-    // the first write to a slot, as SIGBUS.
-    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total)); err != 0) {
-      ::close(fd);
-      ::shm_unlink(name.c_str());
-      throw std::system_error(err, std::generic_category(),
-                              name + " needs " + std::to_string(total) +
-                                  " bytes of shared memory (/dev/shm)");
-    }
+    size_new_segment(fd, name, total);
     std::shared_ptr<SharedSlots> out;
     try {
       out = std::shared_ptr<SharedSlots>(new SharedSlots(name, fd, total));
@@ -501,13 +488,8 @@ class SharedSlots {
   }
 
  private:
-  SharedSlots(std::string name, int fd, size_t size) : name_(std::move(name)), size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    const int err = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) throw std::system_error(err, std::generic_category(), "mmap " + name_);
-    base_ = static_cast<uint8_t*>(p);
-  }
+  SharedSlots(std::string name, int fd, size_t size)
+      : name_(std::move(name)), base_(map_segment(fd, size, name_)), size_(size) {}
 
   void bind() {
     n_ = header()->num_slots;

@@ -50,6 +50,7 @@
 
 #include "parking.h"
 #include "process_identity.h"
+#include "shm_segment.h"
 
 namespace batchserve {
 
@@ -237,13 +238,8 @@ class WeightBanks {
   }
 
  private:
-  WeightBanks(std::string name, int fd, size_t size) : name_(std::move(name)), size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    const int err = errno;
-    ::close(fd);
-    if (p == MAP_FAILED) throw std::system_error(err, std::generic_category(), "mmap " + name_);
-    base_ = static_cast<uint8_t*>(p);
-  }
+  WeightBanks(std::string name, int fd, size_t size)
+      : name_(std::move(name)), base_(map_segment(fd, size, name_)), size_(size) {}
 
   WeightBankHeader* header() const { return reinterpret_cast<WeightBankHeader*>(base_); }
 
@@ -276,21 +272,7 @@ class WeightBanks {
       if (errno == EEXIST) return nullptr;
       throw std::system_error(errno, std::generic_category(), "shm_open " + name);
     }
-    if (::ftruncate(fd, static_cast<off_t>(total)) != 0) {
-      const int err = errno;
-      ::close(fd);
-      ::shm_unlink(name.c_str());
-      throw std::system_error(err, std::generic_category(), "ftruncate " + name);
-    }
-    // ftruncate leaves the segment sparse: a /dev/shm too small for it would
-    // show only at the first write to a bank, as SIGBUS. Reserve it now.
-    if (const int err = ::posix_fallocate(fd, 0, static_cast<off_t>(total)); err != 0) {
-      ::close(fd);
-      ::shm_unlink(name.c_str());
-      throw std::system_error(err, std::generic_category(),
-                              "weights '" + name + "' need " + std::to_string(total) +
-                                  " bytes of shared memory (/dev/shm)");
-    }
+    size_new_segment(fd, name, total);
     std::shared_ptr<WeightBanks> out;
     try {
       out = std::shared_ptr<WeightBanks>(new WeightBanks(name, fd, total));

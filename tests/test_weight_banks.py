@@ -512,4 +512,4 @@ def test_too_little_shared_memory_is_an_error_not_a_crash(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    assert "need 25198592 bytes of shared memory" in run.stdout
+    assert "needs 25198592 bytes of shared memory" in run.stdout

@@ -573,6 +573,23 @@ void receive_until(WeightBanks& recv, Seen& seen, uint64_t n, const std::atomic<
   }
 }
 
+// One thread publishes n numbered versions through `publisher`, another
+// takes them through `receiver`; checks that every bank taken was whole and
+// the numbers only went up, to n.
+void publish_and_receive_in_threads(WeightBanks& publisher, WeightBanks& receiver, uint64_t n) {
+  Seen seen;
+  std::atomic<bool> published_all{false};
+  std::thread receiving([&] { receive_until(receiver, seen, n, published_all); });
+  const bool numbers_ok = publish_numbers(publisher, n);
+  published_all.store(true, std::memory_order_relaxed);
+  receiving.join();
+  EXPECT_TRUE(numbers_ok);
+  EXPECT_EQ(seen.errors, 0u) << seen.first_error;
+  EXPECT_EQ(seen.last, n);
+  EXPECT_GE(seen.distinct, 1u);
+  ::testing::Test::RecordProperty("publications_taken", std::to_string(seen.distinct));
+}
+
 // Publisher and receiver threads through ONE mapping of the segment (the
 // publisher's object; the receiver's object only holds its role). Through
 // one mapping ThreadSanitizer sees every bank byte and the state word at the
@@ -587,17 +604,7 @@ TEST(WeightBanksStress, ThreadsNeverSeeATornBankOneMapping) {
   auto pub = open_banks(shm.name, kPublisher, kStressLayout, kStressBytes);
   auto recv_role = open_banks(shm.name, kReceiver, kStressLayout, kStressBytes);
   WeightBanks& banks = *pub;
-  Seen seen;
-  std::atomic<bool> published_all{false};
-  std::thread receiver([&] { receive_until(banks, seen, kN, published_all); });
-  const bool numbers_ok = publish_numbers(banks, kN);
-  published_all.store(true, std::memory_order_relaxed);
-  receiver.join();
-  EXPECT_TRUE(numbers_ok);
-  EXPECT_EQ(seen.errors, 0u) << seen.first_error;
-  EXPECT_EQ(seen.last, kN);
-  EXPECT_GE(seen.distinct, 1u);
-  RecordProperty("publications_taken", std::to_string(seen.distinct));
+  publish_and_receive_in_threads(banks, banks, kN);
   EXPECT_EQ(banks.published(), kN);
   EXPECT_EQ(banks.last_version(), version_of(kN));
 }
@@ -609,17 +616,7 @@ TEST(WeightBanksStress, ThreadsNeverSeeATornBankTwoMappings) {
   ShmName shm;
   auto pub = open_banks(shm.name, kPublisher, kStressLayout, kStressBytes);
   auto recv = open_banks(shm.name, kReceiver, kStressLayout, kStressBytes);
-  Seen seen;
-  std::atomic<bool> published_all{false};
-  std::thread receiver([&] { receive_until(*recv, seen, kN, published_all); });
-  const bool numbers_ok = publish_numbers(*pub, kN);
-  published_all.store(true, std::memory_order_relaxed);
-  receiver.join();
-  EXPECT_TRUE(numbers_ok);
-  EXPECT_EQ(seen.errors, 0u) << seen.first_error;
-  EXPECT_EQ(seen.last, kN);
-  EXPECT_GE(seen.distinct, 1u);
-  RecordProperty("publications_taken", std::to_string(seen.distinct));
+  publish_and_receive_in_threads(*pub, *recv, kN);
 }
 
 // The publisher in a child process, the receiver in this one.
