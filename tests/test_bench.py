@@ -79,6 +79,23 @@ def test_shipped_scenarios_load(name):
     assert loaded.actor_counts and loaded.rounds >= 1
 
 
+def test_every_shipped_scenario_file_loads():
+    """Each benchmarks/*.toml loads: the throughput ones as scenarios, the
+    ones with a ``kind`` through their kind's own config."""
+    from batchserve.bench import ray_actors, soak, weight_sync
+
+    kinds = {"soak": soak, "weight_sync": weight_sync, "ray": ray_actors}
+    names = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".toml"))
+    assert "ray.toml" in names
+    for name in names:
+        data, default_name = scenario.read(os.path.join(ROOT, "benchmarks", name))
+        if "kind" in data:
+            assert data["kind"] in cli._KINDS, name
+            kinds[data["kind"]].load_config({"name": default_name, **data})
+        else:
+            scenario.load(os.path.join(ROOT, "benchmarks", name))
+
+
 def test_bad_scenarios_are_rejected(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('actors = "fibers"\n')
@@ -248,3 +265,32 @@ def test_the_weight_sync_scenario_runs_every_system(tmp_path, capsys):
         assert r["updates_published"] >= 1 and r["updates_applied"] >= 1
         assert r["updates_measured"] >= 1 and r["update_latency_us"]["p50"] > 0
     assert "latency p50" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_the_ray_scenario_runs_every_system(tmp_path, capsys):
+    """benchmarks/ray's engine, scaled down: Ray actors call each system's
+    server (in this process through its Ray transport, or hosted in a Ray
+    actor)."""
+    pytest.importorskip("ray")
+    small = tmp_path / "tiny_ray.toml"
+    small.write_text(
+        'kind = "ray"\nobservation = 8\nhidden = [32]\nactions = 2\nactor_counts = [3]\n'
+        "duration = 0.5\nwarmup = 0.3\nrounds = 1\nnum_cpus = 2\n"
+    )
+    out = tmp_path / "ray.json"
+    vs = ["--vs", "torchrl"] if systems.torchrl_available() else []
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(small), "--num-actors", "2", "--no-progress", "--json", str(out), *vs])
+    assert exit_.value.code == 0, capsys.readouterr()
+    (run,) = json.loads(out.read_text())["rays"]
+    assert [(r["system"], r["actors"]) for r in run["results"]] == [
+        ("batchserve", 2), ("batchserve-hosted", 2), *([("torchrl", 2)] if vs else [])]
+    for r in run["results"]:
+        assert r["errors"] == [], r
+        assert r["requests"] > 0 and r["requests_per_s"] > 0
+        assert 0 < r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
+        assert r["mean_batch_size"] >= 1
+    assert "req/s" in capsys.readouterr().out
+    code, err = _exit_code([str(small), "--obs", "float32:4"], capsys)
+    assert code == 2 and "takes only" in err.err

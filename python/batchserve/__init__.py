@@ -13,6 +13,7 @@ transports run under :class:`batchserve.InferenceServer`.
 """
 
 from batchserve._core import QueueFull, ServerClosedError
+from batchserve._ray import RayClient, RayServer, RayTransport, serve_on_ray
 from batchserve._server import InferenceServer
 from batchserve._shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve._threading import ThreadingTransport
@@ -26,12 +27,16 @@ __all__ = [
     "InferenceServer",
     "InferenceTransport",
     "QueueFull",
+    "RayClient",
+    "RayServer",
+    "RayTransport",
     "ServerClosedError",
     "SharedMemoryClient",
     "SharedMemoryTransport",
     "SharedMemoryWeightReceiver",
     "ThreadingTransport",
     "WeightPublisher",
+    "serve_on_ray",
 ]
 
 

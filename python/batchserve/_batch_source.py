@@ -27,13 +27,15 @@ _MAX_WAIT_S = 0.1
 
 
 class NativeBatches:
-    """Batches from a transport whose queue is the C++ core. ``on_close``
-    (optional) runs when the server stops taking requests (a shared-memory
-    transport removes its segment's name then)."""
+    """Batches from a transport whose queue is the C++ core. ``on_open`` and
+    ``on_close`` (optional) run when the server starts and stops taking
+    requests (a shared-memory transport removes its segment's name at close;
+    a Ray transport starts and stops bringing in its remote requests)."""
 
-    def __init__(self, queue, on_close=None):
+    def __init__(self, queue, on_close=None, on_open=None):
         self._queue = queue
         self._on_close = on_close
+        self._on_open = on_open
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
         """Applies at once, even to a server asleep in next_batch()."""
@@ -53,6 +55,8 @@ class NativeBatches:
 
     def open(self) -> None:
         self._queue.reopen()
+        if self._on_open is not None:
+            self._on_open()
 
     def close(self) -> None:
         self._queue.close()
@@ -224,5 +228,9 @@ def batches_for(transport):
     """The batch source that fits ``transport``."""
     queue = getattr(transport, "_queue", None)
     if isinstance(queue, _core.RequestQueue):
-        return NativeBatches(queue, getattr(transport, "_server_stopped", None))
+        return NativeBatches(
+            queue,
+            getattr(transport, "_server_stopped", None),
+            getattr(transport, "_server_started", None),
+        )
     return ProtocolBatches(transport)

@@ -6,6 +6,7 @@
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS drift, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
+    batchserve-bench benchmarks/ray --vs torchrl    # Ray actors: RayTransport vs torchrl's
 """
 
 from __future__ import annotations
@@ -197,11 +198,11 @@ def run(args, parser) -> int:
 
 
 # Scenario files with a `kind` run on their own, through their own module.
-_KINDS = ("soak", "weight_sync")
+_KINDS = ("soak", "weight_sync", "ray")
 
 
 def kind_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, str]]:
-    """The scenario files named that have a ``kind`` (soak, weight_sync);
+    """The scenario files named that have a ``kind`` (soak, weight_sync, ray);
     such a scenario runs alone."""
     found = []
     for name in args.scenarios:
@@ -218,9 +219,9 @@ def kind_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, st
 
 
 def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
-    """Runs soak or weight_sync scenarios; exit status 1 when a soak lost,
-    duplicated or misrouted a request (or hung), or an actor of a
-    weight_sync run failed."""
+    """Runs soak, weight_sync or ray scenarios; exit status 1 when a soak
+    lost, duplicated or misrouted a request (or hung), or an actor of a
+    weight_sync or ray run failed."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -229,10 +230,22 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
         from batchserve.bench import soak as module
 
         allowed, usage = {"requests"}, "--requests, --json and --no-progress"
+    elif kind == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            parser.error('a ray scenario needs Ray: pip install "batchserve[ray]"')
+        from batchserve.bench import ray_actors as module
+
+        allowed = {"duration", "warmup", "rounds", "num_actors", "max_batch_size", "timeout",
+                   "torch_threads"}
+        usage = ("--duration, --warmup, --rounds, --num-actors, --max-batch-size, --timeout, "
+                 "--torch-threads, --vs, --json and --no-progress")
     else:
         from batchserve.bench import weight_sync as module
 
         allowed, usage = {"duration", "device"}, "--duration, --device, --vs, --json and --no-progress"
+    fields = {"num_actors": "actor_counts"}  # flag -> field, where they differ
     allowed |= {"json", "no_progress", "scenarios", "vs"}
     used = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
     if used or (kind == "soak" and args.vs != "none"):
@@ -240,7 +253,8 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
     err = Console(stderr=True)
     outcomes, failed = [], False
     for data, default_name in found:
-        overrides = {k: getattr(args, k) for k in allowed & {"requests", "duration", "device"}
+        overrides = {fields.get(k, k): getattr(args, k)
+                     for k in allowed - {"json", "no_progress", "scenarios", "vs"}
                      if getattr(args, k) is not None}
         try:
             config = module.load_config({"name": default_name, **data}, **overrides)
@@ -259,7 +273,8 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
                     if not torchrl_available():
                         parser.error("--vs torchrl needs torchrl: pip install torchrl")
                     systems += module.TORCHRL_SYSTEMS
-                task = progress.add_task(config.name, total=len(systems))
+                steps = getattr(module, "steps", lambda config, systems: len(systems))
+                task = progress.add_task(config.name, total=steps(config, systems))
                 outcome = module.run(config, systems, progress_cb=lambda name, i: progress.update(
                     task, completed=i, description=f"{config.name}: {name}"))
         print(module.format_report(outcome))

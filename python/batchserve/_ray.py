@@ -1,0 +1,474 @@
+"""Actors on a Ray cluster: :class:`RayTransport`, and a server hosted in a
+Ray actor (:func:`serve_on_ray`).
+
+A server hosted in a Ray actor is its own inbox: the actor is async, and a
+remote call puts the request in the server's C++ queue and awaits it there.
+
+For a server in a process that is no Ray actor (the driver, say), remote
+requests meet in an *inbox*, a small async Ray actor owned by the
+server's process. A client call is one actor call on the inbox, which holds
+it until its result comes back. In the server's process a pump thread takes
+the waiting requests from the inbox in bulk (one Ray call for up to
+``max_take`` of them) and submits each into the transport's C++ request
+queue, the one its local thread clients use too; a second thread hands the
+results back to the inbox in bulk. So requests from every node, and from
+local threads, are batched together by the same C++ core, and the server
+side makes two Ray calls per round of requests rather than two per request.
+
+Ray is imported when a Ray transport or server is made (``pip install
+"batchserve[ray]"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import pickle
+import queue
+import threading
+
+from batchserve import _core
+from batchserve._threading import ThreadingTransport
+
+_TAKE_WAIT_S = 0.05  # how long the pump's take() waits in the inbox for requests
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - exercised without ray
+        raise ImportError(
+            "batchserve's Ray support needs Ray: pip install \"batchserve[ray]\""
+        ) from exc
+    return ray
+
+
+class _Inbox:
+    """The Ray actor where remote calls wait for the server (async: each
+    waiting call is a coroutine, not a thread)."""
+
+    def __init__(self):
+        self._pending: collections.deque = collections.deque()  # (id, td)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._arrived: asyncio.Event | None = None
+        self._next_id = 0
+        self._closed: BaseException | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._arrived is None:  # made in the actor's event loop
+            self._arrived = asyncio.Event()
+        return self._arrived
+
+    async def call(self, td):
+        if self._closed is not None:
+            raise self._closed
+        future = asyncio.get_running_loop().create_future()
+        request_id = self._next_id
+        self._next_id += 1
+        self._waiting[request_id] = future
+        self._pending.append((request_id, td))
+        self._event().set()
+        try:
+            return await future
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def take(self, max_items: int, timeout: float) -> list:
+        """Up to ``max_items`` waiting requests, oldest first, waiting up to
+        ``timeout`` seconds for a first one."""
+        arrived = self._event()
+        if not self._pending:
+            try:
+                await asyncio.wait_for(arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        items = []
+        while self._pending and len(items) < max_items:
+            items.append(self._pending.popleft())
+        if not self._pending:
+            arrived.clear()
+        return items
+
+    async def resolve(self, outcomes: list) -> None:
+        """``outcomes``: (id, True, result) or (id, False, (pickled
+        exception, its text)) per request. An exception is unpickled here,
+        each on its own, so one this process cannot rebuild becomes a
+        RuntimeError with its text rather than failing the others."""
+        for request_id, ok, value in outcomes:
+            future = self._waiting.get(request_id)
+            if future is None or future.done():
+                continue  # its caller is gone, or it was failed at close
+            if ok:
+                future.set_result(value)
+                continue
+            payload, text = value
+            try:
+                error = pickle.loads(payload)
+            except Exception:
+                error = RuntimeError(text)
+            future.set_exception(error)
+
+    async def open(self) -> None:
+        self._closed = None
+
+    async def close(self, error: BaseException) -> None:
+        """Refuses later calls and fails the ones the server has not taken
+        with ``error``; the ones it took are answered as it finishes them."""
+        self._closed = error
+        while self._pending:
+            request_id, _ = self._pending.popleft()
+            future = self._waiting.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+    async def abort(self, error: BaseException) -> None:
+        """Fails every call still waiting (the transport is going away)."""
+        await self.close(error)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+
+def _portable(exc: BaseException) -> tuple[bytes, str]:
+    """``exc`` pickled (or, when it cannot be, a RuntimeError with its text),
+    and its text: the inbox unpickles it, falling back to that text."""
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        return pickle.dumps(exc), text
+    except Exception:
+        return pickle.dumps(RuntimeError(text)), text
+
+
+class _Pump:
+    """The server process's side of the inbox: brings remote requests into
+    the C++ queue and takes their results back, each in bulk.
+
+    ``stop()`` ends the intake at once; the hand-back goes on until every
+    request it brought in has its answer (served, or failed by the server's
+    shutdown), then ends too."""
+
+    def __init__(self, inbox, submit, max_take: int):
+        self._inbox, self._submit, self._max_take = inbox, submit, max_take
+        self._stop = threading.Event()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._unanswered = 0  # brought in, answer not yet handed back
+        self._intake = threading.Thread(
+            target=self._bring_in, daemon=True, name="batchserve-ray-intake")
+        self.hand_back = threading.Thread(
+            target=self._hand_back, daemon=True, name="batchserve-ray-results")
+
+    def start(self) -> None:
+        self._intake.start()
+        self.hand_back.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._outbox.put(None)  # wakes the hand-back to look at what is left
+        if self._intake is not threading.current_thread():
+            self._intake.join(5.0)
+
+    def _bring_in(self) -> None:
+        ray = _ray()
+        while not self._stop.is_set():
+            try:
+                items = ray.get(self._inbox.take.remote(self._max_take, _TAKE_WAIT_S))
+            except Exception:  # the inbox is gone (shut down, or its owner died)
+                return
+            for request_id, td in items:
+                with self._lock:
+                    self._unanswered += 1
+                try:
+                    future = self._submit(td)
+                except Exception as exc:  # closed, or a request the queue refuses
+                    self._outbox.put((request_id, False, _portable(exc)))
+                    continue
+                future.add_done_callback(functools.partial(self._finished, request_id))
+
+    def _finished(self, request_id: int, future) -> None:
+        exc = future.exception()
+        if exc is None:
+            self._outbox.put((request_id, True, future.result()))
+        else:
+            self._outbox.put((request_id, False, _portable(exc)))
+
+    def _done(self) -> bool:
+        with self._lock:
+            return self._stop.is_set() and self._unanswered == 0 and not self._intake.is_alive()
+
+    def _hand_back(self) -> None:
+        while not self._done():
+            try:
+                first = self._outbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            outcomes = [] if first is None else [first]
+            while True:  # everything finished meanwhile goes in the same call
+                try:
+                    more = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is not None:
+                    outcomes.append(more)
+            if not outcomes:
+                continue
+            with self._lock:
+                self._unanswered -= len(outcomes)
+            try:
+                self._inbox.resolve.remote(outcomes)
+            except Exception:  # the inbox is gone: nobody waits any more
+                return
+
+
+class RayClient:
+    """A client of a :class:`RayTransport` or of a server hosted by
+    :func:`serve_on_ray`: picklable into Ray tasks and actors on any node (it
+    holds the actor handle of the inbox, or of the hosting actor).
+
+    ``client(td)`` blocks for the result; ``client.submit(td)`` returns a
+    ``concurrent.futures.Future``; ``await client.acall(td)`` for asyncio.
+    Errors raised by the model reach the caller as the same exception type
+    (Ray's ``RayTaskError`` subclass of it); a server that went away raises
+    ``ray.exceptions.RayActorError`` (its inbox died with it) or
+    :class:`batchserve.ServerClosedError` (it was shut down).
+    """
+
+    def __init__(self, inbox):
+        self._inbox = inbox
+
+    def __call__(self, td, timeout: float | None = None):
+        """The result of one request; ``timeout``: ``ray.exceptions.GetTimeoutError``
+        (a ``TimeoutError``) after that many seconds, the request staying in
+        flight."""
+        return _ray().get(self._inbox.call.remote(td), timeout=timeout)
+
+    def submit(self, td):
+        """Send one request; returns a ``concurrent.futures.Future``."""
+        return self._inbox.call.remote(td).future()
+
+    async def acall(self, td):
+        """``await client.acall(td)``: the result, without blocking the loop."""
+        return await self._inbox.call.remote(td)
+
+
+class RayTransport(ThreadingTransport):
+    """A transport for actors on a Ray cluster (tasks or actors, on any
+    node), served by an :class:`~batchserve.InferenceServer` in this process.
+
+    ``client()`` returns a :class:`RayClient` to pass into Ray tasks and
+    actors; ``local_client()`` a client for threads of this process. Both
+    kinds of request go into the same C++ queue and are batched together.
+
+    Ray is started (``ray.init()``) if it is not running yet, and shut down
+    by :meth:`close` only then; a runtime started by the caller is left
+    running.
+
+    Args:
+        max_queue_size (int, optional): as for :class:`ThreadingTransport`.
+            Default: ``65536``.
+
+    Keyword Args:
+        request_spec (TensorDictBase, optional): as for
+            :class:`ThreadingTransport`.
+        max_take (int, optional): most remote requests brought in per Ray
+            call. Default: ``256``.
+
+    Example:
+        >>> transport = RayTransport()
+        >>> server = InferenceServer(policy, transport, max_batch_size=64).start()
+        >>> client = transport.client()
+        >>> ray.get([rollout.remote(client) for _ in range(64)])
+    """
+
+    def __init__(self, max_queue_size: int = 65536, *, request_spec=None, max_take: int = 256):
+        super().__init__(max_queue_size, request_spec=request_spec)
+        ray = _ray()
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            ray.init()
+        # num_cpus=0: waiting calls cost the cluster no CPU slot; many may wait.
+        self._inbox = ray.remote(num_cpus=0, max_concurrency=1_000_000)(_Inbox).remote()
+        self._max_take = max_take
+        self._pump: _Pump | None = None
+        self._draining: list[_Pump] = []  # stopped, still handing answers back
+        self._lock = threading.Lock()
+
+    def client(self) -> RayClient:
+        """A client for Ray tasks and actors (picklable)."""
+        return RayClient(self._inbox)
+
+    def local_client(self):
+        """A client for threads of this process (the same queue)."""
+        return super().client()
+
+    # The server's start and stop (batchserve._batch_source.NativeBatches).
+    def _server_started(self) -> None:
+        with self._lock:
+            if self._inbox is None:
+                raise _core.ServerClosedError("this RayTransport was closed")
+            _ray().get(self._inbox.open.remote())
+            if self._pump is None:
+                self._pump = _Pump(self._inbox, self.submit, self._max_take)
+                self._pump.start()
+
+    def _server_stopped(self) -> None:
+        """New remote calls are refused and those not yet brought in fail
+        with ServerClosedError; those brought in are answered as the server
+        ends them (its forward in progress may still finish)."""
+        with self._lock:
+            pump, self._pump = self._pump, None
+            inbox = self._inbox
+            self._draining = [p for p in self._draining if p.hand_back.is_alive()]
+            if pump is not None:
+                self._draining.append(pump)
+        if inbox is not None:
+            try:
+                inbox.close.remote(_core.ServerClosedError("the InferenceServer was shut down"))
+            except Exception:
+                pass
+        if pump is not None:
+            pump.stop()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving remote clients and release the inbox actor (and the
+        Ray runtime, if this transport started it). Answers still on their
+        way get up to ``timeout`` seconds to reach their callers."""
+        self._server_stopped()
+        with self._lock:
+            inbox, self._inbox = self._inbox, None
+            draining, self._draining = self._draining, []
+        for pump in draining:
+            pump.hand_back.join(timeout)
+        if inbox is not None:
+            ray = _ray()
+            try:
+                ray.get(inbox.abort.remote(_core.ServerClosedError("the RayTransport was closed")),
+                        timeout=timeout)
+                ray.kill(inbox)
+            except Exception:
+                pass
+            if self._started_ray and ray.is_initialized():
+                ray.shutdown()
+
+
+class _ServerActor:
+    """The Ray actor that hosts an InferenceServer (see :func:`serve_on_ray`).
+
+    It is its own inbox: an async actor whose ``call`` puts the request in a
+    ThreadingTransport's C++ queue and awaits its future, so a remote call
+    is one actor call, and the server's threads batch them. Its other
+    methods run in a thread, so the event loop keeps taking calls."""
+
+    def __init__(self, policy_factory, transport_kwargs: dict, server_kwargs: dict):
+        from batchserve._server import InferenceServer
+
+        self._transport = ThreadingTransport(**transport_kwargs)
+        self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
+        self._server.start()
+
+    async def call(self, td):
+        return await asyncio.wrap_future(self._transport.submit(td))
+
+    async def stats(self, reset: bool = False) -> dict:
+        return self._server.stats(reset=reset)
+
+    async def policy_version(self) -> int:
+        return self._server.policy_version
+
+    async def update_weights(self, weights, version=None) -> int:
+        return await asyncio.to_thread(self._server.update_weights, weights, version=version)
+
+    async def shutdown(self, timeout: float | None) -> None:
+        await asyncio.to_thread(self._server.shutdown, timeout=timeout)
+
+
+class RayServer:
+    """A handle on an InferenceServer running in a Ray actor (made by
+    :func:`serve_on_ray`): ``client()``, ``stats()``, ``update_weights()``,
+    ``policy_version`` and ``shutdown()`` reach it through the actor.
+    Picklable (it holds actor handles), so any Ray task can make clients."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def client(self) -> RayClient:
+        """A client for Ray tasks and actors, and for this process."""
+        return RayClient(self.actor)
+
+    def stats(self, reset: bool = False) -> dict:
+        return _ray().get(self.actor.stats.remote(reset))
+
+    @property
+    def policy_version(self) -> int:
+        return _ray().get(self.actor.policy_version.remote())
+
+    def update_weights(self, weights, *, version: int | None = None) -> int:
+        """``InferenceServer.update_weights`` on the hosted server."""
+        return _ray().get(self.actor.update_weights.remote(weights, version))
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Shut the server down (waiting callers get ``ServerClosedError``)
+        and end its actor, releasing what it holds. The Ray runtime stays."""
+        ray = _ray()
+        try:
+            ray.get(self.actor.shutdown.remote(timeout))
+        except Exception:  # it died already
+            pass
+        ray.kill(self.actor)
+
+    def __enter__(self) -> RayServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def serve_on_ray(
+    policy_factory,
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    actor_options: dict | None = None,
+    max_queue_size: int = 65536,
+    request_spec=None,
+    **server_kwargs,
+) -> RayServer:
+    """Start an :class:`~batchserve.InferenceServer` inside a Ray actor.
+
+    The policy is built there by ``policy_factory()`` (so it is made where it
+    runs: on a GPU node when ``num_gpus`` asks for one), and served through
+    the actor itself: a remote call is one call on the actor, which queues
+    it in the server's C++ queue. Returns a :class:`RayServer` handle.
+
+    Args:
+        policy_factory (Callable[[], model]): builds the served model (must
+            be picklable by Ray: a module-level function, a class, ...).
+
+    Keyword Args:
+        num_cpus, num_gpus (float, optional): the actor's resources.
+            Defaults: ``1`` and ``0``.
+        actor_options (dict, optional): more ``.options()`` for the actor
+            (``name``, ``scheduling_strategy``, ``runtime_env``...).
+        max_queue_size, request_spec: for the server's ThreadingTransport.
+        **server_kwargs: for the InferenceServer (``max_batch_size``,
+            ``timeout``, ``device``, ``weight_sync``...).
+
+    Example:
+        >>> server = serve_on_ray(make_policy, num_gpus=1, max_batch_size=256)
+        >>> client = server.client()
+        >>> ray.get([rollout.remote(client) for _ in range(512)])
+        >>> server.update_weights(TensorDict.from_module(trained))
+        >>> server.shutdown()
+    """
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init()
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1_000_000}
+    options.update(actor_options or {})
+    actor = ray.remote(_ServerActor).options(**options).remote(
+        policy_factory,
+        {"max_queue_size": max_queue_size, "request_spec": request_spec},
+        server_kwargs,
+    )
+    return RayServer(actor)
