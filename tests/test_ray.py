@@ -333,6 +333,39 @@ def test_shutdown_fails_waiting_and_later_remote_calls_and_close_frees_ray(ray_r
         client(request(5), timeout=DEADLINE_S)
     assert ray.is_initialized()
     wait_until(cpus_all_free, "the cluster's CPUs to be free")
+    # A closed transport cannot be served again, and says so at start().
+    with pytest.raises(ServerClosedError, match="was closed"):
+        server.start()
+    assert not server.is_alive
+    with pytest.raises(ServerClosedError):  # not accepted and left unserved
+        transport.local_client()(request(6), timeout=DEADLINE_S)
+
+
+class Unsendable:
+    """A value Ray cannot serialise (a result of a flagged request)."""
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle Unsendable")
+
+
+def unsendable_result_model(td):
+    out = echo_model(td)
+    if (td["id"] < 0).any():
+        out["extra"] = Unsendable()
+    return out
+
+
+def test_a_result_ray_cannot_send_fails_only_its_own_call(ray_transport):
+    with InferenceServer(unsendable_result_model, ray_transport, max_batch_size=8,
+                         timeout=0.005):
+        client = ray_transport.client()
+        with pytest.raises(TypeError, match="could not be sent back through Ray"):
+            client(request(-1), timeout=DEADLINE_S)
+        assert echo_calls_result(client, [1, 2, 3]) == [1, 2, 3]  # later calls still answered
+
+
+def echo_calls_result(client, ids):
+    return ray.get(echo_calls.remote(client, ids), timeout=DEADLINE_S)
 
 
 # -- a server in a Ray actor ----------------------------------------------------

@@ -56,7 +56,11 @@ class NativeBatches:
     def open(self) -> None:
         self._queue.reopen()
         if self._on_open is not None:
-            self._on_open()
+            try:
+                self._on_open()
+            except BaseException:
+                self._queue.close()  # nothing will serve what it would accept
+                raise
 
     def close(self) -> None:
         self._queue.close()

@@ -26,12 +26,17 @@ import collections
 import functools
 import pickle
 import queue
+import logging
 import threading
 
 from batchserve import _core
 from batchserve._threading import ThreadingTransport
 
-_TAKE_WAIT_S = 0.05  # how long the pump's take() waits in the inbox for requests
+# How long the pump's take() waits in the inbox for a first request: it
+# returns as soon as one arrives, so this only sets what an idle server costs.
+_TAKE_WAIT_S = 0.25
+
+_log = logging.getLogger("batchserve")
 
 
 def _ray():
@@ -132,12 +137,14 @@ class _Inbox:
 
 def _portable(exc: BaseException) -> tuple[bytes, str]:
     """``exc`` pickled (or, when it cannot be, a RuntimeError with its text),
-    and its text: the inbox unpickles it, falling back to that text."""
+    and its text: the inbox unpickles it, falling back to that text.
+    cloudpickle carries classes of the server's ``__main__`` by value."""
     text = f"{type(exc).__name__}: {exc}"
+    dumps = _ray().cloudpickle.dumps
     try:
-        return pickle.dumps(exc), text
+        return dumps(exc), text
     except Exception:
-        return pickle.dumps(RuntimeError(text)), text
+        return dumps(RuntimeError(text)), text
 
 
 class _Pump:
@@ -164,18 +171,22 @@ class _Pump:
         self.hand_back.start()
 
     def stop(self) -> None:
+        """Ends the intake after its current take() (requests it took
+        meanwhile are submitted and answered like the others)."""
         self._stop.set()
         self._outbox.put(None)  # wakes the hand-back to look at what is left
-        if self._intake is not threading.current_thread():
-            self._intake.join(5.0)
 
     def _bring_in(self) -> None:
         ray = _ray()
         while not self._stop.is_set():
             try:
                 items = ray.get(self._inbox.take.remote(self._max_take, _TAKE_WAIT_S))
-            except Exception:  # the inbox is gone (shut down, or its owner died)
+            except ray.exceptions.RayActorError:  # the inbox is gone (closed, or its owner died)
                 return
+            except Exception:  # anything else: say so, and go on bringing requests in
+                _log.exception("batchserve: taking Ray requests from the inbox failed")
+                self._stop.wait(_TAKE_WAIT_S)
+                continue
             for request_id, td in items:
                 with self._lock:
                     self._unanswered += 1
@@ -215,10 +226,23 @@ class _Pump:
                 continue
             with self._lock:
                 self._unanswered -= len(outcomes)
+            self._send(outcomes)
+
+    def _send(self, outcomes: list) -> None:
+        """Hands outcomes back in one call; when that cannot be serialised,
+        one by one, a result that cannot be sent failing only its request."""
+        try:
+            self._inbox.resolve.remote(outcomes)
+            return
+        except Exception:
+            if len(outcomes) == 1 and not outcomes[0][1]:
+                return  # even its error could not be sent: nothing more to try
+        for request_id, ok, value in outcomes:
             try:
-                self._inbox.resolve.remote(outcomes)
-            except Exception:  # the inbox is gone: nobody waits any more
-                return
+                self._inbox.resolve.remote([(request_id, ok, value)])
+            except Exception as exc:
+                error = TypeError(f"the result could not be sent back through Ray: {exc!r}")
+                self._send([(request_id, False, _portable(error))])
 
 
 class RayClient:
@@ -287,8 +311,14 @@ class RayTransport(ThreadingTransport):
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             ray.init()
-        # num_cpus=0: waiting calls cost the cluster no CPU slot; many may wait.
-        self._inbox = ray.remote(num_cpus=0, max_concurrency=1_000_000)(_Inbox).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On this node (requests then cross the network once); num_cpus=0:
+        # waiting calls cost the cluster no CPU slot, and many may wait.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._inbox = ray.remote(_Inbox).options(
+            num_cpus=0, max_concurrency=1_000_000, scheduling_strategy=here
+        ).remote()
         self._max_take = max_take
         self._pump: _Pump | None = None
         self._draining: list[_Pump] = []  # stopped, still handing answers back
@@ -324,7 +354,11 @@ class RayTransport(ThreadingTransport):
                 self._draining.append(pump)
         if inbox is not None:
             try:
-                inbox.close.remote(_core.ServerClosedError("the InferenceServer was shut down"))
+                # Waited for: calls to an async actor from different threads
+                # (the worker's exit, a later start()'s open) may run in any
+                # order, and a late close must not refuse the next run's calls.
+                _ray().get(inbox.close.remote(
+                    _core.ServerClosedError("the InferenceServer was shut down")), timeout=30)
             except Exception:
                 pass
         if pump is not None:

@@ -599,8 +599,13 @@ class InferenceServer:
                 )
             run = _Run()
             self._fast = self._make_fast_path()
+            previous_run = getattr(self.transport, self._SERVING_ATTR, None)
             self._serve_transport(run)
-            self._batches.open()
+            try:
+                self._batches.open()
+            except BaseException:  # the transport refused (a closed RayTransport)
+                self._serve_transport(previous_run)
+                raise
             worker = threading.Thread(
                 target=self._worker_main,
                 args=(run,),
