@@ -243,21 +243,31 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _run_kind_scenario(tmp_path, capsys, toml: str, args: list[str]):
+    """Runs a scaled-down ``kind`` scenario file through the CLI; asserts
+    it exits 0 and returns its one run from the JSON, and the file."""
+    small = tmp_path / "tiny.toml"
+    small.write_text(toml)
+    out = tmp_path / "run.json"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(small), "--no-progress", "--json", str(out), *args])
+    assert exit_.value.code == 0, capsys.readouterr()
+    kind = scenario.tomllib.loads(toml)["kind"]
+    (run,) = json.loads(out.read_text())[kind + "s"]
+    return run, small
+
+
 @pytest.mark.timeout(300)
 def test_the_weight_sync_scenario_runs_every_system(tmp_path, capsys):
     """benchmarks/weight_sync's engine, scaled down: each system serves,
     applies the trainer's updates and measures their latency."""
-    small = tmp_path / "tiny_weight_sync.toml"
-    small.write_text(
-        'kind = "weight_sync"\nobservation = 8\nhidden = [32]\nactions = 2\nactors = 2\n'
-        "update_hz = 20.0\nduration = 0.4\nrounds = 1\nsettle = 0.1\nwarmup = 0.1\n"
-    )
-    out = tmp_path / "ws.json"
     vs = ["--vs", "torchrl"] if systems.torchrl_available() else []
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([str(small), "--no-progress", "--json", str(out), *vs])
-    assert exit_.value.code == 0, capsys.readouterr()
-    (run,) = json.loads(out.read_text())["weight_syncs"]
+    run, _ = _run_kind_scenario(
+        tmp_path, capsys,
+        'kind = "weight_sync"\nobservation = 8\nhidden = [32]\nactions = 2\nactors = 2\n'
+        "update_hz = 20.0\nduration = 0.4\nrounds = 1\nsettle = 0.1\nwarmup = 0.1\n",
+        vs,
+    )
     names = [r["system"] for r in run["results"]]
     assert names == ["batchserve", "batchserve-inproc", *(["torchrl-shared", "torchrl-mp"] if vs else [])]
     for r in run["results"]:
@@ -273,17 +283,13 @@ def test_the_ray_scenario_runs_every_system(tmp_path, capsys):
     server (in this process through its Ray transport, or hosted in a Ray
     actor)."""
     pytest.importorskip("ray")
-    small = tmp_path / "tiny_ray.toml"
-    small.write_text(
-        'kind = "ray"\nobservation = 8\nhidden = [32]\nactions = 2\nactor_counts = [3]\n'
-        "duration = 0.5\nwarmup = 0.3\nrounds = 1\nnum_cpus = 2\n"
-    )
-    out = tmp_path / "ray.json"
     vs = ["--vs", "torchrl"] if systems.torchrl_available() else []
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([str(small), "--num-actors", "2", "--no-progress", "--json", str(out), *vs])
-    assert exit_.value.code == 0, capsys.readouterr()
-    (run,) = json.loads(out.read_text())["rays"]
+    run, small = _run_kind_scenario(
+        tmp_path, capsys,
+        'kind = "ray"\nobservation = 8\nhidden = [32]\nactions = 2\nactor_counts = [3]\n'
+        "duration = 0.5\nwarmup = 0.3\nrounds = 1\nnum_cpus = 2\n",
+        ["--num-actors", "2", *vs],
+    )
     assert [(r["system"], r["actors"]) for r in run["results"]] == [
         ("batchserve", 2), ("batchserve-hosted", 2), *([("torchrl", 2)] if vs else [])]
     for r in run["results"]:

@@ -483,21 +483,31 @@ class InferenceServer:
         given = flat_weights(weights)
         served, skipped = model_weights(self.model)
         check_weights(served, given, skipped)
+
+        def copy_in() -> int | None:
+            copy_weights(served, given)
+            return version
+
+        return self._apply_update(copy_in)
+
+    def _apply_update(self, apply: Callable[[], int | None]) -> int:
+        """Runs ``apply()`` (it copies an update into the model and returns
+        its version, ``None`` for one more) under the model lock, between
+        batches, and sets the version in the same critical section; stats
+        record how long the lock was held. Returns the version now stamped."""
         with self._model_lock:
             locked_ns = _core.monotonic_ns()
-            copy_weights(served, given)
-            self._mark_weight_update(version, locked_ns)
+            self._mark_weight_update(apply(), locked_ns)
             return self._policy_version
 
     def _init_weight_sync(self) -> None:
         ws = self.weight_sync
         if ws is None:
             return
-        if hasattr(ws, "stage_update"):
-            # batchserve's receiver: (re)bound to this server's model at each
-            # start, so the newest version is applied before the first batch.
-            ws.init_on_receiver(model_id=self._weight_sync_model_id, model=self.model, worker_idx=0)
-        elif not getattr(ws, "initialized_on_receiver", False):
+        # batchserve's receiver (it stages updates) is (re)bound to this
+        # server's model at each start, so the newest version is applied
+        # before the first batch; a torchrl scheme is set up once.
+        if hasattr(ws, "stage_update") or not getattr(ws, "initialized_on_receiver", False):
             ws.init_on_receiver(
                 model_id=self._weight_sync_model_id, model=self.model, worker_idx=0
             )
@@ -541,10 +551,7 @@ class InferenceServer:
                 # device copies outside the lock; hold the lock only to apply.
                 staged = stage()
                 if staged is not None:
-                    with self._model_lock:
-                        locked_ns = _core.monotonic_ns()
-                        staged.apply()
-                        self._mark_weight_update(staged.version, locked_ns)
+                    self._apply_update(staged.apply)
                 return
             with self._model_lock:
                 weights = ws.receive(timeout=0.0)

@@ -219,7 +219,8 @@ class _StagedWeights:
         self.version, self.events = version, events or {}
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply(self) -> int:
+        """Applies the version to the served model; returns its version."""
         r = self.receiver
         if self.bank is None:
             self.bank = r._banks.acquire()
@@ -239,6 +240,7 @@ class _StagedWeights:
                 target.copy_(views[name] if staged is None else staged)
         r._applied = self.publication
         r._applied_version = self.version
+        return self.version
 
 
 class SharedMemoryWeightReceiver:
@@ -286,6 +288,9 @@ class SharedMemoryWeightReceiver:
         self.synchronized_on_receiver = False
         self._applied = 0  # publication number applied last
         self._applied_version = None
+        self._model = None  # the model bound by init_on_receiver
+        self._serve_from_banks = False
+        self._registered = None  # undoes the page-locking of the banks
         self._pending_events = {}
 
     # -- torchrl's receiver protocol -------------------------------------------
@@ -352,10 +357,7 @@ class SharedMemoryWeightReceiver:
         if staged is None and timeout != 0.0:
             self._open_banks().wait_for_publication(self._applied, timeout)
             staged = self.stage_update()
-        if staged is None:
-            return None
-        staged.apply()
-        return staged.version
+        return None if staged is None else staged.apply()
 
     # -- batchserve's server ---------------------------------------------------
 
@@ -432,11 +434,6 @@ class SharedMemoryWeightReceiver:
 
     def __setstate__(self, state):
         self.__init__(**state)
-
-    _registered = None
-    _pending_events = {}
-    _serve_from_banks = False
-    _model = None
 
 
 def _page_lock(banks):

@@ -226,10 +226,12 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     kind = found[0][0]["kind"]
+    # The flags each kind takes besides --json and --no-progress (and --vs,
+    # but for a soak), as argparse names them.
     if kind == "soak":
         from batchserve.bench import soak as module
 
-        allowed, usage = {"requests"}, "--requests, --json and --no-progress"
+        flags = ["requests"]
     elif kind == "ray":
         import importlib.util
 
@@ -237,24 +239,23 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
             parser.error('a ray scenario needs Ray: pip install "batchserve[ray]"')
         from batchserve.bench import ray_actors as module
 
-        allowed = {"duration", "warmup", "rounds", "num_actors", "max_batch_size", "timeout",
-                   "torch_threads"}
-        usage = ("--duration, --warmup, --rounds, --num-actors, --max-batch-size, --timeout, "
-                 "--torch-threads, --vs, --json and --no-progress")
+        flags = ["duration", "warmup", "rounds", "num_actors", "max_batch_size", "timeout",
+                 "torch_threads"]
     else:
         from batchserve.bench import weight_sync as module
 
-        allowed, usage = {"duration", "device"}, "--duration, --device, --vs, --json and --no-progress"
+        flags = ["duration", "device"]
     fields = {"num_actors": "actor_counts"}  # flag -> field, where they differ
-    allowed |= {"json", "no_progress", "scenarios", "vs"}
+    usage = ", ".join(f"--{f.replace('_', '-')}" for f in flags + ([] if kind == "soak" else ["vs"]))
+    usage += ", --json and --no-progress"
+    allowed = {*flags, "json", "no_progress", "scenarios", "vs"}
     used = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
     if used or (kind == "soak" and args.vs != "none"):
         parser.error(f"a {kind} scenario takes only {usage}")
     err = Console(stderr=True)
     outcomes, failed = [], False
     for data, default_name in found:
-        overrides = {fields.get(k, k): getattr(args, k)
-                     for k in allowed - {"json", "no_progress", "scenarios", "vs"}
+        overrides = {fields.get(k, k): getattr(args, k) for k in flags
                      if getattr(args, k) is not None}
         try:
             config = module.load_config({"name": default_name, **data}, **overrides)

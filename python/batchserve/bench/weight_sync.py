@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
 
 from batchserve.bench.metrics import latency_summary
-from batchserve.bench.scenario import config_of
+from batchserve.bench.scenario import Scenario, config_of
+from batchserve.bench.workload import make_policy
 
 BATCHSERVE_SYSTEMS = ("batchserve", "batchserve-inproc")
 TORCHRL_SYSTEMS = ("torchrl-shared", "torchrl-mp")
@@ -88,15 +88,10 @@ class _Policy(nn.Module):
 
     def __init__(self, config: WeightSyncConfig):
         super().__init__()
-        torch.manual_seed(0)
-        widths = [config.observation, *config.hidden]
-        layers: list[nn.Module] = []
-        for a, b in zip(widths, widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(widths[-1], config.actions))
-        self.policy = TensorDictModule(
-            nn.Sequential(*layers), in_keys=["observation"], out_keys=["action"]
-        )
+        self.policy = make_policy(Scenario(
+            observation_shape=[config.observation], hidden=list(config.hidden),
+            actions=config.actions, model="mlp",
+        ))
         self._threads = config.torch_threads
         self._configured = threading.local()
 
@@ -105,16 +100,6 @@ class _Policy(nn.Module):
             torch.set_num_threads(self._threads)
             self._configured.done = True
         return self.policy(td)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_configured")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._configured = threading.local()
-
 
 def parameter_count(config: WeightSyncConfig) -> int:
     return sum(p.numel() for p in _Policy(config).parameters())
