@@ -859,10 +859,12 @@ class InferenceServer:
                 except Exception as exc:
                     self._stats.record_failed_batch()
                     batch.fail_rows(exc)
-        if len(batch):  # general-path requests remain
+        # General-path requests remain; read once: a shutdown past its
+        # timeout may fail the batch meanwhile, and then there are none.
+        items = batch.items if len(batch) else []
+        if items:
             if had_rows:
                 self._batches.wake_resolved()  # the fast rows' callers need not wait for them
-            items = batch.items
             if fast is not None:
                 fast.learn(items, had_rows)
             self._serve_items(batch, items, dispatch_ns)
