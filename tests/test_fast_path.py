@@ -370,6 +370,10 @@ def test_max_batch_size_grows_while_serving(transport):
         client = transport.client()
         client(request(-1))
         assert echoes([client.submit(request(i)) for i in range(20)]) == list(range(20))
+        # The batch closes at 48 requests, not at a deadline: a timeout far
+        # beyond how long 48 submissions take on a loaded machine (2 ms was
+        # not: batches of 27 formed) leaves min_batch_size alone in charge.
+        server.timeout = 60.0
         server.max_batch_size = 48
         server.min_batch_size = 48
         futures = [client.submit(request(i)) for i in range(48)]
