@@ -34,7 +34,9 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
-from batchserve import _batch_source, _fast_path, _server
+from batchserve.batching import batch_source as _batch_source
+from batchserve.batching import fast_path as _fast_path
+from batchserve.server import server as _server
 
 _clock = time.perf_counter_ns
 

@@ -19,14 +19,14 @@ import weakref
 import torch
 
 from batchserve import _core
-from batchserve._weights import check_weights, flat_weights, model_weights, without_aliases
+from batchserve.weights.updates import check_weights, flat_weights, model_weights, without_aliases
 
 _ALIGN = 64  # bytes between tensors in a bank
 
 
 def _weights_of(source, who: str) -> tuple[dict[str, torch.Tensor], set[str]]:
     """A module's, TensorDict's or state_dict's tensors by dotted name (each
-    tensor once), and the names to skip (see ``_weights.model_weights``)."""
+    tensor once), and the names to skip (see ``weights.updates.model_weights``)."""
     if isinstance(source, torch.nn.Module):
         return model_weights(source, who)
     tensors = flat_weights(source, who)

@@ -1,7 +1,7 @@
 """Transports whose queue is the C++ core: the server's side they share.
 
 The server takes their requests in batches with ``RequestQueue.collect``
-(``batchserve._batch_source.NativeBatches``) and matches fast-path requests
+(``batchserve.batching.batch_source.NativeBatches``) and matches fast-path requests
 against their schema; torchrl's transport protocol (``drain``,
 ``wait_for_work``, ``resolve``, ``resolve_exception``) is here too, so
 torchrl's own server can drive them.
@@ -9,9 +9,9 @@ torchrl's own server can drive them.
 
 from __future__ import annotations
 
-from batchserve._collate import INTERACTION_TYPE_KEY
-from batchserve._fast_path import RequestSchema
-from batchserve._transport import InferenceTransport
+from batchserve.batching.collate import INTERACTION_TYPE_KEY
+from batchserve.batching.fast_path import RequestSchema
+from batchserve.transports.base import InferenceTransport
 
 
 class NativeTransport(InferenceTransport):

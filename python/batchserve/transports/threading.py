@@ -5,8 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from batchserve import _core
-from batchserve._fast_path import RequestSchema, schema_from_spec
-from batchserve._native import NativeTransport
+from batchserve.batching.fast_path import RequestSchema, schema_from_spec
+from batchserve.transports.native import NativeTransport
 
 
 class ThreadingTransport(NativeTransport):
@@ -21,7 +21,7 @@ class ThreadingTransport(NativeTransport):
     tensors of fixed dtypes and shapes) take the fast path: their leaves are
     copied by the server, without the GIL, straight into batch staging
     memory, and the caller's thread copies its row of the output back (see
-    ``batchserve._fast_path``). The schema is learned from traffic, or given
+    ``batchserve.batching.fast_path``). The schema is learned from traffic, or given
     by ``request_spec``. Other requests take the general path
     (``collate_fn``, ``unbind``) on the same server.
 

@@ -38,7 +38,7 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._collate import INTERACTION_TYPE_KEY
+from batchserve.batching.collate import INTERACTION_TYPE_KEY
 
 # Leaves a fast-path schema may have (RequestRows::kMaxLeaves in C++).
 MAX_LEAVES = 8

@@ -15,7 +15,7 @@ nothing is pickled and no pipe is crossed per request:
 * The server process takes submitted slots as requests of its C++
   ``RequestQueue``: the batching policy, the gather into staging memory
   (straight from the request rows) and the prefetch of the next batch are
-  the fast path's own (``batchserve._fast_path``). Results are copied from
+  the fast path's own (``batchserve.batching.fast_path``). Results are copied from
   the output columns into the response rows without the GIL, and each client
   is woken on its slot.
 
@@ -45,8 +45,8 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._fast_path import MAX_LEAVES, RequestSchema, spec_leaves
-from batchserve._native import NativeTransport
+from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves
+from batchserve.transports.native import NativeTransport
 
 # Bytes per slot for a pickled exception (longer ones are sent as their text).
 _ERROR_BYTES = 2048

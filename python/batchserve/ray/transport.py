@@ -30,7 +30,7 @@ import logging
 import threading
 
 from batchserve import _core
-from batchserve._threading import ThreadingTransport
+from batchserve.transports.threading import ThreadingTransport
 
 # How long the pump's take() waits in the inbox for a first request: it
 # returns as soon as one arrives, so this only sets what an idle server costs.
@@ -332,7 +332,7 @@ class RayTransport(ThreadingTransport):
         """A client for threads of this process (the same queue)."""
         return super().client()
 
-    # The server's start and stop (batchserve._batch_source.NativeBatches).
+    # The server's start and stop (batchserve.batching.batch_source.NativeBatches).
     def _server_started(self) -> None:
         with self._lock:
             if self._inbox is None:
@@ -395,7 +395,7 @@ class _ServerActor:
     methods run in a thread, so the event loop keeps taking calls."""
 
     def __init__(self, policy_factory, transport_kwargs: dict, server_kwargs: dict):
-        from batchserve._server import InferenceServer
+        from batchserve.server.server import InferenceServer
 
         self._transport = ThreadingTransport(**transport_kwargs)
         self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)

@@ -17,11 +17,11 @@ import torch
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._batch_source import NativeBatches, batches_for
-from batchserve._collate import default_collate, interaction_context
-from batchserve._fast_path import FastPath, schema_from_spec
-from batchserve._stats import ServerStats
-from batchserve._weights import check_weights, copy_weights, flat_weights, model_weights
+from batchserve.batching.batch_source import NativeBatches, batches_for
+from batchserve.batching.collate import default_collate, interaction_context
+from batchserve.batching.fast_path import FastPath, schema_from_spec
+from batchserve.server.stats import ServerStats
+from batchserve.weights.updates import check_weights, copy_weights, flat_weights, model_weights
 
 _log = logging.getLogger("batchserve")
 
@@ -118,7 +118,7 @@ class _ApplyUnderModelLock:
 def _transport_named(name: str | None):
     """The transport a torchrl-style selector names; in-process kinds only."""
     if name in (None, "auto", "thread", "threading"):
-        from batchserve._threading import ThreadingTransport
+        from batchserve.transports.threading import ThreadingTransport
 
         return ThreadingTransport()
     raise ValueError(
@@ -222,7 +222,7 @@ class InferenceServer:
     Requests of one fixed schema with the default ``collate_fn`` take the
     fast path: copied without the GIL into staging memory, one forward over
     a dense batch, rows copied back by each caller's thread (see
-    ``batchserve._fast_path``). Others take the general path, ``collate_fn``
+    ``batchserve.batching.fast_path``). Others take the general path, ``collate_fn``
     and ``unbind``, on the same server.
 
     Example:
@@ -692,8 +692,8 @@ class InferenceServer:
     def transport_kind(self) -> str:
         """torchrl's selector for the transport ("thread", "process", ...,
         "custom" for a user transport)."""
-        from batchserve._shared_memory import SharedMemoryTransport
-        from batchserve._threading import ThreadingTransport
+        from batchserve.transports.shared_memory import SharedMemoryTransport
+        from batchserve.transports.threading import ThreadingTransport
 
         if isinstance(self.transport, ThreadingTransport):
             return "thread"
@@ -889,7 +889,7 @@ class InferenceServer:
 
     def _serve_rows(self, batch, buffer, dispatch_ns: int) -> None:
         """The fast path: the model runs on the staging rows, callers get
-        their rows back (see ``batchserve._fast_path``)."""
+        their rows back (see ``batchserve.batching.fast_path``)."""
         n = batch.rows
         queue_ms = self._queue_ms(dispatch_ns, batch.rows_submitted_ns)
         fast = self._fast

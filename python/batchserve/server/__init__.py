@@ -1,0 +1,2 @@
+"""The server: the public :class:`InferenceServer` (``server``) and its
+statistics (``stats``)."""
