@@ -17,10 +17,11 @@ import torch
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve.batching.batch_source import NativeBatches, batches_for
+from batchserve.batching.batch_source import batches_for
 from batchserve.batching.collate import default_collate, interaction_context
 from batchserve.batching.fast_path import FastPath, schema_from_spec
 from batchserve.server.stats import ServerStats
+from batchserve.transports.base import as_transport
 from batchserve.weights.updates import check_weights, copy_weights, flat_weights, model_weights
 
 _log = logging.getLogger("batchserve")
@@ -264,11 +265,7 @@ class InferenceServer:
             raise ValueError("InferenceServer needs a model.")
         if transport is None or isinstance(transport, str):
             transport = _transport_named(transport)
-        if not callable(getattr(transport, "drain", None)):
-            raise TypeError(
-                "transport must implement the InferenceTransport protocol "
-                f"(submit, drain, wait_for_work, resolve, resolve_exception); got {transport!r}."
-            )
+        served = as_transport(transport)  # raises TypeError unless it has torchrl's protocol
         batching = {
             "max_batch_size": max_batch_size,
             "min_batch_size": min_batch_size,
@@ -311,6 +308,7 @@ class InferenceServer:
 
         self.model = model
         self.transport = transport
+        self._transport = served  # the declared interface, adapted once
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self.device = _as_device(policy_device)
         self.output_device = _as_device(output_device)
@@ -326,15 +324,15 @@ class InferenceServer:
             1024 if batching["stats_window_size"] is None else batching["stats_window_size"]
         )
 
-        self._batches = batches_for(transport)
+        self._batches = batches_for(served)
         if request_spec is not None:
-            if not isinstance(self._batches, NativeBatches):
+            if served.request_queue is None:
                 raise ValueError(
                     "request_spec needs a batchserve transport (ThreadingTransport, "
                     "SharedMemoryTransport); "
                     f"{type(transport).__name__} has its own request format."
                 )
-            transport._set_schema(schema_from_spec(request_spec), strict=True)
+            served.set_request_schema(schema_from_spec(request_spec), strict=True)
         self._max_batch_size, self._min_batch_size, self._timeout = 64, 1, 0.01
         for key in ("max_batch_size", "min_batch_size", "timeout"):
             if batching[key] is not None:
@@ -606,12 +604,11 @@ class InferenceServer:
                 )
             run = _Run()
             self._fast = self._make_fast_path()
-            previous_run = getattr(self.transport, self._SERVING_ATTR, None)
-            self._serve_transport(run)
+            previous_run = self._transport.serve_with(run)
             try:
                 self._batches.open()
             except BaseException:  # the transport refused (a closed RayTransport)
-                self._serve_transport(previous_run)
+                self._transport.serve_with(previous_run)
                 raise
             worker = threading.Thread(
                 target=self._worker_main,
@@ -654,7 +651,7 @@ class InferenceServer:
             if run is not None:
                 run.stop.set()
             # A server started on the transport since then keeps it open.
-            serves = self._serves_transport(run or self._last_run)
+            serves = self._transport.is_served_by(run or self._last_run)
             if serves:
                 self._batches.close()
             # Called from the model (on the worker): its forward goes on and
@@ -679,9 +676,9 @@ class InferenceServer:
 
     def _make_fast_path(self) -> FastPath | None:
         """The fast path, for a batchserve transport and the default collation."""
-        if not isinstance(self._batches, NativeBatches) or self.collate_fn is not default_collate:
+        if self._transport.request_queue is None or self.collate_fn is not default_collate:
             return None
-        return FastPath(self.transport, self.device, self.output_device)
+        return FastPath(self._transport, self.device, self.output_device)
 
     @property
     def service_backend(self) -> str:
@@ -727,7 +724,7 @@ class InferenceServer:
 
     def client(self):
         """An actor-side client of this server's transport."""
-        return self.transport.client()
+        return self._transport.client()
 
     def clients(self, num_clients: int) -> list:
         """One client per concurrent consumer."""
@@ -791,25 +788,10 @@ class InferenceServer:
         """Worker exit: reject new requests, fail the waiting ones (unless
         another server has started on the transport meanwhile: an overdue
         worker must not close the queue under it)."""
-        if self._serves_transport(run):
+        if self._transport.is_served_by(run):
             self._batches.close()
             self._batches.fail_pending(error, worker_running=False)
         _running_servers.discard(self)
-
-    # The run serving a transport is recorded on the transport itself, so
-    # that two servers on one transport know which of them serves it.
-    _SERVING_ATTR = "_batchserve_serving_run"
-
-    def _serve_transport(self, run: _Run) -> None:
-        try:
-            setattr(self.transport, self._SERVING_ATTR, run)
-        except AttributeError:  # a transport with __slots__: nothing to record
-            pass
-
-    def _serves_transport(self, run: _Run | None) -> bool:
-        """Whether `run` (this server's latest) is the transport's server,
-        or no server ever recorded itself there."""
-        return getattr(self.transport, self._SERVING_ATTR, None) in (None, run)
 
     def _serve(self, run: _Run, passive_weight_sync: bool) -> BaseException | None:
         """Serves until stopped; returns the error that the requests left

@@ -19,6 +19,13 @@ class NativeTransport(InferenceTransport):
     subclasses provide ``_queue`` (a ``_core.RequestQueue``), ``_schema`` and
     ``_schema_id``."""
 
+    # -- the C++ request queue ------------------------------------------------
+
+    @property
+    def request_queue(self):
+        """The ``_core.RequestQueue`` the server batches from."""
+        return self._queue
+
     # -- fast-path schema ---------------------------------------------------
 
     @property
@@ -27,10 +34,14 @@ class NativeTransport(InferenceTransport):
         return self._schema
 
     @property
-    def _schema_strict(self) -> bool:
+    def schema_id(self) -> int:
+        return self._schema_id
+
+    @property
+    def schema_strict(self) -> bool:
         return self._queue.schema_strict
 
-    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
+    def set_request_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         """Sets the schema fast-path requests are matched against."""
         self._schema_id = self._queue.set_schema(
             list(schema.keys), list(schema.dtypes), list(schema.shapes),

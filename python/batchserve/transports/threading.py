@@ -47,11 +47,10 @@ class ThreadingTransport(NativeTransport):
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1.")
         self._queue = _core.RequestQueue(max_queue_size)
-        self._blocking_call = self._queue.call
         self._schema: RequestSchema | None = None
         self._schema_id = 0
         if request_spec is not None:
-            self._set_schema(schema_from_spec(request_spec), strict=True)
+            self.set_request_schema(schema_from_spec(request_spec), strict=True)
 
     # -- actor side -------------------------------------------------------
 
@@ -75,6 +74,11 @@ class ThreadingTransport(NativeTransport):
         future: Future = Future()
         self._queue.submit(td, future, block, timeout)
         return future
+
+    @property
+    def blocking_call(self):
+        """The queue's ``call(td, timeout)``: it waits on a futex, GIL released."""
+        return self._queue.call
 
     @property
     def max_queue_size(self) -> int:
