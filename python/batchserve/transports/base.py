@@ -161,13 +161,20 @@ class InferenceTransport(abc.ABC):
         return True
 
 
+# The server run serving each foreign transport (see ForeignTransport).
+_foreign_serving_runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ForeignTransport(InferenceTransport):
     """An object with torchrl's transport protocol that does not derive from
     :class:`InferenceTransport` (torchrl's own transports, a user's
     duck-typed object), seen through the declared interface: the protocol
     calls go to it, every other member has its default.
 
-    Made by :func:`as_transport`, once per object.
+    Made by :func:`as_transport`, once per server. Which server serves the
+    object is recorded per object (weakly: nothing is written onto it, and
+    the record does not keep it alive), so that two servers on one foreign
+    transport know which of them serves it, as they do on a batchserve one.
     """
 
     def __init__(self, inner: Any):
@@ -203,6 +210,21 @@ class ForeignTransport(InferenceTransport):
     def resolve_exception(self, callback, exc: BaseException) -> None:
         self.inner.resolve_exception(callback, exc)
 
+    def serve_with(self, run: object | None) -> object | None:
+        try:
+            previous = _foreign_serving_runs.get(self.inner)
+            _foreign_serving_runs[self.inner] = run
+        except TypeError:  # not weakly referenceable, or unhashable: kept here
+            return super().serve_with(run)
+        return previous
+
+    def is_served_by(self, run: object | None) -> bool:
+        try:
+            recorded = _foreign_serving_runs.get(self.inner)
+        except TypeError:
+            return super().is_served_by(run)
+        return recorded in (None, run)
+
     def client(self):
         """The wrapped transport's own client, if it has one."""
         if self._inner_client is not None:
@@ -210,28 +232,33 @@ class ForeignTransport(InferenceTransport):
         return InferenceClient(self.inner)
 
 
-# One adapter per foreign object, so that two servers on it share its record
-# of which serves it (nothing is written onto the object itself).
-_adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def as_transport(transport: Any) -> InferenceTransport:
     """``transport`` seen through the declared interface: itself if it is an
-    :class:`InferenceTransport`, else its :class:`ForeignTransport`.
+    :class:`InferenceTransport`, else a :class:`ForeignTransport` over it.
 
     Raises:
         TypeError: ``transport`` lacks a method of torchrl's protocol.
     """
     if isinstance(transport, InferenceTransport):
         return transport
-    try:
-        adapter = _adapters.get(transport)
-    except TypeError:  # not weakly referenceable or not hashable: not shared
-        return ForeignTransport(transport)
-    if adapter is None:
-        adapter = ForeignTransport(transport)
-        _adapters[transport] = adapter
-    return adapter
+    return ForeignTransport(transport)
+
+
+def transport_kind(transport: Any) -> str:
+    """torchrl's selector for ``transport`` ("thread", "process", ...,
+    "custom" for a user transport)."""
+    from batchserve.transports.shared_memory import SharedMemoryTransport
+    from batchserve.transports.threading import ThreadingTransport
+
+    if isinstance(transport, ThreadingTransport):
+        return "thread"
+    if isinstance(transport, SharedMemoryTransport):
+        return "shared_memory"
+    if type(transport).__module__.startswith("torchrl"):
+        from torchrl.modules.inference_server._factory import _inference_transport_kind
+
+        return _inference_transport_kind(transport)
+    return "custom"
 
 
 class InferenceClient:
