@@ -123,8 +123,10 @@ def _unlink(segment: _core.SharedSegment) -> None:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What both ends need to find their way in a segment (picklable)."""
+class _SlotLayout:
+    """Where the slots of one segment are and what they hold: its name and
+    fingerprint, the slot count, the request and response leaves; what both
+    ends need to find their way in it (picklable)."""
 
     name: str
     fingerprint: int
@@ -220,7 +222,7 @@ class SharedMemoryClient(InferenceClient):
     __slots__ = ("_layout", "_segment", "_core")
     future_type = SharedMemoryFuture
 
-    def __init__(self, layout: _Layout):
+    def __init__(self, layout: _SlotLayout):
         self._transport = None  # a client holds the segment, not the transport
         self._layout = layout
         self._segment = segment = layout.segment()
@@ -359,7 +361,7 @@ class SharedMemoryTransport(NativeTransport):
             _mapped[(os.getpid(), name)] = segment
         self._finalizer = weakref.finalize(self, _unlink, segment)
         self._segment = segment
-        self._layout = _Layout(name, fingerprint, num_slots, request, response, bool(copy_result))
+        self._layout = _SlotLayout(name, fingerprint, num_slots, request, response, bool(copy_result))
         self._init_common()
 
     # The server's fast path keeps only the output columns the response rows
