@@ -34,7 +34,9 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
-from batchserve import _batch_source, _fast_path, _server
+from batchserve.batching import batch_source as _batch_source
+from batchserve.batching import fast_path as _fast_path
+from batchserve.server import loop as _loop
 
 _clock = time.perf_counter_ns
 
@@ -155,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     timings = Timings()
     timings.wrap(_batch_source.NativeBatches, "next_batch", "wait")
-    timings.wrap(_server.InferenceServer, "_serve_batch", "serve", count=True)
+    timings.wrap(_loop.WorkerLoop, "serve_batch", "serve", count=True)
     timings.wrap(_fast_path.FastPath, "gather", "gather")
     timings.wrap(_fast_path.FastPath, "hand_back", "hand-back")
     for actors in (int(a) for a in args.actors.split(",")):

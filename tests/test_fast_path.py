@@ -12,7 +12,7 @@ from tensordict import TensorDict, lazy_stack
 from tensordict.nn import TensorDictModule
 
 from batchserve import InferenceServer, ThreadingTransport
-from batchserve._fast_path import schema_of, schema_from_spec
+from batchserve.batching.fast_path import schema_of, schema_from_spec
 
 from conftest import BlockingModel, echo_model, echoes, make_policy, request
 
@@ -254,7 +254,7 @@ def test_mixed_batches_are_served_by_both_paths(transport):
 @pytest.fixture
 def prefetches(monkeypatch) -> list:
     """Whether each FastPath.prefetch call started a prefetch, in order."""
-    from batchserve._fast_path import FastPath
+    from batchserve.batching.fast_path import FastPath
 
     started: list[bool] = []
     original = FastPath.prefetch
@@ -450,7 +450,7 @@ def test_request_spec_on_the_server():
 
 
 def test_request_spec_needs_a_batchserve_transport():
-    from batchserve._transport import InferenceTransport
+    from batchserve.transports.base import InferenceTransport
 
     class Custom(InferenceTransport):
         def submit(self, td):
@@ -589,7 +589,7 @@ def test_core_gather_never_takes_more_rows_than_staging_holds():
 def test_interaction_type_is_honoured_with_a_request_spec():
     from tensordict.nn.probabilistic import InteractionType, interaction_type
 
-    from batchserve._collate import INTERACTION_TYPE_KEY
+    from batchserve.batching.collate import INTERACTION_TYPE_KEY
 
     seen = []
 

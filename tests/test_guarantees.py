@@ -24,7 +24,7 @@ import pytest
 import torch
 from tensordict import TensorDict, lazy_stack
 
-import batchserve._fast_path as fast_path
+import batchserve.batching.fast_path as fast_path
 from batchserve import (
     InferenceServer,
     ServerClosedError,

@@ -66,7 +66,7 @@ def test_submit_returns_a_future(echo_server, transport):
 
 
 def test_blocking_call_allocates_no_future(echo_server, transport, monkeypatch):
-    import batchserve._threading as threading_module
+    import batchserve.transports.threading as threading_module
 
     def no_future():
         raise AssertionError("the blocking path must not create a Future")

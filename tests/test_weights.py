@@ -185,7 +185,7 @@ def test_a_torchrl_strategy_wrapped_by_a_server_pickles_as_itself():
     the plain strategy, without the server."""
     import pickle
 
-    from batchserve._server import _ApplyUnderModelLock
+    from batchserve.weights.schemes import _ApplyUnderModelLock
 
     with InferenceServer(make_policy(), ThreadingTransport()) as server:
         wrapped = _ApplyUnderModelLock(_Strategy(), server)

@@ -13,12 +13,12 @@ transports run under :class:`batchserve.InferenceServer`.
 """
 
 from batchserve._core import QueueFull, ServerClosedError
-from batchserve._ray import RayClient, RayServer, RayTransport, serve_on_ray
-from batchserve._server import InferenceServer
-from batchserve._shared_memory import SharedMemoryClient, SharedMemoryTransport
-from batchserve._threading import ThreadingTransport
-from batchserve._weight_banks import SharedMemoryWeightReceiver, WeightPublisher
-from batchserve._transport import InferenceClient, InferenceTransport
+from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
+from batchserve.server.server import InferenceServer
+from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
+from batchserve.transports.threading import ThreadingTransport
+from batchserve.weights.shared_memory import SharedMemoryWeightReceiver, WeightPublisher
+from batchserve.transports.base import InferenceClient, InferenceTransport
 
 __version__ = "0.1.0"
 

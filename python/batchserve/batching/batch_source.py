@@ -27,15 +27,15 @@ _MAX_WAIT_S = 0.1
 
 
 class NativeBatches:
-    """Batches from a transport whose queue is the C++ core. ``on_open`` and
-    ``on_close`` (optional) run when the server starts and stops taking
-    requests (a shared-memory transport removes its segment's name at close;
-    a Ray transport starts and stops bringing in its remote requests)."""
+    """Batches from a transport whose queue is the C++ core. The transport's
+    ``server_started`` and ``server_stopped`` run when the server starts and
+    stops taking requests (a shared-memory transport removes its segment's
+    name at close; a Ray transport starts and stops bringing in its remote
+    requests)."""
 
-    def __init__(self, queue, on_close=None, on_open=None):
-        self._queue = queue
-        self._on_close = on_close
-        self._on_open = on_open
+    def __init__(self, transport):
+        self._queue = transport.request_queue
+        self._transport = transport
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
         """Applies at once, even to a server asleep in next_batch()."""
@@ -55,17 +55,15 @@ class NativeBatches:
 
     def open(self) -> None:
         self._queue.reopen()
-        if self._on_open is not None:
-            try:
-                self._on_open()
-            except BaseException:
-                self._queue.close()  # nothing will serve what it would accept
-                raise
+        try:
+            self._transport.server_started()
+        except BaseException:
+            self._queue.close()  # nothing will serve what it would accept
+            raise
 
     def close(self) -> None:
         self._queue.close()
-        if self._on_close is not None:
-            self._on_close()
+        self._transport.server_stopped()
 
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # The C++ queue serialises consumers, so this is safe while the
@@ -147,20 +145,10 @@ class ProtocolBatches:
         self._transport = transport
         self._closed = False
         self._settings = (64, 1, 0.01)
-        drain_with_timing = getattr(transport, "drain_with_timing", None)
-        if drain_with_timing is not None:
-            self._drain = drain_with_timing
-        else:
-
-            def drain(max_items):
-                items, callbacks = transport.drain(max_items)
-                return items, callbacks, [None] * len(items)
-
-            self._drain = drain
 
     def _drain_ns(self, max_items: int):
         """Drains; submission times in ns, None where the transport has none."""
-        items, callbacks, submitted_at = self._drain(max_items)
+        items, callbacks, submitted_at = self._transport.drain_with_timing(max_items)
         submitted_ns = [None if s is None else int(s * 1e9) for s in submitted_at]
         return list(items), list(callbacks), submitted_ns
 
@@ -229,12 +217,8 @@ class ProtocolBatches:
 
 
 def batches_for(transport):
-    """The batch source that fits ``transport``."""
-    queue = getattr(transport, "_queue", None)
-    if isinstance(queue, _core.RequestQueue):
-        return NativeBatches(
-            queue,
-            getattr(transport, "_server_stopped", None),
-            getattr(transport, "_server_started", None),
-        )
+    """The batch source that fits ``transport`` (an
+    :class:`~batchserve.transports.base.InferenceTransport`)."""
+    if transport.request_queue is not None:
+        return NativeBatches(transport)
     return ProtocolBatches(transport)

@@ -2,7 +2,7 @@
 them in full before any is copied in, so a bad update changes nothing.
 
 Used by ``InferenceServer.update_weights`` and by the shared-memory weight
-banks (``_weight_banks.py``). A model's weights are what its ``state_dict``
+banks (``weights/shared_memory.py``). A model's weights are what its ``state_dict``
 holds: each parameter once (tied parameters under their first name) and the
 persistent buffers. Weights may also come as ``TensorDict.from_module`` or a
 ``state_dict``, which carry a tied parameter under each of its names and

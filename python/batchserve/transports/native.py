@@ -1,7 +1,7 @@
 """Transports whose queue is the C++ core: the server's side they share.
 
 The server takes their requests in batches with ``RequestQueue.collect``
-(``batchserve._batch_source.NativeBatches``) and matches fast-path requests
+(``batchserve.batching.batch_source.NativeBatches``) and matches fast-path requests
 against their schema; torchrl's transport protocol (``drain``,
 ``wait_for_work``, ``resolve``, ``resolve_exception``) is here too, so
 torchrl's own server can drive them.
@@ -9,15 +9,22 @@ torchrl's own server can drive them.
 
 from __future__ import annotations
 
-from batchserve._collate import INTERACTION_TYPE_KEY
-from batchserve._fast_path import RequestSchema
-from batchserve._transport import InferenceTransport
+from batchserve.batching.collate import INTERACTION_TYPE_KEY
+from batchserve.batching.fast_path import RequestSchema
+from batchserve.transports.base import InferenceTransport
 
 
 class NativeTransport(InferenceTransport):
     """Base of :class:`ThreadingTransport` and :class:`SharedMemoryTransport`:
     subclasses provide ``_queue`` (a ``_core.RequestQueue``), ``_schema`` and
     ``_schema_id``."""
+
+    # -- the C++ request queue ------------------------------------------------
+
+    @property
+    def request_queue(self):
+        """The ``_core.RequestQueue`` the server batches from."""
+        return self._queue
 
     # -- fast-path schema ---------------------------------------------------
 
@@ -27,10 +34,14 @@ class NativeTransport(InferenceTransport):
         return self._schema
 
     @property
-    def _schema_strict(self) -> bool:
+    def schema_id(self) -> int:
+        return self._schema_id
+
+    @property
+    def schema_strict(self) -> bool:
         return self._queue.schema_strict
 
-    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
+    def set_request_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         """Sets the schema fast-path requests are matched against."""
         self._schema_id = self._queue.set_schema(
             list(schema.keys), list(schema.dtypes), list(schema.shapes),

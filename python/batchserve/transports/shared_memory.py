@@ -15,7 +15,7 @@ nothing is pickled and no pipe is crossed per request:
 * The server process takes submitted slots as requests of its C++
   ``RequestQueue``: the batching policy, the gather into staging memory
   (straight from the request rows) and the prefetch of the next batch are
-  the fast path's own (``batchserve._fast_path``). Results are copied from
+  the fast path's own (``batchserve.batching.fast_path``). Results are copied from
   the output columns into the response rows without the GIL, and each client
   is woken on its slot.
 
@@ -29,7 +29,6 @@ name from ``/dev/shm`` (processes that mapped it keep their mapping).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hashlib
 import itertools
@@ -45,8 +44,9 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._fast_path import MAX_LEAVES, RequestSchema, spec_leaves
-from batchserve._native import NativeTransport
+from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves
+from batchserve.transports.base import InferenceClient
+from batchserve.transports.native import NativeTransport
 
 # Bytes per slot for a pickled exception (longer ones are sent as their text).
 _ERROR_BYTES = 2048
@@ -123,8 +123,10 @@ def _unlink(segment: _core.SharedSegment) -> None:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """What both ends need to find their way in a segment (picklable)."""
+class _SlotLayout:
+    """Where the slots of one segment are and what they hold: its name and
+    fingerprint, the slot count, the request and response leaves; what both
+    ends need to find their way in it (picklable)."""
 
     name: str
     fingerprint: int
@@ -200,16 +202,28 @@ class SharedMemoryFuture:
         self._settled = True
 
 
-class SharedMemoryClient:
+class SharedMemoryClient(InferenceClient):
     """Actor-side handle of a :class:`SharedMemoryTransport`, usable in any
     process (pickle it to a child: it maps the segment there) and from
     several threads.
 
     ``client(td)`` blocks for the result; ``client.submit(td)`` returns a
     :class:`SharedMemoryFuture`; ``await client.acall(td)`` suits asyncio.
+
+    Raises (from each call):
+        KeyError: ``td`` lacks a key of ``request_spec`` (no slot used).
+        ValueError: a leaf of another dtype or shape, or not on the CPU.
+        ResultTimeout: no result within ``timeout`` seconds (a
+            ``TimeoutError`` and a ``queue.Empty``); the request was
+            withdrawn, or its result will be discarded.
+        ServerClosedError: the server shut down or its process died.
     """
 
-    def __init__(self, layout: _Layout):
+    __slots__ = ("_layout", "_segment", "_core")
+    future_type = SharedMemoryFuture
+
+    def __init__(self, layout: _SlotLayout):
+        self._transport = None  # a client holds the segment, not the transport
         self._layout = layout
         self._segment = segment = layout.segment()
         request, response = layout.request, layout.response
@@ -220,6 +234,13 @@ class SharedMemoryClient:
             list(response.keys), response.banks(segment, offsets, layout.num_slots),
             response.device, layout.copy_result, self._normalise,
         )
+        # Takes a slot, copies the leaves in and waits on the slot's futex.
+        self._blocking_call = self._core.call
+
+    def _submit(self, td: TensorDictBase, timeout: float | None) -> SharedMemoryFuture:
+        """Copies ``td`` into a free slot; blocks while all ``num_slots``
+        slots hold requests in flight (up to ``timeout``)."""
+        return SharedMemoryFuture(self, self._core.submit(td, timeout))
 
     def __reduce__(self):
         return (SharedMemoryClient, (self._layout,))
@@ -249,28 +270,6 @@ class SharedMemoryClient:
                 value = value.resolve_neg().resolve_conj().contiguous()
             leaves[key] = value
         return TensorDict._new_unsafe(leaves, batch_size=torch.Size([]), device=request.device)
-
-    def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
-        """Submit ``td`` and block until its result is ready.
-
-        Raises:
-            KeyError: ``td`` lacks a key of ``request_spec`` (no slot used).
-            ValueError: a leaf of another dtype or shape, or not on the CPU.
-            ResultTimeout: no result within ``timeout`` seconds (a
-                ``TimeoutError`` and a ``queue.Empty``); the request was
-                withdrawn, or its result will be discarded.
-            ServerClosedError: the server shut down or its process died.
-        """
-        return self._core.call(td, timeout)
-
-    def submit(self, td: TensorDictBase, timeout: float | None = None) -> SharedMemoryFuture:
-        """Copy ``td`` into a free slot and return a future. Blocks while all
-        ``num_slots`` slots hold requests in flight (up to ``timeout``)."""
-        return SharedMemoryFuture(self, self._core.submit(td, timeout))
-
-    async def acall(self, td: TensorDictBase) -> TensorDictBase:
-        """Submit ``td`` and await its result from an asyncio event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, self._core.call, td, None)
 
 
 class SharedMemoryTransport(NativeTransport):
@@ -362,7 +361,7 @@ class SharedMemoryTransport(NativeTransport):
             _mapped[(os.getpid(), name)] = segment
         self._finalizer = weakref.finalize(self, _unlink, segment)
         self._segment = segment
-        self._layout = _Layout(name, fingerprint, num_slots, request, response, bool(copy_result))
+        self._layout = _SlotLayout(name, fingerprint, num_slots, request, response, bool(copy_result))
         self._init_common()
 
     # The server's fast path keeps only the output columns the response rows
@@ -372,8 +371,8 @@ class SharedMemoryTransport(NativeTransport):
     # handing that to the Prefetcher's thread cost more than it saved
     # (measured, 8 actor processes on 2 cores: 35.7 k vs 33.5 k req/s for the
     # MLP, 8.4 k vs 8.7 k for uint8[3,84,84] frames, i.e. noise).
-    _prefetch_pays = False
-    _copies_results = True  # the hand-back copies rows into the slots at once
+    prefetch_pays = False
+    copies_results = True  # the hand-back copies rows into the slots at once
 
     def _init_common(self) -> None:
         request = self._layout.request
@@ -423,6 +422,11 @@ class SharedMemoryTransport(NativeTransport):
     # -- server side --------------------------------------------------------------
 
     @property
+    def result_keys(self) -> frozenset:
+        """The response keys: the only output columns the slots take."""
+        return self._result_keys
+
+    @property
     def _queue(self) -> _core.RequestQueue:
         """The server end, made on first use by a server (in whatever process
         the server runs): a RequestQueue whose intake is the slots."""
@@ -454,17 +458,17 @@ class SharedMemoryTransport(NativeTransport):
             return self._server_end
 
     @property
-    def _schema_strict(self) -> bool:
+    def schema_strict(self) -> bool:
         return True
 
-    def _set_schema(self, schema: RequestSchema, *, strict: bool) -> None:
+    def set_request_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         if schema != self._schema:
             raise ValueError(
                 "a SharedMemoryTransport's request format is its request_spec, fixed when "
                 "it is made; pass request_spec to SharedMemoryTransport, not the server."
             )
 
-    def _server_stopped(self) -> None:
+    def server_stopped(self) -> None:
         """The server shut down: remove the segment's name from /dev/shm."""
         if self._finalizer is not None:
             self._finalizer()
@@ -472,7 +476,7 @@ class SharedMemoryTransport(NativeTransport):
     def close(self) -> None:
         """Remove the segment's name now (the creating process only). Clients
         already attached keep working while a server runs."""
-        self._server_stopped()
+        self.server_stopped()
 
     def __len__(self) -> int:
         """Requests submitted and not yet taken by the server."""

@@ -19,14 +19,14 @@ import weakref
 import torch
 
 from batchserve import _core
-from batchserve._weights import check_weights, flat_weights, model_weights, without_aliases
+from batchserve.weights.updates import check_weights, flat_weights, model_weights, without_aliases
 
 _ALIGN = 64  # bytes between tensors in a bank
 
 
 def _weights_of(source, who: str) -> tuple[dict[str, torch.Tensor], set[str]]:
     """A module's, TensorDict's or state_dict's tensors by dotted name (each
-    tensor once), and the names to skip (see ``_weights.model_weights``)."""
+    tensor once), and the names to skip (see ``weights.updates.model_weights``)."""
     if isinstance(source, torch.nn.Module):
         return model_weights(source, who)
     tensors = flat_weights(source, who)
@@ -36,7 +36,7 @@ def _weights_of(source, who: str) -> tuple[dict[str, torch.Tensor], set[str]]:
     return without_aliases(tensors), set()
 
 
-class _Layout:
+class _BankLayout:
     """Where each tensor lives in a bank: names in sorted order (so that a
     module and its state_dict agree), 64-byte aligned. Its text is the
     segment's fingerprint, and what a mismatch is explained from."""
@@ -84,7 +84,7 @@ class _Layout:
         return "; ".join(parts)
 
 
-def _open_banks(name: str, layout: _Layout, role, timeout: float, ours: str, theirs: str):
+def _open_banks(name: str, layout: _BankLayout, role, timeout: float, ours: str, theirs: str):
     try:
         return _core.WeightBanks.open(name, layout.text, layout.bank_bytes, role, timeout)
     except _core.WeightLayoutMismatch as exc:
@@ -131,7 +131,7 @@ class WeightPublisher:
         self.name = name
         self._source = weights
         tensors, self._skipped = _weights_of(weights, "WeightPublisher")
-        self._layout = _Layout(tensors)
+        self._layout = _BankLayout(tensors)
         self._banks = _open_banks(
             name, self._layout, _core.WeightRole.publisher, timeout,
             ours="the publisher's weights", theirs="the server's model",
@@ -315,7 +315,7 @@ class SharedMemoryWeightReceiver:
             self.close()
         self._model = model
         self._targets, _ = model_weights(model, "SharedMemoryWeightReceiver")
-        self._layout = _Layout(self._targets)
+        self._layout = _BankLayout(self._targets)
         self._banks = _open_banks(
             self.name, self._layout, _core.WeightRole.receiver, self._timeout,
             ours="the server's model", theirs="the publisher's weights",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 from batchserve import _core
-from batchserve._fast_path import RequestSchema, schema_from_spec
-from batchserve._native import NativeTransport
+from batchserve.batching.fast_path import RequestSchema, schema_from_spec
+from batchserve.transports.native import NativeTransport
 
 
 class ThreadingTransport(NativeTransport):
@@ -21,7 +21,7 @@ class ThreadingTransport(NativeTransport):
     tensors of fixed dtypes and shapes) take the fast path: their leaves are
     copied by the server, without the GIL, straight into batch staging
     memory, and the caller's thread copies its row of the output back (see
-    ``batchserve._fast_path``). The schema is learned from traffic, or given
+    ``batchserve.batching.fast_path``). The schema is learned from traffic, or given
     by ``request_spec``. Other requests take the general path
     (``collate_fn``, ``unbind``) on the same server.
 
@@ -47,11 +47,10 @@ class ThreadingTransport(NativeTransport):
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1.")
         self._queue = _core.RequestQueue(max_queue_size)
-        self._blocking_call = self._queue.call
         self._schema: RequestSchema | None = None
         self._schema_id = 0
         if request_spec is not None:
-            self._set_schema(schema_from_spec(request_spec), strict=True)
+            self.set_request_schema(schema_from_spec(request_spec), strict=True)
 
     # -- actor side -------------------------------------------------------
 
@@ -75,6 +74,11 @@ class ThreadingTransport(NativeTransport):
         future: Future = Future()
         self._queue.submit(td, future, block, timeout)
         return future
+
+    @property
+    def blocking_call(self):
+        """The queue's ``call(td, timeout)``: it waits on a futex, GIL released."""
+        return self._queue.call
 
     @property
     def max_queue_size(self) -> int:

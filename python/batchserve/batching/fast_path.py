@@ -38,7 +38,7 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve._collate import INTERACTION_TYPE_KEY
+from batchserve.batching.collate import INTERACTION_TYPE_KEY
 
 # Leaves a fast-path schema may have (RequestRows::kMaxLeaves in C++).
 MAX_LEAVES = 8
@@ -193,8 +193,9 @@ class FastPath:
     """The server's side of the fast path: staging, device hand-off, hand-back.
 
     Args:
-        transport: a :class:`~batchserve.ThreadingTransport` (its queue holds
-            the schema requests are matched against).
+        transport: a transport with a C++ request queue (its queue holds the
+            schema requests are matched against; see
+            ``batchserve.transports.base.InferenceTransport``).
         device: where the model runs (``None``: where the batch is).
         output_device: where results go (``None``: where the model left them).
     """
@@ -208,11 +209,11 @@ class FastPath:
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         # What the transport hands back (None: every output key), and whether
         # gathering the next batch on a helper thread pays for the hand-off.
-        self._result_keys = getattr(transport, "_result_keys", None)
+        self._result_keys = transport.result_keys
         # The transport copies each result out during the hand-back (shared
         # memory): output columns may stay in staging until then.
-        self._copies_results = getattr(transport, "_copies_results", False)
-        self._prefetch_pays = getattr(transport, "_prefetch_pays", True)
+        self._copies_results = transport.copies_results
+        self._prefetch_pays = transport.prefetch_pays
         self._schema_id = 0
         self._buffers: list[StagingBuffer] = []
         self._next = 0
@@ -228,11 +229,11 @@ class FastPath:
         """Sets the schema from a general-path batch: its first request, if it
         fits the fast path, unless requests of the current schema are still
         coming (``had_rows``) or the schema was given by ``request_spec``."""
-        if had_rows or self._transport._schema_strict or not items:
+        if had_rows or self._transport.schema_strict or not items:
             return
         schema = schema_of(items[0])
-        if schema is not None and schema != self._transport._schema:
-            self._transport._set_schema(schema, strict=False)
+        if schema is not None and schema != self._transport.request_spec:
+            self._transport.set_request_schema(schema, strict=False)
 
     # -- one batch --------------------------------------------------------------
 
@@ -240,12 +241,12 @@ class FastPath:
         """Copies the batch's requests of the current schema into the next
         staging buffer, after the rows a prefetch already put there; None
         when the batch has none."""
-        schema = self._transport._schema
+        schema = self._transport.request_spec
         if schema is None:
             if batch.rows:
                 batch.ungather()
             return None
-        schema_id = self._transport._schema_id
+        schema_id = self._transport.schema_id
         if schema_id != self._schema_id or max_rows > self._buffers[0].rows:
             if batch.rows:  # gathered for a schema or a size that is gone
                 batch.ungather()
@@ -266,12 +267,12 @@ class FastPath:
         """Starts gathering the next batch into the buffer the current batch
         does not use, while the model runs (see ``Prefetcher`` in C++).
         Returns whether requests were waiting and a prefetch started."""
-        schema = self._transport._schema
+        schema = self._transport.request_spec
         if (not self._prefetch_pays or schema is None
-                or self._transport._schema_id != self._schema_id):
+                or self._transport.schema_id != self._schema_id):
             return False
         buffer = self._next_buffer()
-        return self._transport._queue.prefetch(
+        return self._transport.request_queue.prefetch(
             self._schema_id, buffer.pointers, schema.leaf_bytes, buffer.rows
         )
 

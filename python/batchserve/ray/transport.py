@@ -30,7 +30,8 @@ import logging
 import threading
 
 from batchserve import _core
-from batchserve._threading import ThreadingTransport
+from batchserve.transports.base import InferenceClient
+from batchserve.transports.threading import ThreadingTransport
 
 # How long the pump's take() waits in the inbox for a first request: it
 # returns as soon as one arrives, so this only sets what an idle server costs.
@@ -245,35 +246,38 @@ class _Pump:
                 self._send([(request_id, False, _portable(error))])
 
 
-class RayClient:
+class RayClient(InferenceClient):
     """A client of a :class:`RayTransport` or of a server hosted by
     :func:`serve_on_ray`: picklable into Ray tasks and actors on any node (it
     holds the actor handle of the inbox, or of the hosting actor).
 
     ``client(td)`` blocks for the result; ``client.submit(td)`` returns a
     ``concurrent.futures.Future``; ``await client.acall(td)`` for asyncio.
+    ``client(td, timeout=...)`` raises ``ray.exceptions.GetTimeoutError`` (a
+    ``TimeoutError``) after that many seconds, the request staying in flight.
     Errors raised by the model reach the caller as the same exception type
     (Ray's ``RayTaskError`` subclass of it); a server that went away raises
     ``ray.exceptions.RayActorError`` (its inbox died with it) or
     :class:`batchserve.ServerClosedError` (it was shut down).
     """
 
-    def __init__(self, inbox):
-        self._inbox = inbox
+    __slots__ = ("_inbox",)
 
-    def __call__(self, td, timeout: float | None = None):
-        """The result of one request; ``timeout``: ``ray.exceptions.GetTimeoutError``
-        (a ``TimeoutError``) after that many seconds, the request staying in
-        flight."""
+    def __init__(self, inbox):
+        self._transport = None  # the actor handle is all a client needs
+        self._inbox = inbox
+        self._blocking_call = self._get
+
+    def __reduce__(self):
+        return (RayClient, (self._inbox,))
+
+    def _get(self, td, timeout: float | None):
+        """One request, waited for by ``ray.get``."""
         return _ray().get(self._inbox.call.remote(td), timeout=timeout)
 
-    def submit(self, td):
-        """Send one request; returns a ``concurrent.futures.Future``."""
+    def _submit(self, td, timeout: float | None):
+        """One actor call; its ``concurrent.futures.Future``."""
         return self._inbox.call.remote(td).future()
-
-    async def acall(self, td):
-        """``await client.acall(td)``: the result, without blocking the loop."""
-        return await self._inbox.call.remote(td)
 
 
 class RayTransport(ThreadingTransport):
@@ -332,8 +336,8 @@ class RayTransport(ThreadingTransport):
         """A client for threads of this process (the same queue)."""
         return super().client()
 
-    # The server's start and stop (batchserve._batch_source.NativeBatches).
-    def _server_started(self) -> None:
+    def server_started(self) -> None:
+        """Opens the inbox and starts bringing its requests in."""
         with self._lock:
             if self._inbox is None:
                 raise _core.ServerClosedError("this RayTransport was closed")
@@ -342,7 +346,7 @@ class RayTransport(ThreadingTransport):
                 self._pump = _Pump(self._inbox, self.submit, self._max_take)
                 self._pump.start()
 
-    def _server_stopped(self) -> None:
+    def server_stopped(self) -> None:
         """New remote calls are refused and those not yet brought in fail
         with ServerClosedError; those brought in are answered as the server
         ends them (its forward in progress may still finish)."""
@@ -368,7 +372,7 @@ class RayTransport(ThreadingTransport):
         """Stop serving remote clients and release the inbox actor (and the
         Ray runtime, if this transport started it). Answers still on their
         way get up to ``timeout`` seconds to reach their callers."""
-        self._server_stopped()
+        self.server_stopped()
         with self._lock:
             inbox, self._inbox = self._inbox, None
             draining, self._draining = self._draining, []
@@ -395,7 +399,7 @@ class _ServerActor:
     methods run in a thread, so the event loop keeps taking calls."""
 
     def __init__(self, policy_factory, transport_kwargs: dict, server_kwargs: dict):
-        from batchserve._server import InferenceServer
+        from batchserve.server.server import InferenceServer
 
         self._transport = ThreadingTransport(**transport_kwargs)
         self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)

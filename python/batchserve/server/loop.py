@@ -1,0 +1,300 @@
+"""The worker loop: what the server's background thread does from start()
+to shutdown(). It sets weight sync up, then takes batches from the batch
+source, runs the model on each (the fast path's staging rows with one
+forward, the rest through ``collate_fn``), stamps the policy version, hands
+results back and records statistics. On exit it fails what is still waiting.
+
+The loop reads the server's public settings (model, collate_fn, devices,
+``policy_version_key``, ``collect_stats``, ``max_batch_size``) at each batch:
+they may change while it serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from tensordict.base import TensorDictBase
+
+from batchserve import _core
+from batchserve.batching.collate import default_collate, interaction_context
+from batchserve.batching.fast_path import FastPath
+from batchserve.server.lifecycle import (
+    SHUTDOWN_MESSAGE,
+    ServerRun,
+    closed_error,
+    finishing_workers,
+    running_servers,
+)
+
+_log = logging.getLogger("batchserve")
+
+
+class WorkerLoop:
+    """The body of one server's worker thread.
+
+    Args:
+        server: the :class:`~batchserve.InferenceServer` served (its public
+            settings are read per batch).
+        transport: its transport, through the declared interface.
+        batches: its batch source (``batchserve.batching.batch_source``).
+        versions: its policy version and model lock.
+        stats: its statistics.
+        weight_sync: its :class:`~batchserve.weights.schemes.WeightSyncBinding`.
+    """
+
+    def __init__(self, server, transport, batches, versions, stats, weight_sync):
+        self._server = server
+        self._transport = transport
+        self._batches = batches
+        self._versions = versions
+        self._stats = stats
+        self._weight_sync = weight_sync
+        self._fast: FastPath | None = None
+
+    def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
+        """Starts a run: records it on the transport, opens the batch source
+        and starts the worker thread, then waits up to ``setup_timeout`` for
+        its weight-sync set-up.
+
+        Raises:
+            RuntimeError: the set-up failed by then (nothing is left running).
+            what the transport raised refusing the start (a closed RayTransport).
+        """
+        server = self._server
+        # The fast path, for a batchserve transport and the default collation
+        # (the settings may have changed since the last run).
+        if self._transport.request_queue is None or server.collate_fn is not default_collate:
+            self._fast = None
+        else:
+            self._fast = FastPath(self._transport, server.device, server.output_device)
+        run = ServerRun()
+        previous_run = self._transport.serve_with(run)
+        try:
+            self._batches.open()
+        except BaseException:
+            self._transport.serve_with(previous_run)
+            raise
+        worker = threading.Thread(
+            target=self.main, args=(run,), daemon=True, name="batchserve-worker"
+        )
+        worker.start()
+        run.ready.wait(setup_timeout)
+        with run.lock:
+            run.start_returned = True
+            startup_error = run.startup_error
+        if startup_error is not None:
+            worker.join()
+            raise RuntimeError(
+                f"InferenceServer failed to start: weight_sync set-up raised {startup_error!r}"
+            ) from startup_error
+        return run, worker
+
+    def stop(self, run: ServerRun | None, worker: threading.Thread | None,
+             last_run: ServerRun | None, timeout: float | None) -> None:
+        """Stops ``run`` (None: already stopped; ``last_run`` is the latest
+        one) and its ``worker``: closes the batch source unless a later server
+        took the transport over, waits up to ``timeout`` for the worker, fails
+        what is still waiting and, past the timeout, the batch in flight."""
+        if run is not None:
+            run.stop.set()
+        # A server started on the transport since then keeps it open.
+        serves = self._transport.is_served_by(run or last_run)
+        if serves:
+            self._batches.close()
+        # Called from the model (on the worker): its forward goes on and
+        # hands back its results after this returns; the worker then stops.
+        from_worker = worker is threading.current_thread()
+        if worker is not None and not from_worker:
+            worker.join(timeout)
+        still_running = worker is not None and worker.is_alive() and not from_worker
+        error = _core.ServerClosedError(SHUTDOWN_MESSAGE)
+        if serves:
+            self._batches.fail_pending(error, worker_running=still_running)
+        if still_running:
+            finishing_workers.add(worker)
+        # Read once: the worker clears it when its forward ends.
+        inflight = run.inflight if still_running and run is not None else None
+        if inflight is not None:
+            _log.warning(
+                "batchserve: the worker did not finish its forward within "
+                "%s s; failing that batch's requests", timeout,
+            )
+            inflight.fail(error)
+
+    def main(self, run: ServerRun) -> None:
+        """The worker thread's target."""
+        try:
+            self._weight_sync.set_up()
+        except BaseException as exc:
+            with run.lock:
+                run.startup_error = exc
+                reported = not run.start_returned  # start() raises it
+            run.ready.set()
+            if not reported:
+                _log.error("batchserve: weight_sync set-up failed: %r", exc)
+                self._stop_serving(
+                    run, closed_error(f"InferenceServer weight_sync set-up failed: {exc!r}", exc)
+                )
+            return
+        run.ready.set()
+        error = _core.ServerClosedError(SHUTDOWN_MESSAGE)
+        try:
+            with torch.no_grad():
+                error = self._serve(run) or error
+        except BaseException as exc:  # the transport failed, or was interrupted
+            _log.exception("batchserve: the worker stopped")
+            error = closed_error(f"InferenceServer stopped: {exc!r}", exc)
+        finally:
+            self._stop_serving(run, error)
+
+    def _stop_serving(self, run: ServerRun, error: BaseException) -> None:
+        """Worker exit: reject new requests, fail the waiting ones (unless
+        another server has started on the transport meanwhile: an overdue
+        worker must not close the queue under it)."""
+        if self._transport.is_served_by(run):
+            self._batches.close()
+            self._batches.fail_pending(error, worker_running=False)
+        running_servers.discard(self._server)
+
+    def _serve(self, run: ServerRun) -> BaseException | None:
+        """Serves until stopped; returns the error that the requests left
+        waiting get when a BaseException from the model stopped it."""
+        batches = self._batches
+        while not run.stop.is_set():
+            if self._weight_sync.polled:
+                batches.wake_resolved()  # applying new weights may take a while
+            self._weight_sync.poll()
+            batch = batches.next_batch()
+            if batch is None:
+                if batches.closed:
+                    return None
+                continue
+            if run.stop.is_set():
+                batch.fail(_core.ServerClosedError(SHUTDOWN_MESSAGE))
+                return None
+            run.inflight = batch
+            try:
+                self.serve_batch(batch)
+            except Exception as exc:
+                self._stats.record_failed_batch()
+                batch.fail(exc)
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt...: end this batch and stop
+                # serving cleanly rather than leave callers waiting.
+                error = closed_error(f"InferenceServer stopped: the model raised {exc!r}", exc)
+                batch.fail(error)
+                _log.error("batchserve: worker stopped by %r", exc)
+                return error
+            finally:
+                run.inflight = None
+        return None
+
+    def serve_batch(self, batch) -> None:
+        """Serves one collected batch: its fast-path rows with one forward
+        over staging memory, the rest (if any) through ``collate_fn``."""
+        dispatch_ns = _core.monotonic_ns()
+        fast = self._fast
+        had_rows = False
+        if fast is not None:
+            buffer = fast.gather(batch, self._server.max_batch_size)
+            if buffer is not None:
+                had_rows = True
+                try:
+                    self._serve_rows(batch, buffer, dispatch_ns)
+                except Exception as exc:
+                    self._stats.record_failed_batch()
+                    batch.fail_rows(exc)
+        # General-path requests remain; read once: a shutdown past its
+        # timeout may fail the batch meanwhile, and then there are none.
+        items = batch.items if len(batch) else []
+        if items:
+            if had_rows:
+                self._batches.wake_resolved()  # the fast rows' callers need not wait for them
+            if fast is not None:
+                fast.learn(items, had_rows)
+            self._serve_items(batch, items, dispatch_ns)
+
+    def _queue_ms(self, dispatch_ns: int, submitted_ns) -> list:
+        if not self._server.collect_stats:
+            return []
+        return [(dispatch_ns - s) * 1e-6 for s in submitted_ns if s is not None]
+
+    @staticmethod
+    def _check_output(output, n: int) -> None:
+        if not isinstance(output, TensorDictBase):
+            raise TypeError(
+                f"The model returned {type(output).__name__}; expected a "
+                f"TensorDict with batch size [{n}]."
+            )
+        if output.batch_dims == 0 or output.batch_size[0] != n:
+            raise RuntimeError(
+                f"The model returned batch size {list(output.batch_size)} for "
+                f"a batch of {n} requests; expected a leading dimension of {n}."
+            )
+
+    def _serve_rows(self, batch, buffer, dispatch_ns: int) -> None:
+        """The fast path: the model runs on the staging rows, callers get
+        their rows back (see ``batchserve.batching.fast_path``)."""
+        server = self._server
+        n = batch.rows
+        queue_ms = self._queue_ms(dispatch_ns, batch.rows_submitted_ns)
+        fast = self._fast
+        with self._versions.model_lock:
+            model_input = fast.model_input(buffer, n)
+            fast.prefetch()  # the next batch is gathered while the model runs
+            output = server.model(model_input)
+            self._check_output(output, n)
+            version = self._versions.value
+        if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
+            self._stats.record_batch(
+                n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True
+            )
+        fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
+
+    def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
+        """The general path: ``collate_fn``, the model, ``unbind``."""
+        server = self._server
+        if server.collate_fn is default_collate:
+            malformed = [
+                i for i, item in enumerate(items) if not isinstance(item, TensorDictBase)
+            ]
+            if malformed:
+                kinds = sorted({type(items[i]).__name__ for i in malformed})
+                batch.fail_some(
+                    malformed,
+                    TypeError(
+                        "InferenceServer expects each request to be a TensorDict; "
+                        f"got {', '.join(kinds)}."
+                    ),
+                )
+                items = batch.items
+                if not items:
+                    return
+        n = len(items)
+        queue_ms = self._queue_ms(dispatch_ns, batch.submitted_ns)
+        collated = server.collate_fn(items)
+        if server.device is not None:
+            collated = collated.to(server.device)
+        with self._versions.model_lock:
+            context, collated = interaction_context(collated)
+            with context:
+                output = server.model(collated)
+            self._check_output(output, n)
+            if server.output_device is not None:
+                output = output.to(server.output_device)
+            if server.policy_version_key is not None:
+                output.set(
+                    server.policy_version_key,
+                    torch.full(
+                        output.batch_size,
+                        self._versions.value,
+                        dtype=torch.long,
+                        device=output.device or server.output_device or server.device,
+                    ),
+                )
+        results = output.unbind(0)
+        if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
+            self._stats.record_batch(n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
+        batch.resolve(results)

@@ -1,0 +1,398 @@
+"""InferenceServer, the public facade: its settings, its policy version and
+weight updates, its lifecycle (start, shutdown), clients and statistics. The
+worker loop is ``server.loop``; weight-sync binding ``weights.schemes``;
+settings parsing ``config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tensordict.base import TensorDictBase
+
+from batchserve.batching.batch_source import batches_for
+from batchserve.batching.collate import default_collate
+from batchserve.batching.fast_path import schema_from_spec
+from batchserve.config import (
+    BatchingSetting,
+    ServerSettings,
+    as_device,
+    positive_int,
+    resolve_transport,
+    seconds,
+)
+from batchserve.server.lifecycle import ServerRun, running_servers
+from batchserve.server.loop import WorkerLoop
+from batchserve.server.stats import ServerStats
+from batchserve.server.version import PolicyVersion
+from batchserve.transports.base import as_transport, transport_kind
+from batchserve.weights.schemes import WeightSyncBinding
+from batchserve.weights.updates import check_weights, copy_weights, flat_weights, model_weights
+
+_log = logging.getLogger("batchserve")
+
+
+class InferenceServer:
+    """Auto-batching inference server.
+
+    Actors submit single TensorDicts through a transport; a background worker
+    collects them into batches, runs the model once per batch and hands each
+    actor its row of the output. A drop-in for
+    ``torchrl.modules.inference_server.InferenceServer``: same arguments,
+    defaults and behaviour, with the queue, the batching policy and the
+    hand-back of :class:`~batchserve.ThreadingTransport` in C++.
+
+    Args:
+        model (nn.Module or Callable): maps a batched TensorDict to a batched
+            TensorDict (e.g. a ``TensorDictModule``).
+        transport (InferenceTransport or str, optional): the communication
+            backend: :class:`~batchserve.ThreadingTransport` or any object
+            with torchrl's transport protocol (torchrl's own transports
+            included); ``"auto"`` (default) or ``"thread"`` make a new
+            :class:`~batchserve.ThreadingTransport`.
+
+    Keyword Args:
+        max_batch_size (int, optional): most requests per forward pass.
+            Default: ``64``.
+        min_batch_size (int, optional): after the first request, keep
+            collecting until this many or until ``timeout`` seconds after the
+            oldest request arrived. Default: ``1`` (dispatch at once).
+        timeout (float, optional): seconds; the deadline above, and how long
+            an idle server waits before polling weight sync. Default: ``0.01``.
+        collate_fn (Callable, optional): stacks a list of requests into a
+            batch. Default: :func:`~tensordict.lazy_stack`.
+        device (torch.device or str, optional): where batches (and the
+            model) go before the forward. ``None``: no transfer.
+        policy_device: alias of ``device`` (torchrl's newer name).
+        output_device (torch.device or str, optional): where results go
+            before they are handed back.
+        weight_sync: where new weights come from, polled between batches:
+            a :class:`~batchserve.SharedMemoryWeightReceiver` (a trainer
+            process publishing with :class:`~batchserve.WeightPublisher`),
+            or a torchrl ``WeightSyncScheme`` (or any object with its
+            receiver methods).
+        weight_sync_model_id (str, optional): model id used to initialise
+            ``weight_sync`` on the receiver side. Default: ``"policy"``.
+        policy_version (int, optional): initial policy version stamped on
+            results. Default: ``0``.
+        policy_version_key (NestedKey or None, optional): where results carry
+            the policy version; ``None`` disables the stamp.
+            Default: ``"policy_version"``.
+        collect_stats (bool, optional): record :meth:`stats`. Default: ``True``.
+        stats_window_size (int, optional): recent samples kept for latency
+            percentiles. Default: ``1024``.
+        server_config, device_config: torchrl's ``InferenceServerConfig`` /
+            ``InferenceDeviceConfig`` (or objects with the same attributes),
+            exclusive with the matching keyword arguments.
+        request_spec (TensorDictBase, optional): a representative single
+            request; with a :class:`~batchserve.ThreadingTransport`, requests
+            are checked against it at submission (a missing key raises
+            ``KeyError``, another dtype, shape or device ``ValueError``) and
+            take the fast path. Default: the fast path learns the schema from
+            traffic.
+
+    Requests of one fixed schema with the default ``collate_fn`` take the
+    fast path: copied without the GIL into staging memory, one forward over
+    a dense batch, rows copied back by each caller's thread (see
+    ``batchserve.batching.fast_path``). Others take the general path, ``collate_fn``
+    and ``unbind``, on the same server.
+
+    Example:
+        >>> from tensordict.nn import TensorDictModule
+        >>> from batchserve import InferenceServer, ThreadingTransport
+        >>> import torch.nn as nn
+        >>> policy = TensorDictModule(nn.Linear(4, 2), in_keys=["obs"], out_keys=["act"])
+        >>> transport = ThreadingTransport()
+        >>> server = InferenceServer(policy, transport, max_batch_size=8)
+        >>> server.start()
+        >>> client = transport.client()
+        >>> # client(td) can now be called from any thread
+        >>> server.shutdown()
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable[[TensorDictBase], TensorDictBase],
+        transport: Any = "auto",
+        *,
+        max_batch_size: int | None = None,
+        min_batch_size: int | None = None,
+        timeout: float | None = None,
+        collate_fn: Callable | None = None,
+        device: torch.device | str | None = None,
+        policy_device: torch.device | str | None = None,
+        output_device: torch.device | str | None = None,
+        weight_sync=None,
+        weight_sync_model_id: str = "policy",
+        policy_version: int = 0,
+        policy_version_key="policy_version",
+        collect_stats: bool | None = None,
+        stats_window_size: int | None = None,
+        server_config=None,
+        device_config=None,
+        request_spec=None,
+    ):
+        if model is None:
+            raise ValueError("InferenceServer needs a model.")
+        transport = resolve_transport(transport)
+        served = as_transport(transport)  # raises TypeError unless it has torchrl's protocol
+        settings = ServerSettings.parse(
+            max_batch_size=max_batch_size, min_batch_size=min_batch_size, timeout=timeout,
+            collect_stats=collect_stats, stats_window_size=stats_window_size,
+            device=device, policy_device=policy_device, output_device=output_device,
+            server_config=server_config, device_config=device_config,
+        )
+        self.model = model
+        self.transport = transport
+        self._transport = served  # the declared interface, adapted once
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.device = settings.device
+        self.output_device = settings.output_device
+        self.weight_sync = weight_sync
+        self.policy_version_key = policy_version_key
+        self.collect_stats = settings.collect_stats
+        self._stats = ServerStats(settings.stats_window_size)
+        self._versions = PolicyVersion(policy_version, self._stats)
+        self._batches = batches_for(served)
+        if request_spec is not None:
+            if served.request_queue is None:
+                raise ValueError(
+                    "request_spec needs a batchserve transport (ThreadingTransport, "
+                    "SharedMemoryTransport); "
+                    f"{type(transport).__name__} has its own request format."
+                )
+            served.set_request_schema(schema_from_spec(request_spec), strict=True)
+        self._max_batch_size = settings.max_batch_size
+        self._min_batch_size = settings.min_batch_size
+        self._timeout = settings.timeout
+        self._configure_batches()
+        weight_sync_binding = WeightSyncBinding(self, weight_sync_model_id, self._versions, self._stats)
+        self._loop = WorkerLoop(
+            self, served, self._batches, self._versions, self._stats, weight_sync_binding
+        )
+        self._lifecycle_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._last_worker: threading.Thread | None = None  # may outlive a shutdown
+        self._run: ServerRun | None = None
+        self._last_run: ServerRun | None = None
+        self._started_in: int | None = None  # the pid of the process serving
+        if self.device is not None and hasattr(self.model, "to"):
+            self.model.to(self.device)
+
+    # -- settings (may change while serving; a waiting server applies them now)
+
+    @property
+    def policy_device(self) -> torch.device | None:
+        """Alias of :attr:`device`."""
+        return self.device
+
+    @policy_device.setter
+    def policy_device(self, device) -> None:
+        self.device = as_device(device)
+
+    # Batching settings: checked, then applied to the batch source at once.
+    max_batch_size = BatchingSetting(positive_int)
+    min_batch_size = BatchingSetting(positive_int)
+    timeout = BatchingSetting(seconds)
+
+    def _configure_batches(self) -> None:
+        self._batches.configure(self._max_batch_size, self._min_batch_size, self._timeout)
+
+    # -- policy version and weights ------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        """The policy version stamped on results."""
+        return self._versions.value
+
+    def update_policy_weights_(self, model_id=None, policy_or_weights=None, **kwargs):
+        """Weight-sync cascade hook: records one applied update.
+
+        torchrl's schemes call this on their ``context`` after applying
+        weights; the server installs itself as the context of a torchrl
+        scheme that has none, so the version bumps exactly once per update
+        (an update applied under the model lock was counted already).
+        """
+        self._versions.cascade()
+
+    def update_model(
+        self, update_fn: Callable[[Any], Any], *, mark_weight_update: bool = True
+    ) -> Any:
+        """Run ``update_fn(model)`` between batches, under the model lock.
+
+        Args:
+            update_fn (Callable): called with the served model; no forward
+                runs while it does.
+            mark_weight_update (bool, optional): bump the policy version and
+                the weight-update count when ``update_fn`` returns.
+                Default: ``True``.
+
+        Returns:
+            what ``update_fn`` returned.
+        """
+        with self._versions.model_lock:
+            result = update_fn(self.model)
+            if mark_weight_update:
+                self._versions.mark_update()
+        return result
+
+    def update_weights(self, weights, *, version: int | None = None) -> int:
+        """Copy new weights into the served model, between batches.
+
+        The weights are checked in full first (names, shapes, dtypes); a
+        bad update raises and leaves the model as it was. They are then
+        copied in place under the model lock, so no forward sees a model
+        half updated and a forward waits at most for this copy; results
+        of later batches carry the new version.
+
+        Args:
+            weights: a TensorDict of parameters and buffers (as from
+                ``TensorDict.from_module(model)``, on any device) or a
+                ``state_dict``.
+            version (int, optional, keyword-only): the policy version to
+                stamp from now on; ``None`` adds one to the current one.
+
+        Returns:
+            the policy version now stamped on results.
+
+        Raises:
+            ValueError: a parameter is missing, unexpected, or of another
+                shape or dtype (named in the message).
+            TypeError: ``weights`` is neither, or the model is not an
+                ``nn.Module``.
+        """
+        given = flat_weights(weights)
+        served, skipped = model_weights(self.model)
+        check_weights(served, given, skipped)
+
+        def copy_in() -> int | None:
+            copy_weights(served, given)
+            return version
+
+        return self._versions.apply_update(copy_in)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, *, setup_timeout: float | None = 1.0) -> InferenceServer:
+        """Start the background worker.
+
+        Weight-sync set-up (``init_on_receiver``, ``connect``) runs on the
+        worker, and ``start`` waits up to ``setup_timeout`` seconds for it: a
+        set-up that fails by then makes ``start`` raise, with nothing left
+        running. A set-up still in progress then (``connect`` waiting for the
+        trainer's first weights, say) goes on in the background: requests
+        queue and are served once it completes; if it fails later, the
+        waiting requests get its error, later ones raise
+        :class:`~batchserve.ServerClosedError`, and :attr:`is_alive` turns
+        false.
+
+        Args:
+            setup_timeout (float or None, keyword-only): seconds to wait for
+                the set-up; ``None`` waits until it finishes. Default: ``1.0``.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            RuntimeError: the server is already running (or its previous
+                worker is still finishing a forward), or its set-up failed.
+        """
+        with self._lifecycle_lock:
+            if self.is_alive:
+                raise RuntimeError("InferenceServer is already running.")
+            if self._last_worker is not None and self._last_worker.is_alive():
+                raise RuntimeError(
+                    "InferenceServer is already running: the previous worker is "
+                    "still finishing a forward; shutdown(timeout=None) waits for it."
+                )
+            run, worker = self._loop.start(setup_timeout)
+            self._run, self._worker, self._last_worker = run, worker, worker
+            self._last_run = run
+            self._started_in = os.getpid()
+            running_servers.add(self)
+        return self
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stop the worker; every request not yet served gets an error.
+
+        Later submissions raise :class:`~batchserve.ServerClosedError` at once.
+        A forward in progress is allowed to finish for up to ``timeout``
+        seconds; past that its callers get the shutdown error too.
+
+        Args:
+            timeout (float or None): seconds to wait for the worker to finish;
+                ``None`` waits indefinitely.
+        """
+        with self._lifecycle_lock:
+            run, worker = self._run, self._worker or self._last_worker
+            self._run = self._worker = None
+            running_servers.discard(self)
+            self._loop.stop(run, worker, self._last_run, timeout)
+
+    @property
+    def service_backend(self) -> str:
+        """Where the policy runs: a thread of this process."""
+        return "thread"
+
+    @property
+    def transport_kind(self) -> str:
+        """torchrl's selector for the transport ("thread", "process", ...,
+        "custom" for a user transport)."""
+        return transport_kind(self.transport)
+
+    @property
+    def is_alive(self) -> bool:
+        """Whether the background worker is running."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "_started_in", None) != os.getpid():
+            return  # a forked copy: the server runs in the parent
+        if getattr(self, "_worker", None) is not None and self.is_alive:
+            self.shutdown(timeout=1.0)
+
+    # -- clients ----------------------------------------------------------------
+
+    def client(self):
+        """An actor-side client of this server's transport."""
+        return self._transport.client()
+
+    def clients(self, num_clients: int) -> list:
+        """One client per concurrent consumer."""
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int):
+            raise TypeError("num_clients must be an integer.")
+        if num_clients < 1:
+            raise ValueError("num_clients must be at least 1.")
+        return [self.client() for _ in range(num_clients)]
+
+    # -- statistics -------------------------------------------------------------
+
+    def stats(self, *, reset: bool = False) -> dict:
+        """Throughput and latency statistics.
+
+        Keys: ``requests``, ``fast_path_requests`` (those served by the
+        fixed-schema fast path), ``batches``, ``failed_batches``,
+        ``requests_per_s``, ``batches_per_s``, ``avg_batch_size``,
+        ``p50/p95/p99_queue_ms`` (submission to dispatch),
+        ``p50/p95/p99_forward_ms`` (collation, forward and hand-back
+        preparation), ``batch_size_histogram`` (size -> batches),
+        ``policy_version``, ``weight_updates``, ``weight_sync_errors``,
+        ``p50/max_weight_apply_ms`` (how long copying an update in held the
+        model lock, for ``update_weights`` and batchserve's receiver).
+
+        Args:
+            reset (bool, optional): clear the counters after the snapshot.
+        """
+        return self._stats.snapshot(self._versions.value, reset=reset)
