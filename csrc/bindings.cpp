@@ -26,14 +26,19 @@
 #include <utility>
 #include <vector>
 
-#include "batch_policy.h"
-#include "completion.h"
-#include "futex.h"
-#include "request_queue.h"
-#include "row_copy.h"
-#include "shared_slots.h"
-#include "staging.h"
-#include "weight_banks.h"
+#include "core/batch_policy.h"
+#include "core/collector.h"
+#include "core/completion.h"
+#include "core/futex.h"
+#include "core/request_queue.h"
+#include "core/row_copy.h"
+#include "core/shared_slots.h"
+#include "core/sliced_wait.h"
+#include "core/slot_client.h"
+#include "core/slot_responses.h"
+#include "core/staging.h"
+#include "core/wake_batching.h"
+#include "core/weight_banks.h"
 
 namespace py = pybind11;
 
@@ -46,9 +51,6 @@ struct QueueClosedError : std::runtime_error {
 struct QueueFullError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
-
-// A blocking caller re-checks for Python signals (Ctrl-C) this often.
-constexpr int64_t kSignalCheckNs = 200'000'000;
 
 // Releases the GIL for a scope, like py::gil_scoped_release, but safe in a
 // daemon thread still inside the scope when the interpreter exits (a server
@@ -73,6 +75,19 @@ class GilRelease {
  private:
   PyThreadState* state_;
 };
+
+// The hooks of the core's sliced waits (csrc/core/sliced_wait.h): run a
+// wait without the GIL; after a slice, run Python's signal handlers.
+struct WithoutGil {
+  template <typename F>
+  auto operator()(F&& f) const {
+    GilRelease nogil;
+    return f();
+  }
+};
+
+// GIL held. True when a signal handler raised (the Python error is set).
+bool signalled() { return PyErr_CheckSignals() != 0; }
 
 // Why a blocking call that timed out has no result, for its TimeoutError.
 const char* timed_out_because(bool withdrawn) {
@@ -367,14 +382,6 @@ void set_error_from(PyObject* outcome) {
 // ---------------------------------------------------------------------------
 // Shared-memory slots (csrc/shared_slots.h), the Python side of both ends.
 
-// Cuts `text` to at most `max_bytes` without splitting a UTF-8 character.
-void truncate_utf8(std::string& text, size_t max_bytes) {
-  if (text.size() <= max_bytes) return;
-  size_t end = max_bytes;
-  while (end > 0 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
-  text.resize(end);
-}
-
 // GIL held. `value` as a contiguous CPU tensor of `dtype` (converted when it
 // is not), checked to hold `rows` rows of `shape` (rows < 0: exactly
 // `shape`). Raises ValueError naming `key` otherwise.
@@ -505,11 +512,8 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
     std::vector<const uint8_t*> source;
     for (const py::object& column : response_columns)
       source.push_back(static_cast<const uint8_t*>(data_ptr(column.ptr())));
-    SharedSlots& sh = slots();
     GilRelease nogil;  // the caller's `response_columns` keep the columns alive
-    sh.write_responses(slots_of_rows, source);
-    for (uint32_t s : slots_of_rows)
-      if (sh.finish(s, false)) sh.wake(s);
+    scatter_responses(slots(), slots_of_rows, source);
   }
 
  private:
@@ -521,8 +525,7 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
       if (!value) throw py::error_already_set();
       py::object leaf = slot_leaf(value.ptr(), response_keys_[j], response_dtypes_[j],
                                   response_shapes_[j], -1);
-      const size_t bytes = sh.response_leaf_bytes(j);
-      if (bytes != 0) std::memcpy(sh.response_row(s, j), data_ptr(leaf.ptr()), bytes);
+      write_response_leaf(sh, s, j, data_ptr(leaf.ptr()));
     }
   }
 
@@ -530,25 +533,17 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
   // unpickle it (a class only the server has, a pickle too large for the
   // area) raises a RuntimeError with that text instead.
   void write_error(uint32_t s, PyObject* exc) {
-    SharedSlots& sh = slots();
-    SlotHeader& slot = sh.slot(s);
-    const size_t room = sh.error_bytes();
     std::string text = repr(exc);
-    truncate_utf8(text, room / 2);
-    slot.error_len = 0;
     PyObject* blob = PyObject_CallOneArg(dumps_.ptr(), exc);
     if (blob == nullptr) {
       PyErr_Clear();
-    } else {
-      const Py_ssize_t len = PyBytes_Size(blob);
-      if (len >= 0 && static_cast<size_t>(len) + text.size() <= room) {
-        std::memcpy(sh.error_area(s), PyBytes_AS_STRING(blob), static_cast<size_t>(len));
-        slot.error_len = static_cast<uint32_t>(len);
-      }
-      Py_DECREF(blob);
+      batchserve::write_error(slots(), s, nullptr, 0, std::move(text));
+      return;
     }
-    std::memcpy(sh.error_area(s) + slot.error_len, text.data(), text.size());
-    slot.error_text_len = static_cast<uint32_t>(text.size());
+    const Py_ssize_t len = PyBytes_Size(blob);
+    batchserve::write_error(slots(), s, len >= 0 ? PyBytes_AS_STRING(blob) : nullptr,
+                            len >= 0 ? static_cast<size_t>(len) : 0, std::move(text));
+    Py_DECREF(blob);
   }
 
   std::vector<py::object> request_keys_, request_banks_;
@@ -564,14 +559,6 @@ std::shared_ptr<SlotServer> keep_slot_server(const Request& r) {
   return r.intake == nullptr ? nullptr
                              : std::static_pointer_cast<SlotServer>(slot_server(r).shared_from_this());
 }
-
-// A caller to wake once the GIL is let go: a blocking in-process caller, or
-// the client process waiting on a slot.
-struct Wake {
-  Completion* completion = nullptr;
-  SharedSlots* slots = nullptr;
-  uint32_t slot = 0;
-};
 
 // GIL held. Releases what a request owns on the Python side.
 void release_python_refs(const Request& r) {
@@ -597,41 +584,21 @@ void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake
   }
 }
 
-// GIL held on entry and exit; wakes callers without it.
-void notify_and_release(std::vector<Wake>& to_wake) {
-  for (const Wake& w : to_wake) {
-    if (w.completion != nullptr) {
-      w.completion->notify();
-      w.completion->release();
-    } else {
-      w.slots->wake(w.slot);
-    }
-  }
-  to_wake.clear();
-}
-
+// GIL held on entry and exit; wakes callers without it (see
+// csrc/core/wake_batching.h).
 void wake_and_release(std::vector<Wake>& to_wake) {
   if (to_wake.empty()) return;
   GilRelease nogil;
   notify_and_release(to_wake);
 }
 
-// Callers whose results the server has published but not yet woken. The
-// worker wakes them when it next releases the GIL (collect()): a caller woken
-// while the worker still holds the GIL would block on the GIL and need a
-// second, much slower wake-up (CPython's GIL hand-off) to go on. Changed
-// only with the GIL held.
-struct DeferredWakes {
-  std::vector<Wake> pending;
-
-  // GIL held on entry and exit; wakes without it.
-  void flush() {
-    if (pending.empty()) return;
-    std::vector<Wake> to_wake;
-    to_wake.swap(pending);
-    wake_and_release(to_wake);
-  }
-};
+// GIL held on entry and exit. Wakes the callers `deferred` holds (results
+// the server published but left unwoken, to be woken at its next collect).
+void flush(DeferredWakes& deferred) {
+  if (deferred.empty()) return;
+  std::vector<Wake> to_wake = deferred.take();
+  wake_and_release(to_wake);
+}
 
 // GIL held. Drops a request that will never be served (withdrawn by its
 // caller): no outcome, only references to release.
@@ -907,15 +874,8 @@ class Batch {
   // GIL held. Wakes now, or leaves the wake-ups to `deferred`.
   // Slots' clients (other processes) are woken now either way.
   static void wake(std::vector<Wake>& to_wake, DeferredWakes* deferred) {
-    if (deferred == nullptr) {
-      wake_and_release(to_wake);
-      return;
-    }
-    std::vector<Wake> now;
-    for (const Wake& w : to_wake)
-      (w.completion != nullptr ? deferred->pending : now).push_back(w);
-    to_wake.clear();
-    wake_and_release(now);
+    if (deferred != nullptr) deferred->defer(to_wake);
+    wake_and_release(to_wake);
   }
 
   // GIL held. Ends each request of `requests` (owned by the caller, no
@@ -977,7 +937,7 @@ class Ticket {
 
 class PyRequestQueue {
  public:
-  explicit PyRequestQueue(size_t capacity) : queue_(capacity) {}
+  explicit PyRequestQueue(size_t capacity) : collector_(capacity) {}
   // GIL held (Python frees the queue). Requests still here (Futures whose
   // transport was dropped) end with an error rather than never.
   ~PyRequestQueue() {
@@ -995,15 +955,18 @@ class PyRequestQueue {
   // released, in slices so that a signal (Ctrl-C) is seen. Returns false
   // when a signal handler raised (the Python error is set).
   bool push_checking_signals(const Request& r, int64_t deadline, PushResult& result) {
-    result = queue_.push(r, 0);  // first without giving up the GIL
-    while (result == PushResult::kTimedOut && monotonic_ns() < deadline) {
-      {
-        GilRelease nogil;
-        result = queue_.push(r, std::min(deadline, monotonic_ns() + kSignalCheckNs));
-      }
-      if (result == PushResult::kTimedOut && PyErr_CheckSignals() != 0) return false;
-    }
-    return true;
+    result = queue().push(r, 0);  // first without giving up the GIL
+    if (result != PushResult::kTimedOut || monotonic_ns() >= deadline) return true;
+    bool interrupted = false;
+    wait_in_slices(
+        deadline,
+        [&](int64_t until) {
+          GilRelease nogil;
+          result = queue().push(r, until);
+          return result != PushResult::kTimedOut;
+        },
+        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    return !interrupted;
   }
 
   // The blocking client call: enqueue, wait for the result with the GIL
@@ -1022,52 +985,44 @@ class PyRequestQueue {
     // the server and torch's threads need (measured: 1-actor latency
     // 85 µs parked, 150-165 µs spinning, on the 2-core CI VM).
     PushResult pushed = PushResult::kTimedOut;
-    bool done = false;
-    for (;;) {
-      {
-        GilRelease nogil;
-        pushed = queue_.push(request, std::min(deadline, monotonic_ns() + kSignalCheckNs));
-        if (pushed == PushResult::kOk) {
-          const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
-          done = completion->wait_until(slice, 0);
-        }
-      }
-      if (pushed != PushResult::kTimedOut || monotonic_ns() >= deadline) break;
-      if (PyErr_CheckSignals() != 0) break;  // Ctrl-C while the queue is full
-    }
+    bool interrupted = false;
+    const bool done = wait_in_slices(
+        deadline,
+        [&](int64_t until) {
+          GilRelease nogil;
+          if (pushed != PushResult::kOk) {
+            pushed = queue().push(request, until);
+            if (pushed == PushResult::kClosed) return true;  // ends the wait: see below
+            if (pushed != PushResult::kOk) return false;
+            until = slice_end(deadline);  // the first wait gets a whole slice
+          }
+          return completion->wait_until(until, 0);
+        },
+        [&](bool expired) { return !expired && !(interrupted = signalled()); });
     if (pushed != PushResult::kOk) {
       Py_DECREF(item.ptr());
       completion->release();
       completion->release();
-      if (PyErr_Occurred()) throw py::error_already_set();
+      if (interrupted) throw py::error_already_set();  // Ctrl-C while the queue is full
       if (pushed == PushResult::kClosed)
         throw QueueClosedError("the inference server is shut down");
       raise_timeout("no room in the request queue within the timeout");
     }
     rows.release();  // the request owns them now
-    while (!done) {
-      int64_t now;
-      {
-        GilRelease nogil;
-        const int64_t slice = std::min(deadline, monotonic_ns() + kSignalCheckNs);
-        done = completion->wait_until(slice, 0);
-        now = monotonic_ns();
-      }
-      if (done) break;
-      const bool expired = now >= deadline;
-      const bool interrupted = !expired && PyErr_CheckSignals() != 0;
-      if (!expired && !interrupted) continue;
+    if (!done) {
       const Completion::State left = completion->give_up();
-      if (left == Completion::kDone) {
-        if (!interrupted) break;  // the result won the race with the timeout
+      if (left == Completion::kDone && interrupted) {
         // A signal (Ctrl-C) wins over a result that arrived meanwhile.
         Py_DECREF(static_cast<PyObject*>(completion->outcome()));
         completion->release();
         throw py::error_already_set();
       }
-      completion->release();
-      if (interrupted) throw py::error_already_set();
-      raise_timeout(timed_out_because(left == Completion::kWithdrawn));
+      if (left != Completion::kDone) {
+        completion->release();
+        if (interrupted) throw py::error_already_set();
+        raise_timeout(timed_out_because(left == Completion::kWithdrawn));
+      }
+      // else the result won the race with the timeout
     }
     py::object outcome = py::reinterpret_steal<py::object>(
         static_cast<PyObject*>(completion->outcome()));
@@ -1101,7 +1056,7 @@ class PyRequestQueue {
     if (pushed == PushResult::kClosed)
       throw QueueClosedError("the inference server is shut down");
     throw QueueFullError("the request queue is full (capacity " +
-                         std::to_string(queue_.capacity()) + ")");
+                         std::to_string(queue().capacity()) + ")");
   }
 
   // The fast path's schema: requests that match it carry their leaves to the
@@ -1137,7 +1092,7 @@ class PyRequestQueue {
   py::tuple drain(size_t max_items) {
     std::vector<Request> popped;
     std::vector<Request> unused;
-    detail::take_ready(queue_, max_items, popped, unused);
+    detail::take_ready(queue(), max_items, popped, unused);
     for (const Request& r : unused) discard(r);
     py::list items, handles, submitted_at;
     for (const Request& r : popped) {
@@ -1166,7 +1121,7 @@ class PyRequestQueue {
 
   bool wait_for_work(double timeout_s) {
     GilRelease nogil;
-    return queue_.wait_for_work(deadline_after(timeout_s));
+    return queue().wait_for_work(deadline_after(timeout_s));
   }
 
   // The batching policy's settings; a server sleeping in collect() applies
@@ -1176,7 +1131,7 @@ class PyRequestQueue {
     policy.max_batch_size = max_batch_size;
     policy.min_batch_size = min_batch_size;
     policy.timeout_ns = seconds_to_ns(timeout_s);
-    settings_.store(policy, queue_);
+    collector_.configure(policy);
   }
 
   // Fast path: starts gathering the next batch into the staging `columns`
@@ -1185,80 +1140,54 @@ class PyRequestQueue {
   // a job is already started. Returns whether it started one.
   bool prefetch(uint64_t schema_id, const std::vector<uintptr_t>& columns,
                 const std::vector<size_t>& leaf_bytes, size_t capacity) {
-    if (queue_.size() == 0) return false;
-    std::lock_guard<std::mutex> lock(prefetch_mutex_);
-    if (prefetcher_.started()) return false;
-    Prefetcher::Job job;
-    job.max_items = settings_.load().max_batch_size;
-    job.schema_id = schema_id;
-    for (uintptr_t c : columns) job.staging.base.push_back(reinterpret_cast<uint8_t*>(c));
-    job.staging.leaf_bytes = leaf_bytes;
-    job.staging.rows = capacity;
-    prefetcher_.start(std::move(job));
-    return true;
+    if (queue().size() == 0) return false;  // without building the staging description
+    StagingColumns staging;
+    for (uintptr_t c : columns) staging.base.push_back(reinterpret_cast<uint8_t*>(c));
+    staging.leaf_bytes = leaf_bytes;
+    staging.rows = capacity;
+    return collector_.prefetch(schema_id, std::move(staging));
   }
 
-  // The server's batch: the C++ batching policy, run without the GIL, going
-  // on from what a prefetch took (those rows are already in staging).
+  // The server's batch (csrc/core/collector.h): the C++ batching policy, run
+  // without the GIL, going on from what a prefetch took (those rows are
+  // already in staging). Here only the Python side: wake the callers left
+  // from the last batch, claim futures, build the Batch.
   std::unique_ptr<Batch> collect() {
-    std::vector<Request> batch, dropped;
-    size_t prefetched = 0;  // batch[0, prefetched) are gathered rows
-    uintptr_t prefetched_into = 0;
-    std::vector<Wake> to_wake;
-    to_wake.swap(deferred_->pending);
-    std::vector<Request> carried;  // older than anything still in the ring
-    carried.swap(carried_);
+    std::vector<Wake> to_wake = deferred_->take();
+    std::vector<Request> carried = collector_.take_carried();
+    CollectedBatch collected;
     {
       GilRelease nogil;
       notify_and_release(to_wake);
-      Prefetcher::Taken taken = finish_prefetch();
-      prefetched = taken.rows.size();
-      prefetched_into = reinterpret_cast<uintptr_t>(taken.staging);
-      batch = std::move(taken.rows);  // the policy counts them as collected
-      batch.insert(batch.end(), carried.begin(), carried.end());
-      batch.insert(batch.end(), taken.others.begin(), taken.others.end());
-      dropped = std::move(taken.dropped);
-      batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
-      collect_batch(queue_, settings_, batch, dropped);
+      collected = collector_.wait_for_batch(std::move(carried));
     }
     // Taking the GIL back can take a while when woken callers hold it; what
-    // arrived meanwhile joins this batch rather than wait for the next one.
-    const size_t max_batch_size = settings_.load().max_batch_size;
-    if (!batch.empty() && batch.size() < max_batch_size)
-      detail::take_ready(queue_, max_batch_size - batch.size(), batch, dropped);
-    // A prefetch took up to the maximum of its time; one lowered since then
-    // holds: the excess waits for the next batch (regathered there).
-    if (batch.size() > max_batch_size) {
-      carried_.assign(batch.begin() + static_cast<std::ptrdiff_t>(max_batch_size), batch.end());
-      batch.resize(max_batch_size);
-      prefetched = std::min(prefetched, max_batch_size);
-    }
-    for (const Request& r : dropped) discard(r);
+    // arrived meanwhile joins this batch (complete()).
+    collector_.complete(collected);
+    for (const Request& r : collected.dropped) discard(r);
     // Futures cancelled by their callers are dropped; a prefetched row keeps
     // its staging row (its result then goes nowhere).
-    std::vector<Request> rows(batch.begin(), batch.begin() + static_cast<std::ptrdiff_t>(prefetched));
     std::vector<Request> others;
-    others.reserve(batch.size() - prefetched);
-    for (size_t i = prefetched; i < batch.size(); ++i) {
-      const Request& r = batch[i];
+    others.reserve(collected.others.size());
+    for (const Request& r : collected.others) {
       if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
         discard(r);
         continue;
       }
       others.push_back(r);
     }
-    for (const Request& r : rows)
+    for (const Request& r : collected.rows)
       if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
-    if (rows.empty() && others.empty()) return nullptr;
-    adapt_server_spin(rows.size() + others.size());
-    return std::make_unique<Batch>(std::move(rows), std::move(others), deferred_, prefetched_into,
-                                   slots_);
+    if (collected.rows.empty() && others.empty()) return nullptr;
+    collector_.adapt_server_spin(collected.rows.size() + others.size());
+    return std::make_unique<Batch>(std::move(collected.rows), std::move(others), deferred_,
+                                   collected.prefetched_into, slots_);
   }
 
   // Ends every queued request (and any a prefetch took) with `exc`; returns
   // how many.
   size_t fail_pending(const py::object& exc) {
-    deferred_->flush();
+    flush(*deferred_);
     size_t total = 0;
     std::vector<Wake> to_wake;
     auto fail = [&](const Request& r) {
@@ -1273,17 +1202,15 @@ class PyRequestQueue {
     Prefetcher::Taken taken;
     {
       GilRelease nogil;
-      taken = finish_prefetch();
+      taken = collector_.finish_prefetch();
     }
     for (const Request& r : taken.dropped) discard(r);
     for (const Request& r : taken.rows) fail(r);
     for (const Request& r : taken.others) fail(r);
-    std::vector<Request> carried;
-    carried.swap(carried_);
-    for (const Request& r : carried) fail(r);
+    for (const Request& r : collector_.take_carried()) fail(r);
     wake_and_release(to_wake);
     std::vector<Request> pending;
-    while (queue_.pop_many(pending, 1024) > 0) {
+    while (queue().pop_many(pending, 1024) > 0) {
       for (const Request& r : pending) fail(r);
       pending.clear();
       wake_and_release(to_wake);
@@ -1293,49 +1220,30 @@ class PyRequestQueue {
 
   // Wakes the callers whose results are published (see DeferredWakes) now
   // rather than at the next collect().
-  void wake_resolved() { deferred_->flush(); }
+  void wake_resolved() { flush(*deferred_); }
 
   void close() {
-    deferred_->flush();
+    flush(*deferred_);
     GilRelease nogil;
-    queue_.close();
+    queue().close();
   }
-  void reopen() { queue_.reopen(); }
-  bool closed() const { return queue_.closed(); }
+  void reopen() { queue().reopen(); }
+  bool closed() const { return queue().closed(); }
 
   // Requests also come from shared-memory slots (a SharedMemoryTransport's
   // server end). Once, before the queue is used.
   void attach_slots(std::shared_ptr<SlotServer> slots) {
     if (slots_) throw std::logic_error("attach_slots: the queue already has slots");
     slots_ = std::move(slots);
-    queue_.attach_intake(slots_.get());
+    queue().attach_intake(slots_.get());
   }
   size_t reaped_slots() const { return slots_ ? slots_->reaped() : 0; }
-  size_t size() const { return queue_.size(); }
-  size_t capacity() const { return queue_.capacity(); }
+  size_t size() const { return queue().size(); }
+  size_t capacity() const { return queue().capacity(); }
 
  private:
-  // The server spins for its next request (instead of sleeping at once)
-  // while batches hold one request: then one actor is calling, it sends its
-  // next request within microseconds of its result, the other core is free,
-  // and a futex wake-up of the server would cost tens of microseconds on a
-  // VM. With more actors the server seldom waits, and a spinning server
-  // would take the core their Python needs. Measured on the 2-core CI VM:
-  // spinning 50 µs always cut one actor's p50 from ~160 to ~105 µs but
-  // served 8 and 32 threads ~15-25% slower.
-  static constexpr int64_t kLoneActorSpinNs = 50'000;
-
-  void adapt_server_spin(size_t batch_size) {
-    // Moving average of batch sizes in 1/16ths, weight 1/8.
-    mean_batch_x16_ += (static_cast<int64_t>(batch_size) * 16 - mean_batch_x16_) / 8;
-    queue_.set_server_spin_ns(mean_batch_x16_ <= 24 ? kLoneActorSpinNs : 0);
-  }
-
-  // GIL released. What the prefetch started last took (nothing if none).
-  Prefetcher::Taken finish_prefetch() {
-    std::lock_guard<std::mutex> lock(prefetch_mutex_);
-    return prefetcher_.finish();
-  }
+  RequestQueue& queue() { return collector_.queue(); }
+  const RequestQueue& queue() const { return collector_.queue(); }
 
   OwnedRows match(PyObject* item, bool own_copy) {
     if (!schema_) return nullptr;
@@ -1343,13 +1251,8 @@ class PyRequestQueue {
     return match_schema(item, *schema, own_copy);
   }
 
-  RequestQueue queue_;
-  std::shared_ptr<SlotServer> slots_;  // the intake of queue_, if any (outlives the prefetcher)
-  BatchSettings settings_;
-  std::mutex prefetch_mutex_;  // start() and finish() of prefetcher_, never at once
-  std::vector<Request> carried_;  // taken beyond a lowered max_batch_size (GIL held)
-  int64_t mean_batch_x16_ = 16;  // server thread only
-  Prefetcher prefetcher_{queue_};
+  std::shared_ptr<SlotServer> slots_;  // the intake of the queue, if any (outlives the prefetcher)
+  RequestCollector collector_;         // the queue, the settings, the prefetcher
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
   uint64_t last_schema_id_ = 0;
@@ -1365,57 +1268,19 @@ PyObject* g_result_timeout = nullptr;
   throw py::error_already_set();
 }
 
-// A submitted request's slot, owned by its SharedMemoryFuture. Dropped
-// unread (the future was discarded, or a signal interrupted the caller
-// before it got the future), it gives the slot back.
-struct PendingSlot {
-  std::shared_ptr<SharedSlots> slots;
-  uint32_t slot = 0;
-  bool open = true;  // the slot is still the caller's
-  // The process whose request this is. A forked child inherits a copy of
-  // every future in flight; dropping the copy must not end the parent's
-  // request (the child never owned the slot).
-  pid_t owner = ::getpid();
-
-  PendingSlot(std::shared_ptr<SharedSlots> s, uint32_t n) : slots(std::move(s)), slot(n) {}
-  PendingSlot(const PendingSlot&) = delete;
-  PendingSlot& operator=(const PendingSlot&) = delete;
-  ~PendingSlot() {
-    if (open && owner == ::getpid()) leave();
-  }
-
-  // The caller leaves its request (dropped, timeout, signal, dead server):
-  // the slot is no longer the caller's, whatever state it was in.
-  void leave() {
-    open = false;
-    if (slots->give_up(slot) != SlotHeader::kAbandoned) slots->release(slot);
-  }
-
-  // Withdraws the request if the server has not taken it yet, giving the
-  // slot back; false (nothing changed) if it was taken.
-  bool withdraw() {
-    if (!slots->withdraw(slot)) return false;
-    open = false;
-    slots->release(slot);
-    return true;
-  }
-};
-
 // The actor's end of a SharedMemoryTransport, in any process: it copies a
 // request's leaves into a free slot, publishes it, and waits on the slot's
-// futex for the server to write the result; all without the GIL. A client
-// object may be used from several threads (each call takes its own slot).
+// futex for the server to write the result; all without the GIL (the
+// protocol is SlotRequester's, csrc/core/slot_client.h). A client object
+// may be used from several threads (each call takes its own slot).
 class SlotClient {
  public:
-  // How often a waiting client looks at the server's health and at signals.
-  static constexpr int64_t kCheckNs = 100'000'000;
-
-  SlotClient(std::shared_ptr<SharedSlots> slots, std::vector<py::object> request_keys,
+  SlotClient(std::shared_ptr<SharedSlots> segment, std::vector<py::object> request_keys,
              std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
              py::object request_device, std::vector<py::object> response_keys,
              std::vector<py::object> response_banks, py::object response_device,
              bool copy_result, py::object normalise)
-      : slots_(std::move(slots)),
+      : requester_(std::move(segment)),
         response_keys_(std::move(response_keys)),
         response_banks_(std::move(response_banks)),
         response_device_(std::move(response_device)),
@@ -1428,8 +1293,8 @@ class SlotClient {
     schema_.dtypes = std::move(request_dtypes);
     schema_.shapes = std::move(request_shapes);
     schema_.device = std::move(request_device);
-    if (schema_.keys.size() != slots_->request_leaves() ||
-        response_keys_.size() != slots_->response_leaves() ||
+    if (schema_.keys.size() != slots().request_leaves() ||
+        response_keys_.size() != slots().response_leaves() ||
         response_banks_.size() != response_keys_.size())
       throw std::invalid_argument("SlotClient: keys do not match the segment's layout");
     if (schema_.keys.size() > RequestRows::kMaxLeaves)
@@ -1442,16 +1307,15 @@ class SlotClient {
   // taken it yet, else its result is discarded; ResultTimeout either way.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
-    PendingSlot pending(slots_, submit_until(item, deadline, true));
+    PendingSlot pending(requester_.shared_slots(), submit_until(item, deadline, true));
     return finish_wait(pending, deadline, false);
   }
 
   // Submits; the returned PendingSlot owns the slot (for a future). Blocks
   // while every slot is in flight, until `timeout` (ResultTimeout).
   std::unique_ptr<PendingSlot> submit(const py::object& item, std::optional<double> timeout_s) {
-    auto pending =
-        std::make_unique<PendingSlot>(slots_, submit_until(item, deadline_from(timeout_s), false));
-    return pending;
+    return std::make_unique<PendingSlot>(requester_.shared_slots(),
+                                         submit_until(item, deadline_from(timeout_s), false));
   }
 
   // The result of a submitted request, or None when `timeout` passes first:
@@ -1461,16 +1325,16 @@ class SlotClient {
     return finish_wait(pending, deadline_from(timeout_s), true);
   }
 
-  bool done(const PendingSlot& pending) const {
-    return !pending.open || slots_->finished(pending.slot);
-  }
+  bool done(const PendingSlot& pending) const { return requester_.finished(pending); }
 
   // Withdraws a request the server has not taken yet (true). A request being
   // served or already answered stays as it is (false): its result can still
   // be read.
-  bool cancel(PendingSlot& pending) { return pending.open && pending.withdraw(); }
+  bool cancel(PendingSlot& pending) { return requester_.cancel(pending); }
 
  private:
+  SharedSlots& slots() const { return requester_.slots(); }
+
   // GIL held. The request's leaves, after the Python-side normaliser for
   // inputs the C++ matcher does not take as they are (a TensorDict subclass,
   // non-contiguous leaves, a TensorDict device): raises what it raises.
@@ -1485,96 +1349,63 @@ class SlotClient {
   }
 
   // GIL held. A slot holding `item`, published to the server; with
-  // `and_wait`, also waits for the result for up to one check interval in
-  // the same GIL-free stretch.
+  // `and_wait`, also waits for the result for up to one slice in the same
+  // GIL-free stretch.
   uint32_t submit_until(const py::object& item, int64_t deadline, bool and_wait) {
     py::object normalised;
     OwnedRows rows = match(item, normalised);
-    if (slots_->closed()) throw QueueClosedError("the inference server is shut down");
-    int slot = slots_->try_claim(hint_.load(std::memory_order_relaxed));
-    while (slot < 0) {
-      SlotWait w;
-      {
-        GilRelease nogil;
-        w = slots_->claim(hint_.load(std::memory_order_relaxed),
-                          std::min(deadline, monotonic_ns() + kCheckNs), slot);
-      }
-      if (w == SlotWait::kOk) break;
-      raise_if_unservable(w);
-      if (monotonic_ns() >= deadline)
+    uint32_t s = 0;
+    switch (requester_.claim(deadline, WithoutGil(), signalled, s)) {
+      case SlotClaim::kOk:
+        break;
+      case SlotClaim::kClosed:
+        raise_unservable(SlotOutcome::kClosed);
+      case SlotClaim::kServerDead:
+        raise_unservable(SlotOutcome::kServerDead);
+      case SlotClaim::kNoFreeSlot:
         raise_result_timeout("no free slot within the timeout: all " +
-                             std::to_string(slots_->num_slots()) +
+                             std::to_string(slots().num_slots()) +
                              " slots hold requests in flight (num_slots)");
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      case SlotClaim::kInterrupted:
+        throw py::error_already_set();
     }
-    const uint32_t s = static_cast<uint32_t>(slot);
-    hint_.store(s, std::memory_order_relaxed);
     SlotWait submitted;
     {
       GilRelease nogil;
-      for (size_t j = 0; j < rows->count; ++j) {
-        const size_t bytes = slots_->request_leaf_bytes(j);
-        if (bytes != 0) std::memcpy(slots_->request_row(s, j), rows->data[j], bytes);
-      }
-      submitted = slots_->submit(s, monotonic_ns());
-      if (submitted == SlotWait::kOk && and_wait)
-        slots_->wait(s, std::min(deadline, monotonic_ns() + kCheckNs));
+      submitted = requester_.submit(s, *rows, and_wait ? slice_end(deadline) : 0);
     }
-    if (submitted != SlotWait::kOk) {
-      slots_->release(s);
-      throw QueueClosedError("the inference server is shut down");
-    }
+    if (submitted != SlotWait::kOk) throw QueueClosedError("the inference server is shut down");
     return s;
   }
 
-  [[noreturn]] void raise_unservable(SlotWait why) const {
-    if (why == SlotWait::kClosed) throw QueueClosedError("the inference server is shut down");
+  [[noreturn]] void raise_unservable(SlotOutcome why) const {
+    if (why == SlotOutcome::kClosed) throw QueueClosedError("the inference server is shut down");
     throw QueueClosedError("the inference server process (pid " +
-                           std::to_string(slots_->server_pid()) +
+                           std::to_string(slots().server_pid()) +
                            ") is gone; no request can be served");
-  }
-  void raise_if_unservable(SlotWait why) const {
-    if (why == SlotWait::kClosed || why == SlotWait::kServerDead) raise_unservable(why);
   }
 
   // GIL held. Waits for the outcome, reads it, frees the slot. With
   // `keep_on_timeout`, a timeout returns None and leaves the request in
   // flight; otherwise it raises ResultTimeout.
   py::object finish_wait(PendingSlot& pending, int64_t deadline, bool keep_on_timeout) {
-    const uint32_t s = pending.slot;
-    bool done = slots_->finished(s);
-    while (!done) {
-      int64_t now;
-      {
-        GilRelease nogil;
-        done = slots_->wait(s, std::min(deadline, monotonic_ns() + kCheckNs));
-        now = monotonic_ns();
-      }
-      if (done) break;
-      // The server shut down with this request still queued, or died.
-      if (slots_->closed() && pending.withdraw()) raise_unservable(SlotWait::kClosed);
-      if (slots_->server_dead()) {
-        if (slots_->finished(s)) break;
-        pending.leave();
-        raise_unservable(SlotWait::kServerDead);
-      }
-      const bool expired = now >= deadline;
-      const bool interrupted = !expired && PyErr_CheckSignals() != 0;
-      if (!expired && !interrupted) continue;
-      if (keep_on_timeout) {
-        if (interrupted) throw py::error_already_set();  // still in flight: ask again
+    const SlotOutcome outcome =
+        requester_.wait_for_outcome(pending, deadline, keep_on_timeout, WithoutGil(), signalled);
+    switch (outcome) {
+      case SlotOutcome::kReady:
+        return read_outcome(pending.slot);
+      case SlotOutcome::kInFlight:
         return py::none();
-      }
-      if (slots_->finished(s) && !interrupted) break;  // the result won the race
-      const SlotHeader::State left = slots_->give_up(s);
-      if ((left == SlotHeader::kDone || left == SlotHeader::kFailed) && !interrupted) break;
-      pending.open = false;
-      if (left != SlotHeader::kAbandoned) slots_->release(s);
-      if (interrupted) throw py::error_already_set();
-      raise_result_timeout(timed_out_because(left == SlotHeader::kIdle));
+      case SlotOutcome::kWithdrawn:
+      case SlotOutcome::kAbandoned:
+        raise_result_timeout(timed_out_because(outcome == SlotOutcome::kWithdrawn));
+      case SlotOutcome::kClosed:
+      case SlotOutcome::kServerDead:
+        raise_unservable(outcome);
+      case SlotOutcome::kInterrupted:
+        break;
     }
-    pending.open = false;
-    return read_outcome(s);
+    throw py::error_already_set();
   }
 
   // GIL held. The finished slot's result (or raises its exception); frees it.
@@ -1583,19 +1414,19 @@ class SlotClient {
       SharedSlots& slots;
       uint32_t s;
       ~Release() { slots.release(s); }
-    } release{*slots_, s};
-    SlotHeader& slot = slots_->slot(s);
-    if (slot.state.load(std::memory_order_acquire) == SlotHeader::kFailed) {
+    } release{slots(), s};
+    if (requester_.failed(s)) {
+      const SlotError error = requester_.error(s);
       py::object exc;
-      if (slot.error_len > 0) {
-        py::bytes blob(reinterpret_cast<const char*>(slots_->error_area(s)), slot.error_len);
+      if (error.encoded_len > 0) {
+        py::bytes blob(reinterpret_cast<const char*>(error.encoded), error.encoded_len);
         PyObject* e = PyObject_CallOneArg(loads_.ptr(), blob.ptr());
         if (e == nullptr) PyErr_Clear();
         exc = py::reinterpret_steal<py::object>(e);
       }
       if (!exc) {  // not picklable there, or not unpicklable here: its text
-        const char* text = reinterpret_cast<const char*>(slots_->error_area(s)) + slot.error_len;
-        PyObject* message = PyUnicode_DecodeUTF8(text, slot.error_text_len, "replace");
+        PyObject* message =
+            PyUnicode_DecodeUTF8(error.text, static_cast<Py_ssize_t>(error.text_len), "replace");
         if (message == nullptr) throw py::error_already_set();
         PyObject* prefixed = PyUnicode_FromFormat("the server raised %U", message);
         Py_DECREF(message);
@@ -1622,13 +1453,12 @@ class SlotClient {
     return py::reinterpret_steal<py::object>(td);
   }
 
-  std::shared_ptr<SharedSlots> slots_;
+  SlotRequester requester_;
   FastSchema schema_;
   std::vector<py::object> response_keys_, response_banks_;
   py::object response_device_;
   bool copy_result_;
   py::object normalise_, loads_;
-  std::atomic<uint32_t> hint_{0};  // the slot this client used last: likely free
 };
 
 }  // namespace

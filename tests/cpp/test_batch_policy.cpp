@@ -7,7 +7,7 @@
 #include <tuple>
 #include <vector>
 
-#include "batch_policy.h"
+#include "core/batch_policy.h"
 #include "test_util.h"
 
 namespace {

@@ -9,7 +9,7 @@
 #include <thread>
 #include <vector>
 
-#include "mpsc_ring.h"
+#include "core/mpsc_ring.h"
 #include "test_util.h"
 
 namespace {

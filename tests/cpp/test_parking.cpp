@@ -7,8 +7,8 @@
 #include <thread>
 #include <vector>
 
-#include "completion.h"
-#include "parking.h"
+#include "core/completion.h"
+#include "core/parking.h"
 #include "test_util.h"
 
 namespace {

@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "request_queue.h"
+#include "core/request_queue.h"
 #include "test_util.h"
 
 namespace {
@@ -88,6 +88,51 @@ TEST(RequestQueue, BlockedProducerTimesOut) {
   EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kTimeout));
   EXPECT_EQ(q.size(), 2u);
   EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1}));
+}
+
+// Each slice of a caller blocked on a full ring (the bindings push in
+// slices to see Ctrl-C) ends at its own deadline: back to back, every one
+// returns kTimedOut, never later than its deadline by a hang.
+TEST(RequestQueue, PushOnAFullRingReturnsAtEachDeadline) {
+  RequestQueue q(2);
+  ASSERT_TRUE(push_ids(q, 2));
+  for (int slice = 0; slice < 5; ++slice) {
+    const int64_t t0 = monotonic_ns();
+    EXPECT_EQ(q.push(make_request(9), t0 + 2 * kMs), PushResult::kTimedOut);
+    EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, 2 * kMs));
+  }
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1}));
+}
+
+// A ring kept full by other producers while a consumer pops: room appears
+// and is taken again all the time, so a waiting push keeps being woken
+// with has_space() true and losing the slot. It must still return by its
+// deadline (kOk if it won a slot, kTimedOut otherwise), however often it is
+// woken: the churn only stops once it has returned.
+TEST(RequestQueue, PushOnARingKeptFullByOthersReturnsByItsDeadline) {
+  RequestQueue q(4);
+  ASSERT_TRUE(push_ids(q, 4));
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> churn;
+  for (int p = 0; p < 2; ++p)
+    churn.emplace_back([&] {
+      while (!stop.load(std::memory_order_relaxed)) q.push(make_request(100), monotonic_ns() + kMs);
+    });
+  churn.emplace_back([&] {
+    Request r;
+    while (!stop.load(std::memory_order_relaxed)) q.try_pop(r);
+  });
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    const int64_t t0 = monotonic_ns();
+    const PushResult result = q.push(make_request(7), t0 + 1 * kMs);
+    const int64_t elapsed = monotonic_ns() - t0;
+    EXPECT_NE(result, PushResult::kClosed);
+    if (result == PushResult::kTimedOut) {
+      EXPECT_TRUE(ran_to_timeout(elapsed, 1 * kMs));
+    }
+  }
+  stop.store(true);
+  for (auto& t : churn) t.join();
 }
 
 TEST(RequestQueue, FullRingBlocksProducerUntilPop) {

@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "row_copy.h"
+#include "core/row_copy.h"
 
 namespace {
 

@@ -1,9 +1,9 @@
-// SharedSlots (csrc/shared_slots.h): the slot life cycle, the server's
+// SharedSlots (csrc/core/shared_slots.h): the slot life cycle, the server's
 // hand-back copy (write_responses), the races between a client's timeout and
 // the server's take, many clients against one server, round-robin taking,
 // dead-process recovery (with real child processes), and a RequestQueue fed
 // by SlotIntake.
-#include "shared_slots.h"
+#include "core/shared_slots.h"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -16,7 +16,8 @@
 #include <thread>
 #include <vector>
 
-#include "batch_policy.h"
+#include "core/batch_policy.h"
+#include "slot_test_util.h"
 #include "test_util.h"
 
 namespace {
@@ -35,33 +36,9 @@ using batchserve_test::fork_child;
 using batchserve_test::tagged_id;
 using batchserve_test::unique_name;
 
-// A segment of `n` slots, an 8-byte request leaf and response leaves of
-// `response_leaf_bytes` (one of 8 bytes unless told), unlinked when the test
-// ends.
-struct Segment {
-  explicit Segment(uint32_t n, uint64_t fingerprint = 7,
-                   std::vector<size_t> response_leaf_bytes = {8}) {
-    SlotLayout layout;
-    layout.num_slots = n;
-    layout.request_leaf_bytes = {8};
-    layout.response_leaf_bytes = std::move(response_leaf_bytes);
-    layout.error_bytes = 64;
-    layout.fingerprint = fingerprint;
-    name = unique_name();
-    slots = SharedSlots::create(name, layout);
-  }
-  ~Segment() { slots->unlink(); }
-  std::string name;
-  std::shared_ptr<SharedSlots> slots;
-};
-
-uint64_t read_u64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-void write_u64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, sizeof v); }
+using batchserve_test::read_u64;
+using batchserve_test::Segment;
+using batchserve_test::write_u64;
 
 // The server's half of one echo: response row = request row + 1.
 void serve_all(SharedSlots& slots, std::vector<uint32_t>& taken) {

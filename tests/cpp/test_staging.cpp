@@ -9,7 +9,7 @@
 #include <thread>
 #include <vector>
 
-#include "staging.h"
+#include "core/staging.h"
 #include "test_util.h"
 
 namespace {

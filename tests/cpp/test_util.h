@@ -20,10 +20,10 @@
 #include <utility>
 #include <vector>
 
-#include "completion.h"
-#include "futex.h"    // monotonic_ns
-#include "parking.h"  // cpu_relax
-#include "request_queue.h"
+#include "core/completion.h"
+#include "core/futex.h"    // monotonic_ns
+#include "core/parking.h"  // cpu_relax
+#include "core/request_queue.h"
 
 namespace batchserve_test {
 
@@ -61,7 +61,7 @@ inline void pause_briefly() {
 }
 
 // A counter that only grows; threads wait for it to reach a value. Built on
-// std::mutex/std::condition_variable, independent of csrc/.
+// std::mutex/std::condition_variable, independent of csrc/core/.
 class Progress {
  public:
   void advance_to(uint64_t value) {

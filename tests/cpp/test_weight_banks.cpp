@@ -1,11 +1,11 @@
-// WeightBanks (csrc/weight_banks.h): the triple buffer's hand-over (newest
+// WeightBanks (csrc/core/weight_banks.h): the triple buffer's hand-over (newest
 // wins, nothing torn), either side creating the segment, the holders (a
 // second live one refused, a dead one taken over, with real child
 // processes), layouts (a live mismatch refused, a stale segment replaced),
 // the last holder removing the name, wait_for_publication, and a stress of
 // publisher against receiver in two threads (checked by ThreadSanitizer) and
 // in two processes.
-#include "weight_banks.h"
+#include "core/weight_banks.h"
 
 #include <fcntl.h>
 #include <signal.h>

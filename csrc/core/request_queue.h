@@ -18,7 +18,7 @@
 //
 // Requests may also come from an intake (RequestIntake): a source the
 // consumer takes from after the ring, such as the shared-memory slots that
-// actor processes fill (csrc/shared_slots.h). The server then sleeps on the
+// actor processes fill (csrc/core/shared_slots.h). The server then sleeps on the
 // intake's event, which those producers notify.
 #pragma once
 
@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "completion.h"
@@ -50,6 +51,9 @@ struct Request {
   RequestIntake* intake = nullptr;    // where it came from, if not the ring
   uint32_t slot = 0;                  // the intake's name for it
 };
+
+static_assert(std::is_trivially_copyable<Request>::value,
+              "a Request travels through the ring as plain words");
 
 // Requests that reach the consumer other than through push(). Taking is
 // called with the queue's consumer lock held (one taker at a time).
@@ -81,7 +85,8 @@ class RequestQueue {
   explicit RequestQueue(size_t capacity) : ring_(capacity) {}
 
   // Any thread. Blocks while the ring is full until `deadline_ns`
-  // (0: do not block). Never pushes after close().
+  // (0: do not block), and always returns by then (kTimedOut) if no room
+  // came. Never pushes after close().
   PushResult push(const Request& request, int64_t deadline_ns) {
     pushers_.fetch_add(1, std::memory_order_seq_cst);
     PushResult result = PushResult::kOk;
@@ -91,20 +96,21 @@ class RequestQueue {
         break;
       }
       if (ring_.try_push(request)) break;
-      if (deadline_ns == 0) {
+      // Full. The deadline is checked on every failed attempt, not only when
+      // the wait below times out: that wait ends as soon as has_space() holds,
+      // and has_space() (head and tail) may briefly disagree with try_push()
+      // (the cell's sequence number), so a loop that only trusted the wait
+      // could retry past its deadline without ever returning to its caller.
+      if (deadline_ns == 0 || monotonic_ns() >= deadline_ns) {
         result = PushResult::kTimedOut;
         break;
       }
-      // Full. Leave pushers_ while asleep so close() need not wait for us.
+      // Leave pushers_ while asleep so close() need not wait for us.
       pushers_.fetch_sub(1, std::memory_order_seq_cst);
-      const bool woke = spin_then_park(
+      spin_then_park(
           not_full_, [this] { return has_space() || closed(); },
           deadline_ns, kProducerSpin);
       pushers_.fetch_add(1, std::memory_order_seq_cst);
-      if (!woke) {
-        result = PushResult::kTimedOut;
-        break;
-      }
     }
     // Notify before leaving pushers_: once close() has seen pushers_ == 0,
     // no producer touches the queue any more.
@@ -192,6 +198,8 @@ class RequestQueue {
   void set_server_spin_ns(int64_t ns) {
     server_spin_ns_.store(ns > 0 ? ns : 0, std::memory_order_relaxed);
   }
+
+  int64_t server_spin_ns() const { return server_spin_ns_.load(std::memory_order_relaxed); }
 
   bool closed() const { return closed_.load(std::memory_order_acquire); }
   size_t size() const {

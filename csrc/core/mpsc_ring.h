@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 
 namespace batchserve {
 
@@ -29,6 +30,11 @@ constexpr size_t kCacheLine = 64;
 
 template <typename T>
 class MpscRing {
+  static_assert(std::is_default_constructible<T>::value && std::is_copy_assignable<T>::value,
+                "a cell holds a value between pushes: written by copy, reset to T{} by a pop");
+  static_assert(std::atomic<uint64_t>::is_always_lock_free,
+                "positions and sequence numbers are lock-free atomics");
+
  public:
   explicit MpscRing(size_t min_capacity)
       : capacity_(round_up_pow2(min_capacity)),
@@ -73,7 +79,10 @@ class MpscRing {
     out = cell.value;
     cell.value = T{};
     cell.seq.store(pos + capacity_, std::memory_order_release);
-    head_.store(pos + 1, std::memory_order_relaxed);
+    // Release: a producer that sees head_ past `pos` (size_approx) also sees
+    // the cell released, so "not full" by size implies try_push can succeed
+    // (short of another producer taking the room first).
+    head_.store(pos + 1, std::memory_order_release);
     return true;
   }
 
@@ -86,7 +95,7 @@ class MpscRing {
   // Any thread; exact only when no push or pop is in progress.
   size_t size_approx() const noexcept {
     const uint64_t tail = tail_.load(std::memory_order_relaxed);
-    const uint64_t head = head_.load(std::memory_order_relaxed);
+    const uint64_t head = head_.load(std::memory_order_acquire);
     return tail > head ? static_cast<size_t>(tail - head) : 0;
   }
 

@@ -17,7 +17,7 @@
 // notify() costs one fence and one load while nobody waits.
 //
 // An EventCount made with process_shared=true may live in memory mapped by
-// several processes (csrc/shared_slots.h): it is three plain 32-bit words
+// several processes (csrc/core/shared_slots.h): it is three plain 32-bit words
 // (zero-filled memory is a valid private one), and its futex calls then use
 // the shared variant.
 #pragma once

@@ -66,12 +66,18 @@ namespace batchserve {
 // The segment.
 
 constexpr size_t kMaxSlotLeaves = 16;
+static_assert(RowSource::kMaxLeaves <= kMaxSlotLeaves,
+              "every fast-path schema fits a segment's request leaves");
+
+// Bytes of one slot's error area (csrc/core/slot_responses.h): the size the
+// transports create segments with (exported to Python as SLOT_ERROR_BYTES).
+constexpr size_t kSlotErrorBytes = 2048;
 
 struct SlotLayout {
   uint32_t num_slots = 0;
   std::vector<size_t> request_leaf_bytes;
   std::vector<size_t> response_leaf_bytes;
-  size_t error_bytes = 2048;
+  size_t error_bytes = kSlotErrorBytes;
   uint64_t fingerprint = 0;  // of the keys, dtypes and shapes (checked on attach)
 };
 

@@ -1,0 +1,45 @@
+// Helpers for the tests of the shared-memory slots: a segment of the test's
+// own, and 8-byte rows.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/shared_slots.h"
+#include "test_util.h"
+
+namespace batchserve_test {
+
+// A segment of `n` slots, an 8-byte request leaf and response leaves of
+// `response_leaf_bytes` (one of 8 bytes unless told), unlinked when the test
+// ends.
+struct Segment {
+  explicit Segment(uint32_t n, uint64_t fingerprint = 7,
+                   std::vector<size_t> response_leaf_bytes = {8}, size_t error_bytes = 64) {
+    batchserve::SlotLayout layout;
+    layout.num_slots = n;
+    layout.request_leaf_bytes = {8};
+    layout.response_leaf_bytes = std::move(response_leaf_bytes);
+    layout.error_bytes = error_bytes;
+    layout.fingerprint = fingerprint;
+    name = unique_name();
+    slots = batchserve::SharedSlots::create(name, layout);
+  }
+  ~Segment() { slots->unlink(); }
+  std::string name;
+  std::shared_ptr<batchserve::SharedSlots> slots;
+};
+
+inline uint64_t read_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void write_u64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, sizeof v); }
+
+}  // namespace batchserve_test
