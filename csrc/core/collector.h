@@ -22,9 +22,11 @@
 // others.size() <= max_batch_size; every request taken from the queue ends
 // up in exactly one of rows, others, dropped or the carried-over set.
 //
-// Threads: wait_for_batch and complete are the server thread's. take_carried
-// and finish_prefetch may also run on a thread shutting the server down; the
-// owner serialises complete, take_carried and wait_for_batch's argument (the
+// Threads: several servers may serve one queue, so a collection in progress
+// lives in its CollectedBatch, never in the collector: two servers' phases may
+// interleave freely (the queue lets one consumer take at a time). take_carried
+// and finish_prefetch may also run on a thread shutting a server down; the
+// owner serialises complete, take_carried and adapt_server_spin (the
 // bindings: with the GIL held); finish_prefetch takes its own lock.
 #pragma once
 
@@ -49,6 +51,13 @@ struct CollectedBatch {
   uintptr_t prefetched_into = 0; // the staging buffer's first column `rows` are in (0: none)
 
   size_t size() const { return rows.size() + others.size(); }
+
+ private:
+  friend class RequestCollector;
+  // Between wait_for_batch and complete: the collection, whose first
+  // `prefetched_` requests are gathered rows.
+  std::vector<Request> collecting_;
+  size_t prefetched_ = 0;
 };
 
 class RequestCollector {
@@ -112,33 +121,37 @@ class RequestCollector {
   CollectedBatch wait_for_batch(std::vector<Request> carried) {
     CollectedBatch out;
     Prefetcher::Taken taken = finish_prefetch();
-    prefetched_ = taken.rows.size();
+    out.prefetched_ = taken.rows.size();
     out.prefetched_into = reinterpret_cast<uintptr_t>(taken.staging);
-    batch_ = std::move(taken.rows);  // the policy counts them as collected
-    batch_.insert(batch_.end(), carried.begin(), carried.end());
-    batch_.insert(batch_.end(), taken.others.begin(), taken.others.end());
+    std::vector<Request>& batch = out.collecting_;
+    batch = std::move(taken.rows);  // the policy counts them as collected
+    batch.insert(batch.end(), carried.begin(), carried.end());
+    batch.insert(batch.end(), taken.others.begin(), taken.others.end());
     out.dropped = std::move(taken.dropped);
-    batch_.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
-    collect_batch(queue_, settings_, batch_, out.dropped);
+    batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
+    collect_batch(queue_, settings_, batch, out.dropped);
     return out;
   }
 
   // Phase two (see above): fills `batch`'s rows and others.
   void complete(CollectedBatch& batch) {
+    std::vector<Request>& collected = batch.collecting_;
     const size_t max_batch_size = settings_.load().max_batch_size;
-    if (!batch_.empty() && batch_.size() < max_batch_size)
-      detail::take_ready(queue_, max_batch_size - batch_.size(), batch_, batch.dropped);
-    if (batch_.size() > max_batch_size) {
-      carried_.assign(batch_.begin() + static_cast<std::ptrdiff_t>(max_batch_size), batch_.end());
-      batch_.resize(max_batch_size);
-      prefetched_ = std::min(prefetched_, max_batch_size);
+    if (!collected.empty() && collected.size() < max_batch_size)
+      detail::take_ready(queue_, max_batch_size - collected.size(), collected, batch.dropped);
+    size_t prefetched = batch.prefetched_;
+    if (collected.size() > max_batch_size) {
+      const auto excess = collected.begin() + static_cast<std::ptrdiff_t>(max_batch_size);
+      carried_.insert(carried_.end(), excess, collected.end());
+      collected.resize(max_batch_size);
+      prefetched = std::min(prefetched, max_batch_size);
     }
-    const auto split = batch_.begin() + static_cast<std::ptrdiff_t>(prefetched_);
-    batch.rows.assign(batch_.begin(), split);
-    batch.others.assign(split, batch_.end());
+    const auto split = collected.begin() + static_cast<std::ptrdiff_t>(prefetched);
+    batch.rows.assign(collected.begin(), split);
+    batch.others.assign(split, collected.end());
     if (batch.rows.empty()) batch.prefetched_into = 0;
-    batch_.clear();
-    prefetched_ = 0;
+    collected.clear();
+    batch.prefetched_ = 0;
   }
 
   // Server thread, after each batch: how many requests it served.
@@ -153,9 +166,7 @@ class RequestCollector {
   BatchSettings settings_;
   std::mutex prefetch_mutex_;       // start() and finish() of prefetcher_, never at once
   std::vector<Request> carried_;    // taken beyond a lowered max_batch_size
-  std::vector<Request> batch_;      // the collection in progress (server thread)
-  size_t prefetched_ = 0;           // batch_[0, prefetched_) are gathered rows
-  int64_t mean_batch_x16_ = 16;     // server thread only
+  int64_t mean_batch_x16_ = 16;     // serialised by the owner (see Threads)
   Prefetcher prefetcher_{queue_};   // last: its helper thread uses queue_
 };
 

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -196,6 +197,47 @@ TEST(RequestCollector, ProducersRacingACollectingServerLoseNothing) {
   EXPECT_FALSE(over_maximum);
   for (size_t id = 0; id < seen.size(); ++id) ASSERT_EQ(seen[id], 1) << "request " << id;
   EXPECT_TRUE(c.finish_prefetch().rows.empty());
+}
+
+// Two servers on one queue (one transport served twice): their phase one
+// runs at once, phase two and take_carried under the owner's lock (the
+// GIL in the bindings). A collection lives in its CollectedBatch, so every
+// request is collected exactly once.
+TEST(RequestCollector, TwoServersCollectingAtOnceLoseNothing) {
+  constexpr uint64_t kRequests = 6000;
+  RequestCollector c(64);
+  c.configure(policy(8, 1, 1 * kMs));
+  std::vector<std::unique_ptr<Leaf>> leaves;
+  for (uint64_t id = 0; id < kRequests; ++id) leaves.push_back(std::make_unique<Leaf>(id));
+  std::thread producer([&] {
+    for (uint64_t id = 0; id < kRequests; ++id)
+      ASSERT_EQ(c.queue().push(leaves[id]->request(), batchserve::kNoDeadline), PushResult::kOk);
+  });
+  std::mutex owner;  // the GIL's part
+  std::vector<std::atomic<int>> seen(kRequests);
+  std::atomic<uint64_t> total{0};
+  auto server = [&](int which) {
+    for (int round = 0; total.load() < kRequests; ++round) {
+      std::vector<Request> carried;
+      {
+        std::lock_guard<std::mutex> lock(owner);
+        if (which == 0) c.configure(policy(round % 3 == 0 ? 3 : 8, 1, 1 * kMs));
+        carried = c.take_carried();
+      }
+      CollectedBatch batch = c.wait_for_batch(std::move(carried));
+      std::lock_guard<std::mutex> lock(owner);
+      c.complete(batch);
+      for (const Request& r : batch.rows) seen[batchserve_test::id_of(r)].fetch_add(1);
+      for (const Request& r : batch.others) seen[batchserve_test::id_of(r)].fetch_add(1);
+      total.fetch_add(batch.size());
+      c.adapt_server_spin(batch.size());
+    }
+  };
+  std::thread first(server, 0), second(server, 1);
+  producer.join();
+  first.join();
+  second.join();
+  for (size_t id = 0; id < kRequests; ++id) ASSERT_EQ(seen[id].load(), 1) << "request " << id;
 }
 
 }  // namespace
