@@ -2,7 +2,7 @@
 
 A schema is a flat set of keys, each a CPU tensor of fixed dtype and shape.
 A request that matches the transport's schema carries its leaves to the
-server in C++ (``csrc/bindings.cpp``: ``match_schema``); the server
+server in C++ (``csrc/python/schema.h``: ``match_schema``); the server
 
 1. copies the rows into one of two staging buffers (``Batch.gather``, C++,
    the GIL released for large copies): the only copy of the request bytes on
@@ -40,8 +40,8 @@ from tensordict.base import TensorDictBase
 from batchserve import _core
 from batchserve.batching.collate import INTERACTION_TYPE_KEY
 
-# Leaves a fast-path schema may have (RequestRows::kMaxLeaves in C++).
-MAX_LEAVES = 8
+# Leaves a fast-path schema may have (RowSource::kMaxLeaves in C++).
+MAX_LEAVES = _core.MAX_LEAVES
 
 
 @dataclass(frozen=True)
@@ -62,32 +62,11 @@ class RequestSchema:
         )
 
 
-def _fits_fast_path(value) -> bool:
-    return (
-        type(value) is torch.Tensor
-        and value.layout is torch.strided
-        and value.is_cpu
-        and value.is_contiguous()
-        and not value.dtype.is_complex  # conjugate views share unconjugated memory
-        and not value.is_neg()  # nor do lazily negated ones
-        and not value.is_quantized
-    )
-
-
 def schema_of(td) -> RequestSchema | None:
-    """The schema of request ``td`` if the fast path can take it, else None."""
-    if type(td) is not TensorDict or td.batch_dims != 0:
-        return None
-    keys, dtypes, shapes = [], [], []
-    for key, value in td.items():
-        if key == INTERACTION_TYPE_KEY or not _fits_fast_path(value):
-            return None
-        keys.append(key)
-        dtypes.append(value.dtype)
-        shapes.append(value.shape)
-    if not keys or len(keys) > MAX_LEAVES:
-        return None
-    return RequestSchema(tuple(keys), tuple(dtypes), tuple(shapes), td.device)
+    """The schema of request ``td`` if the fast path can take it, else None
+    (the rules are the C++ matcher's: ``_core.fast_path_schema``)."""
+    leaves = _core.fast_path_schema(td, [INTERACTION_TYPE_KEY])
+    return None if leaves is None else RequestSchema(*leaves)
 
 
 def spec_leaves(spec, argname: str, max_leaves: int | None = None):

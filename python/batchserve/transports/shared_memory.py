@@ -48,8 +48,6 @@ from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves
 from batchserve.transports.base import InferenceClient
 from batchserve.transports.native import NativeTransport
 
-# Bytes per slot for a pickled exception (longer ones are sent as their text).
-_ERROR_BYTES = 2048
 _RESOURCE_TYPE = "shared_memory"  # multiprocessing's resource tracker unlinks leftovers
 _names = itertools.count()
 
@@ -93,13 +91,13 @@ _mapped: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _mapped_lock = threading.Lock()
 
 
-def _attach(name: str, fingerprint: int) -> _core.SharedSegment:
+def _attach(name: str, fingerprint: int) -> _core.SharedSlots:
     key = (os.getpid(), name)
     with _mapped_lock:
         segment = _mapped.get(key)
         if segment is None:
             try:
-                segment = _core.SharedSegment.attach(name, fingerprint)
+                segment = _core.SharedSlots.attach(name, fingerprint)
             except RuntimeError:
                 if os.path.exists("/dev/shm" + name):
                     raise
@@ -111,7 +109,7 @@ def _attach(name: str, fingerprint: int) -> _core.SharedSegment:
         return segment
 
 
-def _unlink(segment: _core.SharedSegment) -> None:
+def _unlink(segment: _core.SharedSlots) -> None:
     """Removes the segment's name (creator only; idempotent)."""
     if segment.unlink():
         try:
@@ -135,7 +133,7 @@ class _SlotLayout:
     response: SlotSpec
     copy_result: bool
 
-    def segment(self) -> _core.SharedSegment:
+    def segment(self) -> _core.SharedSlots:
         return _attach(self.name, self.fingerprint)
 
 
@@ -348,8 +346,9 @@ class SharedMemoryTransport(NativeTransport):
         self._ctx = ctx
         name = f"/batchserve-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}"
         fingerprint = _fingerprint(request, response, num_slots)
-        segment = _core.SharedSegment.create(
-            name, num_slots, request.leaf_bytes, response.leaf_bytes, _ERROR_BYTES, fingerprint
+        segment = _core.SharedSlots.create(
+            name, num_slots, request.leaf_bytes, response.leaf_bytes, _core.SLOT_ERROR_BYTES,
+            fingerprint
         )
         try:
             from multiprocessing import resource_tracker

@@ -1,0 +1,241 @@
+// The marshalling helpers every binding uses: the GIL, the exceptions the
+// module raises, deadlines from Python timeouts, Future calls, the torch and
+// tensordict objects looked up once, attribute and method calls that raise
+// as Python does, and error objects that always exist.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <unistd.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "core/futex.h"
+
+namespace batchserve {
+namespace bindings {
+
+namespace py = pybind11;
+
+struct QueueClosedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+struct QueueFullError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Releases the GIL for a scope, like py::gil_scoped_release, but safe in a
+// daemon thread still inside the scope when the interpreter exits (a server
+// worker past its shutdown timeout, a client thread waiting): CPython ends
+// such a thread when it retakes the GIL, with pthread_exit, whose forced
+// unwinding out of a (noexcept) destructor is std::terminate. Such a thread
+// parks instead, without the GIL, until the process is gone. The thread
+// that runs the finalization retakes the GIL as usual.
+class GilRelease {
+ public:
+  GilRelease() : state_(PyEval_SaveThread()) {}
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+  ~GilRelease() {
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (...) {  // the forced unwind of pthread_exit: finalization began meanwhile
+      for (;;) ::pause();  // never leaves the handler, so the unwind never completes
+    }
+  }
+
+ private:
+  PyThreadState* state_;
+};
+
+// The hooks of the core's sliced waits (csrc/core/sliced_wait.h): run a
+// wait without the GIL; after a slice, run Python's signal handlers.
+struct WithoutGil {
+  template <typename F>
+  auto operator()(F&& f) const {
+    GilRelease nogil;
+    return f();
+  }
+};
+
+// GIL held. True when a signal handler raised (the Python error is set).
+inline bool signalled() { return PyErr_CheckSignals() != 0; }
+
+// Why a blocking call that timed out has no result, for its TimeoutError.
+inline const char* timed_out_because(bool withdrawn) {
+  return withdrawn ? "no result within the timeout; the request was withdrawn before it was batched"
+                   : "no result within the timeout; the request was already being served and "
+                     "its result is discarded";
+}
+
+[[noreturn]] inline void raise_timeout(const std::string& message) {
+  PyErr_SetString(PyExc_TimeoutError, message.c_str());
+  throw py::error_already_set();
+}
+
+inline int64_t deadline_from(const std::optional<double>& timeout_s) {
+  if (!timeout_s) return kNoDeadline;
+  return deadline_after(*timeout_s);
+}
+
+// Calls a method of a concurrent.futures.Future, ignoring the errors of a
+// future that was already resolved or cancelled: the caller has left.
+inline void call_future(PyObject* future, const char* method, PyObject* arg) {
+  PyObject* r = PyObject_CallMethod(future, method, "O", arg);
+  if (r == nullptr) {
+    PyErr_Clear();
+  } else {
+    Py_DECREF(r);
+  }
+}
+
+// GIL held. Decides whether a drained future-backed request is still wanted
+// (Future.set_running_or_notify_cancel, as executors do).
+inline bool claim_future(PyObject* future) {
+  PyObject* r = PyObject_CallMethod(future, "set_running_or_notify_cancel", nullptr);
+  if (r == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool claimed = PyObject_IsTrue(r) == 1;
+  Py_DECREF(r);
+  return claimed;
+}
+
+// torch / tensordict objects and attribute names the fast path uses. Looked
+// up on first use (GIL held) and kept for the life of the process.
+struct TorchRefs {
+  PyObject* tensor_type;      // torch.Tensor
+  PyObject* tensordict_type;  // tensordict.TensorDict
+  PyObject* strided;          // torch.strided
+  PyObject* new_unsafe;       // TensorDict._new_unsafe
+  PyObject* empty_size;       // torch.Size([])
+  PyObject* s_tensordict;
+  PyObject* s_batch_size;
+  PyObject* s_dtype;
+  PyObject* s_shape;
+  PyObject* s_is_cpu;
+  PyObject* s_layout;
+  PyObject* s_is_contiguous;
+  PyObject* s_data_ptr;
+  PyObject* s_unbind;
+  PyObject* s_is_neg;
+  PyObject* s_clone;
+  PyObject* s_device;
+  PyObject* s_is_complex;
+  PyObject* quantized_dtypes;  // a tuple: torch.qint8, torch.quint8, ...
+};
+
+// The quantized dtypes this torch has.
+inline py::tuple quantized_dtypes(const py::module_& torch) {
+  py::list found;
+  for (const char* name : {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
+    if (py::hasattr(torch, name)) found.append(torch.attr(name));
+  return py::tuple(found);
+}
+
+inline const TorchRefs& torch_refs() {
+  static const TorchRefs* refs = [] {
+    py::module_ torch = py::module_::import("torch");
+    py::object td_class = py::module_::import("tensordict").attr("TensorDict");
+    auto keep = [](py::object o) { return o.release().ptr(); };
+    auto name = [](const char* s) { return PyUnicode_InternFromString(s); };
+    return new TorchRefs{
+        keep(torch.attr("Tensor")),
+        keep(td_class),
+        keep(torch.attr("strided")),
+        keep(td_class.attr("_new_unsafe")),
+        keep(torch.attr("Size")(py::tuple())),
+        name("_tensordict"),
+        name("batch_size"),
+        name("dtype"),
+        name("shape"),
+        name("is_cpu"),
+        name("layout"),
+        name("is_contiguous"),
+        name("data_ptr"),
+        name("unbind"),
+        name("is_neg"),
+        name("clone"),
+        name("device"),
+        name("is_complex"),
+        keep(quantized_dtypes(torch)),
+    };
+  }();
+  return *refs;
+}
+
+inline py::object attr(PyObject* o, PyObject* name) {
+  PyObject* r = PyObject_GetAttr(o, name);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+inline py::object call_method(PyObject* o, PyObject* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(o, name);
+  if (r == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
+// GIL held. The address of a CPU tensor's first element.
+inline void* data_ptr(PyObject* tensor) {
+  py::object p = call_method(tensor, torch_refs().s_data_ptr);
+  void* ptr = PyLong_AsVoidPtr(p.ptr());
+  if (ptr == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return ptr;
+}
+
+inline std::string repr(PyObject* o) {
+  PyObject* r = PyObject_Repr(o);
+  if (r == nullptr) {
+    PyErr_Clear();
+    return "?";
+  }
+  const char* utf8 = PyUnicode_AsUTF8(r);
+  std::string out = utf8 != nullptr ? utf8 : "?";
+  if (utf8 == nullptr) PyErr_Clear();
+  Py_DECREF(r);
+  return out;
+}
+
+[[noreturn]] inline void raise_spec_error(PyObject* type, const std::string& message) {
+  PyErr_SetString(type, message.c_str());
+  throw py::error_already_set();
+}
+
+// GIL held. A new RuntimeError; MemoryError (never null) if even that
+// cannot be allocated, so a request always gets an outcome.
+inline PyObject* new_runtime_error(const char* message) {
+  PyObject* err = PyObject_CallFunction(PyExc_RuntimeError, "s", message);
+  if (err != nullptr) return err;
+  PyErr_Clear();
+  Py_INCREF(PyExc_MemoryError);
+  return PyExc_MemoryError;
+}
+
+// GIL held. Sets the Python error a caller raises for `outcome`: the
+// exception instance itself, an exception class, or anything else wrapped in
+// a RuntimeError.
+inline void set_error_from(PyObject* outcome) {
+  if (PyExceptionInstance_Check(outcome)) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(outcome)), outcome);
+  } else if (PyExceptionClass_Check(outcome)) {
+    PyErr_SetNone(outcome);
+  } else {
+    PyErr_SetObject(PyExc_RuntimeError, outcome);
+  }
+}
+
+// A SharedMemoryTransport client's timeout: a TimeoutError that is also the
+// queue.Empty torchrl's shared-memory client raises. Made at module import.
+inline PyObject* g_result_timeout = nullptr;
+
+[[noreturn]] inline void raise_result_timeout(const std::string& message) {
+  PyErr_SetString(g_result_timeout != nullptr ? g_result_timeout : PyExc_TimeoutError,
+                  message.c_str());
+  throw py::error_already_set();
+}
+
+}  // namespace bindings
+}  // namespace batchserve

@@ -1,0 +1,361 @@
+// RequestQueue as Python sees it (batchserve._core.RequestQueue): the
+// client calls (call, submit) that match a request to the fast path and
+// wait in slices (csrc/core/sliced_wait.h), the transport protocol's drain,
+// and the server's collect over the core's RequestCollector.
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/batch_policy.h"
+#include "core/collector.h"
+#include "core/completion.h"
+#include "core/request_queue.h"
+#include "core/sliced_wait.h"
+#include "core/wake_batching.h"
+#include "python/batch.h"
+#include "python/pyutil.h"
+#include "python/schema.h"
+#include "python/settle.h"
+#include "python/slot_server.h"
+
+namespace batchserve {
+namespace bindings {
+
+namespace py = pybind11;
+
+class RequestQueue {
+ public:
+  explicit RequestQueue(size_t capacity) : collector_(capacity) {}
+  // GIL held (Python frees the queue). Requests still here (Futures whose
+  // transport was dropped) end with an error rather than never.
+  ~RequestQueue() {
+    try {
+      fail_pending(py::reinterpret_steal<py::object>(
+          new_runtime_error("batchserve: the request queue was destroyed")));
+    } catch (...) {  // a destructor must not throw; Python reports none here
+      PyErr_Clear();
+    }
+  }
+  RequestQueue(const RequestQueue&) = delete;
+  RequestQueue& operator=(const RequestQueue&) = delete;
+
+  // GIL held. Pushes `r`, waiting for room until `deadline` with the GIL
+  // released, in slices so that a signal (Ctrl-C) is seen. Returns false
+  // when a signal handler raised (the Python error is set).
+  bool push_checking_signals(const Request& r, int64_t deadline, PushResult& result) {
+    result = queue().push(r, 0);  // first without giving up the GIL
+    if (result != PushResult::kTimedOut || monotonic_ns() >= deadline) return true;
+    bool interrupted = false;
+    wait_in_slices(
+        deadline,
+        [&](int64_t until) {
+          GilRelease nogil;
+          result = queue().push(r, until);
+          return result != PushResult::kTimedOut;
+        },
+        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    return !interrupted;
+  }
+
+  // The blocking client call: enqueue, wait for the result with the GIL
+  // released, return it or raise the server's exception.
+  py::object call(const py::object& item, std::optional<double> timeout_s) {
+    const int64_t deadline = deadline_from(timeout_s);
+    OwnedRows rows = match(item.ptr(), false);
+    auto* completion = new Completion();
+    const int64_t submit_ns = monotonic_ns();
+    const Request request{item.ptr(), nullptr, completion, submit_ns, rows.get()};
+    Py_INCREF(item.ptr());
+    // Push and first wait in one GIL-free stretch: a caller that took the
+    // GIL back in between would hold it just when the server wakes up for
+    // this very request, and the server would sleep on the GIL. The caller
+    // sleeps at once: on a small machine a spinning caller takes the core
+    // the server and torch's threads need (measured: 1-actor latency
+    // 85 µs parked, 150-165 µs spinning, on the 2-core CI VM).
+    PushResult pushed = PushResult::kTimedOut;
+    bool interrupted = false;
+    const bool done = wait_in_slices(
+        deadline,
+        [&](int64_t until) {
+          GilRelease nogil;
+          if (pushed != PushResult::kOk) {
+            pushed = queue().push(request, until);
+            if (pushed == PushResult::kClosed) return true;  // ends the wait: see below
+            if (pushed != PushResult::kOk) return false;
+            until = slice_end(deadline);  // the first wait gets a whole slice
+          }
+          return completion->wait_until(until, 0);
+        },
+        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    if (pushed != PushResult::kOk) {
+      Py_DECREF(item.ptr());
+      completion->release();
+      completion->release();
+      if (interrupted) throw py::error_already_set();  // Ctrl-C while the queue is full
+      if (pushed == PushResult::kClosed)
+        throw QueueClosedError("the inference server is shut down");
+      raise_timeout("no room in the request queue within the timeout");
+    }
+    rows.release();  // the request owns them now
+    if (!done) {
+      const Completion::State left = completion->give_up();
+      if (left == Completion::kDone && interrupted) {
+        // A signal (Ctrl-C) wins over a result that arrived meanwhile.
+        Py_DECREF(static_cast<PyObject*>(completion->outcome()));
+        completion->release();
+        throw py::error_already_set();
+      }
+      if (left != Completion::kDone) {
+        completion->release();
+        if (interrupted) throw py::error_already_set();
+        raise_timeout(timed_out_because(left == Completion::kWithdrawn));
+      }
+      // else the result won the race with the timeout
+    }
+    py::object outcome = py::reinterpret_steal<py::object>(
+        static_cast<PyObject*>(completion->outcome()));
+    const bool is_error = completion->is_error();
+    completion->release();
+    if (is_error) {
+      set_error_from(outcome.ptr());
+      throw py::error_already_set();
+    }
+    return outcome;
+  }
+
+  // Enqueues a request resolved through `future` (a concurrent Future).
+  // block=False raises QueueFull at once when the queue is full.
+  void submit(const py::object& item, const py::object& future, bool block,
+              std::optional<double> timeout_s) {
+    const int64_t deadline = block ? deadline_from(timeout_s) : 0;
+    OwnedRows rows = match(item.ptr(), true);
+    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(), rows.get()};
+    Py_INCREF(item.ptr());
+    Py_INCREF(future.ptr());
+    PushResult pushed;
+    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
+    if (uninterrupted && pushed == PushResult::kOk) {
+      rows.release();
+      return;
+    }
+    Py_DECREF(item.ptr());
+    Py_DECREF(future.ptr());
+    if (!uninterrupted) throw py::error_already_set();
+    if (pushed == PushResult::kClosed)
+      throw QueueClosedError("the inference server is shut down");
+    throw QueueFullError("the request queue is full (capacity " +
+                         std::to_string(queue().capacity()) + ")");
+  }
+
+  // The fast path's schema: requests that match it carry their leaves to the
+  // server. Returns its id. `strict` (a request_spec) makes a mismatching
+  // TensorDict an error at submission.
+  uint64_t set_schema(const std::vector<py::object>& keys, const std::vector<py::object>& dtypes,
+                      const std::vector<py::object>& shapes,
+                      const std::vector<size_t>& leaf_bytes, bool strict,
+                      const py::object& device, const std::vector<py::object>& general_keys) {
+    if (dtypes.size() != keys.size() || shapes.size() != keys.size() ||
+        leaf_bytes.size() != keys.size())
+      throw std::invalid_argument("set_schema: one dtype, shape and size per key");
+    if (keys.empty() || keys.size() > RequestRows::kMaxLeaves)
+      throw std::invalid_argument("set_schema: the fast path takes 1 to " +
+                                  std::to_string(RequestRows::kMaxLeaves) + " leaves");
+    for (const py::object& dtype : dtypes)
+      if (!plain_bytes_dtype(dtype.ptr()))
+        throw std::invalid_argument("set_schema: dtype " + repr(dtype.ptr()) +
+                                    " cannot take the fast path (complex or quantized)");
+    auto schema = std::make_shared<FastSchema>();
+    schema->id = ++last_schema_id_;
+    schema->strict = strict;
+    schema->keys = keys;
+    schema->dtypes = dtypes;
+    schema->shapes = shapes;
+    schema->leaf_bytes = leaf_bytes;
+    schema->device = device;
+    schema->general_keys = general_keys;
+    schema_ = std::move(schema);
+    return schema_->id;
+  }
+
+  bool schema_strict() const { return schema_ && schema_->strict; }
+
+  // Transport protocol: up to max_items requests, without waiting.
+  py::tuple drain(size_t max_items) {
+    std::vector<Request> popped;
+    std::vector<Request> unused;
+    detail::take_ready(queue(), max_items, popped, unused);
+    for (const Request& r : unused) discard(r);
+    py::list items, handles, submitted_at;
+    for (const Request& r : popped) {
+      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
+        discard(r);  // cancelled by its caller
+        continue;
+      }
+      if (r.intake != nullptr) {
+        items.append(slot_server(r).item(r.slot));
+      } else {
+        items.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.payload)));
+        free_rows(r.rows);  // the protocol path hands out the TensorDict itself
+      }
+      if (r.completion != nullptr || r.intake != nullptr) {
+        Request bare = r;  // its references were handed out above
+        bare.payload = nullptr;
+        bare.rows = nullptr;
+        handles.append(py::cast(new Ticket(bare), py::return_value_policy::take_ownership));
+      } else {
+        handles.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.future)));
+      }
+      submitted_at.append(static_cast<double>(r.submit_ns) * 1e-9);
+    }
+    return py::make_tuple(items, handles, submitted_at);
+  }
+
+  bool wait_for_work(double timeout_s) {
+    GilRelease nogil;
+    return queue().wait_for_work(deadline_after(timeout_s));
+  }
+
+  // The batching policy's settings; a server sleeping in collect() applies
+  // them at once.
+  void configure(size_t max_batch_size, size_t min_batch_size, double timeout_s) {
+    BatchPolicy policy;
+    policy.max_batch_size = max_batch_size;
+    policy.min_batch_size = min_batch_size;
+    policy.timeout_ns = seconds_to_ns(timeout_s);
+    collector_.configure(policy);
+  }
+
+  // Fast path: starts gathering the next batch into the staging `columns`
+  // while the model runs on the current one (see Prefetcher). Does nothing
+  // when no request is waiting (one actor: it is waiting for this batch) or
+  // a job is already started. Returns whether it started one.
+  bool prefetch(uint64_t schema_id, const std::vector<uintptr_t>& columns,
+                const std::vector<size_t>& leaf_bytes, size_t capacity) {
+    if (queue().size() == 0) return false;  // without building the staging description
+    StagingColumns staging;
+    for (uintptr_t c : columns) staging.base.push_back(reinterpret_cast<uint8_t*>(c));
+    staging.leaf_bytes = leaf_bytes;
+    staging.rows = capacity;
+    return collector_.prefetch(schema_id, std::move(staging));
+  }
+
+  // The server's batch (csrc/core/collector.h): the C++ batching policy, run
+  // without the GIL, going on from what a prefetch took (those rows are
+  // already in staging). Here only the Python side: wake the callers left
+  // from the last batch, claim futures, build the Batch.
+  std::unique_ptr<Batch> collect() {
+    std::vector<Wake> to_wake = deferred_->take();
+    std::vector<Request> carried = collector_.take_carried();
+    CollectedBatch collected;
+    {
+      GilRelease nogil;
+      notify_and_release(to_wake);
+      collected = collector_.wait_for_batch(std::move(carried));
+    }
+    // Taking the GIL back can take a while when woken callers hold it; what
+    // arrived meanwhile joins this batch (complete()).
+    collector_.complete(collected);
+    for (const Request& r : collected.dropped) discard(r);
+    // Futures cancelled by their callers are dropped; a prefetched row keeps
+    // its staging row (its result then goes nowhere).
+    std::vector<Request> others;
+    others.reserve(collected.others.size());
+    for (const Request& r : collected.others) {
+      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
+        discard(r);
+        continue;
+      }
+      others.push_back(r);
+    }
+    for (const Request& r : collected.rows)
+      if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
+    if (collected.rows.empty() && others.empty()) return nullptr;
+    collector_.adapt_server_spin(collected.rows.size() + others.size());
+    return std::make_unique<Batch>(std::move(collected.rows), std::move(others), deferred_,
+                                   collected.prefetched_into, slots_);
+  }
+
+  // Ends every queued request (and any a prefetch took) with `exc`; returns
+  // how many.
+  size_t fail_pending(const py::object& exc) {
+    flush(*deferred_);
+    size_t total = 0;
+    std::vector<Wake> to_wake;
+    auto fail = [&](const Request& r) {
+      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
+        discard(r);
+        return;
+      }
+      settle(r, exc.ptr(), true, to_wake);
+      release_python_refs(r);
+      ++total;
+    };
+    Prefetcher::Taken taken;
+    {
+      GilRelease nogil;
+      taken = collector_.finish_prefetch();
+    }
+    for (const Request& r : taken.dropped) discard(r);
+    for (const Request& r : taken.rows) fail(r);
+    for (const Request& r : taken.others) fail(r);
+    for (const Request& r : collector_.take_carried()) fail(r);
+    wake_and_release(to_wake);
+    std::vector<Request> pending;
+    while (queue().pop_many(pending, 1024) > 0) {
+      for (const Request& r : pending) fail(r);
+      pending.clear();
+      wake_and_release(to_wake);
+    }
+    return total;
+  }
+
+  // Wakes the callers whose results are published (see DeferredWakes) now
+  // rather than at the next collect().
+  void wake_resolved() { flush(*deferred_); }
+
+  void close() {
+    flush(*deferred_);
+    GilRelease nogil;
+    queue().close();
+  }
+  void reopen() { queue().reopen(); }
+  bool closed() const { return queue().closed(); }
+
+  // Requests also come from shared-memory slots (a SharedMemoryTransport's
+  // server end). Once, before the queue is used.
+  void attach_slots(std::shared_ptr<SlotServer> slots) {
+    if (slots_) throw std::logic_error("attach_slots: the queue already has slots");
+    slots_ = std::move(slots);
+    queue().attach_intake(slots_.get());
+  }
+  size_t reaped_slots() const { return slots_ ? slots_->reaped() : 0; }
+  size_t size() const { return queue().size(); }
+  size_t capacity() const { return queue().capacity(); }
+
+ private:
+  batchserve::RequestQueue& queue() { return collector_.queue(); }
+  const batchserve::RequestQueue& queue() const { return collector_.queue(); }
+
+  OwnedRows match(PyObject* item, bool own_copy) {
+    if (!schema_) return nullptr;
+    std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
+    return match_schema(item, *schema, own_copy);
+  }
+
+  std::shared_ptr<SlotServer> slots_;  // the intake of the queue, if any (outlives the prefetcher)
+  RequestCollector collector_;         // the queue, the settings, the prefetcher
+  std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
+  std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
+  uint64_t last_schema_id_ = 0;
+};
+
+}  // namespace bindings
+}  // namespace batchserve

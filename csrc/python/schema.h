@@ -1,0 +1,221 @@
+// The fast path's request schema on the Python side: the schema a
+// transport set (FastSchema), a matched request's leaves (RequestRows: owned
+// tensor references and their data pointers) and match_schema, the one place
+// that decides whether a TensorDict takes the fast path.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/row_copy.h"
+#include "python/pyutil.h"
+
+namespace batchserve {
+namespace bindings {
+
+namespace py = pybind11;
+
+// One fixed request schema: flat keys, each a CPU tensor of one dtype and
+// shape. Immutable once made; requests refer to it by id.
+struct FastSchema {
+  uint64_t id = 0;
+  bool strict = false;  // given by request_spec: a mismatch is the caller's error
+  std::vector<py::object> keys;
+  std::vector<py::object> dtypes;
+  std::vector<py::object> shapes;  // torch.Size
+  std::vector<size_t> leaf_bytes;
+  py::object device;               // the requests' TensorDict device (None or cpu)
+  std::vector<py::object> general_keys;  // a request holding one takes the general path
+};
+
+// A fast request's leaves, in schema order: the data pointers the C++ core
+// copies from (RowSource) and owned references to their tensors, so that a
+// caller that replaces a key of its TensorDict cannot free memory the server
+// is about to read.
+struct RequestRows : RowSource {
+  PyObject* tensors[kMaxLeaves] = {};
+};
+
+// GIL held. Every RowSource of a Request is a RequestRows.
+inline void free_rows(const RowSource* p) {
+  const auto* rows = static_cast<const RequestRows*>(p);
+  if (rows == nullptr) return;
+  for (size_t j = 0; j < rows->count; ++j) Py_DECREF(rows->tensors[j]);
+  delete rows;
+}
+
+struct RowsDeleter {
+  void operator()(RequestRows* rows) const { free_rows(rows); }
+};
+using OwnedRows = std::unique_ptr<RequestRows, RowsDeleter>;
+
+// The fast path's leaf rules, the one place they are stated: match_schema
+// applies them to each request, fast_path_schema to the request a schema is
+// learned from, and set_schema to the dtypes of a schema.
+
+// GIL held. Whether tensors of `dtype` are their bytes: not complex (a
+// conjugated view shares unconjugated memory) and not quantized (scale and
+// zero point live outside the bytes). Checked per schema: a request matches
+// only the schema's dtypes.
+inline bool plain_bytes_dtype(PyObject* dtype) {
+  const TorchRefs& t = torch_refs();
+  if (attr(dtype, t.s_is_complex).ptr() == Py_True) return false;
+  const Py_ssize_t n = PyTuple_GET_SIZE(t.quantized_dtypes);
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (PyTuple_GET_ITEM(t.quantized_dtypes, i) == dtype) return false;
+  return true;
+}
+
+// GIL held. Whether the tensor `v` is laid out as its rows' bytes: strided,
+// contiguous, and not a lazily negated view.
+inline bool plain_layout(PyObject* v) {
+  const TorchRefs& t = torch_refs();
+  return attr(v, t.s_layout).ptr() == t.strided &&
+         call_method(v, t.s_is_contiguous).ptr() == Py_True &&
+         call_method(v, t.s_is_neg).ptr() == Py_False;
+}
+
+// GIL held. Whether `leaves` (a TensorDict's dict of leaves) holds one of
+// `general_keys`: such a request takes the general path.
+inline bool holds_general_key(PyObject* leaves, const std::vector<py::object>& general_keys) {
+  for (const py::object& key : general_keys) {
+    const int has = PyDict_Contains(leaves, key.ptr());
+    if (has < 0) throw py::error_already_set();
+    if (has == 1) return true;
+  }
+  return false;
+}
+
+// GIL held. The schema (keys, dtypes, shapes, device) request `item` would
+// take the fast path with, or None: a plain TensorDict of batch size [], 1
+// to RowSource::kMaxLeaves leaves, each a CPU torch.Tensor of a plain-bytes
+// dtype and plain layout, and none of `general_keys`. A request matches the
+// schema learned from it (match_schema) exactly when it meets these rules.
+inline py::object fast_path_schema(const py::object& item,
+                                   const std::vector<py::object>& general_keys) {
+  const TorchRefs& t = torch_refs();
+  if (Py_TYPE(item.ptr()) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return py::none();
+  if (PyObject_Length(attr(item.ptr(), t.s_batch_size).ptr()) != 0) {
+    PyErr_Clear();
+    return py::none();
+  }
+  py::object leaves = attr(item.ptr(), t.s_tensordict);
+  if (!PyDict_Check(leaves.ptr())) return py::none();
+  const Py_ssize_t n = PyDict_Size(leaves.ptr());
+  if (n < 1 || static_cast<size_t>(n) > RequestRows::kMaxLeaves) return py::none();
+  if (holds_general_key(leaves.ptr(), general_keys)) return py::none();
+  py::tuple keys(n), dtypes(n), shapes(n);
+  PyObject* key = nullptr;
+  PyObject* v = nullptr;
+  Py_ssize_t pos = 0, j = 0;
+  while (PyDict_Next(leaves.ptr(), &pos, &key, &v)) {
+    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) return py::none();
+    if (attr(v, t.s_is_cpu).ptr() != Py_True || !plain_layout(v)) return py::none();
+    py::object dtype = attr(v, t.s_dtype);
+    if (!plain_bytes_dtype(dtype.ptr())) return py::none();
+    keys[j] = py::reinterpret_borrow<py::object>(key);
+    dtypes[j] = dtype;
+    shapes[j] = attr(v, t.s_shape);
+    ++j;
+  }
+  return py::make_tuple(keys, dtypes, shapes, attr(item.ptr(), t.s_device));
+}
+
+// GIL held. The request's leaves when `item` matches `schema`; null when it
+// does not (it then takes the general path). Against a strict schema
+// (request_spec=), a TensorDict with a missing key raises KeyError and one
+// with a leaf of the wrong dtype, shape or device raises ValueError, naming
+// the key; other differences (non-contiguous or negated-view leaves, a
+// batched request, another TensorDict device, a key that asks for the general
+// path such as torchrl's interaction type) fall back to the general path,
+// which serves them correctly. With `own_copy` the leaves are cloned (a
+// submit() caller goes on and may resize or refill its tensors); a blocking
+// caller's own tensors are read in place while it waits.
+inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) {
+  const TorchRefs& t = torch_refs();
+  if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
+  if (PyObject_Length(attr(item, t.s_batch_size).ptr()) != 0) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  py::object leaves = attr(item, t.s_tensordict);
+  if (!PyDict_Check(leaves.ptr())) return nullptr;
+  const size_t n = schema.keys.size();
+  if (n > RequestRows::kMaxLeaves) return nullptr;
+  if (!schema.strict && static_cast<size_t>(PyDict_Size(leaves.ptr())) != n) return nullptr;
+  if (holds_general_key(leaves.ptr(), schema.general_keys)) return nullptr;
+  {
+    py::object device = attr(item, t.s_device);
+    const int same = PyObject_RichCompareBool(device.ptr(), schema.device.ptr(), Py_EQ);
+    if (same < 0) throw py::error_already_set();
+    if (same == 0) return nullptr;
+  }
+  OwnedRows rows(new RequestRows());
+  rows->schema_id = schema.id;
+  PyObject* tensors[RequestRows::kMaxLeaves];  // borrowed until all match
+  for (size_t j = 0; j < n; ++j) {
+    PyObject* key = schema.keys[j].ptr();
+    PyObject* v = PyDict_GetItemWithError(leaves.ptr(), key);  // borrowed
+    if (v == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      if (!schema.strict) return nullptr;
+      PyErr_SetObject(PyExc_KeyError,
+                      py::str("request is missing key {!r} of request_spec")
+                          .format(py::handle(key))
+                          .ptr());
+      throw py::error_already_set();
+    }
+    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {
+      const int is_tensor = PyObject_IsInstance(v, t.tensor_type);
+      if (is_tensor < 0) throw py::error_already_set();
+      if (!schema.strict || is_tensor == 1) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) +
+                                             " must be a tensor (request_spec); got " +
+                                             repr(reinterpret_cast<PyObject*>(Py_TYPE(v))));
+    }
+    py::object dtype = attr(v, t.s_dtype);
+    if (dtype.ptr() != schema.dtypes[j].ptr()) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) + " has dtype " +
+                                             repr(dtype.ptr()) + "; request_spec declares " +
+                                             repr(schema.dtypes[j].ptr()));
+    }
+    py::object shape = attr(v, t.s_shape);
+    const int same_shape = PyObject_RichCompareBool(shape.ptr(), schema.shapes[j].ptr(), Py_EQ);
+    if (same_shape < 0) throw py::error_already_set();
+    if (same_shape == 0) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError, "request key " + repr(key) + " has shape " +
+                                             repr(shape.ptr()) + "; request_spec declares " +
+                                             repr(schema.shapes[j].ptr()));
+    }
+    if (attr(v, t.s_is_cpu).ptr() != Py_True) {
+      if (!schema.strict) return nullptr;
+      raise_spec_error(PyExc_ValueError,
+                       "request key " + repr(key) +
+                           " is not on the CPU; requests matching request_spec carry CPU "
+                           "tensors (the server moves the batch to its device)");
+    }
+    if (!plain_layout(v)) return nullptr;
+    tensors[j] = v;
+  }
+  for (size_t j = 0; j < n; ++j) {
+    PyObject* tensor = tensors[j];
+    if (own_copy) {
+      tensor = PyObject_CallMethodNoArgs(tensor, t.s_clone);
+      if (tensor == nullptr) throw py::error_already_set();
+    } else {
+      Py_INCREF(tensor);
+    }
+    rows->tensors[j] = tensor;
+    rows->count = j + 1;  // owned from here on, released with `rows`
+    rows->data[j] = data_ptr(tensor);
+  }
+  return rows;
+}
+
+}  // namespace bindings
+}  // namespace batchserve

@@ -1,0 +1,221 @@
+// SlotClient (batchserve._core.SlotClient): the actor's end of a
+// SharedMemoryTransport, over the core's SlotRequester (csrc/core/
+// slot_client.h): a request matched to request_spec goes into a slot, and
+// the slot's outcome comes back as a TensorDict or the server's exception.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/shared_slots.h"
+#include "core/sliced_wait.h"
+#include "core/slot_client.h"
+#include "python/pyutil.h"
+#include "python/schema.h"
+
+namespace batchserve {
+namespace bindings {
+
+namespace py = pybind11;
+
+// The actor's end of a SharedMemoryTransport, in any process: it copies a
+// request's leaves into a free slot, publishes it, and waits on the slot's
+// futex for the server to write the result; all without the GIL (the
+// protocol is SlotRequester's, csrc/core/slot_client.h). A client object
+// may be used from several threads (each call takes its own slot).
+class SlotClient {
+ public:
+  SlotClient(std::shared_ptr<SharedSlots> segment, std::vector<py::object> request_keys,
+             std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
+             py::object request_device, std::vector<py::object> response_keys,
+             std::vector<py::object> response_banks, py::object response_device,
+             bool copy_result, py::object normalise)
+      : requester_(std::move(segment)),
+        response_keys_(std::move(response_keys)),
+        response_banks_(std::move(response_banks)),
+        response_device_(std::move(response_device)),
+        copy_result_(copy_result),
+        normalise_(std::move(normalise)),
+        loads_(py::module_::import("pickle").attr("loads")) {
+    torch_refs();
+    schema_.strict = true;
+    schema_.keys = std::move(request_keys);
+    schema_.dtypes = std::move(request_dtypes);
+    schema_.shapes = std::move(request_shapes);
+    schema_.device = std::move(request_device);
+    if (schema_.keys.size() != slots().request_leaves() ||
+        response_keys_.size() != slots().response_leaves() ||
+        response_banks_.size() != response_keys_.size())
+      throw std::invalid_argument("SlotClient: keys do not match the segment's layout");
+    if (schema_.keys.size() > RequestRows::kMaxLeaves)
+      throw std::invalid_argument("SlotClient: at most " + std::to_string(RequestRows::kMaxLeaves) +
+                                  " request leaves");
+  }
+
+  // The blocking call: submit, wait, return the result or raise the server's
+  // exception. On timeout the request is withdrawn if the server has not
+  // taken it yet, else its result is discarded; ResultTimeout either way.
+  py::object call(const py::object& item, std::optional<double> timeout_s) {
+    const int64_t deadline = deadline_from(timeout_s);
+    PendingSlot pending(requester_.shared_slots(), submit_until(item, deadline, true));
+    return finish_wait(pending, deadline, false);
+  }
+
+  // Submits; the returned PendingSlot owns the slot (for a future). Blocks
+  // while every slot is in flight, until `timeout` (ResultTimeout).
+  std::unique_ptr<PendingSlot> submit(const py::object& item, std::optional<double> timeout_s) {
+    return std::make_unique<PendingSlot>(requester_.shared_slots(),
+                                         submit_until(item, deadline_from(timeout_s), false));
+  }
+
+  // The result of a submitted request, or None when `timeout` passes first:
+  // the request then stays in flight (ask again), as torchrl's future does.
+  py::object result(PendingSlot& pending, std::optional<double> timeout_s) {
+    if (!pending.open) throw std::logic_error("SlotClient.result: this request was already read");
+    return finish_wait(pending, deadline_from(timeout_s), true);
+  }
+
+  bool done(const PendingSlot& pending) const { return requester_.finished(pending); }
+
+  // Withdraws a request the server has not taken yet (true). A request being
+  // served or already answered stays as it is (false): its result can still
+  // be read.
+  bool cancel(PendingSlot& pending) { return requester_.cancel(pending); }
+
+ private:
+  SharedSlots& slots() const { return requester_.slots(); }
+
+  // GIL held. The request's leaves, after the Python-side normaliser for
+  // inputs the C++ matcher does not take as they are (a TensorDict subclass,
+  // non-contiguous leaves, a TensorDict device): raises what it raises.
+  OwnedRows match(const py::object& item, py::object& normalised) {
+    OwnedRows rows = match_schema(item.ptr(), schema_, false);
+    if (rows) return rows;
+    normalised = normalise_(item);
+    rows = match_schema(normalised.ptr(), schema_, false);
+    if (!rows) raise_spec_error(PyExc_ValueError, "request does not match request_spec: " +
+                                                      repr(normalised.ptr()));
+    return rows;
+  }
+
+  // GIL held. A slot holding `item`, published to the server; with
+  // `and_wait`, also waits for the result for up to one slice in the same
+  // GIL-free stretch.
+  uint32_t submit_until(const py::object& item, int64_t deadline, bool and_wait) {
+    py::object normalised;
+    OwnedRows rows = match(item, normalised);
+    uint32_t s = 0;
+    switch (requester_.claim(deadline, WithoutGil(), signalled, s)) {
+      case SlotClaim::kOk:
+        break;
+      case SlotClaim::kClosed:
+        raise_unservable(SlotOutcome::kClosed);
+      case SlotClaim::kServerDead:
+        raise_unservable(SlotOutcome::kServerDead);
+      case SlotClaim::kNoFreeSlot:
+        raise_result_timeout("no free slot within the timeout: all " +
+                             std::to_string(slots().num_slots()) +
+                             " slots hold requests in flight (num_slots)");
+      case SlotClaim::kInterrupted:
+        throw py::error_already_set();
+    }
+    SlotWait submitted;
+    {
+      GilRelease nogil;
+      submitted = requester_.submit(s, *rows, and_wait ? slice_end(deadline) : 0);
+    }
+    if (submitted != SlotWait::kOk) throw QueueClosedError("the inference server is shut down");
+    return s;
+  }
+
+  [[noreturn]] void raise_unservable(SlotOutcome why) const {
+    if (why == SlotOutcome::kClosed) throw QueueClosedError("the inference server is shut down");
+    throw QueueClosedError("the inference server process (pid " +
+                           std::to_string(slots().server_pid()) +
+                           ") is gone; no request can be served");
+  }
+
+  // GIL held. Waits for the outcome, reads it, frees the slot. With
+  // `keep_on_timeout`, a timeout returns None and leaves the request in
+  // flight; otherwise it raises ResultTimeout.
+  py::object finish_wait(PendingSlot& pending, int64_t deadline, bool keep_on_timeout) {
+    const SlotOutcome outcome =
+        requester_.wait_for_outcome(pending, deadline, keep_on_timeout, WithoutGil(), signalled);
+    switch (outcome) {
+      case SlotOutcome::kReady:
+        return read_outcome(pending.slot);
+      case SlotOutcome::kInFlight:
+        return py::none();
+      case SlotOutcome::kWithdrawn:
+      case SlotOutcome::kAbandoned:
+        raise_result_timeout(timed_out_because(outcome == SlotOutcome::kWithdrawn));
+      case SlotOutcome::kClosed:
+      case SlotOutcome::kServerDead:
+        raise_unservable(outcome);
+      case SlotOutcome::kInterrupted:
+        break;
+    }
+    throw py::error_already_set();
+  }
+
+  // GIL held. The finished slot's result (or raises its exception); frees it.
+  py::object read_outcome(uint32_t s) {
+    struct Release {
+      SharedSlots& slots;
+      uint32_t s;
+      ~Release() { slots.release(s); }
+    } release{slots(), s};
+    if (requester_.failed(s)) {
+      const SlotError error = requester_.error(s);
+      py::object exc;
+      if (error.encoded_len > 0) {
+        py::bytes blob(reinterpret_cast<const char*>(error.encoded), error.encoded_len);
+        PyObject* e = PyObject_CallOneArg(loads_.ptr(), blob.ptr());
+        if (e == nullptr) PyErr_Clear();
+        exc = py::reinterpret_steal<py::object>(e);
+      }
+      if (!exc) {  // not picklable there, or not unpicklable here: its text
+        PyObject* message =
+            PyUnicode_DecodeUTF8(error.text, static_cast<Py_ssize_t>(error.text_len), "replace");
+        if (message == nullptr) throw py::error_already_set();
+        PyObject* prefixed = PyUnicode_FromFormat("the server raised %U", message);
+        Py_DECREF(message);
+        if (prefixed == nullptr) throw py::error_already_set();
+        exc = py::reinterpret_steal<py::object>(
+            PyObject_CallOneArg(PyExc_RuntimeError, prefixed));
+        Py_DECREF(prefixed);
+        if (!exc) throw py::error_already_set();
+      }
+      set_error_from(exc.ptr());
+      throw py::error_already_set();
+    }
+    const TorchRefs& t = torch_refs();
+    py::dict leaves;
+    py::int_ index(s);
+    for (size_t j = 0; j < response_keys_.size(); ++j) {
+      py::object view = response_banks_[j][index];
+      if (copy_result_) view = call_method(view.ptr(), t.s_clone);
+      leaves[response_keys_[j]] = view;
+    }
+    PyObject* td = PyObject_CallFunctionObjArgs(t.new_unsafe, leaves.ptr(), t.empty_size,
+                                                response_device_.ptr(), nullptr);
+    if (td == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(td);
+  }
+
+  SlotRequester requester_;
+  FastSchema schema_;
+  std::vector<py::object> response_keys_, response_banks_;
+  py::object response_device_;
+  bool copy_result_;
+  py::object normalise_, loads_;
+};
+
+}  // namespace bindings
+}  // namespace batchserve
