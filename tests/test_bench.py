@@ -135,6 +135,31 @@ def test_vs_torchrl_without_torchrl_is_a_one_line_error(capsys, monkeypatch):
     assert len(lines) == 1 and "pip install torchrl" in lines[0]
 
 
+# The harness run with one of its packages absent (``sys.modules[name] =
+# None`` makes ``import name`` fail as if it were not installed).
+_HIDDEN_RUN = """
+import runpy, sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None
+sys.argv = ["batchserve-bench", *sys.argv[2:]]
+runpy.run_module("batchserve.bench", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("hidden, args, needs", [
+    ("rich", ["--quick"], "rich"),
+    ("rich,matplotlib", ["--quick", "--plot", "out.png"], "rich"),
+    ("matplotlib", ["--quick", "--plot", "out.png"], "matplotlib"),
+])
+def test_without_the_bench_extra_says_what_to_install(hidden, args, needs):
+    done = subprocess.run([sys.executable, "-c", _HIDDEN_RUN, hidden, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert needs in lines[0] and 'pip install "batchserve[bench]"' in lines[0]
+
+
 def test_a_server_failing_mid_run_stops_the_run():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, "bench_support"),
                                                       os.environ.get("PYTHONPATH", "")]))

@@ -1,3 +1,3 @@
-from batchserve.bench.cli import main
+from batchserve.bench import main
 
 main()

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from batchserve.bench import report, scenario as scenarios
+from batchserve.bench import INSTALL_HINT, missing_modules, report, scenario as scenarios
 from batchserve.bench.runner import measure, measure_bare
 from batchserve.bench.schedule import interleave
 from batchserve.bench.systems import BenchError, systems_for, torchrl_available
@@ -134,9 +134,15 @@ def check_systems(parser: argparse.ArgumentParser, args) -> bool:
     if args.vs != "torchrl":
         return False
     if not torchrl_available():
-        parser.exit(2, "batchserve-bench: error: --vs torchrl needs torchrl: "
-                       "pip install torchrl  (or pip install \"batchserve[bench]\")\n")
+        parser.exit(2, "batchserve-bench: --vs torchrl needs torchrl: "
+                       f"pip install torchrl (or {INSTALL_HINT})\n")
     return True
+
+
+def check_plot(parser: argparse.ArgumentParser, args) -> None:
+    """--plot needs matplotlib (in the bench extra)."""
+    if args.plot and missing_modules(("matplotlib",)):
+        parser.exit(2, f"batchserve-bench: --plot needs matplotlib: {INSTALL_HINT}\n")
 
 
 def run(args, parser) -> int:
@@ -270,9 +276,7 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
                     config, progress_cb=lambda f: progress.update(task, completed=f))
             else:
                 systems = list(module.BATCHSERVE_SYSTEMS)
-                if args.vs == "torchrl":
-                    if not torchrl_available():
-                        parser.error("--vs torchrl needs torchrl: pip install torchrl")
+                if check_systems(parser, args):
                     systems += module.TORCHRL_SYSTEMS
                 steps = getattr(module, "steps", lambda config, systems: len(systems))
                 task = progress.add_task(config.name, total=steps(config, systems))
@@ -294,5 +298,6 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_plot(parser, args)
     found = kind_scenarios(parser, args)
     sys.exit(run_kind(args, parser, found) if found else run(args, parser))
