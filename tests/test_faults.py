@@ -249,9 +249,16 @@ def test_a_failing_transport_fails_what_it_drained_and_stops_the_server():
 
 
 def test_ctrl_c_reaches_a_caller_blocked_on_a_full_queue():
+    # The child installs Python's SIGINT handler itself: Python only installs
+    # it when SIGINT is not ignored at startup, and a command a
+    # non-interactive shell starts in the background (`bash tests/run_all.sh
+    # &`) inherits SIGINT ignored. There the SIGINT below never reached
+    # Python and the blocked submit waited until the subprocess timeout
+    # (the hang seen under load).
     script = textwrap.dedent(
         """
         import os, signal, threading, torch
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from tensordict import TensorDict
         from batchserve import ThreadingTransport
 
