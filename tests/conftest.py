@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import gc
 import glob
-import os
 import multiprocessing as mp
+import os
 import threading
 
 import pytest
 import torch
 import torch.nn as nn
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
-
-from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 
 
 def make_policy(in_features: int = 4, out_features: int = 2) -> TensorDictModule:

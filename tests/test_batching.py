@@ -7,10 +7,9 @@ import threading
 import time
 
 import pytest
-from tensordict import lazy_stack
-
-from batchserve import InferenceServer, ThreadingTransport
+from batchserve import InferenceServer
 from conftest import BlockingModel, echo_model, echoes, request
+from tensordict import lazy_stack
 
 
 def recording_collate(sizes):

@@ -8,7 +8,6 @@ import threading
 from concurrent.futures import Future
 
 import pytest
-
 from batchserve import _core
 
 

@@ -20,11 +20,9 @@ import threading
 import time
 import weakref
 
+import batchserve.batching.fast_path as fast_path
 import pytest
 import torch
-from tensordict import TensorDict, lazy_stack
-
-import batchserve.batching.fast_path as fast_path
 from batchserve import (
     InferenceServer,
     ServerClosedError,
@@ -32,6 +30,7 @@ from batchserve import (
     ThreadingTransport,
 )
 from conftest import BlockingModel, echo_model, echo_shared_memory_transport, echoes, request
+from tensordict import TensorDict, lazy_stack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from batchserve import InferenceServer, ThreadingTransport
 from conftest import echo_model, request
 

@@ -16,8 +16,6 @@ import time
 
 import pytest
 import torch
-from tensordict import TensorDict
-
 from batchserve import (
     InferenceServer,
     SharedMemoryWeightReceiver,
@@ -25,6 +23,7 @@ from batchserve import (
     WeightPublisher,
 )
 from conftest import make_policy
+from tensordict import TensorDict
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,10 +15,10 @@ transports run under :class:`batchserve.InferenceServer`.
 from batchserve._core import QueueFull, ServerClosedError
 from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
 from batchserve.server.server import InferenceServer
+from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve.transports.threading import ThreadingTransport
 from batchserve.weights.shared_memory import SharedMemoryWeightReceiver, WeightPublisher
-from batchserve.transports.base import InferenceClient, InferenceTransport
 
 __version__ = "0.1.0"
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 import torch
 
-from batchserve.bench import INSTALL_HINT, missing_modules, report, scenario as scenarios
+from batchserve.bench import INSTALL_HINT, missing_modules, report
+from batchserve.bench import scenario as scenarios
 from batchserve.bench.runner import measure, measure_bare
 from batchserve.bench.schedule import interleave
 from batchserve.bench.systems import BenchError, systems_for, torchrl_available

@@ -49,8 +49,8 @@ from tensordict import LazyStackedTensorDict, TensorDict
 
 from batchserve import InferenceServer, ServerClosedError, SharedMemoryTransport, ThreadingTransport
 from batchserve.bench.metrics import latency_summary
-from batchserve.bench.scenario import config_of
 from batchserve.bench.runner import _rss_mb
+from batchserve.bench.scenario import config_of
 
 # The outcomes of one actor's submissions, as the actor counted them.
 _COUNTERS = ("results", "closed", "timed_out", "misrouted", "corrupted", "other_errors")

@@ -12,6 +12,7 @@ import importlib.util
 
 from batchserve.bench.scenario import Scenario
 
+
 class BenchError(RuntimeError):
     """A run that cannot go on; the CLI prints it and exits non-zero."""
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
