@@ -17,7 +17,7 @@ stages by wrapping them (so each figure includes a little timing overhead):
   processes: the copy into the response slots and the wake-ups);
 * ``other``: the rest of the loop (stats, prefetch, checks).
 
-It is a diagnostic for the figures in the README, not a benchmark: compare
+It is a diagnostic for the figures in docs/benchmarks.md, not a benchmark: compare
 systems with ``batchserve-bench``.
 """
 
