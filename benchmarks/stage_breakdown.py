@@ -93,7 +93,8 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
         ctx.set_forkserver_preload(["torch", "tensordict", "batchserve"])
         transport = SharedMemoryTransport(
             TensorDict({"observation": torch.zeros(64)}),
-            TensorDict({"action": torch.zeros(8), "policy_version": torch.zeros((), dtype=torch.long)}),
+            TensorDict({"action": torch.zeros(8),
+                        "policy_version": torch.zeros((), dtype=torch.long)}),
             num_slots=max(64, 2 * actors),
         )
         stop, counts = ctx.Event(), ctx.Array("q", actors, lock=False)

@@ -294,7 +294,8 @@ def test_the_weight_sync_scenario_runs_every_system(tmp_path, capsys):
         vs,
     )
     names = [r["system"] for r in run["results"]]
-    assert names == ["batchserve", "batchserve-inproc", *(["torchrl-shared", "torchrl-mp"] if vs else [])]
+    assert names == ["batchserve", "batchserve-inproc",
+                     *(["torchrl-shared", "torchrl-mp"] if vs else [])]
     for r in run["results"]:
         assert r["errors"] == [], r
         assert r["updates_published"] >= 1 and r["updates_applied"] >= 1

@@ -301,7 +301,9 @@ def test_server_garbage_collected_while_running(transport):
         threading.Thread(target=caller).start()  # still waiting at exit
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
     assert done.returncode == 0, done.stderr
     assert "served [1.0, 2.0]" in done.stdout
     assert "caller: ServerClosedError" in done.stdout, done.stdout + done.stderr

@@ -13,7 +13,8 @@ from tensordict import TensorDict
 
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8,
+           torch.bool]
 _KEYS = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
 _SHAPES = st.lists(st.integers(min_value=0, max_value=4), min_size=0, max_size=3).map(tuple)
 
@@ -35,14 +36,16 @@ def random_leaf(dtype: torch.dtype, shape: tuple, seed: int) -> torch.Tensor:
 
 
 def request_of(spec: dict, seed: int) -> TensorDict:
-    return TensorDict({k: random_leaf(d, s, seed + i) for i, (k, (d, s)) in enumerate(spec.items())})
+    return TensorDict({k: random_leaf(d, s, seed + i)
+                       for i, (k, (d, s)) in enumerate(spec.items())})
 
 
 def served(spec: dict, requests: list, bad=None):
     """Results of `requests` on a server with `spec` as request_spec, and the
     error `bad` (if given) raised at submission."""
     transport = ThreadingTransport(request_spec=request_of(spec, 0))
-    with InferenceServer(lambda td: td, transport, max_batch_size=4, policy_version_key=None) as server:
+    with InferenceServer(lambda td: td, transport, max_batch_size=4,
+                         policy_version_key=None) as server:
         client = transport.client()
         error = None
         futures = [client.submit(td) for td in requests[:2]]

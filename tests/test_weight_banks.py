@@ -303,12 +303,22 @@ def test_a_cpu_model_is_served_from_the_bank_unless_asked_to_copy(in_place):
     [
         ({"module.weight": torch.ones(1, WIDTH)}, r"missing 'module.bias'"),
         (
-            {"module.weight": torch.ones(1, WIDTH), "module.bias": torch.ones(1), "x": torch.ones(1)},
+            {
+                "module.weight": torch.ones(1, WIDTH),
+                "module.bias": torch.ones(1),
+                "x": torch.ones(1),
+            },
             r"unexpected 'x'",
         ),
-        ({"module.weight": torch.ones(2, WIDTH), "module.bias": torch.ones(1)}, r"'module.weight' is torch.float32 \[2, 256\]"),
         (
-            {"module.weight": torch.ones(1, WIDTH, dtype=torch.float64), "module.bias": torch.ones(1)},
+            {"module.weight": torch.ones(2, WIDTH), "module.bias": torch.ones(1)},
+            r"'module.weight' is torch.float32 \[2, 256\]",
+        ),
+        (
+            {
+                "module.weight": torch.ones(1, WIDTH, dtype=torch.float64),
+                "module.bias": torch.ones(1),
+            },
             r"'module.weight' is torch.float64",
         ),
     ],
@@ -334,9 +344,10 @@ def test_a_server_whose_model_has_another_layout_does_not_start():
     name = segment_name()
     with WeightPublisher(name, policy_at(0)):
         wider = make_policy(WIDTH, 2)
-        server = InferenceServer(wider, ThreadingTransport(), weight_sync=SharedMemoryWeightReceiver(name))
-        with pytest.raises(RuntimeError, match=r"'module.weight' is float32 \[1, 256\] in the publisher's "
-                           r"weights and float32 \[2, 256\] in the server's model"):
+        server = InferenceServer(wider, ThreadingTransport(),
+                                 weight_sync=SharedMemoryWeightReceiver(name))
+        with pytest.raises(RuntimeError, match=r"'module.weight' is float32 \[1, 256\] in the "
+                           r"publisher's weights and float32 \[2, 256\] in the server's model"):
             server.start()
         server.shutdown()
 
@@ -367,7 +378,8 @@ def test_torchrl_server_can_poll_the_receiver():
     try:
         with WeightPublisher(name, policy_at(0)) as publisher:
             publisher.publish(policy_at(4))
-            with torchrl_server.InferenceServer(policy_at(0), transport, weight_sync=receiver) as server:
+            with torchrl_server.InferenceServer(policy_at(0), transport,
+                                                weight_sync=receiver) as server:
                 client = transport.client()
                 deadline = time.monotonic() + 30
                 while client(observation())["action"].item() != 4.0 * WIDTH:
@@ -427,7 +439,8 @@ def test_versions_only_go_up_and_a_closed_publisher_says_so():
     publisher = WeightPublisher(name, policy_at(0))
     assert publisher.publish(version=7) == 7
     for stale in (7, 5):
-        with pytest.raises(ValueError, match=f"version {stale} is not newer than the last published, 7"):
+        with pytest.raises(ValueError,
+                           match=f"version {stale} is not newer than the last published, 7"):
             publisher.publish(version=stale)
     assert publisher.publish() == 8
     publisher.close()

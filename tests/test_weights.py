@@ -50,11 +50,23 @@ def test_a_state_dict_works_too_and_may_live_on_another_device_or_be_shared():
     [
         (lambda sd: sd.pop("module.bias"), r"missing 'module.bias'"),
         (lambda sd: sd.update(extra=torch.zeros(1)), r"unexpected 'extra'"),
-        (lambda sd: sd.update({"module.weight": torch.zeros(3, 4)}), r"'module.weight' is torch.float32 \[3, 4\]"),
-        (lambda sd: sd.update({"module.bias": torch.zeros(2, dtype=torch.float64)}), r"'module.bias' is torch.float64"),
+        (
+            lambda sd: sd.update({"module.weight": torch.zeros(3, 4)}),
+            r"'module.weight' is torch.float32 \[3, 4\]",
+        ),
+        (
+            lambda sd: sd.update({"module.bias": torch.zeros(2, dtype=torch.float64)}),
+            r"'module.bias' is torch.float64",
+        ),
         (lambda sd: sd.update({"module.bias": [0.0, 0.0]}), r"'module.bias' is a list"),
-        (lambda sd: sd.update({"module.bias": torch.zeros(2, device="meta")}), r"'module.bias' is a meta tensor"),
-        (lambda sd: sd.update({"module.bias": torch.zeros(2).to_sparse()}), r"'module.bias' is a torch.sparse_coo tensor"),
+        (
+            lambda sd: sd.update({"module.bias": torch.zeros(2, device="meta")}),
+            r"'module.bias' is a meta tensor",
+        ),
+        (
+            lambda sd: sd.update({"module.bias": torch.zeros(2).to_sparse()}),
+            r"'module.bias' is a torch.sparse_coo tensor",
+        ),
     ],
     ids=["missing", "unexpected", "shape", "dtype", "not-a-tensor", "meta", "sparse"],
 )
@@ -130,7 +142,7 @@ def test_every_result_carries_the_version_that_computed_it(make_transport):
         for v in range(1, updates + 1):
             server.update_weights({"module.weight": torch.full((1, 1), float(v))}, version=v)
             with seen:  # each version serves before the next lands (hang guard: 30 s)
-                assert seen.wait_for(lambda: newest[0] >= v or problems, timeout=30)
+                assert seen.wait_for(lambda v=v: newest[0] >= v or problems, timeout=30)
         stop.set()
         for t in actors:
             t.join(60)

@@ -7,7 +7,7 @@
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS drift, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
     batchserve-bench benchmarks/ray --vs torchrl    # Ray actors: RayTransport vs torchrl's
-"""
+"""  # noqa: E501 - the --help epilog: rewrapping it would change the help text
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="alternating rounds per system")
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch.set_num_threads for the run (default: torch's own)")
-    p.add_argument("--json", metavar="PATH", help="write results (schema: batchserve/bench/schema.json)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write results (schema: batchserve/bench/schema.json)")
     p.add_argument("--plot", metavar="PATH.png", help="write throughput and latency-CDF plots")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     return p
@@ -164,20 +166,24 @@ def run(args, parser) -> int:
             default_threads = torch.get_num_threads()
             for scen in chosen:
                 torch.set_num_threads(scen.torch_threads or default_threads)
-                slots = interleave(list(scen.actor_counts), systems_for(scen, vs_torchrl), scen.rounds)
+                slots = interleave(list(scen.actor_counts), systems_for(scen, vs_torchrl),
+                                   scen.rounds)
                 overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
                 measurements = []
                 current = progress.add_task("bare model(td)", total=1.0, note="")
-                measurements.append(measure_bare(scen, tick=lambda f, t=current: progress.update(t, completed=f)))
+                measurements.append(measure_bare(
+                    scen, tick=lambda f, t=current: progress.update(t, completed=f)))
                 progress.remove_task(current)
                 progress.advance(overall)
                 for slot in slots:
-                    label = f"{slot.system} · {slot.actors} {scen.actors} · round {slot.round + 1}/{scen.rounds}"
+                    label = (f"{slot.system} · {slot.actors} {scen.actors} · "
+                             f"round {slot.round + 1}/{scen.rounds}")
                     current = progress.add_task(label, total=1.0, note="")
                     m = measure(slot.system, scen, slot.actors, slot.round,
                                 tick=lambda f, t=current: progress.update(t, completed=f))
                     progress.remove_task(current)
-                    progress.update(overall, advance=1, note=f"last: {m.requests / max(m.seconds, 1e-9):,.0f} req/s")
+                    progress.update(overall, advance=1,
+                                    note=f"last: {m.requests / max(m.seconds, 1e-9):,.0f} req/s")
                     measurements.append(m)
                 results.append((scen, report.aggregate(measurements)))
     except BenchError as exc:
@@ -252,7 +258,8 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
 
         flags = ["duration", "device"]
     fields = {"num_actors": "actor_counts"}  # flag -> field, where they differ
-    usage = ", ".join(f"--{f.replace('_', '-')}" for f in flags + ([] if kind == "soak" else ["vs"]))
+    usage = ", ".join(f"--{f.replace('_', '-')}"
+                      for f in flags + ([] if kind == "soak" else ["vs"]))
     usage += ", --json and --no-progress"
     allowed = {*flags, "json", "no_progress", "scenarios", "vs"}
     used = [k for k, v in vars(args).items() if k not in allowed and v not in (None, False)]
@@ -273,15 +280,17 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
             if kind == "soak":
                 task = progress.add_task(f"{config.name}: {config.requests:,} requests", total=1.0)
                 outcome = module.run_soak(
-                    config, progress_cb=lambda f: progress.update(task, completed=f))
+                    config, progress_cb=lambda f, p=progress, t=task: p.update(t, completed=f))
             else:
                 systems = list(module.BATCHSERVE_SYSTEMS)
                 if check_systems(parser, args):
                     systems += module.TORCHRL_SYSTEMS
                 steps = getattr(module, "steps", lambda config, systems: len(systems))
                 task = progress.add_task(config.name, total=steps(config, systems))
-                outcome = module.run(config, systems, progress_cb=lambda name, i: progress.update(
-                    task, completed=i, description=f"{config.name}: {name}"))
+                outcome = module.run(
+                    config, systems,
+                    progress_cb=lambda name, i, p=progress, t=task, c=config: p.update(
+                        t, completed=i, description=f"{c.name}: {name}"))
         print(module.format_report(outcome))
         failed = failed or bool(module.failures(outcome))
         outcomes.append(outcome)

@@ -285,7 +285,8 @@ def _measure(system: _System, actors, config: RayConfig) -> dict:
     return {"calls": sum(o["calls"] for o in outs),
             "warmup_calls": sum(o["warmup_calls"] for o in outs),
             "seconds": config.duration,
-            "latency_ns": np.concatenate([o["latency_ns"] for o in outs] or [np.zeros(0, np.int64)]),
+            "latency_ns": np.concatenate([o["latency_ns"] for o in outs]
+                                         or [np.zeros(0, np.int64)]),
             "batch_size_histogram": histogram, "errors": errors}
 
 

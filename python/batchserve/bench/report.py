@@ -81,7 +81,8 @@ def table(scenario: Scenario, rows: dict):
 
     t = Table(title=f"{scenario.name}: {scenario.actors}, obs {scenario.observation_dtype}"
                     f"{list(scenario.observation_shape)}, model {scenario.model}, "
-                    f"max_batch_size {scenario.max_batch_size}, timeout {scenario.timeout * 1e3:g} ms")
+                    f"max_batch_size {scenario.max_batch_size}, "
+                    f"timeout {scenario.timeout * 1e3:g} ms")
     for name, justify in [
         ("actors", "right"), ("system", "left"), ("req/s", "right"),
         ("p50 µs", "right"), ("p90 µs", "right"), ("p99 µs", "right"),
@@ -140,7 +141,8 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     revision = _batchserve_revision()

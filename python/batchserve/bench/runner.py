@@ -225,7 +225,8 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         server.shutdown()
     if scenario.requests is not None:
         t1 = max(end_ns)  # the last request, not the next poll of the window
-    samples = np.concatenate([np.frombuffer(l, dtype=np.int64) for l in latencies])
+    samples = np.concatenate([np.frombuffer(actor_latencies, dtype=np.int64)
+                              for actor_latencies in latencies])
     return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
                    stats, cpu, rss)
 
@@ -321,7 +322,8 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         inbox.poll()
         dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
         if dead:
-            raise BenchError(f"actor process {dead[0]} died (exit code {processes[dead[0]].exitcode})")
+            raise BenchError(f"actor process {dead[0]} died "
+                             f"(exit code {processes[dead[0]].exitcode})")
 
     server.start()
     try:

@@ -186,10 +186,12 @@ class _Actor:
         rid = torch.tensor(self.first_id + seq)
         if rng.random() < self.general_fraction:
             length = rng.randint(1, self.config.max_general_observation)
-            td = TensorDict({"id": rid, "nested": {"observation": _observation(seq, length, length)}})
+            td = TensorDict({"id": rid,
+                             "nested": {"observation": _observation(seq, length, length)}})
         else:
             length = rng.randint(1, self.config.observation)
-            td = TensorDict({"id": rid, "observation": _observation(seq, length, self.config.observation)})
+            td = TensorDict({"id": rid,
+                             "observation": _observation(seq, length, self.config.observation)})
         return td, _expected_sum(seq, length)
 
     def run(self, warmup_point: int | None = None) -> None:
@@ -522,12 +524,14 @@ def format_report(report: dict) -> str:
     drift = report["actor_process_rss_drift_mb"]
     lines = [
         f"soak {c['name']}: {report['results']:,} results from {c['threads']} threads + "
-        f"{c['processes']} processes in {report['seconds']:.1f} s ({report['requests_per_s']:,.0f} req/s)",
+        f"{c['processes']} processes in {report['seconds']:.1f} s "
+        f"({report['requests_per_s']:,.0f} req/s)",
         f"  submitted {report['submitted']:,}: {report['results']:,} results, "
         f"{report['closed']:,} refused during {report['restarts']} restarts, "
         f"{report['timed_out']:,} timed out, {report['other_errors']} other errors",
-        f"  lost {report['lost']}, misrouted {report['misrouted']}, corrupted {report['corrupted']}, "
-        f"forwarded twice {report['forwarded_twice']}, hung actors {report['hung_actors']}",
+        f"  lost {report['lost']}, misrouted {report['misrouted']}, "
+        f"corrupted {report['corrupted']}, forwarded twice {report['forwarded_twice']}, "
+        f"hung actors {report['hung_actors']}",
         f"  fast path {report['fast_path_requests']:,} of {report['forwarded']:,} forwarded",
         f"  latency µs: p50 {lat.get('p50', math.nan):.0f}, p99 {lat.get('p99', math.nan):.0f}, "
         f"p99.9 {lat.get('p99.9', math.nan):.0f}; longest call {report['longest_call_ms']:.1f} ms, "

@@ -23,7 +23,8 @@ def torchrl_available() -> bool:
 
 def require_torchrl(why: str) -> None:
     if not torchrl_available():
-        raise BenchError(f"{why} needs torchrl: pip install torchrl  (or pip install \"batchserve[bench]\")")
+        raise BenchError(f"{why} needs torchrl: pip install torchrl  "
+                         "(or pip install \"batchserve[bench]\")")
 
 
 def server_kwargs(scenario: Scenario) -> dict:

@@ -166,7 +166,8 @@ class _Actors:
         self._stop = threading.Event()
         observation = torch.randn(config.observation)
         self._threads = [
-            threading.Thread(target=self._run, args=(transport.client(), i, observation), daemon=True)
+            threading.Thread(target=self._run, args=(transport.client(), i, observation),
+                             daemon=True)
             for i in range(n)
         ]
 
@@ -224,7 +225,8 @@ def _torchrl_scheme(system: str, config: WeightSyncConfig, ctx):
     """
     from torchrl.weight_update import MultiProcessWeightSyncScheme, SharedMemWeightSyncScheme
 
-    scheme = SharedMemWeightSyncScheme() if system == "torchrl-shared" else MultiProcessWeightSyncScheme()
+    scheme = (SharedMemWeightSyncScheme() if system == "torchrl-shared"
+              else MultiProcessWeightSyncScheme())
     weights = TensorDict.from_module(_Policy(config)).data.clone().to(config.device)
     scheme.init_on_sender(model_id="policy", weights=weights, devices=[config.device], ctx=ctx)
     return scheme

@@ -53,7 +53,9 @@ def make_policy(scenario: Scenario):
         for a, b in zip(widths, widths[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], scenario.actions))
-        return TensorDictModule(nn.Sequential(*layers), in_keys=["observation"], out_keys=["action"])
+        return TensorDictModule(
+            nn.Sequential(*layers), in_keys=["observation"], out_keys=["action"]
+        )
     if scenario.model == "conv":
         c, h, w = scenario.observation_shape
         return TensorDictModule(

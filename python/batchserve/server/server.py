@@ -171,7 +171,9 @@ class InferenceServer:
         self._min_batch_size = settings.min_batch_size
         self._timeout = settings.timeout
         self._configure_batches()
-        weight_sync_binding = WeightSyncBinding(self, weight_sync_model_id, self._versions, self._stats)
+        weight_sync_binding = WeightSyncBinding(
+            self, weight_sync_model_id, self._versions, self._stats
+        )
         self._loop = WorkerLoop(
             self, served, self._batches, self._versions, self._stats, weight_sync_binding
         )
