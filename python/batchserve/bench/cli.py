@@ -4,10 +4,10 @@
     batchserve-bench --quick                        # ~10 s
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
-    batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS drift, stalls
+    batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
     batchserve-bench benchmarks/ray --vs torchrl    # Ray actors: RayTransport vs torchrl's
-"""  # noqa: E501 - the --help epilog: rewrapping it would change the help text
+"""
 
 from __future__ import annotations
 
