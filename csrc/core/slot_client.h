@@ -85,12 +85,10 @@ enum class SlotOutcome {
 };
 
 // A failed request's exception in its slot's error area: the codec's bytes
-// (may be empty: it could not be encoded, or did not fit), then its text.
+// (may be empty: it could not be encoded, or did not fit).
 struct SlotError {
   const uint8_t* encoded = nullptr;
   size_t encoded_len = 0;
-  const char* text = nullptr;
-  size_t text_len = 0;
 };
 
 class SlotRequester {
@@ -191,8 +189,6 @@ class SlotRequester {
     SlotError e;
     e.encoded = slots_->error_area(s);
     e.encoded_len = h.error_len;
-    e.text = reinterpret_cast<const char*>(e.encoded) + h.error_len;
-    e.text_len = h.error_text_len;
     return e;
   }
 

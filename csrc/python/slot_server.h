@@ -173,11 +173,11 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
         encode_error_.ptr(), "On", exc, static_cast<Py_ssize_t>(slots().error_bytes())));
     if (!blob || !PyBytes_Check(blob.ptr())) {
       PyErr_Clear();
-      batchserve::write_error(slots(), s, nullptr, 0, std::string());
+      batchserve::write_error(slots(), s, nullptr, 0);
       return;
     }
     batchserve::write_error(slots(), s, PyBytes_AS_STRING(blob.ptr()),
-                            static_cast<size_t>(PyBytes_GET_SIZE(blob.ptr())), std::string());
+                            static_cast<size_t>(PyBytes_GET_SIZE(blob.ptr())));
   }
 
   std::vector<py::object> request_banks_;

@@ -212,7 +212,7 @@ TEST(SlotRequester, AFailedRequestCarriesItsError) {
   std::vector<uint32_t> taken;
   ASSERT_EQ(seg.slots->take(taken, 1), 1u);
   const char encoded[] = "\x80\x04pickled";
-  batchserve::write_error(*seg.slots, taken[0], encoded, sizeof encoded, "ValueError('bad')");
+  batchserve::write_error(*seg.slots, taken[0], encoded, sizeof encoded);
   ASSERT_TRUE(seg.slots->finish(taken[0], true));
   seg.slots->wake(taken[0]);
   ASSERT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil, never_interrupted),
@@ -221,7 +221,6 @@ TEST(SlotRequester, AFailedRequestCarriesItsError) {
   const batchserve::SlotError e = client.error(taken[0]);
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(e.encoded), e.encoded_len),
             std::string(encoded, sizeof encoded));
-  EXPECT_EQ(std::string(e.text, e.text_len), "ValueError('bad')");
   seg.slots->release(taken[0]);
 }
 
