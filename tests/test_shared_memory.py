@@ -490,6 +490,25 @@ def test_general_path_and_torchrl_protocol_write_results_into_slots():
         failing.result(timeout=30)
 
 
+def test_a_general_path_result_that_does_not_fit_fails_with_its_own_error_type():
+    """The error raised while writing a result into its slot (on the general
+    path, key by key) reaches the client with its type, like a model's."""
+    transport = make_transport()
+    client = transport.client()
+
+    def wide_action(td):
+        out = double_model(td)
+        out["action"] = torch.zeros(td.batch_size[0], 5)
+        return out
+
+    with InferenceServer(wide_action, transport, max_batch_size=8,
+                         collate_fn=lambda items: torch.stack(items)):
+        with pytest.raises(ValueError, match="shape"):
+            client(request(1))
+        with pytest.raises(ValueError, match="shape"):
+            client.submit(request(2)).result(timeout=30)
+
+
 def test_shutdown_unlinks_and_later_calls_raise():
     transport = make_transport()
     client = transport.client()
