@@ -168,14 +168,16 @@ class SlotRequester {
                                WithoutGil&& without_gil, Interrupted&& interrupted) {
     const uint32_t s = pending.slot;
     if (slots_->finished(s)) return ready(pending);
+    // What the last slice's end decided; a slice that ends with the outcome
+    // (the wait returns true) makes it kReady whatever came before.
     SlotOutcome outcome = SlotOutcome::kReady;
-    wait_in_slices(
+    const bool finished = wait_in_slices(
         deadline_ns, [&](int64_t until) { return without_gil([&] { return slots_->wait(s, until); }); },
         [&](bool expired) {
           outcome = after_slice(pending, expired, keep_on_timeout, interrupted);
           return outcome == SlotOutcome::kInFlight && !expired;
         });
-    if (outcome == SlotOutcome::kReady) return ready(pending);
+    if (finished || outcome == SlotOutcome::kReady) return ready(pending);
     return outcome;
   }
 

@@ -91,6 +91,29 @@ TEST(SlotRequester, ARequestRoundTripsAndTheHintReusesItsSlot) {
   seg.slots->release(again);
 }
 
+// A result that arrives after the first slice ended (the server took more
+// than kWaitSliceNs) is the wait's outcome: kReady, not the kInFlight the
+// end of that slice reported. The server here answers from the slice-end
+// check itself, so the answer comes exactly between two slices.
+TEST(SlotRequester, AResultAfterTheFirstSliceIsReady) {
+  Segment seg(2);
+  SlotRequester client(seg.slots);
+  const uint64_t value = 41;
+  PendingSlot pending(seg.slots, submit(client, value));
+  int slice_ends = 0;
+  auto serve_at_first_slice_end = [&] {
+    if (slice_ends++ == 0) serve_one(*seg.slots);
+    return false;
+  };
+  EXPECT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil,
+                                    serve_at_first_slice_end),
+            SlotOutcome::kReady);
+  EXPECT_EQ(slice_ends, 1);
+  EXPECT_FALSE(pending.open);
+  EXPECT_EQ(read_u64(seg.slots->response_row(pending.slot, 0)), 42u);
+  seg.slots->release(pending.slot);
+}
+
 TEST(SlotRequester, ClaimTimesOutWhileEverySlotIsHeld) {
   Segment seg(2);
   SlotRequester client(seg.slots);
