@@ -260,6 +260,21 @@ def test_dropped_future_gives_its_slot_back():
         check(client(request(2), timeout=30), 2)
 
 
+def test_a_result_that_takes_longer_than_a_wait_slice_still_arrives():
+    """A client waits in 100 ms slices; a model slower than that must still
+    hand back its result (the wait once returned None after a slice)."""
+    transport = make_transport()
+    client = transport.client()
+
+    def slow_model(td):
+        time.sleep(0.3)  # longer than a wait slice (csrc/core/sliced_wait.h)
+        return double_model(td)
+
+    with InferenceServer(slow_model, transport, max_batch_size=8):
+        check(client(request(3)), 3)
+        check(client.submit(request(4)).result(timeout=30), 4)
+
+
 def test_model_errors_reach_the_caller_and_serving_goes_on():
     transport = make_transport()
     client = transport.client()
