@@ -197,17 +197,16 @@ class SharedMemoryFuture:
             return
         try:
             outcome = self._client._core.result(self._pending, timeout)
+            if outcome is not None:
+                outcome = self._client._result_of(outcome)
         except (KeyboardInterrupt, SystemExit):
             raise  # the caller's signal, not the request's outcome
-        except BaseException as exc:  # closed, or the server process is gone
+        except BaseException as exc:  # the server's exception, or closed / dead
             self._outcome, self._is_error = exc, True
         else:
             if outcome is None:
                 raise ResultTimeout("no result within the timeout; the request is still in flight")
-            if type(outcome) is bytes:  # the server's exception
-                self._outcome, self._is_error = decode_exception(outcome), True
-            else:
-                self._outcome = self._client._layout.response.tensordict(outcome)
+            self._outcome = outcome
         self._settled = True
 
 
@@ -247,10 +246,13 @@ class SharedMemoryClient(InferenceClient):
 
     def _call(self, td: TensorDictBase, timeout: float | None) -> TensorDict:
         """Takes a slot, copies the leaves in and waits on the slot's futex
-        (in C++, without the GIL); then the response leaves become a
-        TensorDict here, in the client's own process, or the server's
-        exception is raised."""
-        outcome = self._core.call(td, timeout)
+        (in C++, without the GIL), then reads the outcome."""
+        return self._result_of(self._core.call(td, timeout))
+
+    def _result_of(self, outcome) -> TensorDict:
+        """A finished slot's outcome as ``SlotClient`` hands it: its response
+        leaves become the result TensorDict, here in the client's own
+        process; the bytes of an encoded exception are raised decoded."""
         if type(outcome) is bytes:
             raise decode_exception(outcome)
         return self._layout.response.tensordict(outcome)
