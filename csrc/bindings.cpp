@@ -156,20 +156,19 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<SlotServer, std::shared_ptr<SlotServer>>(m, "SlotServer")
       .def(py::init<std::shared_ptr<SharedSlots>, uint64_t, std::vector<py::object>,
-                    std::vector<py::object>, py::object, std::vector<py::object>,
-                    std::vector<py::object>, std::vector<py::object>>(),
-           py::arg("segment"), py::arg("schema_id"), py::arg("request_keys"),
-           py::arg("request_banks"), py::arg("request_device"), py::arg("response_keys"),
-           py::arg("response_dtypes"), py::arg("response_shapes"));
+                    std::vector<py::object>, std::vector<py::object>, std::vector<py::object>,
+                    py::object>(),
+           py::arg("segment"), py::arg("schema_id"), py::arg("request_banks"),
+           py::arg("response_keys"), py::arg("response_dtypes"), py::arg("response_shapes"),
+           py::arg("encode_error"));
 
   py::class_<SlotClient>(m, "SlotClient")
       .def(py::init<std::shared_ptr<SharedSlots>, std::vector<py::object>, std::vector<py::object>,
-                    std::vector<py::object>, py::object, std::vector<py::object>,
-                    std::vector<py::object>, py::object, bool, py::object>(),
+                    std::vector<py::object>, py::object, std::vector<py::object>, bool,
+                    py::object>(),
            py::arg("segment"), py::arg("request_keys"), py::arg("request_dtypes"),
-           py::arg("request_shapes"), py::arg("request_device"), py::arg("response_keys"),
-           py::arg("response_banks"), py::arg("response_device"), py::arg("copy_result"),
-           py::arg("normalise"))
+           py::arg("request_shapes"), py::arg("request_device"), py::arg("response_banks"),
+           py::arg("copy_result"), py::arg("normalise"))
       .def("call", &SlotClient::call, py::arg("item"), py::arg("timeout") = py::none())
       .def("submit", &SlotClient::submit, py::arg("item"), py::arg("timeout") = py::none())
       .def("result", &SlotClient::result, py::arg("pending"), py::arg("timeout") = py::none())

@@ -260,6 +260,21 @@ def test_dropped_future_gives_its_slot_back():
         check(client(request(2), timeout=30), 2)
 
 
+def test_a_result_that_takes_longer_than_a_wait_slice_still_arrives():
+    """A client waits in 100 ms slices; a model slower than that must still
+    hand back its result (the wait once returned None after a slice)."""
+    transport = make_transport()
+    client = transport.client()
+
+    def slow_model(td):
+        time.sleep(0.3)  # longer than a wait slice (csrc/core/sliced_wait.h)
+        return double_model(td)
+
+    with InferenceServer(slow_model, transport, max_batch_size=8):
+        check(client(request(3)), 3)
+        check(client.submit(request(4)).result(timeout=30), 4)
+
+
 def test_model_errors_reach_the_caller_and_serving_goes_on():
     transport = make_transport()
     client = transport.client()
@@ -488,6 +503,25 @@ def test_general_path_and_torchrl_protocol_write_results_into_slots():
     transport.resolve_exception(callbacks[0], RuntimeError("rejected"))
     with pytest.raises(RuntimeError, match="rejected"):
         failing.result(timeout=30)
+
+
+def test_a_general_path_result_that_does_not_fit_fails_with_its_own_error_type():
+    """The error raised while writing a result into its slot (on the general
+    path, key by key) reaches the client with its type, like a model's."""
+    transport = make_transport()
+    client = transport.client()
+
+    def wide_action(td):
+        out = double_model(td)
+        out["action"] = torch.zeros(td.batch_size[0], 5)
+        return out
+
+    with InferenceServer(wide_action, transport, max_batch_size=8,
+                         collate_fn=lambda items: torch.stack(items)):
+        with pytest.raises(ValueError, match="shape"):
+            client(request(1))
+        with pytest.raises(ValueError, match="shape"):
+            client.submit(request(2)).result(timeout=30)
 
 
 def test_shutdown_unlinks_and_later_calls_raise():

@@ -8,7 +8,7 @@
 //   ready bitmap   one bit per slot: "submitted, not yet taken"
 //   request bank   per request leaf: n rows of leaf_bytes (row s = slot s)
 //   response bank  per response leaf: n rows
-//   error area     per slot: a pickled exception
+//   error area     per slot: a failed request's encoded exception
 //
 // A slot's life (every arrow one atomic operation, so a process killed
 // anywhere leaves a state the server can recognise and undo):
@@ -110,8 +110,7 @@ struct alignas(64) SlotHeader {
   std::atomic<uint32_t> state;
   std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
   int64_t submit_ns;
-  uint32_t error_len;                 // pickled exception: error area [0, error_len)
-  uint32_t error_text_len;            // its text, after it (for a client that cannot unpickle it)
+  uint32_t error_len;                 // encoded exception: error area [0, error_len)
   EventCount done{true};              // the owner waits here for its result
 };
 
@@ -319,7 +318,6 @@ class SharedSlots {
     SlotHeader& sl = slots_[s];
     sl.submit_ns = submit_ns;
     sl.error_len = 0;
-    sl.error_text_len = 0;
     sl.state.store(SlotHeader::kQueued, std::memory_order_release);
     ready_word(s).fetch_or(bit(s), std::memory_order_seq_cst);
     header()->work.notify_all();

@@ -85,12 +85,10 @@ enum class SlotOutcome {
 };
 
 // A failed request's exception in its slot's error area: the codec's bytes
-// (may be empty: it could not be encoded, or did not fit), then its text.
+// (may be empty: it could not be encoded, or did not fit).
 struct SlotError {
   const uint8_t* encoded = nullptr;
   size_t encoded_len = 0;
-  const char* text = nullptr;
-  size_t text_len = 0;
 };
 
 class SlotRequester {
@@ -170,14 +168,16 @@ class SlotRequester {
                                WithoutGil&& without_gil, Interrupted&& interrupted) {
     const uint32_t s = pending.slot;
     if (slots_->finished(s)) return ready(pending);
+    // What the last slice's end decided; a slice that ends with the outcome
+    // (the wait returns true) makes it kReady whatever came before.
     SlotOutcome outcome = SlotOutcome::kReady;
-    wait_in_slices(
+    const bool finished = wait_in_slices(
         deadline_ns, [&](int64_t until) { return without_gil([&] { return slots_->wait(s, until); }); },
         [&](bool expired) {
           outcome = after_slice(pending, expired, keep_on_timeout, interrupted);
           return outcome == SlotOutcome::kInFlight && !expired;
         });
-    if (outcome == SlotOutcome::kReady) return ready(pending);
+    if (finished || outcome == SlotOutcome::kReady) return ready(pending);
     return outcome;
   }
 
@@ -191,8 +191,6 @@ class SlotRequester {
     SlotError e;
     e.encoded = slots_->error_area(s);
     e.encoded_len = h.error_len;
-    e.text = reinterpret_cast<const char*>(e.encoded) + h.error_len;
-    e.text_len = h.error_text_len;
     return e;
   }
 

@@ -8,21 +8,17 @@
 // to be atomic. finish() returns false when the client abandoned the request:
 // the slot is freed then, and nobody reads what was written.
 //
-// The error area of a slot (error_bytes): the exception encoded by the
-// bindings' codec (error_len bytes, possibly 0), then its text
-// (error_text_len bytes) for a client that cannot decode it. The text gets
-// at most half the area, so an encoding always has room to fit beside it.
+// The error area of a slot (error_bytes): the exception as Python's codec
+// (batchserve.transports.exception_codec) encoded it, error_len bytes; the
+// codec bounds its output by the area and keeps a text fallback inside it.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "shared_slots.h"
-#include "utf8.h"
 
 namespace batchserve {
 
@@ -33,21 +29,15 @@ inline void write_response_leaf(SharedSlots& slots, uint32_t s, size_t j, const 
   if (bytes != 0) std::memcpy(slots.response_row(s, j), src, bytes);
 }
 
-// Writes a failed request's exception into slot `s`'s error area: `encoded`
-// when it fits beside `text` (else nothing of it: the client falls back to
-// the text), and `text` cut to half the area.
-inline void write_error(SharedSlots& slots, uint32_t s, const void* encoded, size_t encoded_len,
-                        std::string text) {
+// Writes a failed request's encoded exception into slot `s`'s error area
+// when it fits (else nothing: error_len 0, which the client's codec reads as
+// an exception that could not be encoded).
+inline void write_error(SharedSlots& slots, uint32_t s, const void* encoded, size_t encoded_len) {
   SlotHeader& slot = slots.slot(s);
-  const size_t room = slots.error_bytes();
-  truncate_utf8(text, room / 2);
   slot.error_len = 0;
-  if (encoded != nullptr && encoded_len + text.size() <= room) {
-    std::memcpy(slots.error_area(s), encoded, encoded_len);
-    slot.error_len = static_cast<uint32_t>(encoded_len);
-  }
-  std::memcpy(slots.error_area(s) + slot.error_len, text.data(), text.size());
-  slot.error_text_len = static_cast<uint32_t>(text.size());
+  if (encoded == nullptr || encoded_len > slots.error_bytes()) return;
+  std::memcpy(slots.error_area(s), encoded, encoded_len);
+  slot.error_len = static_cast<uint32_t>(encoded_len);
 }
 
 // The fast path's hand-back, for requests taken out of their batch (nothing

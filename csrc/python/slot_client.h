@@ -1,7 +1,10 @@
 // SlotClient (batchserve._core.SlotClient): the actor's end of a
 // SharedMemoryTransport, over the core's SlotRequester (csrc/core/
 // slot_client.h): a request matched to request_spec goes into a slot, and
-// the slot's outcome comes back as a TensorDict or the server's exception.
+// the slot's outcome comes back as plain data: its response leaves, or the
+// server's exception as the bytes of Python's exception codec
+// (batchserve.transports.exception_codec). Python makes the TensorDict or
+// raises the decoded exception.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -33,16 +36,12 @@ class SlotClient {
  public:
   SlotClient(std::shared_ptr<SharedSlots> segment, std::vector<py::object> request_keys,
              std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
-             py::object request_device, std::vector<py::object> response_keys,
-             std::vector<py::object> response_banks, py::object response_device,
+             py::object request_device, std::vector<py::object> response_banks,
              bool copy_result, py::object normalise)
       : requester_(std::move(segment)),
-        response_keys_(std::move(response_keys)),
         response_banks_(std::move(response_banks)),
-        response_device_(std::move(response_device)),
         copy_result_(copy_result),
-        normalise_(std::move(normalise)),
-        loads_(py::module_::import("pickle").attr("loads")) {
+        normalise_(std::move(normalise)) {
     torch_refs();
     schema_.strict = true;
     schema_.keys = std::move(request_keys);
@@ -50,16 +49,15 @@ class SlotClient {
     schema_.shapes = std::move(request_shapes);
     schema_.device = std::move(request_device);
     if (schema_.keys.size() != slots().request_leaves() ||
-        response_keys_.size() != slots().response_leaves() ||
-        response_banks_.size() != response_keys_.size())
+        response_banks_.size() != slots().response_leaves())
       throw std::invalid_argument("SlotClient: keys do not match the segment's layout");
     if (schema_.keys.size() > RequestRows::kMaxLeaves)
       throw std::invalid_argument("SlotClient: at most " + std::to_string(RequestRows::kMaxLeaves) +
                                   " request leaves");
   }
 
-  // The blocking call: submit, wait, return the result or raise the server's
-  // exception. On timeout the request is withdrawn if the server has not
+  // The blocking call: submit, wait, return the outcome (see read_outcome).
+  // On timeout the request is withdrawn if the server has not
   // taken it yet, else its result is discarded; ResultTimeout either way.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
@@ -74,7 +72,8 @@ class SlotClient {
                                          submit_until(item, deadline_from(timeout_s), false));
   }
 
-  // The result of a submitted request, or None when `timeout` passes first:
+  // The outcome of a submitted request (see read_outcome), or None when
+  // `timeout` passes first:
   // the request then stays in flight (ask again), as torchrl's future does.
   py::object result(PendingSlot& pending, std::optional<double> timeout_s) {
     if (!pending.open) throw std::logic_error("SlotClient.result: this request was already read");
@@ -164,7 +163,10 @@ class SlotClient {
     throw py::error_already_set();
   }
 
-  // GIL held. The finished slot's result (or raises its exception); frees it.
+  // GIL held. The finished slot's outcome, and frees it: a tuple of its
+  // response leaves in response_spec's order (views of the response rows,
+  // or copies with copy_result), or, for a failed request, the bytes of its
+  // encoded exception.
   py::object read_outcome(uint32_t s) {
     struct Release {
       SharedSlots& slots;
@@ -173,48 +175,23 @@ class SlotClient {
     } release{slots(), s};
     if (requester_.failed(s)) {
       const SlotError error = requester_.error(s);
-      py::object exc;
-      if (error.encoded_len > 0) {
-        py::bytes blob(reinterpret_cast<const char*>(error.encoded), error.encoded_len);
-        PyObject* e = PyObject_CallOneArg(loads_.ptr(), blob.ptr());
-        if (e == nullptr) PyErr_Clear();
-        exc = py::reinterpret_steal<py::object>(e);
-      }
-      if (!exc) {  // not picklable there, or not unpicklable here: its text
-        PyObject* message =
-            PyUnicode_DecodeUTF8(error.text, static_cast<Py_ssize_t>(error.text_len), "replace");
-        if (message == nullptr) throw py::error_already_set();
-        PyObject* prefixed = PyUnicode_FromFormat("the server raised %U", message);
-        Py_DECREF(message);
-        if (prefixed == nullptr) throw py::error_already_set();
-        exc = py::reinterpret_steal<py::object>(
-            PyObject_CallOneArg(PyExc_RuntimeError, prefixed));
-        Py_DECREF(prefixed);
-        if (!exc) throw py::error_already_set();
-      }
-      set_error_from(exc.ptr());
-      throw py::error_already_set();
+      return py::bytes(reinterpret_cast<const char*>(error.encoded), error.encoded_len);
     }
     const TorchRefs& t = torch_refs();
-    py::dict leaves;
+    py::tuple leaves(response_banks_.size());
     py::int_ index(s);
-    for (size_t j = 0; j < response_keys_.size(); ++j) {
+    for (size_t j = 0; j < response_banks_.size(); ++j) {
       py::object view = response_banks_[j][index];
-      if (copy_result_) view = call_method(view.ptr(), t.s_clone);
-      leaves[response_keys_[j]] = view;
+      leaves[j] = copy_result_ ? call_method(view.ptr(), t.s_clone) : std::move(view);
     }
-    PyObject* td = PyObject_CallFunctionObjArgs(t.new_unsafe, leaves.ptr(), t.empty_size,
-                                                response_device_.ptr(), nullptr);
-    if (td == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(td);
+    return std::move(leaves);
   }
 
   SlotRequester requester_;
   FastSchema schema_;
-  std::vector<py::object> response_keys_, response_banks_;
-  py::object response_device_;
+  std::vector<py::object> response_banks_;
   bool copy_result_;
-  py::object normalise_, loads_;
+  py::object normalise_;
 };
 
 }  // namespace bindings

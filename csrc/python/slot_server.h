@@ -1,7 +1,9 @@
 // The server process's end of a SharedMemoryTransport on the Python side:
-// the intake its request queue takes slots from, a slot's request as a
-// TensorDict (general path), and results and exceptions written into slots
-// (the byte layout is csrc/core/slot_responses.h's).
+// the intake its request queue takes slots from, a slot's request as views
+// of its rows (general path: Python makes the TensorDict), and results and
+// exceptions written into slots (the byte layout is
+// csrc/core/slot_responses.h's; exceptions are encoded by Python's
+// batchserve.transports.exception_codec).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -62,41 +64,35 @@ inline py::object slot_leaf(PyObject* value, const py::object& key, const py::ob
 
 // The server process's end of a SharedMemoryTransport: the intake its
 // RequestQueue takes slots from, plus what turns a slot into Python objects
-// (a request TensorDict for the general path) and results and exceptions into
-// slot bytes.
+// (its request leaves, for the general path) and results and exceptions into
+// slot bytes. `encode_error(exc, limit)` is the Python codec: it returns
+// the exception as at most `limit` bytes.
 class SlotServer final : public SlotIntake, public std::enable_shared_from_this<SlotServer> {
  public:
   SlotServer(std::shared_ptr<SharedSlots> slots, uint64_t schema_id,
-             std::vector<py::object> request_keys, std::vector<py::object> request_banks,
-             py::object request_device, std::vector<py::object> response_keys,
-             std::vector<py::object> response_dtypes, std::vector<py::object> response_shapes)
+             std::vector<py::object> request_banks, std::vector<py::object> response_keys,
+             std::vector<py::object> response_dtypes, std::vector<py::object> response_shapes,
+             py::object encode_error)
       : SlotIntake(slots, schema_id),
-        request_keys_(std::move(request_keys)),
         request_banks_(std::move(request_banks)),
-        request_device_(std::move(request_device)),
         response_keys_(std::move(response_keys)),
         response_dtypes_(std::move(response_dtypes)),
         response_shapes_(std::move(response_shapes)),
-        dumps_(py::module_::import("pickle").attr("dumps")) {
-    if (request_keys_.size() != slots->request_leaves() ||
-        request_banks_.size() != request_keys_.size() ||
+        encode_error_(std::move(encode_error)) {
+    if (request_banks_.size() != slots->request_leaves() ||
         response_keys_.size() != slots->response_leaves() ||
         response_dtypes_.size() != response_keys_.size() ||
         response_shapes_.size() != response_keys_.size())
       throw std::invalid_argument("SlotServer: keys do not match the segment's layout");
   }
 
-  // GIL held. The request in slot `s` as a TensorDict of views of its rows.
+  // GIL held. The request in slot `s`: a tuple of views of its rows, one
+  // per request leaf in request_spec's order.
   py::object item(uint32_t s) const {
-    py::dict leaves;
+    py::tuple leaves(request_banks_.size());
     py::int_ index(s);
-    for (size_t j = 0; j < request_keys_.size(); ++j)
-      leaves[request_keys_[j]] = request_banks_[j][index];
-    PyObject* td = PyObject_CallFunctionObjArgs(torch_refs().new_unsafe, leaves.ptr(),
-                                                torch_refs().empty_size, request_device_.ptr(),
-                                                nullptr);
-    if (td == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(td);
+    for (size_t j = 0; j < request_banks_.size(); ++j) leaves[j] = request_banks_[j][index];
+    return std::move(leaves);
   }
 
   // GIL held. Writes `outcome` into slot `s` and ends it (kDone, or kFailed
@@ -169,27 +165,24 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
     }
   }
 
-  // The exception, pickled, followed by its repr: a client that cannot
-  // unpickle it (a class only the server has, a pickle too large for the
-  // area) raises a RuntimeError with that text instead.
+  // The exception as the Python codec encodes it, bounded by the error
+  // area. A codec that fails leaves the area empty: the client then raises
+  // a RuntimeError saying the exception could not be encoded.
   void write_error(uint32_t s, PyObject* exc) {
-    std::string text = repr(exc);
-    PyObject* blob = PyObject_CallOneArg(dumps_.ptr(), exc);
-    if (blob == nullptr) {
+    py::object blob = py::reinterpret_steal<py::object>(PyObject_CallFunction(
+        encode_error_.ptr(), "On", exc, static_cast<Py_ssize_t>(slots().error_bytes())));
+    if (!blob || !PyBytes_Check(blob.ptr())) {
       PyErr_Clear();
-      batchserve::write_error(slots(), s, nullptr, 0, std::move(text));
+      batchserve::write_error(slots(), s, nullptr, 0);
       return;
     }
-    const Py_ssize_t len = PyBytes_Size(blob);
-    batchserve::write_error(slots(), s, len >= 0 ? PyBytes_AS_STRING(blob) : nullptr,
-                            len >= 0 ? static_cast<size_t>(len) : 0, std::move(text));
-    Py_DECREF(blob);
+    batchserve::write_error(slots(), s, PyBytes_AS_STRING(blob.ptr()),
+                            static_cast<size_t>(PyBytes_GET_SIZE(blob.ptr())));
   }
 
-  std::vector<py::object> request_keys_, request_banks_;
-  py::object request_device_;
+  std::vector<py::object> request_banks_;
   std::vector<py::object> response_keys_, response_dtypes_, response_shapes_;
-  py::object dumps_;
+  py::object encode_error_;
 };
 
 inline SlotServer& slot_server(const Request& r) { return *static_cast<SlotServer*>(r.intake); }

@@ -91,6 +91,29 @@ TEST(SlotRequester, ARequestRoundTripsAndTheHintReusesItsSlot) {
   seg.slots->release(again);
 }
 
+// A result that arrives after the first slice ended (the server took more
+// than kWaitSliceNs) is the wait's outcome: kReady, not the kInFlight the
+// end of that slice reported. The server here answers from the slice-end
+// check itself, so the answer comes exactly between two slices.
+TEST(SlotRequester, AResultAfterTheFirstSliceIsReady) {
+  Segment seg(2);
+  SlotRequester client(seg.slots);
+  const uint64_t value = 41;
+  PendingSlot pending(seg.slots, submit(client, value));
+  int slice_ends = 0;
+  auto serve_at_first_slice_end = [&] {
+    if (slice_ends++ == 0) serve_one(*seg.slots);
+    return false;
+  };
+  EXPECT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil,
+                                    serve_at_first_slice_end),
+            SlotOutcome::kReady);
+  EXPECT_EQ(slice_ends, 1);
+  EXPECT_FALSE(pending.open);
+  EXPECT_EQ(read_u64(seg.slots->response_row(pending.slot, 0)), 42u);
+  seg.slots->release(pending.slot);
+}
+
 TEST(SlotRequester, ClaimTimesOutWhileEverySlotIsHeld) {
   Segment seg(2);
   SlotRequester client(seg.slots);
@@ -212,7 +235,7 @@ TEST(SlotRequester, AFailedRequestCarriesItsError) {
   std::vector<uint32_t> taken;
   ASSERT_EQ(seg.slots->take(taken, 1), 1u);
   const char encoded[] = "\x80\x04pickled";
-  batchserve::write_error(*seg.slots, taken[0], encoded, sizeof encoded, "ValueError('bad')");
+  batchserve::write_error(*seg.slots, taken[0], encoded, sizeof encoded);
   ASSERT_TRUE(seg.slots->finish(taken[0], true));
   seg.slots->wake(taken[0]);
   ASSERT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil, never_interrupted),
@@ -221,7 +244,6 @@ TEST(SlotRequester, AFailedRequestCarriesItsError) {
   const batchserve::SlotError e = client.error(taken[0]);
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(e.encoded), e.encoded_len),
             std::string(encoded, sizeof encoded));
-  EXPECT_EQ(std::string(e.text, e.text_len), "ValueError('bad')");
   seg.slots->release(taken[0]);
 }
 

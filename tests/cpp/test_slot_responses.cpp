@@ -1,6 +1,6 @@
-// The server's hand-back through slots (csrc/core/slot_responses.h) and
-// truncate_utf8 (csrc/core/utf8.h): response rows, the error area's layout
-// and limits, the fast path's scatter waking its clients.
+// The server's hand-back through slots (csrc/core/slot_responses.h):
+// response rows, the error area's limit, the fast path's scatter waking its
+// clients.
 #include "core/slot_responses.h"
 
 #include <gtest/gtest.h>
@@ -9,14 +9,12 @@
 #include <string>
 #include <vector>
 
-#include "core/utf8.h"
 #include "slot_test_util.h"
 #include "test_util.h"
 
 namespace {
 
 using batchserve::kNoDeadline;
-using batchserve::truncate_utf8;
 using batchserve_test::BackgroundCall;
 using batchserve_test::read_u64;
 using batchserve_test::Segment;
@@ -35,25 +33,6 @@ std::vector<uint32_t> taken_slots(batchserve::SharedSlots& slots, size_t n) {
   return taken;
 }
 
-TEST(TruncateUtf8, KeepsShortTextAndNeverSplitsACharacter) {
-  std::string ascii = "abc";
-  truncate_utf8(ascii, 3);
-  EXPECT_EQ(ascii, "abc");
-  std::string text = "a\xc3\xa9\xe2\x82\xac";  // a, é (2 bytes), € (3 bytes)
-  std::string cut = text;
-  truncate_utf8(cut, 2);  // inside é
-  EXPECT_EQ(cut, "a");
-  cut = text;
-  truncate_utf8(cut, 3);
-  EXPECT_EQ(cut, "a\xc3\xa9");
-  cut = text;
-  truncate_utf8(cut, 5);  // inside €
-  EXPECT_EQ(cut, "a\xc3\xa9");
-  cut = text;
-  truncate_utf8(cut, 0);
-  EXPECT_EQ(cut, "");
-}
-
 TEST(SlotResponses, WriteResponseLeafFillsTheSlotsRow) {
   Segment seg(2);
   const std::vector<uint32_t> taken = taken_slots(*seg.slots, 1);
@@ -62,21 +41,20 @@ TEST(SlotResponses, WriteResponseLeafFillsTheSlotsRow) {
   EXPECT_EQ(read_u64(seg.slots->response_row(taken[0], 0)), 1234u);
 }
 
-TEST(SlotResponses, AnEncodingThatDoesNotFitLeavesOnlyTheText) {
+TEST(SlotResponses, AnEncodingIsWrittenWholeOrNotAtAll) {
   Segment seg(2, 7, {8}, 32);
   const std::vector<uint32_t> taken = taken_slots(*seg.slots, 1);
   const uint32_t s = taken[0];
-  const std::string big(30, 'x');
-  batchserve::write_error(*seg.slots, s, big.data(), big.size(), "short");
+  const std::string fits(32, 'f');
+  batchserve::write_error(*seg.slots, s, fits.data(), fits.size());
+  EXPECT_EQ(seg.slots->slot(s).error_len, 32u);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(seg.slots->error_area(s)), 32), fits);
+  const std::string big(33, 'x');
+  batchserve::write_error(*seg.slots, s, big.data(), big.size());
   EXPECT_EQ(seg.slots->slot(s).error_len, 0u);
-  EXPECT_EQ(std::string(reinterpret_cast<const char*>(seg.slots->error_area(s)),
-                        seg.slots->slot(s).error_text_len),
-            "short");
-  // The text gets at most half the area; an encoding fits beside it.
-  batchserve::write_error(*seg.slots, s, "enc", 3, std::string(100, 't'));
+  batchserve::write_error(*seg.slots, s, "enc", 3);
   EXPECT_EQ(seg.slots->slot(s).error_len, 3u);
-  EXPECT_EQ(seg.slots->slot(s).error_text_len, 16u);
-  batchserve::write_error(*seg.slots, s, nullptr, 0, "no encoding");
+  batchserve::write_error(*seg.slots, s, nullptr, 0);
   EXPECT_EQ(seg.slots->slot(s).error_len, 0u);
 }
 

@@ -11,7 +11,9 @@ Two sources behind one small interface (``configure``, ``next_batch``,
   policy in Python over ``wait_for_work`` / ``drain_with_timing``.
 
 A batch has ``items``, ``submitted_ns`` (None where unknown),
-``resolve(results)``, ``fail(exc)`` and ``fail_some(indices, exc)``.
+``resolve(results)``, ``fail(exc)`` and ``fail_some(indices, exc)``; its
+source's ``items_of(batch)`` gives its general-path requests as
+``collate_fn`` takes them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class NativeBatches:
 
     def next_batch(self):
         return self._queue.collect()
+
+    def items_of(self, batch) -> list:
+        """The batch's general-path requests (the C++ batch hands out what
+        the transport makes them from: shared-memory slots give their leaves)."""
+        return self._transport.request_items(batch.items)
 
     def wake_resolved(self) -> None:
         """Wakes the callers of resolved requests now rather than when the
@@ -154,6 +161,10 @@ class ProtocolBatches:
 
     def wake_resolved(self) -> None:
         """Resolved callers are woken at once here."""
+
+    @staticmethod
+    def items_of(batch) -> list:
+        return batch.items
 
     def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
         """Applies from the next batch (a protocol transport cannot be woken)."""

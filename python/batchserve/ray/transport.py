@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import pickle
-import queue
 import logging
+import queue
 import threading
 
 from batchserve import _core
 from batchserve.transports.base import InferenceClient
+from batchserve.transports.exception_codec import decode_exception, encode_exception
 from batchserve.transports.threading import ThreadingTransport
 
 # How long the pump's take() waits in the inbox for a first request: it
@@ -97,9 +97,9 @@ class _Inbox:
         return items
 
     async def resolve(self, outcomes: list) -> None:
-        """``outcomes``: (id, True, result) or (id, False, (pickled
-        exception, its text)) per request. An exception is unpickled here,
-        each on its own, so one this process cannot rebuild becomes a
+        """``outcomes``: (id, True, result) or (id, False, the exception
+        encoded by ``exception_codec``) per request. Each exception is
+        decoded here on its own, so one this process cannot rebuild becomes a
         RuntimeError with its text rather than failing the others."""
         for request_id, ok, value in outcomes:
             future = self._waiting.get(request_id)
@@ -108,12 +108,7 @@ class _Inbox:
             if ok:
                 future.set_result(value)
                 continue
-            payload, text = value
-            try:
-                error = pickle.loads(payload)
-            except Exception:
-                error = RuntimeError(text)
-            future.set_exception(error)
+            future.set_exception(decode_exception(value))
 
     async def open(self) -> None:
         self._closed = None
@@ -134,18 +129,6 @@ class _Inbox:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(error)
-
-
-def _portable(exc: BaseException) -> tuple[bytes, str]:
-    """``exc`` pickled (or, when it cannot be, a RuntimeError with its text),
-    and its text: the inbox unpickles it, falling back to that text.
-    cloudpickle carries classes of the server's ``__main__`` by value."""
-    text = f"{type(exc).__name__}: {exc}"
-    dumps = _ray().cloudpickle.dumps
-    try:
-        return dumps(exc), text
-    except Exception:
-        return dumps(RuntimeError(text)), text
 
 
 class _Pump:
@@ -194,7 +177,7 @@ class _Pump:
                 try:
                     future = self._submit(td)
                 except Exception as exc:  # closed, or a request the queue refuses
-                    self._outbox.put((request_id, False, _portable(exc)))
+                    self._outbox.put((request_id, False, encode_exception(exc)))
                     continue
                 future.add_done_callback(functools.partial(self._finished, request_id))
 
@@ -203,7 +186,7 @@ class _Pump:
         if exc is None:
             self._outbox.put((request_id, True, future.result()))
         else:
-            self._outbox.put((request_id, False, _portable(exc)))
+            self._outbox.put((request_id, False, encode_exception(exc)))
 
     def _done(self) -> bool:
         with self._lock:
@@ -243,7 +226,7 @@ class _Pump:
                 self._inbox.resolve.remote([(request_id, ok, value)])
             except Exception as exc:
                 error = TypeError(f"the result could not be sent back through Ray: {exc!r}")
-                self._send([(request_id, False, _portable(error))])
+                self._send([(request_id, False, encode_exception(error))])
 
 
 class RayClient(InferenceClient):

@@ -208,7 +208,7 @@ class WorkerLoop:
                     batch.fail_rows(exc)
         # General-path requests remain; read once: a shutdown past its
         # timeout may fail the batch meanwhile, and then there are none.
-        items = batch.items if len(batch) else []
+        items = self._batches.items_of(batch) if len(batch) else []
         if items:
             if had_rows:
                 self._batches.wake_resolved()  # the fast rows' callers need not wait for them
@@ -269,7 +269,7 @@ class WorkerLoop:
                         f"got {', '.join(kinds)}."
                     ),
                 )
-                items = batch.items
+                items = self._batches.items_of(batch)
                 if not items:
                     return
         n = len(items)

@@ -49,16 +49,23 @@ class NativeTransport(InferenceTransport):
         )
         self._schema = schema
 
+    def request_items(self, items: list) -> list:
+        """The requests (as ``collate_fn`` takes them) for what the C++ queue
+        hands out for them (``Batch.items``, ``RequestQueue.drain``): here the
+        submitted objects themselves."""
+        return items
+
     # -- server side (torchrl's protocol) -------------------------------------
 
     def drain(self, max_items: int) -> tuple[list, list]:
         """Dequeue up to ``max_items`` pending requests without waiting."""
         items, callbacks, _ = self._queue.drain(max_items)
-        return items, callbacks
+        return self.request_items(items), callbacks
 
     def drain_with_timing(self, max_items: int) -> tuple[list, list, list]:
         """Like :meth:`drain`, plus ``time.monotonic()`` submission times."""
-        return self._queue.drain(max_items)
+        items, callbacks, submitted_at = self._queue.drain(max_items)
+        return self.request_items(items), callbacks, submitted_at
 
     def wait_for_work(self, timeout: float) -> None:
         """Block until a request is queued or ``timeout`` seconds pass."""

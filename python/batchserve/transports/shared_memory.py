@@ -46,10 +46,12 @@ from tensordict.base import TensorDictBase
 from batchserve import _core
 from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves
 from batchserve.transports.base import InferenceClient
+from batchserve.transports.exception_codec import decode_exception, encode_exception
 from batchserve.transports.native import NativeTransport
 
 _RESOURCE_TYPE = "shared_memory"  # multiprocessing's resource tracker unlinks leftovers
 _names = itertools.count()
+_NO_BATCH = torch.Size([])
 
 
 ResultTimeout = _core.ResultTimeout
@@ -69,6 +71,12 @@ class SlotSpec(RequestSchema):
 
     def describe(self) -> str:
         return ";".join(f"{k}:{d}:{list(s)}" for k, d, s in zip(self.keys, self.dtypes, self.shapes))
+
+    def tensordict(self, leaves) -> TensorDict:
+        """A TensorDict of batch size [] holding ``leaves`` (one tensor per
+        key, in key order), on this side's device."""
+        return TensorDict._new_unsafe(dict(zip(self.keys, leaves)), batch_size=_NO_BATCH,
+                                      device=self.device)
 
     def banks(self, segment, offsets: list[int], num_slots: int) -> list[torch.Tensor]:
         """Per leaf, the tensor [num_slots, *shape] over its rows in ``segment``."""
@@ -189,6 +197,8 @@ class SharedMemoryFuture:
             return
         try:
             outcome = self._client._core.result(self._pending, timeout)
+            if outcome is not None:
+                outcome = self._client._result_of(outcome)
         except (KeyboardInterrupt, SystemExit):
             raise  # the caller's signal, not the request's outcome
         except BaseException as exc:  # the server's exception, or closed / dead
@@ -229,11 +239,23 @@ class SharedMemoryClient(InferenceClient):
         self._core = _core.SlotClient(
             segment,
             list(request.keys), list(request.dtypes), list(request.shapes), request.device,
-            list(response.keys), response.banks(segment, offsets, layout.num_slots),
-            response.device, layout.copy_result, self._normalise,
+            response.banks(segment, offsets, layout.num_slots), layout.copy_result,
+            self._normalise,
         )
-        # Takes a slot, copies the leaves in and waits on the slot's futex.
-        self._blocking_call = self._core.call
+        self._blocking_call = self._call
+
+    def _call(self, td: TensorDictBase, timeout: float | None) -> TensorDict:
+        """Takes a slot, copies the leaves in and waits on the slot's futex
+        (in C++, without the GIL), then reads the outcome."""
+        return self._result_of(self._core.call(td, timeout))
+
+    def _result_of(self, outcome) -> TensorDict:
+        """A finished slot's outcome as ``SlotClient`` hands it: its response
+        leaves become the result TensorDict, here in the client's own
+        process; the bytes of an encoded exception are raised decoded."""
+        if type(outcome) is bytes:
+            raise decode_exception(outcome)
+        return self._layout.response.tensordict(outcome)
 
     def _submit(self, td: TensorDictBase, timeout: float | None) -> SharedMemoryFuture:
         """Copies ``td`` into a free slot; blocks while all ``num_slots``
@@ -449,9 +471,9 @@ class SharedMemoryTransport(NativeTransport):
                 )
                 offsets = [segment.request_offset(j) for j in range(len(request.keys))]
                 queue_.attach_slots(_core.SlotServer(
-                    segment, schema_id, list(request.keys),
-                    request.banks(segment, offsets, self._layout.num_slots), request.device,
+                    segment, schema_id, request.banks(segment, offsets, self._layout.num_slots),
                     list(response.keys), list(response.dtypes), list(response.shapes),
+                    encode_exception,
                 ))
                 self._server_end = (queue_, schema_id)
             return self._server_end
@@ -459,6 +481,12 @@ class SharedMemoryTransport(NativeTransport):
     @property
     def schema_strict(self) -> bool:
         return True
+
+    def request_items(self, items: list) -> list:
+        """Each general-path request as a TensorDict of views of its slot's
+        request rows (the C++ batch hands out those views)."""
+        request = self._layout.request
+        return [request.tensordict(leaves) for leaves in items]
 
     def set_request_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         if schema != self._schema:
