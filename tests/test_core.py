@@ -1,5 +1,7 @@
-"""The bindings of the C++ core (batchserve._core) used directly: reference
-ownership across the boundary and the exactly-once rule for a batch."""
+"""The bindings of the C++ core (batchserve._core) used directly, with the
+Python layer that claims and resolves their Futures (batchserve.batching.
+native): reference ownership across the boundary and the exactly-once rule
+for a batch."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from concurrent.futures import Future
 import pytest
 
 from batchserve import _core
+from batchserve.batching import native
 
 
 def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
@@ -25,7 +28,7 @@ def test_references_return_after_resolve():
     before = [sys.getrefcount(p) for p in payloads]
     for i in range(3):
         queue.submit(payloads[i], futures[i])
-    batch = queue.collect()
+    batch = native.collect(queue)
     assert batch.items == payloads
     results = [object() for _ in range(3)]
     batch.resolve(results)
@@ -50,7 +53,7 @@ def test_a_batch_ends_each_request_once_even_when_failed_concurrently():
     before = [sys.getrefcount(p) for p in payloads]
     for i in range(3):
         queue.submit(payloads[i], futures[i])
-    batch = queue.collect()
+    batch = native.collect(queue)
     worker = threading.Thread(target=batch.fail_some, args=([0], ValueError("bad input")))
     worker.start()
     assert in_callback.wait(10)
@@ -68,7 +71,7 @@ def test_dropped_batch_fails_its_requests():
     queue = make_queue()
     future = Future()
     queue.submit(object(), future)
-    batch = queue.collect()
+    batch = native.collect(queue)
     del batch
     with pytest.raises(RuntimeError, match="dropped"):
         future.result(timeout=0)
@@ -134,7 +137,7 @@ def test_fail_pending_and_closed_queue():
     assert queue.closed
     with pytest.raises(_core.ServerClosedError):
         queue.submit(object(), Future())
-    assert queue.fail_pending(RuntimeError("closed")) == 3
+    assert native.fail_pending(queue, RuntimeError("closed")) == 3
     assert all(isinstance(f.exception(), RuntimeError) for f in futures)
     queue.reopen()
     queue.submit(object(), Future())

@@ -549,13 +549,14 @@ def core_batch(n: int):
     from concurrent.futures import Future
 
     from batchserve import _core
+    from batchserve.batching import native
 
     queue = _core.RequestQueue(8)
     schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
     futures = [Future() for _ in range(n)]
     for i, f in enumerate(futures):
         queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
-    return schema_id, futures, queue.collect()
+    return schema_id, futures, native.collect(queue)
 
 
 def test_core_batch_refuses_columns_of_the_wrong_length():

@@ -4,8 +4,9 @@ Two sources behind one small interface (``configure``, ``next_batch``,
 ``wake_resolved``, ``open``, ``close``, ``closed``, ``fail_pending``):
 
 * :class:`NativeBatches` for transports backed by the C++ request queue: the
-  batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
-  and hands back a ``_core.Batch`` that resolves its callers in C++.
+  batching policy (``csrc/core/batch_policy.h``) runs in C++ with the GIL
+  released and hands back a ``NativeBatch`` (``batchserve.batching.native``:
+  C++ ends the callers waiting in C++, Python resolves the Futures).
 * :class:`ProtocolBatches` for any other object with torchrl's transport
   protocol (torchrl's own transports, user transports). It applies the same
   policy in Python over ``wait_for_work`` / ``drain_with_timing``.
@@ -17,9 +18,9 @@ A batch has ``items``, ``submitted_ns`` (None where unknown),
 from __future__ import annotations
 
 import logging
-import time
 
 from batchserve import _core
+from batchserve.batching import native
 
 _log = logging.getLogger("batchserve")
 
@@ -42,7 +43,7 @@ class NativeBatches:
         self._queue.configure(max_batch_size, min_batch_size, timeout)
 
     def next_batch(self):
-        return self._queue.collect()
+        return native.collect(self._queue)
 
     def wake_resolved(self) -> None:
         """Wakes the callers of resolved requests now rather than when the
@@ -68,7 +69,7 @@ class NativeBatches:
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # The C++ queue serialises consumers, so this is safe while the
         # worker still runs.
-        return self._queue.fail_pending(exc)
+        return native.fail_pending(self._queue, exc)
 
 
 class ProtocolBatch:
