@@ -6,16 +6,19 @@
 // owned references (PyObject*, incref'd when the request is made) and are
 // released, with the GIL held, by whoever ends the request: a Batch or Ticket
 // when it is resolved, or collect()/fail_pending() for requests that were
-// withdrawn or rejected. A Completion's outcome is an owned reference handed
-// from the server to the caller. Every wait runs with the GIL released.
+// withdrawn or rejected. C++ never calls a Future: it hands a request's
+// Future to Python (python/batchserve/batching/native.py), which claims and
+// resolves it. A Completion's outcome is an owned reference handed from the
+// server to the caller. Every wait runs with the GIL released.
 //
 // The fast path (requests of one fixed schema): the caller matches its
 // TensorDict against the schema and the request carries its leaves
 // (RequestRows: owned tensor references and their data pointers). The server
 // copies them into staging columns (Batch::gather, csrc/core/row_copy.h)
 // without creating any Python object per request, runs the model on the
-// batch, and resolves each request with its row of the output
-// (Batch::resolve_rows).
+// batch, and resolves each request with its row of the output (built in
+// Python: Batch::resolve_rows_with; a slot's row is copied into its slot:
+// Batch::scatter_rows).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -78,9 +81,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
            py::arg("leaf_bytes"), py::arg("capacity"))
+      .def_property_readonly("futures", &Batch::futures)
+      .def("withdraw", &Batch::withdraw, py::arg("positions"))
       .def("resolve", &Batch::resolve, py::arg("results"))
-      .def("resolve_rows", &Batch::resolve_rows, py::arg("keys"), py::arg("columns"),
-           py::arg("device"))
+      .def_property_readonly("rows_in_slots", &Batch::rows_in_slots)
+      .def("scatter_rows", &Batch::scatter_rows, py::arg("keys"), py::arg("columns"))
       .def("resolve_rows_with", &Batch::resolve_rows_with, py::arg("results"))
       .def("ungather", &Batch::ungather)
       .def_property_readonly("prefetched_into", &Batch::prefetched_into)

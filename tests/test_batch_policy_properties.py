@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 from batchserve import _core
+from batchserve.batching import native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,7 @@ def test_batches_are_fifo_complete_and_within_bounds(queued, max_batch_size, min
         queue.submit(i, f)
     seen = []
     while True:
-        batch = queue.collect()
+        batch = native.collect(queue)
         if batch is None:
             break
         items = batch.items
@@ -70,7 +71,7 @@ def test_withdrawn_requests_are_never_batched(sizes, max_batch_size):
         except TimeoutError:
             pass
     seen = []
-    while (batch := queue.collect()) is not None:
+    while (batch := native.collect(queue)) is not None:
         assert 1 <= len(batch) <= max_batch_size
         seen.extend(batch.items)
         batch.resolve(batch.items)
@@ -152,7 +153,7 @@ def _run_schedule(gaps_s, max_batch_size, min_batch_size, timeout_s, forward_s, 
             dispatched = 0
             while not stop.is_set():
                 call = _Collect(_core.monotonic_ns(), 0)
-                batch = queue.collect()
+                batch = native.collect(queue)
                 call.end_ns = _core.monotonic_ns()
                 collects.append(call)
                 if batch is None:

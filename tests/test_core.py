@@ -1,5 +1,7 @@
-"""The bindings of the C++ core (batchserve._core) used directly: reference
-ownership across the boundary and the exactly-once rule for a batch."""
+"""The bindings of the C++ core (batchserve._core) used directly, with the
+Python layer that claims and resolves their Futures (batchserve.batching.
+native): reference ownership across the boundary and the exactly-once rule
+for a batch."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from concurrent.futures import Future
 
 import pytest
 from batchserve import _core
+from batchserve.batching import native
 
 
 def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
@@ -24,7 +27,7 @@ def test_references_return_after_resolve():
     before = [sys.getrefcount(p) for p in payloads]
     for i in range(3):
         queue.submit(payloads[i], futures[i])
-    batch = queue.collect()
+    batch = native.collect(queue)
     assert batch.items == payloads
     results = [object() for _ in range(3)]
     batch.resolve(results)
@@ -49,7 +52,7 @@ def test_a_batch_ends_each_request_once_even_when_failed_concurrently():
     before = [sys.getrefcount(p) for p in payloads]
     for i in range(3):
         queue.submit(payloads[i], futures[i])
-    batch = queue.collect()
+    batch = native.collect(queue)
     worker = threading.Thread(target=batch.fail_some, args=([0], ValueError("bad input")))
     worker.start()
     assert in_callback.wait(10)
@@ -67,7 +70,7 @@ def test_dropped_batch_fails_its_requests():
     queue = make_queue()
     future = Future()
     queue.submit(object(), future)
-    batch = queue.collect()
+    batch = native.collect(queue)
     del batch
     with pytest.raises(RuntimeError, match="dropped"):
         future.result(timeout=0)
@@ -133,8 +136,66 @@ def test_fail_pending_and_closed_queue():
     assert queue.closed
     with pytest.raises(_core.ServerClosedError):
         queue.submit(object(), Future())
-    assert queue.fail_pending(RuntimeError("closed")) == 3
+    assert native.fail_pending(queue, RuntimeError("closed")) == 3
     assert all(isinstance(f.exception(), RuntimeError) for f in futures)
     queue.reopen()
     queue.submit(object(), Future())
     assert len(queue) == 1
+
+
+def test_a_cancelled_future_is_withdrawn_and_releases_its_payload():
+    queue = make_queue()
+    payloads = [object() for _ in range(3)]
+    futures = [Future() for _ in range(3)]
+    before = [sys.getrefcount(p) for p in payloads]
+    for i in range(3):
+        queue.submit(payloads[i], futures[i])
+    assert futures[1].cancel()
+    batch = native.collect(queue)
+    assert batch.items == [payloads[0], payloads[2]]
+    assert futures[0].running() and futures[2].running()  # claimed
+    batch.resolve(["a", "c"])
+    assert [futures[0].result(timeout=0), futures[2].result(timeout=0)] == ["a", "c"]
+    del batch
+    assert [sys.getrefcount(p) for p in payloads] == before
+
+
+def test_a_batch_of_cancelled_futures_only_is_no_batch():
+    queue = make_queue()
+    future = Future()
+    queue.submit(object(), future)
+    assert future.cancel()
+    assert native.collect(queue) is None
+    assert len(queue) == 0
+
+
+def test_a_callback_raising_systemexit_does_not_keep_others_waiting():
+    """Futures are resolved in Python after the batch gave them up: one
+    callback's BaseException must not leave the later callers unanswered."""
+    queue = make_queue()
+    futures = [Future() for _ in range(3)]
+
+    def exiting_callback(_):
+        raise SystemExit("from a callback")
+
+    futures[0].add_done_callback(exiting_callback)
+    for i, f in enumerate(futures):
+        queue.submit(i, f)
+    batch = native.collect(queue)
+    with pytest.raises(SystemExit):
+        batch.resolve(["r0", "r1", "r2"])
+    assert [f.result(timeout=0) for f in futures] == ["r0", "r1", "r2"]
+    assert len(batch) == 0
+
+
+def test_drain_claims_futures_and_drops_the_cancelled():
+    from batchserve import ThreadingTransport
+
+    transport = ThreadingTransport()
+    kept, cancelled = transport.submit("kept"), transport.submit("cancelled")
+    assert cancelled.cancel()
+    items, callbacks = transport.drain(8)
+    assert items == ["kept"] and callbacks == [kept]
+    assert kept.running()  # claimed: its caller can no longer cancel it
+    transport.resolve(kept, "done")
+    assert kept.result(timeout=0) == "done"

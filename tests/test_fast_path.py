@@ -549,13 +549,14 @@ def core_batch(n: int):
     from concurrent.futures import Future
 
     from batchserve import _core
+    from batchserve.batching import native
 
     queue = _core.RequestQueue(8)
     schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
     futures = [Future() for _ in range(n)]
     for i, f in enumerate(futures):
         queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
-    return schema_id, futures, queue.collect()
+    return schema_id, futures, native.collect(queue)
 
 
 def test_core_batch_refuses_columns_of_the_wrong_length():
@@ -570,6 +571,30 @@ def test_core_batch_refuses_columns_of_the_wrong_length():
             batch.resolve_rows(["y"], [bad], None)
     batch.resolve_rows(["y"], [staging[:3].clone()], None)
     assert [f.result(timeout=5)["y"][0].item() for f in futures] == [0.0, 1.0, 2.0]
+
+
+def test_row_results_are_the_tensordicts_new_unsafe_builds():
+    """The hand-back builds each result with TensorDict._new_unsafe's own
+    steps (it is cheaper than the call): the same TensorDicts."""
+    from batchserve.batching.native import row_results
+
+    columns = [torch.arange(6.0).reshape(3, 2), torch.arange(3)]
+    views = [c.unbind(0) for c in columns]
+    for device in (None, torch.device("cpu")):
+        results = row_results(("a", "b"), views, device)
+        assert len(results) == 3
+        for i, td in enumerate(results):
+            expected = TensorDict._new_unsafe(
+                {"a": views[0][i], "b": views[1][i]}, torch.Size([]), device
+            )
+            assert type(td) is TensorDict
+            # (_has_mps_val: a cache TensorDict fills on first use)
+            assert vars(td).keys() == vars(expected).keys() - {"_has_mps_val"}
+            assert type(td._tensordict) is type(expected._tensordict)
+            assert td.batch_size == torch.Size([]) and td.device == device
+            assert td["a"] is views[0][i] and td["b"] is views[1][i]
+            td.set("c", torch.ones(1))  # an ordinary TensorDict to its caller
+            assert (td.clone() == td).all()
 
 
 def test_core_gather_never_takes_more_rows_than_staging_holds():

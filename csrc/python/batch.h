@@ -29,11 +29,18 @@ namespace py = pybind11;
 // forward over the staging columns); the others (`requests_`) take the
 // general path (items, collate_fn, resolve).
 //
+// Requests whose callers wait in C++ (a blocking call's Completion, a
+// shared-memory slot) are ended here. Requests a Future resolves are ended
+// by Python (python/batchserve/batching/native.py: NativeBatch): each
+// method that ends requests returns their Futures, and futures() and
+// withdraw() let Python claim them first (a cancelled one is dropped).
+//
 // Every method that ends requests first takes them out of the batch (plain
-// C++, no Python call), then settles them. Settling runs Python code
-// (Future callbacks) during which another thread may take the GIL and call
-// into the same batch, e.g. a shutdown failing the batch of a worker that
-// overran its timeout: it then finds only requests nobody has taken yet.
+// C++, no Python call), then settles them. Python then resolves their
+// Futures, running callbacks, during which another thread may take the GIL
+// and call into the same batch, e.g. a shutdown failing the batch of a
+// worker that overran its timeout: it then finds only requests nobody has
+// taken yet.
 class Batch {
  public:
   // Staging bytes above which gather() copies with the GIL released.
@@ -54,6 +61,8 @@ class Batch {
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
+  // A Future still here gets no outcome (NativeBatch fails what is left
+  // before it drops the batch).
   ~Batch() {
     if (!requests_.empty() || !rows_.empty()) {
       PyObject* err = new_runtime_error(
@@ -77,6 +86,51 @@ class Batch {
                    : py::reinterpret_borrow<py::object>(static_cast<PyObject*>(r.payload));
     }
     return out;
+  }
+
+  // (position, future) for each request a Future resolves, counting the
+  // fast path's rows first, then the general path's requests: for Python
+  // to claim (Future.set_running_or_notify_cancel) before serving.
+  py::list futures() const {
+    py::list out;
+    Py_ssize_t position = 0;
+    for (const std::vector<Request>* part : {&rows_, &requests_})
+      for (const Request& r : *part) {
+        if (r.future != nullptr) out.append(py::make_tuple(position, future_of(r)));
+        ++position;
+      }
+    return out;
+  }
+
+  // Drops the requests at `positions` (as in futures()) whose Futures were
+  // cancelled: a general request leaves the batch; a row, already in
+  // staging, stays but loses its Future (its result then goes nowhere).
+  void withdraw(const std::vector<size_t>& positions) {
+    const size_t first = rows_.size();
+    for (size_t p : positions) {
+      if (p >= first + requests_.size()) throw std::out_of_range("withdraw: position");
+      if ((p < first ? rows_[p] : requests_[p - first]).future == nullptr)
+        throw std::invalid_argument("withdraw: no Future at that position");
+    }
+    std::vector<bool> drop(requests_.size(), false);
+    for (size_t p : positions) {
+      if (p >= first) {
+        drop[p - first] = true;
+      } else if (rows_[p].future != nullptr) {
+        Py_DECREF(static_cast<PyObject*>(rows_[p].future));
+        rows_[p].future = nullptr;
+      }
+    }
+    std::vector<Request> kept;
+    kept.reserve(requests_.size());
+    for (size_t i = 0; i < requests_.size(); ++i) {
+      if (drop[i]) {
+        discard(requests_[i]);
+      } else {
+        kept.push_back(requests_[i]);
+      }
+    }
+    requests_.swap(kept);
   }
 
   std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
@@ -136,98 +190,69 @@ class Batch {
   uintptr_t prefetched_into() const { return prefetched_into_; }
 
   // General path: results has one entry per request, in request order.
-  void resolve(const py::sequence& results) { resolve_each(requests_, results, "resolve"); }
+  // Returns (i, future) for each request a Future resolves, for Python to
+  // set results[i] on (so does resolve_rows_with).
+  py::list resolve(const py::sequence& results) {
+    return resolve_each(requests_, results, "resolve");
+  }
 
-  // Fast path: the i-th gathered request's result is a TensorDict of batch
-  // size [] holding row i of each column (keys[j] -> columns[j][i], views
-  // made by one unbind per column) on `device`. Every result is built here,
-  // with the GIL the server holds anyway, before any caller is woken:
-  // building them in the callers' threads was measured 2x slower at 8
-  // actor threads (36 k vs 18-20 k req/s, p99 0.4 vs 3.8 ms), as freshly
-  // woken callers contend with the server for the GIL.
-  //
-  // Requests from shared-memory slots get their rows copied into their
-  // response slots instead (SlotServer::scatter): no Python object per
-  // request at all.
-  void resolve_rows(const std::vector<py::object>& keys, const std::vector<py::object>& columns,
-                    const py::object& device) {
-    if (rows_.empty()) return;
-    const size_t n = rows_.size();
+  // Whether the fast path's rows came from shared-memory slots: then
+  // scatter_rows hands them back; else Python builds one result per row and
+  // hands them over with resolve_rows_with.
+  bool rows_in_slots() const { return !rows_.empty() && rows_.front().intake != nullptr; }
+
+  // Fast path, rows from shared-memory slots: copies row i of each column
+  // (keys[j] -> columns[j]) into the i-th gathered request's response slot
+  // (SlotServer::scatter): no Python object per request at all.
+  void scatter_rows(const std::vector<py::object>& keys, const std::vector<py::object>& columns) {
+    if (rows_.empty()) return;  // already failed (e.g. by a shutdown)
+    if (!rows_in_slots()) throw std::logic_error("scatter_rows: the rows are not from slots");
     if (columns.size() != keys.size())
-      throw std::invalid_argument("resolve_rows: one column per key expected");
-    if (rows_.front().intake != nullptr) {
-      std::vector<uint32_t> slots_of_rows;
-      for (const Request& r : rows_) {
-        if (r.intake != rows_.front().intake)
-          throw std::logic_error("resolve_rows: rows from two sources in one batch");
-        slots_of_rows.push_back(r.slot);
-      }
-      std::shared_ptr<SlotServer> server = keep_slot_server(rows_.front());
-      std::vector<py::object> response = server->response_columns(keys, columns, n);
-      // From here these requests are the hand-back's alone: a shutdown
-      // that fails this batch meanwhile finds none of them, so nothing but
-      // this copy ends or writes their slots (the copy cannot stall). Their
-      // clients are other processes: woken without our GIL.
-      take(rows_);
-      server->scatter(slots_of_rows, response);
-      return;
+      throw std::invalid_argument("scatter_rows: one column per key expected");
+    const size_t n = rows_.size();
+    std::vector<uint32_t> slots_of_rows;
+    for (const Request& r : rows_) {
+      if (r.intake != rows_.front().intake)
+        throw std::logic_error("scatter_rows: rows from two sources in one batch");
+      slots_of_rows.push_back(r.slot);
     }
-    const TorchRefs& t = torch_refs();
-    std::vector<py::object> rows_of;  // per column: its n row views
-    rows_of.reserve(columns.size());
-    py::int_ zero(0);
-    for (const py::object& column : columns) {
-      // unbind makes n views in one call; for one row, indexing is cheaper.
-      if (PyObject_Length(column.ptr()) != static_cast<Py_ssize_t>(n)) {
-        if (PyErr_Occurred()) throw py::error_already_set();
-        throw std::invalid_argument("resolve_rows: every column must have " +
-                                    std::to_string(n) + " rows");
-      }
-      py::object views = n == 1 ? py::make_tuple(column[zero])
-                                : call_method(column.ptr(), t.s_unbind);
-      if (!PyTuple_Check(views.ptr()) || static_cast<size_t>(PyTuple_GET_SIZE(views.ptr())) != n)
-        throw std::invalid_argument("resolve_rows: unbind gave no tuple of rows");
-      rows_of.push_back(std::move(views));
-    }
-    std::vector<py::object> results;
-    results.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      py::dict source;
-      for (size_t j = 0; j < keys.size(); ++j)
-        if (PyDict_SetItem(source.ptr(), keys[j].ptr(), PyTuple_GET_ITEM(rows_of[j].ptr(), i)) != 0)
-          throw py::error_already_set();
-      PyObject* td = PyObject_CallFunctionObjArgs(t.new_unsafe, source.ptr(), t.empty_size,
-                                                  device.ptr(), nullptr);
-      if (td == nullptr) throw py::error_already_set();
-      results.push_back(py::reinterpret_steal<py::object>(td));
-    }
-    if (rows_.size() != n) return;  // failed meanwhile
-    settle(take(rows_), [&results](size_t i) { return results[i].ptr(); }, false,
-           deferred_.get());
+    std::shared_ptr<SlotServer> server = keep_slot_server(rows_.front());
+    std::vector<py::object> response = server->response_columns(keys, columns, n);
+    // From here these requests are the hand-back's alone: a shutdown
+    // that fails this batch meanwhile finds none of them, so nothing but
+    // this copy ends or writes their slots (the copy cannot stall). Their
+    // clients are other processes: woken without our GIL.
+    take(rows_);
+    server->scatter(slots_of_rows, response);
   }
 
-  // Fast path, with one result object per gathered request (used when the
-  // output cannot be handed back by columns: nested or non-tensor entries,
-  // more than one batch dimension).
-  void resolve_rows_with(const py::sequence& results) {
-    resolve_each(rows_, results, "resolve_rows_with");
+  // Fast path (rows not from slots): one result object per gathered
+  // request, in row order. The server builds them all, with the GIL it
+  // holds anyway, before any caller is woken: building them in the
+  // callers' threads was measured 2x slower at 8 actor threads (36 k vs
+  // 18-20 k req/s, p99 0.4 vs 3.8 ms), as freshly woken callers contend
+  // with the server for the GIL.
+  py::list resolve_rows_with(const py::sequence& results) {
+    return resolve_each(rows_, results, "resolve_rows_with");
   }
 
-  // Ends every request still in the batch, on both paths.
-  void fail(const py::object& exc) {
+  // Ends every request still in the batch, on both paths. Returns the
+  // Futures of those a Future resolves, for Python to fail with `exc` (so do
+  // fail_rows and fail_some).
+  py::list fail(const py::object& exc) {
     PyObject* outcome = exc.ptr();
-    settle(take_all(), [outcome](size_t) { return outcome; }, true);
+    return settle(take_all(), [outcome](size_t) { return outcome; }, true);
   }
 
   // Ends the fast path's requests.
-  void fail_rows(const py::object& exc) {
+  py::list fail_rows(const py::object& exc) {
     PyObject* outcome = exc.ptr();
-    settle(take(rows_), [outcome](size_t) { return outcome; }, true);
+    return settle(take(rows_), [outcome](size_t) { return outcome; }, true);
   }
 
   // Fails general requests [i] for i in `indices` with `exc`, leaving the
   // rest to a later resolve() of the remaining ones (malformed inputs).
-  void fail_some(const std::vector<size_t>& indices, const py::object& exc) {
+  py::list fail_some(const std::vector<size_t>& indices, const py::object& exc) {
     std::vector<bool> drop(requests_.size(), false);
     for (size_t i : indices) {
       if (i >= requests_.size()) throw std::out_of_range("fail_some: index");
@@ -238,14 +263,15 @@ class Batch {
       (drop[i] ? failed : kept).push_back(requests_[i]);
     requests_.swap(kept);
     PyObject* outcome = exc.ptr();
-    settle(std::move(failed), [outcome](size_t) { return outcome; }, true);
+    return settle(std::move(failed), [outcome](size_t) { return outcome; }, true);
   }
 
  private:
   // Ends each request of `which` (requests_ or rows_) with its entry of
   // `results`, in order.
-  void resolve_each(std::vector<Request>& which, const py::sequence& results, const char* name) {
-    if (which.empty()) return;  // already failed (e.g. by a shutdown)
+  py::list resolve_each(std::vector<Request>& which, const py::sequence& results,
+                        const char* name) {
+    if (which.empty()) return py::list();  // already failed (e.g. by a shutdown)
     const size_t n = which.size();
     if (static_cast<size_t>(py::len(results)) != n)
       throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(n) +
@@ -253,8 +279,9 @@ class Batch {
     std::vector<py::object> held;  // keep every result alive while settling
     held.reserve(n);
     for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
-    if (which.size() != n) return;  // failed while results were read
-    settle(take(which), [&held](size_t i) { return held[i].ptr(); }, false, deferred_.get());
+    if (which.size() != n) return py::list();  // failed while results were read
+    return settle(take(which), [&held](size_t i) { return held[i].ptr(); }, false,
+                  deferred_.get(), true);
   }
 
   static StagingColumns staging_columns(const std::vector<uintptr_t>& columns,
@@ -295,18 +322,29 @@ class Batch {
     wake_and_release(to_wake);
   }
 
+  static py::object future_of(const Request& r) {
+    return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(r.future));
+  }
+
   // GIL held. Ends each request of `requests` (owned by the caller, no
-  // longer reachable from the batch) with outcome_of(i).
+  // longer reachable from the batch) with outcome_of(i), but for those a
+  // Future resolves: returns their Futures, as (i, future) when `indexed`.
   template <typename OutcomeOf>
-  static void settle(std::vector<Request> requests, OutcomeOf&& outcome_of,
-                     bool is_error, DeferredWakes* deferred = nullptr) {
+  static py::list settle(std::vector<Request> requests, OutcomeOf&& outcome_of, bool is_error,
+                         DeferredWakes* deferred = nullptr, bool indexed = false) {
+    py::list futures;
     std::vector<Wake> to_wake;
     to_wake.reserve(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
-      bindings::settle(requests[i], outcome_of(i), is_error, to_wake);
+      if (requests[i].future != nullptr) {
+        hand_over_future(requests[i], futures.ptr(), indexed ? static_cast<Py_ssize_t>(i) : -1);
+      } else {
+        bindings::settle(requests[i], outcome_of(i), is_error, to_wake);
+      }
       release_python_refs(requests[i]);
     }
     wake(to_wake, deferred);
+    return futures;
   }
 
   std::vector<Request> requests_;  // general path
@@ -318,7 +356,8 @@ class Batch {
 
 // The handle of a request handed out by drain() (the transport protocol
 // path) whose caller is not waiting on a Future (a blocking in-process call,
-// a shared-memory slot): it quacks like the Future it replaces.
+// a shared-memory slot): it quacks like the Future it replaces. (drain()
+// hands out a Future itself, for Python to claim and resolve.)
 class Ticket {
  public:
   explicit Ticket(const Request& request)

@@ -1,6 +1,6 @@
 // The marshalling helpers every binding uses: the GIL, the exceptions the
-// module raises, deadlines from Python timeouts, Future calls, the torch and
-// tensordict objects looked up once, attribute and method calls that raise
+// module raises, deadlines from Python timeouts, the torch and tensordict
+// objects looked up once, attribute and method calls that raise
 // as Python does, and error objects that always exist.
 #pragma once
 
@@ -79,30 +79,6 @@ inline int64_t deadline_from(const std::optional<double>& timeout_s) {
   return deadline_after(*timeout_s);
 }
 
-// Calls a method of a concurrent.futures.Future, ignoring the errors of a
-// future that was already resolved or cancelled: the caller has left.
-inline void call_future(PyObject* future, const char* method, PyObject* arg) {
-  PyObject* r = PyObject_CallMethod(future, method, "O", arg);
-  if (r == nullptr) {
-    PyErr_Clear();
-  } else {
-    Py_DECREF(r);
-  }
-}
-
-// GIL held. Decides whether a drained future-backed request is still wanted
-// (Future.set_running_or_notify_cancel, as executors do).
-inline bool claim_future(PyObject* future) {
-  PyObject* r = PyObject_CallMethod(future, "set_running_or_notify_cancel", nullptr);
-  if (r == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  const bool claimed = PyObject_IsTrue(r) == 1;
-  Py_DECREF(r);
-  return claimed;
-}
-
 // torch / tensordict objects and attribute names the fast path uses. Looked
 // up on first use (GIL held) and kept for the life of the process.
 struct TorchRefs {
@@ -119,7 +95,6 @@ struct TorchRefs {
   PyObject* s_layout;
   PyObject* s_is_contiguous;
   PyObject* s_data_ptr;
-  PyObject* s_unbind;
   PyObject* s_is_neg;
   PyObject* s_clone;
   PyObject* s_device;
@@ -155,7 +130,6 @@ inline const TorchRefs& torch_refs() {
         name("layout"),
         name("is_contiguous"),
         name("data_ptr"),
-        name("unbind"),
         name("is_neg"),
         name("clone"),
         name("device"),

@@ -34,8 +34,10 @@ namespace py = pybind11;
 class RequestQueue {
  public:
   explicit RequestQueue(size_t capacity) : collector_(capacity) {}
-  // GIL held (Python frees the queue). Requests still here (Futures whose
-  // transport was dropped) end with an error rather than never.
+  // GIL held (Python frees the queue). Requests still here whose callers
+  // wait in C++ end with an error rather than never; a Future still here
+  // gets no outcome (its transport fails what is queued first: see
+  // python/batchserve/transports/threading.py).
   ~RequestQueue() {
     try {
       fail_pending(py::reinterpret_steal<py::object>(
@@ -187,7 +189,11 @@ class RequestQueue {
 
   bool schema_strict() const { return schema_ && schema_->strict; }
 
-  // Transport protocol: up to max_items requests, without waiting.
+  // Transport protocol: up to max_items requests, without waiting, as
+  // (items, handles, submitted_at). A request a Future resolves is handed
+  // out with its Future, unclaimed: Python claims it (a cancelled one is
+  // dropped there: python/batchserve/batching/native.py); the others get a
+  // Ticket.
   py::tuple drain(size_t max_items) {
     std::vector<Request> popped;
     std::vector<Request> unused;
@@ -195,10 +201,6 @@ class RequestQueue {
     for (const Request& r : unused) discard(r);
     py::list items, handles, submitted_at;
     for (const Request& r : popped) {
-      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
-        discard(r);  // cancelled by its caller
-        continue;
-      }
       if (r.intake != nullptr) {
         items.append(slot_server(r).item(r.slot));
       } else {
@@ -250,7 +252,8 @@ class RequestQueue {
   // The server's batch (csrc/core/collector.h): the C++ batching policy, run
   // without the GIL, going on from what a prefetch took (those rows are
   // already in staging). Here only the Python side: wake the callers left
-  // from the last batch, claim futures, build the Batch.
+  // from the last batch, build the Batch (whose Futures Python claims:
+  // Batch::futures).
   std::unique_ptr<Batch> collect() {
     std::vector<Wake> to_wake = deferred_->take();
     std::vector<Request> carried = collector_.take_carried();
@@ -264,39 +267,28 @@ class RequestQueue {
     // arrived meanwhile joins this batch (complete()).
     collector_.complete(collected);
     for (const Request& r : collected.dropped) discard(r);
-    // Futures cancelled by their callers are dropped; a prefetched row keeps
-    // its staging row (its result then goes nowhere).
-    std::vector<Request> others;
-    others.reserve(collected.others.size());
-    for (const Request& r : collected.others) {
-      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
-        discard(r);
-        continue;
-      }
-      others.push_back(r);
-    }
-    for (const Request& r : collected.rows)
-      if (r.future != nullptr) claim_future(static_cast<PyObject*>(r.future));
-    if (collected.rows.empty() && others.empty()) return nullptr;
-    collector_.adapt_server_spin(collected.rows.size() + others.size());
-    return std::make_unique<Batch>(std::move(collected.rows), std::move(others), deferred_,
-                                   collected.prefetched_into, slots_);
+    if (collected.rows.empty() && collected.others.empty()) return nullptr;
+    collector_.adapt_server_spin(collected.rows.size() + collected.others.size());
+    return std::make_unique<Batch>(std::move(collected.rows), std::move(collected.others),
+                                   deferred_, collected.prefetched_into, slots_);
   }
 
-  // Ends every queued request (and any a prefetch took) with `exc`; returns
-  // how many.
-  size_t fail_pending(const py::object& exc) {
+  // Takes every queued request (and any a prefetch took): ends those whose
+  // callers wait in C++ with `exc`, and hands over the others' Futures, for
+  // Python to claim and fail. Returns (how many it ended, the Futures).
+  py::tuple fail_pending(const py::object& exc) {
     flush(*deferred_);
     size_t total = 0;
+    py::list futures;
     std::vector<Wake> to_wake;
     auto fail = [&](const Request& r) {
-      if (r.future != nullptr && !claim_future(static_cast<PyObject*>(r.future))) {
-        discard(r);
-        return;
+      if (r.future != nullptr) {
+        hand_over_future(r, futures.ptr());
+      } else {
+        settle(r, exc.ptr(), true, to_wake);
+        ++total;
       }
-      settle(r, exc.ptr(), true, to_wake);
       release_python_refs(r);
-      ++total;
     };
     Prefetcher::Taken taken;
     {
@@ -314,7 +306,7 @@ class RequestQueue {
       pending.clear();
       wake_and_release(to_wake);
     }
-    return total;
+    return py::make_tuple(total, futures);
   }
 
   // Wakes the callers whose results are published (see DeferredWakes) now

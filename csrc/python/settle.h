@@ -1,7 +1,7 @@
 // Ending a request on the Python side: its outcome to its caller (a
-// blocking caller's Completion, a Future, a shared-memory slot), the wake-ups
-// that follow (csrc/core/wake_batching.h: woken without the GIL), and the
-// references a request holds.
+// blocking caller's Completion, a shared-memory slot) or its Future to
+// Python, the wake-ups that follow (csrc/core/wake_batching.h: woken without
+// the GIL), and the references a request holds.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -26,9 +26,11 @@ inline void release_python_refs(const Request& r) {
   if (r.intake == nullptr) free_rows(r.rows);  // a slot's rows are the intake's
 }
 
-// GIL held. Ends one request with `outcome` (a result or an exception).
-// Callers that must be woken are appended to `to_wake` (a completion's
-// reference is released after the wake-up, outside the GIL).
+// GIL held. Ends one request whose caller waits in C++ (a blocking caller's
+// Completion, a shared-memory slot) with `outcome` (a result or an
+// exception). Callers that must be woken are appended to `to_wake` (a
+// completion's reference is released after the wake-up, outside the GIL).
+// A request a Future resolves is not ended here: see hand_over_future.
 inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake) {
   if (r.intake != nullptr) {
     if (slot_server(r).settle(r.slot, outcome, is_error))
@@ -37,10 +39,24 @@ inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vect
     Py_INCREF(outcome);
     if (!r.completion->finish(outcome, is_error)) Py_DECREF(outcome);
     to_wake.push_back(Wake{r.completion});
-  } else if (r.future != nullptr) {
-    call_future(static_cast<PyObject*>(r.future),
-                is_error ? "set_exception" : "set_result", outcome);
   }
+}
+
+// GIL held. Hands the Future of request `r` to Python, which resolves it
+// (python/batchserve/batching/native.py): appends it to the list `futures`,
+// as the pair (index, future) when `index` is given. C++ never calls a
+// Future. Never throws: out of memory, that caller gets no outcome (as when
+// a Future call fails).
+inline void hand_over_future(const Request& r, PyObject* futures, Py_ssize_t index = -1) {
+  PyObject* future = static_cast<PyObject*>(r.future);
+  PyObject* entry = future;
+  if (index < 0) {
+    Py_INCREF(future);
+  } else {
+    entry = Py_BuildValue("(nO)", index, future);
+  }
+  if (entry == nullptr || PyList_Append(futures, entry) != 0) PyErr_Clear();
+  Py_XDECREF(entry);
 }
 
 // GIL held on entry and exit; wakes callers without it (see

@@ -4,8 +4,9 @@ Two sources behind one small interface (``configure``, ``next_batch``,
 ``wake_resolved``, ``open``, ``close``, ``closed``, ``fail_pending``):
 
 * :class:`NativeBatches` for transports backed by the C++ request queue: the
-  batching policy (``csrc/batch_policy.h``) runs in C++ with the GIL released
-  and hands back a ``_core.Batch`` that resolves its callers in C++.
+  batching policy (``csrc/core/batch_policy.h``) runs in C++ with the GIL
+  released and hands back a ``NativeBatch`` (``batchserve.batching.native``:
+  C++ ends the callers waiting in C++, Python resolves the Futures).
 * :class:`ProtocolBatches` for any other object with torchrl's transport
   protocol (torchrl's own transports, user transports). It applies the same
   policy in Python over ``wait_for_work`` / ``drain_with_timing``.
@@ -19,9 +20,9 @@ source's ``items_of(batch)`` gives its general-path requests as
 from __future__ import annotations
 
 import logging
-import time
 
 from batchserve import _core
+from batchserve.batching import native
 
 _log = logging.getLogger("batchserve")
 
@@ -44,7 +45,7 @@ class NativeBatches:
         self._queue.configure(max_batch_size, min_batch_size, timeout)
 
     def next_batch(self):
-        return self._queue.collect()
+        return native.collect(self._queue)
 
     def items_of(self, batch) -> list:
         """The batch's general-path requests (the C++ batch hands out what
@@ -75,7 +76,7 @@ class NativeBatches:
     def fail_pending(self, exc: BaseException, worker_running: bool) -> int:
         # The C++ queue serialises consumers, so this is safe while the
         # worker still runs.
-        return self._queue.fail_pending(exc)
+        return native.fail_pending(self._queue, exc)
 
 
 class ProtocolBatch:

@@ -11,9 +11,10 @@ server in C++ (``csrc/python/schema.h``: ``match_schema``); the server
 2. runs the model on a dense TensorDict of batch size ``[n]`` whose leaves
    are views of the staging columns (moved to the model's device on a copy
    stream when that is a GPU),
-3. resolves each request with its row of the output (``Batch.resolve_rows``:
-   one ``unbind`` per output column, one TensorDict per request, built in
-   C++ before any caller is woken).
+3. resolves each request with its row of the output
+   (``NativeBatch.resolve_rows``: one ``unbind`` per output column, one
+   TensorDict per request, built on the server thread before any caller is
+   woken; a shared-memory slot's row is copied into its slot in C++).
 
 No Python object is created per request on the intake side. A result never
 shares memory the server reuses: output columns that lie in staging memory

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future
 
 from batchserve import _core
 from batchserve.batching.fast_path import RequestSchema, schema_from_spec
+from batchserve.batching.native import fail_pending
 from batchserve.transports.native import NativeTransport
 
 
@@ -20,8 +22,8 @@ class ThreadingTransport(NativeTransport):
     Requests whose TensorDicts share one fixed schema (flat keys, CPU
     tensors of fixed dtypes and shapes) take the fast path: their leaves are
     copied by the server, without the GIL, straight into batch staging
-    memory, and the caller's thread copies its row of the output back (see
-    ``batchserve.batching.fast_path``). The schema is learned from traffic, or given
+    memory, and each caller gets its row of the output, built by the server
+    (see ``batchserve.batching.fast_path``). The schema is learned from traffic, or given
     by ``request_spec``. Other requests take the general path
     (``collate_fn``, ``unbind``) on the same server.
 
@@ -47,6 +49,9 @@ class ThreadingTransport(NativeTransport):
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1.")
         self._queue = _core.RequestQueue(max_queue_size)
+        # Futures still queued when the transport goes end with an error
+        # rather than never (C++ never calls a Future).
+        weakref.finalize(self, _fail_queued, self._queue).atexit = False
         self._schema: RequestSchema | None = None
         self._schema_id = 0
         if request_spec is not None:
@@ -83,3 +88,7 @@ class ThreadingTransport(NativeTransport):
     @property
     def max_queue_size(self) -> int:
         return self._queue.capacity
+
+
+def _fail_queued(queue) -> None:
+    fail_pending(queue, RuntimeError("batchserve: the request queue was destroyed"))

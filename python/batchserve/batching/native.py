@@ -1,0 +1,252 @@
+"""Batches from the C++ request queue, and the Futures of their requests.
+
+The C++ core ends the requests whose callers wait in C++ (a blocking
+``client(td)`` on its futex, a shared-memory slot). A request submitted with
+a ``concurrent.futures.Future`` is Python's to end: C++ never calls a
+Future. Every ``_core.Batch`` method that ends requests takes them out of
+the batch first, then hands back the Futures among them (as ``(i, future)``
+pairs where each request has its own result ``i``), and they are resolved
+here. A shutdown failing the batch meanwhile (another thread, while a Future
+callback runs) therefore finds only requests nobody has taken.
+
+* :func:`collect` takes the server's next batch and claims its Futures
+  (``set_running_or_notify_cancel``, as executors do): a cancelled request
+  is withdrawn unserved.
+* :class:`NativeBatch` is that batch as the server loop sees it; it builds
+  the fast path's per-row results on the server thread.
+* :func:`fail_pending` and :func:`claim_drained` do the same for what is
+  still queued and for torchrl's ``drain`` protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+from batchserve import _core
+
+_EMPTY = torch.Size([])
+
+DROPPED_MESSAGE = "batchserve: a batch was dropped before it was resolved"
+
+
+def _leaf_dict_type():
+    """The type of the leaf dict ``TensorDict._new_unsafe`` gives a flat
+    TensorDict, when ``_new_unsafe`` only sets the four attributes
+    :func:`row_results` sets (checked once, on this tensordict); else None."""
+    probe = TensorDict._new_unsafe({"x": torch.zeros(())}, _EMPTY, None)
+    plain = TensorDict.__setattr__ is object.__setattr__
+    if plain and vars(probe).keys() == {"_device", "_tensordict", "_batch_size", "_td_dim_names"}:
+        return type(probe._tensordict)
+    return None
+
+
+_LEAF_DICT = _leaf_dict_type()
+
+
+def row_results(keys, views: list, device: torch.device | None) -> list:
+    """One TensorDict of batch size ``[]`` per row: ``keys[j] -> views[j][i]``
+    for row ``i``, on ``device``, as ``TensorDict._new_unsafe`` builds it.
+
+    ``_new_unsafe``'s own steps are taken here (when :func:`_leaf_dict_type`
+    found them to be the ones it takes): the call costs ~2.5x more per
+    TensorDict (keyword handling, a torch.compile check), and a batch builds
+    one per request, on the server thread.
+    """
+    leaf_dict, empty = _LEAF_DICT, _EMPTY
+    if leaf_dict is None:
+        new = TensorDict._new_unsafe
+        return [new(dict(zip(keys, row)), empty, device) for row in zip(*views)]
+    make = TensorDict.__new__
+    results = []
+    append = results.append
+    for row in zip(*views):
+        td = make(TensorDict)
+        td._device = device
+        td._tensordict = leaf_dict(zip(keys, row))
+        td._batch_size = empty
+        td._td_dim_names = None
+        append(td)
+    return results
+
+
+def _claim(future) -> bool:
+    """Whether ``future`` is still wanted; marks it running if so."""
+    try:
+        return future.set_running_or_notify_cancel()
+    except Exception:  # already running or resolved: not this server's to serve
+        return False
+
+
+def _end(outcomes) -> None:
+    """Calls each ``set_outcome(outcome)`` of ``outcomes``. A Future resolved
+    or cancelled elsewhere is skipped (its caller has left); a callback that
+    raises a BaseException (SystemExit...) does not stop the rest, and its
+    exception is raised after them."""
+    error = None
+    for set_outcome, outcome in outcomes:
+        try:
+            set_outcome(outcome)
+        except Exception:
+            pass
+        except BaseException as exc:
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
+
+
+def _set_results(taken: list, results) -> None:
+    """Sets ``results[i]`` on each Future of ``taken``'s ``(i, future)``."""
+    if taken:
+        _end((future.set_result, results[i]) for i, future in taken)
+
+
+def _set_exception(futures: list, exc: BaseException) -> None:
+    if futures:
+        _end((future.set_exception, exc) for future in futures)
+
+
+def collect(queue):
+    """The server's next batch from ``queue`` (a ``_core.RequestQueue``) as
+    a :class:`NativeBatch`, its Futures claimed; None when nothing came (or
+    only requests whose callers cancelled)."""
+    batch = queue.collect()
+    if batch is None:
+        return None
+    futures = batch.futures
+    if futures:
+        cancelled = [position for position, future in futures if not _claim(future)]
+        if cancelled:
+            batch.withdraw(cancelled)
+            if not len(batch):
+                return None
+    return NativeBatch(batch)
+
+
+def fail_pending(queue, exc: BaseException) -> int:
+    """Ends every request still queued in ``queue`` (or taken by a prefetch)
+    with ``exc``; returns how many (cancelled Futures not counted)."""
+    failed, futures = queue.fail_pending(exc)
+    claimed = [future for future in futures if _claim(future)]
+    _set_exception(claimed, exc)
+    return failed + len(claimed)
+
+
+def claim_drained(drained: tuple) -> tuple:
+    """``RequestQueue.drain``'s ``(items, callbacks, submitted_at)`` with its
+    Futures claimed and the cancelled ones' requests left out (the other
+    callbacks are ``_core.Ticket``s)."""
+    items, callbacks, submitted_at = drained
+    keep = [
+        i for i, callback in enumerate(callbacks)
+        if type(callback) is _core.Ticket or _claim(callback)
+    ]
+    if len(keep) == len(callbacks):
+        return items, callbacks, submitted_at
+    return [items[i] for i in keep], [callbacks[i] for i in keep], [submitted_at[i] for i in keep]
+
+
+class NativeBatch:
+    """A ``_core.Batch`` (requests the server took together), whose Futures
+    are resolved here.
+
+    Its fast-path rows were gathered into staging by ``gather`` (see
+    ``batchserve.batching.fast_path``); the other requests (``items``) take
+    the general path. Dropped with requests left, it fails them.
+    """
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch):
+        self._batch = batch
+
+    def __del__(self):
+        if len(self._batch):
+            self.fail(RuntimeError(DROPPED_MESSAGE))
+
+    def __len__(self) -> int:
+        """Requests not yet ended, on both paths."""
+        return len(self._batch)
+
+    @property
+    def rows(self) -> int:
+        """The fast path's gathered rows."""
+        return self._batch.rows
+
+    @property
+    def items(self) -> list:
+        """The general path's requests."""
+        return self._batch.items
+
+    @property
+    def submitted_ns(self) -> list:
+        return self._batch.submitted_ns
+
+    @property
+    def rows_submitted_ns(self) -> list:
+        return self._batch.rows_submitted_ns
+
+    @property
+    def prefetched_into(self) -> int:
+        """The first staging column the prefetched rows are in (0: none)."""
+        return self._batch.prefetched_into
+
+    def gather(self, schema_id: int, columns: list, leaf_bytes, capacity: int) -> int:
+        """Moves the requests of schema ``schema_id`` into the staging
+        ``columns`` (see ``_core.Batch.gather``); returns the row count."""
+        return self._batch.gather(schema_id, columns, leaf_bytes, capacity)
+
+    def ungather(self) -> None:
+        """Gives the fast path's rows back to the general path."""
+        self._batch.ungather()
+
+    def resolve(self, results) -> None:
+        """The general path: ``results[i]`` to request ``i`` of ``items``."""
+        _set_results(self._batch.resolve(results), results)
+
+    def resolve_rows(self, keys: list, columns: list, device) -> None:
+        """The fast path: row ``i`` of each column (``keys[j] ->
+        columns[j][i]``) to the ``i``-th gathered request, as a TensorDict of
+        batch size ``[]`` on ``device``, or copied into its slot when the rows
+        came from shared memory.
+
+        Every result is built here, on the server thread, before any caller
+        is woken (see ``_core.Batch.resolve_rows_with``): one ``unbind`` per
+        column, then one TensorDict per row.
+
+        Raises:
+            ValueError: a column without one row per request.
+        """
+        batch = self._batch
+        if batch.rows_in_slots:
+            batch.scatter_rows(keys, columns)
+            return
+        n = batch.rows
+        if not n:
+            return  # already failed (e.g. by a shutdown)
+        for column in columns:
+            if len(column) != n:
+                raise ValueError(f"resolve_rows: every column must have {n} rows")
+        # unbind makes n views in one call; for one row, indexing is cheaper.
+        views = [(c[0],) for c in columns] if n == 1 else [c.unbind(0) for c in columns]
+        if device is not None:
+            device = torch.device(device)  # once, not per result as _new_unsafe would
+        self.resolve_rows_with(row_results(keys, views, device))
+
+    def resolve_rows_with(self, results) -> None:
+        """The fast path, with one result object per gathered request."""
+        _set_results(self._batch.resolve_rows_with(results), results)
+
+    def fail(self, exc: BaseException) -> None:
+        """Ends every request still in the batch with ``exc``."""
+        _set_exception(self._batch.fail(exc), exc)
+
+    def fail_rows(self, exc: BaseException) -> None:
+        """Ends the fast path's requests with ``exc``."""
+        _set_exception(self._batch.fail_rows(exc), exc)
+
+    def fail_some(self, indices, exc: BaseException) -> None:
+        """Ends requests ``items[i]`` for ``i`` in ``indices`` with ``exc``,
+        leaving the rest to a later :meth:`resolve` (malformed inputs)."""
+        _set_exception(self._batch.fail_some(indices, exc), exc)
