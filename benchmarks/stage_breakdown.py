@@ -30,12 +30,13 @@ import time
 
 import torch
 import torch.nn as nn
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from batchserve.batching import batch_source as _batch_source
 from batchserve.batching import fast_path as _fast_path
 from batchserve.server import loop as _loop
-from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
 
 _clock = time.perf_counter_ns
 

@@ -11,9 +11,10 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
-from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
+
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 
 
 def make_policy(in_features: int = 4, out_features: int = 2) -> TensorDictModule:

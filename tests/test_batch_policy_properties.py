@@ -8,10 +8,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import pytest
-from batchserve import _core
-from batchserve.batching import native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from batchserve import _core
+from batchserve.batching import native
 
 _settings = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,9 +7,10 @@ import threading
 import time
 
 import pytest
-from batchserve import InferenceServer
 from conftest import BlockingModel, echo_model, echoes, request
 from tensordict import lazy_stack
+
+from batchserve import InferenceServer
 
 
 def recording_collate(sizes):

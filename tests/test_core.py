@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import Future
 
 import pytest
+
 from batchserve import _core
 from batchserve.batching import native
 

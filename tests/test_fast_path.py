@@ -8,13 +8,11 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from conftest import BlockingModel, echo_model, echoes, make_policy, request
 from tensordict import TensorDict, lazy_stack
-from tensordict.nn import TensorDictModule
 
 from batchserve import InferenceServer, ThreadingTransport
-from batchserve.batching.fast_path import schema_of, schema_from_spec
-
-from conftest import BlockingModel, echo_model, echoes, make_policy, request
+from batchserve.batching.fast_path import schema_from_spec, schema_of
 
 
 def general_collate(items):
@@ -180,13 +178,15 @@ def test_routing_under_32_threads():
 def test_schema_change_mid_stream(transport):
     def model(td):
         obs = td["observation"]
-        return TensorDict({"size": torch.full((obs.shape[0],), obs.shape[-1])}, batch_size=td.batch_size)
+        sizes = torch.full((obs.shape[0],), obs.shape[-1])
+        return TensorDict({"size": sizes}, batch_size=td.batch_size)
 
     with InferenceServer(model, transport, max_batch_size=4) as server:
         client = transport.client()
         for width in (4, 6, 4, 9):
             for _ in range(20):
-                assert client(TensorDict({"observation": torch.randn(width)}))["size"].item() == width
+                result = client(TensorDict({"observation": torch.randn(width)}))
+                assert result["size"].item() == width
             assert transport.request_spec.shapes == (torch.Size([width]),)
         assert server.stats()["fast_path_requests"] >= 4 * 18
 
@@ -204,7 +204,8 @@ def test_mixed_fast_and_general_requests_on_one_server(transport):
         if kind == 0:
             return TensorDict({"id": torch.tensor(i), "observation": torch.randn(7)})
         if kind == 1:
-            return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4), "extra": {"x": torch.zeros(2)}})
+            leaves = {"id": torch.tensor(i), "observation": torch.randn(4)}
+            return TensorDict({**leaves, "extra": {"x": torch.zeros(2)}})
         if kind == 2:
             return TensorDict({"id": torch.tensor(i), "observation": torch.randn(4, 2)[:, 0]})
         td = request(i)
@@ -222,7 +223,7 @@ def test_mixed_fast_and_general_requests_on_one_server(transport):
         # general-path requests with a nested key cannot stack with flat ones;
         # the server serves what stacks and reports the rest per request
         got = []
-        for f, i in zip(futures, expected):
+        for f in futures:
             try:
                 got.append(f.result(timeout=30)["echo"].item())
             except Exception:
@@ -240,12 +241,15 @@ def test_mixed_fast_and_general_requests_on_one_server(transport):
 def test_mixed_batches_are_served_by_both_paths(transport):
     """Each collected batch with fast and general requests gets two forwards;
     both sets of callers get their own rows."""
-    with InferenceServer(echo_model, transport, max_batch_size=32, min_batch_size=32, timeout=0.05) as server:
+    with InferenceServer(
+        echo_model, transport, max_batch_size=32, min_batch_size=32, timeout=0.05
+    ) as server:
         client = transport.client()
         client(request(-1))
         futures = []
         for i in range(32):
-            td = request(i) if i % 2 else TensorDict({"id": torch.tensor(i), "observation": torch.randn(5)})
+            other = TensorDict({"id": torch.tensor(i), "observation": torch.randn(5)})
+            td = request(i) if i % 2 else other
             futures.append(client.submit(td))
         assert echoes(futures, timeout=30) == list(range(32))
         assert server.stats()["fast_path_requests"] >= 16
@@ -403,11 +407,27 @@ def test_request_spec_sets_a_strict_schema():
 @pytest.mark.parametrize(
     "bad, error, match",
     [
-        (TensorDict({"id": torch.tensor(0), "observation": torch.zeros(5)}), ValueError, "'observation' has shape"),
-        (TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4, dtype=torch.float64)}), ValueError, "'observation' has dtype"),
-        (TensorDict({"id": torch.tensor(0.0), "observation": torch.zeros(4)}), ValueError, "'id' has dtype"),
+        (
+            TensorDict({"id": torch.tensor(0), "observation": torch.zeros(5)}),
+            ValueError,
+            "'observation' has shape",
+        ),
+        (
+            TensorDict({"id": torch.tensor(0), "observation": torch.zeros(4, dtype=torch.float64)}),
+            ValueError,
+            "'observation' has dtype",
+        ),
+        (
+            TensorDict({"id": torch.tensor(0.0), "observation": torch.zeros(4)}),
+            ValueError,
+            "'id' has dtype",
+        ),
         (TensorDict({"observation": torch.zeros(4)}), KeyError, "'id'"),
-        (TensorDict({"id": torch.tensor(0), "observation": {"x": torch.zeros(4)}}), ValueError, "'observation' must be a tensor"),
+        (
+            TensorDict({"id": torch.tensor(0), "observation": {"x": torch.zeros(4)}}),
+            ValueError,
+            "'observation' must be a tensor",
+        ),
     ],
     ids=["shape", "dtype", "dtype-id", "missing", "nested"],
 )
@@ -510,7 +530,9 @@ def test_cuda_device_results_match_cpu():
     with torch.no_grad():
         expected = policy.module(torch.stack([td["observation"] for td in tds]))
     transport = ThreadingTransport()
-    with InferenceServer(policy, transport, device="cuda", output_device="cpu", max_batch_size=16) as server:
+    with InferenceServer(
+        policy, transport, device="cuda", output_device="cpu", max_batch_size=16
+    ) as server:
         client = transport.client()
         client(tds[0].clone())
         results = [f.result(timeout=60) for f in [client.submit(td) for td in tds]]
@@ -650,7 +672,10 @@ def test_submitted_leaves_are_copied_at_submission():
     must neither change its request nor let the server read freed memory."""
     model = BlockingModel()
     transport = ThreadingTransport()
-    with InferenceServer(lambda td: model(td) if "id" in td.keys() else td, transport, max_batch_size=4):
+    def served(td):
+        return model(td) if "id" in td.keys() else td
+
+    with InferenceServer(served, transport, max_batch_size=4):
         client = transport.client()
         client(TensorDict({"observation": torch.ones(16)}))  # the schema
         futures = []
@@ -745,9 +770,11 @@ def test_a_model_reshaping_its_input_in_place_does_not_affect_later_batches(tran
     def model(td):
         obs = td["observation"]
         obs.unsqueeze_(1)  # in place: changes this view's shape
-        return TensorDict({"shape": torch.tensor([list(obs.shape)] * td.batch_size[0])}, batch_size=td.batch_size)
+        shapes = torch.tensor([list(obs.shape)] * td.batch_size[0])
+        return TensorDict({"shape": shapes}, batch_size=td.batch_size)
 
     with InferenceServer(model, transport, max_batch_size=1):
         client = transport.client()
-        shapes = [client(TensorDict({"observation": torch.randn(4)}))["shape"].tolist() for _ in range(5)]
+        results = [client(TensorDict({"observation": torch.randn(4)})) for _ in range(5)]
+        shapes = [r["shape"].tolist() for r in results]
     assert shapes == [[1, 1, 4]] * 5

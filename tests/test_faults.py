@@ -11,7 +11,7 @@ import textwrap
 import threading
 
 import pytest
-import torch
+from conftest import BlockingModel, echo_model, echo_shared_memory_transport, request
 from tensordict import TensorDict
 
 from batchserve import (
@@ -20,7 +20,6 @@ from batchserve import (
     SharedMemoryTransport,
     ThreadingTransport,
 )
-from conftest import BlockingModel, echo_model, echo_shared_memory_transport, request
 
 
 def test_shutdown_called_by_the_model_lets_its_forward_finish(transport):

@@ -7,11 +7,11 @@ import time
 
 import torch
 import torch.nn as nn
+from conftest import make_policy, request
 from tensordict import NonTensorData, TensorDict
 from tensordict.nn import TensorDictModule
 
 from batchserve import InferenceServer
-from conftest import make_policy, request
 
 
 def test_nested_keys(transport):

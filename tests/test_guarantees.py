@@ -20,17 +20,18 @@ import threading
 import time
 import weakref
 
-import batchserve.batching.fast_path as fast_path
 import pytest
 import torch
+from conftest import BlockingModel, echo_model, echo_shared_memory_transport, echoes, request
+from tensordict import TensorDict, lazy_stack
+
+import batchserve.batching.fast_path as fast_path
 from batchserve import (
     InferenceServer,
     ServerClosedError,
     SharedMemoryTransport,
     ThreadingTransport,
 )
-from conftest import BlockingModel, echo_model, echo_shared_memory_transport, echoes, request
-from tensordict import TensorDict, lazy_stack
 
 pytestmark = pytest.mark.timeout(120)
 

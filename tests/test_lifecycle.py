@@ -7,12 +7,13 @@ import concurrent.futures
 import threading
 import time
 
-import batchserve
 import pytest
 import torch
-from batchserve import InferenceClient, InferenceServer, InferenceTransport, ThreadingTransport
 from conftest import BlockingModel, echo_model, echoes, make_policy, request
 from tensordict import TensorDict
+
+import batchserve
+from batchserve import InferenceClient, InferenceServer, InferenceTransport, ThreadingTransport
 
 
 def test_transport_abc_cannot_be_instantiated():

@@ -30,10 +30,9 @@ ray = pytest.importorskip(
     "ray", reason="Ray is not installed (pip install 'batchserve[ray]' to run these tests)"
 )
 
-import batchserve  # noqa: E402
-from batchserve import InferenceServer, RayTransport, ServerClosedError, serve_on_ray  # noqa: E402
-
 from conftest import BlockingModel, echo_model, request  # noqa: E402
+
+from batchserve import InferenceServer, RayTransport, ServerClosedError, serve_on_ray  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 

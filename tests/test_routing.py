@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from batchserve import InferenceServer, ThreadingTransport
 from conftest import echo_model, request
+
+from batchserve import InferenceServer, ThreadingTransport
 
 
 @pytest.mark.parametrize("threads,per_thread", [(8, 500), (32, 120)])

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batchserve import InferenceServer, ThreadingTransport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
+
+from batchserve import InferenceServer, ThreadingTransport
 
 _settings = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

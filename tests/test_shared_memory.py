@@ -20,12 +20,11 @@ import time
 
 import pytest
 import torch
+from conftest import BlockingModel
 from tensordict import TensorDict
 
 import batchserve
 from batchserve import InferenceServer, ServerClosedError, SharedMemoryTransport
-
-from conftest import BlockingModel
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from batchserve.bench import cli, soak
 
 pytestmark = pytest.mark.timeout(300)

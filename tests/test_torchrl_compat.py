@@ -11,13 +11,14 @@ import concurrent.futures
 import multiprocessing as mp
 import threading
 
-import batchserve
 import pytest
 import torch
 import torch.nn as nn
 from conftest import echo_model, echoes, make_policy, request
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
+
+import batchserve
 
 torchrl_inference_server = pytest.importorskip(
     "torchrl.modules.inference_server", reason="torchrl is not installed"

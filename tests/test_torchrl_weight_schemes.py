@@ -47,11 +47,12 @@ pytest.importorskip(
     "torchrl.weight_update",
     reason="torchrl is not installed: its weight-sync schemes are what these tests run",
 )
-from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport  # noqa: E402
 from torchrl.weight_update import (  # noqa: E402
     MultiProcessWeightSyncScheme,
     SharedMemWeightSyncScheme,
 )
+
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport  # noqa: E402
 
 SCHEMES = [
     pytest.param(MultiProcessWeightSyncScheme, id="MultiProcessWeightSyncScheme"),

@@ -16,14 +16,15 @@ import time
 
 import pytest
 import torch
+from conftest import make_policy
+from tensordict import TensorDict
+
 from batchserve import (
     InferenceServer,
     SharedMemoryWeightReceiver,
     ThreadingTransport,
     WeightPublisher,
 )
-from conftest import make_policy
-from tensordict import TensorDict
 
 pytestmark = pytest.mark.timeout(120)
 

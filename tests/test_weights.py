@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
-from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from conftest import make_policy
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
+
+from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -85,8 +85,6 @@ struct TorchRefs {
   PyObject* tensor_type;      // torch.Tensor
   PyObject* tensordict_type;  // tensordict.TensorDict
   PyObject* strided;          // torch.strided
-  PyObject* new_unsafe;       // TensorDict._new_unsafe
-  PyObject* empty_size;       // torch.Size([])
   PyObject* s_tensordict;
   PyObject* s_batch_size;
   PyObject* s_dtype;
@@ -120,8 +118,6 @@ inline const TorchRefs& torch_refs() {
         keep(torch.attr("Tensor")),
         keep(td_class),
         keep(torch.attr("strided")),
-        keep(td_class.attr("_new_unsafe")),
-        keep(torch.attr("Size")(py::tuple())),
         name("_tensordict"),
         name("batch_size"),
         name("dtype"),

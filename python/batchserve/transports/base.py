@@ -91,11 +91,11 @@ class InferenceTransport(abc.ABC):
         blocking client call waits on the Future :meth:`submit` returns."""
         return None
 
-    def server_started(self) -> None:
+    def server_started(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Called when a server starts taking requests from this transport;
         raising refuses the start. Default: nothing to do."""
 
-    def server_stopped(self) -> None:
+    def server_stopped(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """Called when the server serving this transport stops taking
         requests. Default: nothing to do."""
 
@@ -140,7 +140,9 @@ class InferenceTransport(abc.ABC):
         Raises:
             ValueError: this transport has no fast path (default).
         """
-        raise ValueError(f"{type(self).__name__} has no fast path: its requests have their own format.")
+        raise ValueError(
+            f"{type(self).__name__} has no fast path: its requests have their own format."
+        )
 
     @property
     def result_keys(self) -> frozenset | None:

@@ -70,7 +70,8 @@ class SlotSpec(RequestSchema):
         return cls(*spec_leaves(spec, argname, max_leaves))
 
     def describe(self) -> str:
-        return ";".join(f"{k}:{d}:{list(s)}" for k, d, s in zip(self.keys, self.dtypes, self.shapes))
+        leaves = zip(self.keys, self.dtypes, self.shapes)
+        return ";".join(f"{k}:{d}:{list(s)}" for k, d, s in leaves)
 
     def tensordict(self, leaves) -> TensorDict:
         """A TensorDict of batch size [] holding ``leaves`` (one tensor per
@@ -284,7 +285,8 @@ class SharedMemoryClient(InferenceClient):
                 raise KeyError(f"request is missing key {key!r} of request_spec")
             if not isinstance(value, torch.Tensor) or isinstance(value, TensorDictBase):
                 raise ValueError(
-                    f"request key {key!r} must be a tensor (request_spec); got {type(value).__name__}"
+                    f"request key {key!r} must be a tensor (request_spec); "
+                    f"got {type(value).__name__}"
                 )
             if value.is_cpu:
                 value = value.resolve_neg().resolve_conj().contiguous()
@@ -382,7 +384,9 @@ class SharedMemoryTransport(NativeTransport):
             _mapped[(os.getpid(), name)] = segment
         self._finalizer = weakref.finalize(self, _unlink, segment)
         self._segment = segment
-        self._layout = _SlotLayout(name, fingerprint, num_slots, request, response, bool(copy_result))
+        self._layout = _SlotLayout(
+            name, fingerprint, num_slots, request, response, bool(copy_result)
+        )
         self._init_common()
 
     # The server's fast path keeps only the output columns the response rows
