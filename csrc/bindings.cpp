@@ -44,12 +44,11 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "batchserve's C++ core: request queue, batching policy, parking.";
 
   py::register_exception<QueueClosedError>(m, "ServerClosedError", PyExc_RuntimeError);
-  py::register_exception<QueueFullError>(
-      m, "QueueFull", py::module_::import("queue").attr("Full"));
+  py::register_exception<QueueFullError>(m, "QueueFull", py::module_::import("queue").attr("Full"));
 
   {
-    py::tuple bases = py::make_tuple(py::handle(PyExc_TimeoutError),
-                                     py::module_::import("queue").attr("Empty"));
+    py::tuple bases =
+        py::make_tuple(py::handle(PyExc_TimeoutError), py::module_::import("queue").attr("Empty"));
     g_result_timeout = PyErr_NewExceptionWithDoc(
         "batchserve._core.ResultTimeout",
         "A SharedMemoryTransport request ran out of time: a TimeoutError, and the "
@@ -100,8 +99,7 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<bindings::RequestQueue>(m, "RequestQueue")
       .def(py::init<size_t>(), py::arg("capacity"))
-      .def("call", &bindings::RequestQueue::call, py::arg("item"),
-           py::arg("timeout") = py::none())
+      .def("call", &bindings::RequestQueue::call, py::arg("item"), py::arg("timeout") = py::none())
       .def("submit", &bindings::RequestQueue::submit, py::arg("item"), py::arg("future"),
            py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))
@@ -114,8 +112,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("leaf_bytes"), py::arg("capacity"))
       .def("set_schema", &bindings::RequestQueue::set_schema, py::arg("keys"), py::arg("dtypes"),
            py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false,
-           py::arg("device") = py::none(),
-           py::arg("general_keys") = std::vector<py::object>{})
+           py::arg("device") = py::none(), py::arg("general_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &bindings::RequestQueue::schema_strict)
 
       .def("attach_slots", &bindings::RequestQueue::attach_slots, py::arg("slots"))

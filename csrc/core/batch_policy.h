@@ -43,12 +43,9 @@ class BatchSettings {
 
   BatchPolicy load() const {
     BatchPolicy p;
-    p.max_batch_size = std::max<size_t>(
-        max_batch_size_.load(std::memory_order_acquire), 1);
-    p.min_batch_size =
-        std::min(std::max<size_t>(
-                     min_batch_size_.load(std::memory_order_acquire), 1),
-                 p.max_batch_size);
+    p.max_batch_size = std::max<size_t>(max_batch_size_.load(std::memory_order_acquire), 1);
+    p.min_batch_size = std::min(
+        std::max<size_t>(min_batch_size_.load(std::memory_order_acquire), 1), p.max_batch_size);
     p.timeout_ns = std::max<int64_t>(timeout_ns_.load(std::memory_order_acquire), 0);
     return p;
   }
@@ -63,8 +60,7 @@ namespace detail {
 
 // Moves up to `room` requests from the queue into `batch`; withdrawn ones go
 // to `dropped` and do not count.
-inline void take_ready(RequestQueue& queue, size_t room,
-                       std::vector<Request>& batch,
+inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& batch,
                        std::vector<Request>& dropped) {
   while (room > 0) {
     const size_t start = batch.size();
@@ -95,12 +91,10 @@ inline void take_ready(RequestQueue& queue, size_t room,
 // follows settings changes: the deadline is always the oldest request's
 // arrival plus the current timeout.
 inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
-                          std::vector<Request>& batch,
-                          std::vector<Request>& dropped) {
+                          std::vector<Request>& batch, std::vector<Request>& dropped) {
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
-  const int64_t idle_deadline =
-      add_saturating(monotonic_ns(), policy.timeout_ns);
+  const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.timeout_ns);
 
   while (batch.empty()) {
     if (queue.closed()) return;
@@ -118,17 +112,15 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
   for (;;) {
     seen = queue.interrupts();
     policy = settings.load();
-    if (batch.size() >= policy.min_batch_size ||
-        batch.size() >= policy.max_batch_size || queue.closed())
+    if (batch.size() >= policy.min_batch_size || batch.size() >= policy.max_batch_size ||
+        queue.closed())
       return;
     int64_t oldest = batch.front().submit_ns;
     for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
     const int64_t deadline = add_saturating(oldest, policy.timeout_ns);
-    const bool ready = monotonic_ns() < deadline &&
-                       queue.wait_for_work(deadline, seen);
+    const bool ready = monotonic_ns() < deadline && queue.wait_for_work(deadline, seen);
     if (ready || monotonic_ns() >= deadline)
-      detail::take_ready(queue, policy.max_batch_size - batch.size(), batch,
-                         dropped);
+      detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
     if (!ready && monotonic_ns() >= deadline) return;
   }
 }

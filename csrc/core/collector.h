@@ -45,10 +45,10 @@
 namespace batchserve {
 
 struct CollectedBatch {
-  std::vector<Request> rows;     // gathered into staging by the prefetch: row i = rows[i]
-  std::vector<Request> others;   // not gathered yet (the fast path may still gather them)
-  std::vector<Request> dropped;  // withdrawn by their callers: release only
-  uintptr_t prefetched_into = 0; // the staging buffer's first column `rows` are in (0: none)
+  std::vector<Request> rows;      // gathered into staging by the prefetch: row i = rows[i]
+  std::vector<Request> others;    // not gathered yet (the fast path may still gather them)
+  std::vector<Request> dropped;   // withdrawn by their callers: release only
+  uintptr_t prefetched_into = 0;  // the staging buffer's first column `rows` are in (0: none)
 
   size_t size() const { return rows.size() + others.size(); }
 
@@ -164,10 +164,10 @@ class RequestCollector {
  private:
   RequestQueue queue_;
   BatchSettings settings_;
-  std::mutex prefetch_mutex_;       // start() and finish() of prefetcher_, never at once
-  std::vector<Request> carried_;    // taken beyond a lowered max_batch_size
-  int64_t mean_batch_x16_ = 16;     // serialised by the owner (see Threads)
-  Prefetcher prefetcher_{queue_};   // last: its helper thread uses queue_
+  std::mutex prefetch_mutex_;      // start() and finish() of prefetcher_, never at once
+  std::vector<Request> carried_;   // taken beyond a lowered max_batch_size
+  int64_t mean_batch_x16_ = 16;    // serialised by the owner (see Threads)
+  Prefetcher prefetcher_{queue_};  // last: its helper thread uses queue_
 };
 
 }  // namespace batchserve

@@ -46,8 +46,7 @@ class Completion {
   // Server: claims a queued request for a batch. False if it was withdrawn.
   bool take() noexcept {
     uint32_t expected = kQueued;
-    return state_.compare_exchange_strong(expected, kTaken,
-                                          std::memory_order_acq_rel);
+    return state_.compare_exchange_strong(expected, kTaken, std::memory_order_acq_rel);
   }
 
   // Server: publishes the outcome (an opaque pointer owned by the bindings).
@@ -58,9 +57,7 @@ class Completion {
     is_error_ = is_error;
     uint32_t expected = state_.load(std::memory_order_relaxed);
     while (expected == kQueued || expected == kTaken) {
-      if (state_.compare_exchange_weak(expected, kDone,
-                                       std::memory_order_acq_rel))
-        return true;
+      if (state_.compare_exchange_weak(expected, kDone, std::memory_order_acq_rel)) return true;
     }
     outcome_ = nullptr;
     return false;
@@ -70,21 +67,17 @@ class Completion {
 
   // Caller: waits until kDone or the deadline. Returns true when done.
   bool wait_until(int64_t deadline_ns, int spin_iterations) noexcept {
-    return spin_then_park(
-        done_, [this] { return state() == kDone; }, deadline_ns,
-        spin_iterations);
+    return spin_then_park(done_, [this] { return state() == kDone; }, deadline_ns, spin_iterations);
   }
 
   // Caller: leaves after a timeout. Returns the state it left the request in
   // (kWithdrawn or kAbandoned), or kDone if the result won the race.
   State give_up() noexcept {
     uint32_t expected = kQueued;
-    if (state_.compare_exchange_strong(expected, kWithdrawn,
-                                       std::memory_order_acq_rel))
+    if (state_.compare_exchange_strong(expected, kWithdrawn, std::memory_order_acq_rel))
       return kWithdrawn;
     if (expected == kTaken &&
-        state_.compare_exchange_strong(expected, kAbandoned,
-                                       std::memory_order_acq_rel))
+        state_.compare_exchange_strong(expected, kAbandoned, std::memory_order_acq_rel))
       return kAbandoned;
     return static_cast<State>(expected);  // kDone
   }

@@ -58,8 +58,8 @@ static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t),
 // `process_shared`: the word lies in memory shared between processes (the
 // kernel then keys the wait by the page, not by this process's address).
 // Every waiter and waker of one word must agree on it.
-inline void futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected,
-                             int64_t deadline_ns, bool process_shared = false) noexcept {
+inline void futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected, int64_t deadline_ns,
+                             bool process_shared = false) noexcept {
   timespec abs{};
   timespec* abs_ptr = nullptr;
   if (deadline_ns != kNoDeadline) {
@@ -69,8 +69,7 @@ inline void futex_wait_until(std::atomic<uint32_t>* word, uint32_t expected,
   }
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word),
           process_shared ? FUTEX_WAIT_BITSET : FUTEX_WAIT_BITSET_PRIVATE, expected, abs_ptr,
-          nullptr,
-          FUTEX_BITSET_MATCH_ANY);
+          nullptr, FUTEX_BITSET_MATCH_ANY);
 }
 
 inline void futex_wake_all(std::atomic<uint32_t>* word, bool process_shared = false) noexcept {

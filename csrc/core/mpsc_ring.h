@@ -37,11 +37,8 @@ class MpscRing {
 
  public:
   explicit MpscRing(size_t min_capacity)
-      : capacity_(round_up_pow2(min_capacity)),
-        mask_(capacity_ - 1),
-        cells_(new Cell[capacity_]) {
-    for (size_t i = 0; i < capacity_; ++i)
-      cells_[i].seq.store(i, std::memory_order_relaxed);
+      : capacity_(round_up_pow2(min_capacity)), mask_(capacity_ - 1), cells_(new Cell[capacity_]) {
+    for (size_t i = 0; i < capacity_; ++i) cells_[i].seq.store(i, std::memory_order_relaxed);
   }
 
   MpscRing(const MpscRing&) = delete;
@@ -55,8 +52,7 @@ class MpscRing {
       const uint64_t seq = cell.seq.load(std::memory_order_acquire);
       const int64_t lag = static_cast<int64_t>(seq - pos);
       if (lag == 0) {
-        if (tail_.compare_exchange_weak(pos, pos + 1,
-                                        std::memory_order_relaxed)) {
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
           cell.value = value;
           cell.seq.store(pos + 1, std::memory_order_release);
           return true;

@@ -49,9 +49,7 @@ class EventCount {
     return epoch_.load(std::memory_order_acquire);
   }
 
-  void cancel_wait() noexcept {
-    waiters_.fetch_sub(1, std::memory_order_seq_cst);
-  }
+  void cancel_wait() noexcept { waiters_.fetch_sub(1, std::memory_order_seq_cst); }
 
   // Sleeps until a notify() after prepare_wait() or the deadline. Returns
   // false only when the deadline passed without a notification.
@@ -76,9 +74,7 @@ class EventCount {
     futex_wake_all(&epoch_, process_shared_ != 0);
   }
 
-  bool has_waiters() const noexcept {
-    return waiters_.load(std::memory_order_relaxed) != 0;
-  }
+  bool has_waiters() const noexcept { return waiters_.load(std::memory_order_relaxed) != 0; }
 
  private:
   std::atomic<uint32_t> epoch_{0};
@@ -105,8 +101,7 @@ bool park_until(EventCount& event, Ready&& ready, int64_t deadline_ns) {
 // cheap re-checks first (a result that arrives within a few microseconds costs
 // no syscall on either side), then sleeps on `event`. Returns ready().
 template <typename Ready>
-bool spin_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
-                    int spin_iterations) {
+bool spin_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns, int spin_iterations) {
   for (int i = 0; i < spin_iterations; ++i) {
     if (ready()) return true;
     cpu_relax();
@@ -117,8 +112,7 @@ bool spin_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
 // Like spin_then_park, with the spin bounded in time rather than iterations
 // (the clock is read every few re-checks).
 template <typename Ready>
-bool spin_for_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns,
-                        int64_t spin_ns) {
+bool spin_for_then_park(EventCount& event, Ready&& ready, int64_t deadline_ns, int64_t spin_ns) {
   if (spin_ns > 0) {
     const int64_t until = std::min(deadline_ns, add_saturating(monotonic_ns(), spin_ns));
     do {

@@ -41,15 +41,15 @@ namespace batchserve {
 class RequestIntake;
 
 struct Request {
-  void* payload = nullptr;            // the caller's input (opaque)
-  void* future = nullptr;             // a Future to resolve, or null (opaque)
-  Completion* completion = nullptr;   // a blocking caller's slot, or null
-  int64_t submit_ns = 0;              // arrival, monotonic_ns()
-  const RowSource* rows = nullptr;    // fast path: the request's fixed-schema
-                                      // leaves, or null (owned by the layer above,
-                                      // or by the intake)
-  RequestIntake* intake = nullptr;    // where it came from, if not the ring
-  uint32_t slot = 0;                  // the intake's name for it
+  void* payload = nullptr;           // the caller's input (opaque)
+  void* future = nullptr;            // a Future to resolve, or null (opaque)
+  Completion* completion = nullptr;  // a blocking caller's slot, or null
+  int64_t submit_ns = 0;             // arrival, monotonic_ns()
+  const RowSource* rows = nullptr;   // fast path: the request's fixed-schema
+                                     // leaves, or null (owned by the layer above,
+                                     // or by the intake)
+  RequestIntake* intake = nullptr;   // where it came from, if not the ring
+  uint32_t slot = 0;                 // the intake's name for it
 };
 
 static_assert(std::is_trivially_copyable<Request>::value,
@@ -60,12 +60,12 @@ static_assert(std::is_trivially_copyable<Request>::value,
 class RequestIntake {
  public:
   virtual ~RequestIntake() = default;
-  virtual bool ready() const = 0;          // a request can be taken now
-  virtual size_t size() const = 0;         // about how many wait
+  virtual bool ready() const = 0;   // a request can be taken now
+  virtual size_t size() const = 0;  // about how many wait
   // Appends up to max_items requests to `out`; returns how many.
   virtual size_t take(std::vector<Request>& out, size_t max_items) = 0;
-  virtual EventCount& work_event() = 0;    // producers notify it
-  virtual void close() = 0;                // the queue closed: refuse producers
+  virtual EventCount& work_event() = 0;  // producers notify it
+  virtual void close() = 0;              // the queue closed: refuse producers
   virtual void reopen() = 0;
   // When take() next has housekeeping to do even with nothing ready (the
   // shared-memory slots look for dead clients): a waiting server wakes by
@@ -108,8 +108,7 @@ class RequestQueue {
       // Leave pushers_ while asleep so close() need not wait for us.
       pushers_.fetch_sub(1, std::memory_order_seq_cst);
       spin_then_park(
-          not_full_, [this] { return has_space() || closed(); },
-          deadline_ns, kProducerSpin);
+          not_full_, [this] { return has_space() || closed(); }, deadline_ns, kProducerSpin);
       pushers_.fetch_add(1, std::memory_order_seq_cst);
     }
     // Notify before leaving pushers_: once close() has seen pushers_ == 0,
@@ -161,9 +160,7 @@ class RequestQueue {
     return has_work();
   }
 
-  bool wait_for_work(int64_t deadline_ns) {
-    return wait_for_work(deadline_ns, interrupts());
-  }
+  bool wait_for_work(int64_t deadline_ns) { return wait_for_work(deadline_ns, interrupts()); }
 
   // Wakes a server sleeping in wait_for_work (e.g. its settings changed).
   // A server that reads interrupts() before it reads its settings cannot
@@ -174,9 +171,7 @@ class RequestQueue {
     work_->notify_all();
   }
 
-  uint32_t interrupts() const {
-    return interrupts_.load(std::memory_order_acquire);
-  }
+  uint32_t interrupts() const { return interrupts_.load(std::memory_order_acquire); }
 
   // Rejects every later push and wakes all sleepers. When it returns, no
   // push is in flight: the ring holds every request that was accepted.
@@ -185,8 +180,7 @@ class RequestQueue {
     if (intake_ != nullptr) intake_->close();
     work_->notify_all();
     not_full_.notify_all();
-    while (pushers_.load(std::memory_order_seq_cst) != 0)
-      std::this_thread::yield();
+    while (pushers_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   }
 
   void reopen() {
@@ -202,9 +196,7 @@ class RequestQueue {
   int64_t server_spin_ns() const { return server_spin_ns_.load(std::memory_order_relaxed); }
 
   bool closed() const { return closed_.load(std::memory_order_acquire); }
-  size_t size() const {
-    return ring_.size_approx() + (intake_ != nullptr ? intake_->size() : 0);
-  }
+  size_t size() const { return ring_.size_approx() + (intake_ != nullptr ? intake_->size() : 0); }
   size_t capacity() const { return ring_.capacity(); }
 
  private:
@@ -219,7 +211,7 @@ class RequestQueue {
 
   MpscRing<Request> ring_;
   EventCount not_empty_;
-  EventCount* work_ = &not_empty_;      // where the server sleeps
+  EventCount* work_ = &not_empty_;  // where the server sleeps
   RequestIntake* intake_ = nullptr;
   EventCount not_full_;
   std::mutex consumer_mutex_;

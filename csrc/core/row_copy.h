@@ -30,9 +30,9 @@ struct RowSource {
 
 // Where one batch's input rows go: one column per leaf.
 struct StagingColumns {
-  std::vector<uint8_t*> base;       // per leaf: row 0 of the column
-  std::vector<size_t> leaf_bytes;   // per leaf: bytes of one row
-  size_t rows = 0;                  // capacity of every column, in rows
+  std::vector<uint8_t*> base;      // per leaf: row 0 of the column
+  std::vector<size_t> leaf_bytes;  // per leaf: bytes of one row
+  size_t rows = 0;                 // capacity of every column, in rows
 
   size_t row_bytes() const {
     size_t total = 0;

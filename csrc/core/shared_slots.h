@@ -56,9 +56,9 @@
 #include "futex.h"
 #include "parking.h"
 #include "process_identity.h"
-#include "shm_segment.h"
 #include "request_queue.h"
 #include "row_copy.h"
+#include "shm_segment.h"
 
 namespace batchserve {
 
@@ -83,7 +83,7 @@ struct SlotLayout {
 
 struct SegmentHeader {
   static constexpr uint64_t kMagic = 0x3130767368736231ULL;  // "1bshsv01"
-  std::atomic<uint64_t> magic;  // written last by the creator
+  std::atomic<uint64_t> magic;                               // written last by the creator
   uint64_t total_bytes;
   uint64_t fingerprint;
   uint32_t num_slots;
@@ -97,21 +97,28 @@ struct SegmentHeader {
   uint64_t slots_offset;
   uint64_t ready_offset;
   uint64_t errors_offset;
-  alignas(64) std::atomic<uint32_t> closed;   // the server shut down
-  std::atomic<uint32_t> server_pid;           // 0: no server has started
+  alignas(64) std::atomic<uint32_t> closed;  // the server shut down
+  std::atomic<uint32_t> server_pid;          // 0: no server has started
   std::atomic<uint64_t> server_start;
-  alignas(64) EventCount work{true};          // the server sleeps here
-  alignas(64) EventCount freed{true};         // submitters wait here for a slot
+  alignas(64) EventCount work{true};   // the server sleeps here
+  alignas(64) EventCount freed{true};  // submitters wait here for a slot
 };
 
 struct alignas(64) SlotHeader {
-  enum State : uint32_t { kIdle = 0, kQueued = 1, kTaken = 2, kDone = 3, kFailed = 4, kAbandoned = 5 };
-  std::atomic<uint32_t> owner;        // pid of the client holding it, 0: free
+  enum State : uint32_t {
+    kIdle = 0,
+    kQueued = 1,
+    kTaken = 2,
+    kDone = 3,
+    kFailed = 4,
+    kAbandoned = 5
+  };
+  std::atomic<uint32_t> owner;  // pid of the client holding it, 0: free
   std::atomic<uint32_t> state;
   std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
   int64_t submit_ns;
-  uint32_t error_len;                 // encoded exception: error area [0, error_len)
-  EventCount done{true};              // the owner waits here for its result
+  uint32_t error_len;     // encoded exception: error area [0, error_len)
+  EventCount done{true};  // the owner waits here for its result
 };
 
 // Why a client operation did not go through.
@@ -123,7 +130,8 @@ class SharedSlots {
  public:
   // Creates the segment `name` ("/..."); fails if it exists.
   static std::shared_ptr<SharedSlots> create(const std::string& name, const SlotLayout& layout) {
-    if (layout.num_slots == 0) throw std::invalid_argument("SharedSlots: num_slots must be positive");
+    if (layout.num_slots == 0)
+      throw std::invalid_argument("SharedSlots: num_slots must be positive");
     if (layout.request_leaf_bytes.empty() || layout.response_leaf_bytes.empty() ||
         layout.request_leaf_bytes.size() > kMaxSlotLeaves ||
         layout.response_leaf_bytes.size() > kMaxSlotLeaves)
@@ -180,7 +188,8 @@ class SharedSlots {
     h->slots_offset = slots_offset;
     h->ready_offset = ready_offset;
     h->errors_offset = errors_offset;
-    for (uint32_t s = 0; s < n; ++s) new (out->base_ + slots_offset + s * sizeof(SlotHeader)) SlotHeader();
+    for (uint32_t s = 0; s < n; ++s)
+      new (out->base_ + slots_offset + s * sizeof(SlotHeader)) SlotHeader();
     for (size_t w = 0; w < ready_words(n); ++w)
       new (out->base_ + ready_offset + w * sizeof(uint64_t)) std::atomic<uint64_t>(0);
     h->magic.store(SegmentHeader::kMagic, std::memory_order_release);
@@ -192,7 +201,7 @@ class SharedSlots {
   static std::shared_ptr<SharedSlots> attach(const std::string& name, uint64_t fingerprint) {
     const int fd = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
     if (fd < 0) throw std::system_error(errno, std::generic_category(), "shm_open " + name);
-    struct stat st {};
+    struct stat st{};
     if (::fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < sizeof(SegmentHeader)) {
       ::close(fd);
       throw std::runtime_error("SharedSlots: " + name + " is not a batchserve segment");
@@ -454,9 +463,8 @@ class SharedSlots {
         continue;
       const uint32_t st = sl.state.load(std::memory_order_acquire);
       const bool queued = (ready_word(s).load(std::memory_order_acquire) & bit(s)) != 0;
-      const bool held_by_server =
-          st == SlotHeader::kTaken || st == SlotHeader::kAbandoned ||
-          (st == SlotHeader::kQueued && queued);
+      const bool held_by_server = st == SlotHeader::kTaken || st == SlotHeader::kAbandoned ||
+                                  (st == SlotHeader::kQueued && queued);
       if (held_by_server) continue;  // served as usual, freed at a later reap
       // Take the slot from exactly the owner judged dead (it may have been
       // released and claimed by a live process meanwhile), marking it so no
@@ -520,7 +528,7 @@ class SharedSlots {
   uint32_t n_ = 0;
   SlotHeader* slots_ = nullptr;
   std::atomic<uint64_t>* ready_ = nullptr;
-  uint32_t cursor_ = 0;  // the taker's round-robin position (taker only)
+  uint32_t cursor_ = 0;       // the taker's round-robin position (taker only)
   uint32_t creator_pid_ = 0;  // 0: attached, not created
   bool unlinked_ = false;
 };

@@ -172,7 +172,8 @@ class SlotRequester {
     // (the wait returns true) makes it kReady whatever came before.
     SlotOutcome outcome = SlotOutcome::kReady;
     const bool finished = wait_in_slices(
-        deadline_ns, [&](int64_t until) { return without_gil([&] { return slots_->wait(s, until); }); },
+        deadline_ns,
+        [&](int64_t until) { return without_gil([&] { return slots_->wait(s, until); }); },
         [&](bool expired) {
           outcome = after_slice(pending, expired, keep_on_timeout, interrupted);
           return outcome == SlotOutcome::kInFlight && !expired;

@@ -22,13 +22,13 @@ namespace batchserve {
 // Moves the requests of `from` whose leaves match schema `schema_id` (and
 // number at least `leaves`), at most `room` of them, onto the end of `rows`,
 // in order; the others stay in `from`, in order.
-inline void take_rows(std::vector<Request>& from, uint64_t schema_id, size_t leaves,
-                      size_t room, std::vector<Request>& rows) {
+inline void take_rows(std::vector<Request>& from, uint64_t schema_id, size_t leaves, size_t room,
+                      std::vector<Request>& rows) {
   std::vector<Request> rest;
   rest.reserve(from.size());
   for (const Request& r : from) {
-    const bool fits = room > 0 && r.rows != nullptr && r.rows->schema_id == schema_id &&
-                      r.rows->count >= leaves;
+    const bool fits =
+        room > 0 && r.rows != nullptr && r.rows->schema_id == schema_id && r.rows->count >= leaves;
     if (fits) {
       rows.push_back(r);
       --room;
@@ -67,9 +67,9 @@ class Prefetcher {
     StagingColumns staging;
   };
   struct Taken {
-    std::vector<Request> rows;     // gathered into the job's staging, row i = rows[i]
-    std::vector<Request> others;   // for the general path
-    std::vector<Request> dropped;  // withdrawn by their callers
+    std::vector<Request> rows;         // gathered into the job's staging, row i = rows[i]
+    std::vector<Request> others;       // for the general path
+    std::vector<Request> dropped;      // withdrawn by their callers
     const uint8_t* staging = nullptr;  // the job's first column: which buffer `rows` are in
   };
 
@@ -80,8 +80,9 @@ class Prefetcher {
   // The owner must finish() a started job first: its requests are its to end.
   ~Prefetcher() {
     if (!thread_.joinable()) return;
-    park_until(to_owner_, [this] { return state_.load(std::memory_order_acquire) != kRunning; },
-               kNoDeadline);
+    park_until(
+        to_owner_, [this] { return state_.load(std::memory_order_acquire) != kRunning; },
+        kNoDeadline);
     state_.store(kStopping, std::memory_order_release);
     to_helper_.notify_all();
     thread_.join();
@@ -105,8 +106,8 @@ class Prefetcher {
   // Waits for the job started last; what it took (nothing if none).
   Taken finish() {
     if (state_.load(std::memory_order_acquire) == kIdle) return Taken{};
-    park_until(to_owner_, [this] { return state_.load(std::memory_order_acquire) == kDone; },
-               kNoDeadline);
+    park_until(
+        to_owner_, [this] { return state_.load(std::memory_order_acquire) == kDone; }, kNoDeadline);
     Taken out = std::move(taken_);
     taken_ = Taken{};
     state_.store(kIdle, std::memory_order_release);

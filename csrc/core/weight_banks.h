@@ -70,7 +70,7 @@ struct WeightRoleHeld : std::runtime_error {
 
 struct WeightBankHeader {
   static constexpr uint64_t kMagic = 0x3130746777736231ULL;  // "1bswgt01"
-  std::atomic<uint64_t> magic;  // written last by the creator
+  std::atomic<uint64_t> magic;                               // written last by the creator
   uint64_t total_bytes;
   uint64_t fingerprint;  // FNV-1a of the layout text
   uint64_t layout_offset, layout_bytes;
@@ -195,8 +195,9 @@ class WeightBanks {
   uint64_t wait_for_publication(uint64_t seen, double timeout_s) {
     WeightBankHeader* h = header();
     const int64_t deadline = deadline_after(timeout_s);
-    park_until(h->publication_event,
-               [&] { return h->published.load(std::memory_order_acquire) > seen; }, deadline);
+    park_until(
+        h->publication_event, [&] { return h->published.load(std::memory_order_acquire) > seen; },
+        deadline);
     return h->published.load(std::memory_order_acquire);
   }
 
@@ -303,7 +304,7 @@ class WeightBanks {
       throw std::system_error(errno, std::generic_category(), "shm_open " + name);
     }
     // The creator may still be sizing and filling it in.
-    struct stat st {};
+    struct stat st{};
     for (;;) {
       if (::fstat(fd, &st) != 0) {
         const int err = errno;

@@ -65,8 +65,7 @@ class Batch {
   // before it drops the batch).
   ~Batch() {
     if (!requests_.empty() || !rows_.empty()) {
-      PyObject* err = new_runtime_error(
-          "batchserve: a batch was dropped before it was resolved");
+      PyObject* err = new_runtime_error("batchserve: a batch was dropped before it was resolved");
       settle(take_all(), [err](size_t) { return err; }, true);
       Py_DECREF(err);
     }
@@ -259,8 +258,7 @@ class Batch {
       drop[i] = true;
     }
     std::vector<Request> kept, failed;
-    for (size_t i = 0; i < requests_.size(); ++i)
-      (drop[i] ? failed : kept).push_back(requests_[i]);
+    for (size_t i = 0; i < requests_.size(); ++i) (drop[i] ? failed : kept).push_back(requests_[i]);
     requests_.swap(kept);
     PyObject* outcome = exc.ptr();
     return settle(std::move(failed), [outcome](size_t) { return outcome; }, true);
@@ -280,8 +278,8 @@ class Batch {
     held.reserve(n);
     for (size_t i = 0; i < n; ++i) held.push_back(results[i]);
     if (which.size() != n) return py::list();  // failed while results were read
-    return settle(take(which), [&held](size_t i) { return held[i].ptr(); }, false,
-                  deferred_.get(), true);
+    return settle(
+        take(which), [&held](size_t i) { return held[i].ptr(); }, false, deferred_.get(), true);
   }
 
   static StagingColumns staging_columns(const std::vector<uintptr_t>& columns,
@@ -360,14 +358,12 @@ class Batch {
 // hands out a Future itself, for Python to claim and resolve.)
 class Ticket {
  public:
-  explicit Ticket(const Request& request)
-      : request_(request), slots_(keep_slot_server(request)) {}
+  explicit Ticket(const Request& request) : request_(request), slots_(keep_slot_server(request)) {}
   Ticket(const Ticket&) = delete;
   Ticket& operator=(const Ticket&) = delete;
   ~Ticket() {
     if (!done_) {
-      PyObject* err = new_runtime_error(
-          "batchserve: a request was dropped before it was resolved");
+      PyObject* err = new_runtime_error("batchserve: a request was dropped before it was resolved");
       end(err, true);
       Py_DECREF(err);
     }
@@ -386,7 +382,7 @@ class Ticket {
     wake_and_release(to_wake);
   }
 
-  Request request_;  // owns no Python reference (drain handed them out)
+  Request request_;                    // owns no Python reference (drain handed them out)
   std::shared_ptr<SlotServer> slots_;  // keeps request_.intake alive
   bool done_ = false;
 };

@@ -40,7 +40,7 @@ class GilRelease {
   ~GilRelease() {
     try {
       PyEval_RestoreThread(state_);
-    } catch (...) {  // the forced unwind of pthread_exit: finalization began meanwhile
+    } catch (...) {        // the forced unwind of pthread_exit: finalization began meanwhile
       for (;;) ::pause();  // never leaves the handler, so the unwind never completes
     }
   }

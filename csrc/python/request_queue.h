@@ -122,8 +122,8 @@ class RequestQueue {
       }
       // else the result won the race with the timeout
     }
-    py::object outcome = py::reinterpret_steal<py::object>(
-        static_cast<PyObject*>(completion->outcome()));
+    py::object outcome =
+        py::reinterpret_steal<py::object>(static_cast<PyObject*>(completion->outcome()));
     const bool is_error = completion->is_error();
     completion->release();
     if (is_error) {
@@ -151,8 +151,7 @@ class RequestQueue {
     Py_DECREF(item.ptr());
     Py_DECREF(future.ptr());
     if (!uninterrupted) throw py::error_already_set();
-    if (pushed == PushResult::kClosed)
-      throw QueueClosedError("the inference server is shut down");
+    if (pushed == PushResult::kClosed) throw QueueClosedError("the inference server is shut down");
     throw QueueFullError("the request queue is full (capacity " +
                          std::to_string(queue().capacity()) + ")");
   }
@@ -161,9 +160,9 @@ class RequestQueue {
   // server. Returns its id. `strict` (a request_spec) makes a mismatching
   // TensorDict an error at submission.
   uint64_t set_schema(const std::vector<py::object>& keys, const std::vector<py::object>& dtypes,
-                      const std::vector<py::object>& shapes,
-                      const std::vector<size_t>& leaf_bytes, bool strict,
-                      const py::object& device, const std::vector<py::object>& general_keys) {
+                      const std::vector<py::object>& shapes, const std::vector<size_t>& leaf_bytes,
+                      bool strict, const py::object& device,
+                      const std::vector<py::object>& general_keys) {
     if (dtypes.size() != keys.size() || shapes.size() != keys.size() ||
         leaf_bytes.size() != keys.size())
       throw std::invalid_argument("set_schema: one dtype, shape and size per key");

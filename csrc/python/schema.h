@@ -27,7 +27,7 @@ struct FastSchema {
   std::vector<py::object> dtypes;
   std::vector<py::object> shapes;  // torch.Size
   std::vector<size_t> leaf_bytes;
-  py::object device;               // the requests' TensorDict device (None or cpu)
+  py::object device;                     // the requests' TensorDict device (None or cpu)
   std::vector<py::object> general_keys;  // a request holding one takes the general path
 };
 
@@ -162,10 +162,9 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
     if (v == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
       if (!schema.strict) return nullptr;
-      PyErr_SetObject(PyExc_KeyError,
-                      py::str("request is missing key {!r} of request_spec")
-                          .format(py::handle(key))
-                          .ptr());
+      PyErr_SetObject(
+          PyExc_KeyError,
+          py::str("request is missing key {!r} of request_spec").format(py::handle(key)).ptr());
       throw py::error_already_set();
     }
     if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {

@@ -36,8 +36,8 @@ class SlotClient {
  public:
   SlotClient(std::shared_ptr<SharedSlots> segment, std::vector<py::object> request_keys,
              std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
-             py::object request_device, std::vector<py::object> response_banks,
-             bool copy_result, py::object normalise)
+             py::object request_device, std::vector<py::object> response_banks, bool copy_result,
+             py::object normalise)
       : requester_(std::move(segment)),
         response_banks_(std::move(response_banks)),
         copy_result_(copy_result),
@@ -98,8 +98,9 @@ class SlotClient {
     if (rows) return rows;
     normalised = normalise_(item);
     rows = match_schema(normalised.ptr(), schema_, false);
-    if (!rows) raise_spec_error(PyExc_ValueError, "request does not match request_spec: " +
-                                                      repr(normalised.ptr()));
+    if (!rows)
+      raise_spec_error(PyExc_ValueError,
+                       "request does not match request_spec: " + repr(normalised.ptr()));
     return rows;
   }
 

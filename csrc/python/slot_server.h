@@ -28,7 +28,7 @@ namespace py = pybind11;
 // is not), checked to hold `rows` rows of `shape` (rows < 0: exactly
 // `shape`). Raises ValueError naming `key` otherwise.
 inline py::object slot_leaf(PyObject* value, const py::object& key, const py::object& dtype,
-                     const py::object& shape, Py_ssize_t rows) {
+                            const py::object& shape, Py_ssize_t rows) {
   const TorchRefs& t = torch_refs();
   const int is_tensor = PyObject_IsInstance(value, t.tensor_type);
   if (is_tensor < 0) throw py::error_already_set();
@@ -44,7 +44,8 @@ inline py::object slot_leaf(PyObject* value, const py::object& key, const py::ob
   py::object got = attr(v.ptr(), t.s_shape);
   py::object want = shape;
   if (rows >= 0) {
-    if (PyObject_Length(got.ptr()) < 1 || PyLong_AsSsize_t(PyTuple_GET_ITEM(got.ptr(), 0)) != rows) {
+    if (PyObject_Length(got.ptr()) < 1 ||
+        PyLong_AsSsize_t(PyTuple_GET_ITEM(got.ptr(), 0)) != rows) {
       PyErr_Clear();
       raise_spec_error(PyExc_ValueError, "model output key " + repr(key.ptr()) + " has shape " +
                                              repr(got.ptr()) + " for a batch of " +
@@ -56,9 +57,9 @@ inline py::object slot_leaf(PyObject* value, const py::object& key, const py::ob
   const int same = PyObject_RichCompareBool(got.ptr(), want.ptr(), Py_EQ);
   if (same < 0) throw py::error_already_set();
   if (same == 0)
-    raise_spec_error(PyExc_ValueError, "response key " + repr(key.ptr()) + " has shape " +
-                                           repr(got.ptr()) + " per request; response_spec declares " +
-                                           repr(want.ptr()));
+    raise_spec_error(PyExc_ValueError,
+                     "response key " + repr(key.ptr()) + " has shape " + repr(got.ptr()) +
+                         " per request; response_spec declares " + repr(want.ptr()));
   return v;
 }
 
@@ -133,8 +134,8 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
                             .ptr());
         throw py::error_already_set();
       }
-      held.push_back(slot_leaf(column->ptr(), response_keys_[j], response_dtypes_[j],
-                               response_shapes_[j], n));
+      held.push_back(
+          slot_leaf(column->ptr(), response_keys_[j], response_dtypes_[j], response_shapes_[j], n));
     }
     return held;
   }
@@ -159,8 +160,8 @@ class SlotServer final : public SlotIntake, public std::enable_shared_from_this<
       py::object value = py::reinterpret_steal<py::object>(
           PyObject_CallMethod(result, "get", "O", response_keys_[j].ptr()));
       if (!value) throw py::error_already_set();
-      py::object leaf = slot_leaf(value.ptr(), response_keys_[j], response_dtypes_[j],
-                                  response_shapes_[j], -1);
+      py::object leaf =
+          slot_leaf(value.ptr(), response_keys_[j], response_dtypes_[j], response_shapes_[j], -1);
       write_response_leaf(sh, s, j, data_ptr(leaf.ptr()));
     }
   }
@@ -189,8 +190,9 @@ inline SlotServer& slot_server(const Request& r) { return *static_cast<SlotServe
 
 // The SlotServer a request from slots came from, kept alive by who holds this.
 inline std::shared_ptr<SlotServer> keep_slot_server(const Request& r) {
-  return r.intake == nullptr ? nullptr
-                             : std::static_pointer_cast<SlotServer>(slot_server(r).shared_from_this());
+  return r.intake == nullptr
+             ? nullptr
+             : std::static_pointer_cast<SlotServer>(slot_server(r).shared_from_this());
 }
 
 }  // namespace bindings

@@ -27,8 +27,8 @@ BatchPolicy make_policy(size_t max_size, size_t min_size, int64_t timeout_ns) {
 }
 
 // One collect_batch call under fixed settings.
-void collect(RequestQueue& q, const BatchPolicy& policy,
-             std::vector<Request>& batch, std::vector<Request>& dropped) {
+void collect(RequestQueue& q, const BatchPolicy& policy, std::vector<Request>& batch,
+             std::vector<Request>& dropped) {
   BatchSettings settings;
   settings.store(policy, q);
   collect_batch(q, settings, batch, dropped);
@@ -46,9 +46,7 @@ struct ServerThread {
   ServerThread(RequestQueue& q, const BatchPolicy& policy)
       : call([this, &q, policy] { collect(q, policy, batch, dropped); }) {}
   ServerThread(RequestQueue& q, const BatchSettings& settings)
-      : call([this, &q, &settings] {
-          collect_batch(q, settings, batch, dropped);
-        }) {}
+      : call([this, &q, &settings] { collect_batch(q, settings, batch, dropped); }) {}
 
   std::vector<Request> batch, dropped;
   BackgroundCall call;  // last: starts once batch and dropped exist
@@ -170,8 +168,7 @@ TEST(CollectBatch, InterruptDuringMinWaitKeepsDeadline) {
   interrupt_until_returned(q, server.call);
   server.call.join();
   ASSERT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
-  EXPECT_GE(server.call.returned_at_ns(),
-            server.batch.front().submit_ns + kTimeout);
+  EXPECT_GE(server.call.returned_at_ns(), server.batch.front().submit_ns + kTimeout);
 }
 
 TEST(CollectBatch, InterruptEndsIdleWait) {
@@ -229,9 +226,8 @@ TEST(CollectBatch, SettingsChangeDuringMinWaitMovesDeadline) {
   settings.store(make_policy(8, 2, kTimeout), q);
   server.call.join();
   ASSERT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
-  EXPECT_TRUE(ran_to_timeout(
-      server.call.returned_at_ns() - server.batch.front().submit_ns,
-      kTimeout));
+  EXPECT_TRUE(
+      ran_to_timeout(server.call.returned_at_ns() - server.batch.front().submit_ns, kTimeout));
 }
 
 TEST(CollectBatch, LoweringMinDuringMinWaitReturnsAtOnce) {
@@ -289,8 +285,7 @@ TEST(CollectBatch, WithdrawnRequestsDoNotCountTowardsMin) {
   }
   ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
   for (uint64_t i = 0; i < 3; ++i)
-    ASSERT_EQ(q.push(make_request(10 + i, completions[i]), 0),
-              PushResult::kOk);
+    ASSERT_EQ(q.push(make_request(10 + i, completions[i]), 0), PushResult::kOk);
   std::vector<Request> batch, dropped;
   collect(q, make_policy(8, 2, kTimeout), batch, dropped);
   const int64_t returned_at = monotonic_ns();
@@ -382,8 +377,7 @@ TEST(CollectBatch, MultiProducerRouting) {
   for (uint32_t p = 0; p < kProducers; ++p) {
     producers.emplace_back([&, p] {
       for (uint32_t seq = 0; seq < kPerProducer; ++seq) {
-        if (q.push(make_request(tagged_id(p, seq)), kNoDeadline) !=
-            PushResult::kOk)
+        if (q.push(make_request(tagged_id(p, seq)), kNoDeadline) != PushResult::kOk)
           ++failed_pushes[p];
       }
     });

@@ -2,8 +2,6 @@
 // collection, the requests carried past a lowered max_batch_size, late
 // arrivals joining the batch, withdrawn requests, the prefetch's rows first,
 // and the spin adaptation; plus producers racing a collecting server.
-#include "core/collector.h"
-
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -13,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/collector.h"
 #include "test_util.h"
 
 namespace {

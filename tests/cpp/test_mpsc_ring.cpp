@@ -24,10 +24,9 @@ TEST(MpscRing, CapacityRoundsUpToPowerOfTwo) {
     size_t requested;
     size_t expected;
   };
-  const Case cases[] = {{0, 2},    {1, 2},       {2, 2},       {3, 4},
-                        {4, 4},    {5, 8},       {7, 8},       {8, 8},
-                        {9, 16},   {1000, 1024}, {1024, 1024}, {1025, 2048},
-                        {4097, 8192}};
+  const Case cases[] = {{0, 2},       {1, 2},       {2, 2},      {3, 4},  {4, 4},
+                        {5, 8},       {7, 8},       {8, 8},      {9, 16}, {1000, 1024},
+                        {1024, 1024}, {1025, 2048}, {4097, 8192}};
   for (const Case& c : cases) {
     MpscRing<int> ring(c.requested);
     EXPECT_EQ(ring.capacity(), c.expected) << "requested " << c.requested;
@@ -111,8 +110,7 @@ TEST(MpscRing, WrapAroundManyLaps) {
     EXPECT_FALSE(ring.try_pop(out));
   }
   // Keep the ring half full while it goes round: push one, pop one.
-  for (uint64_t i = 0; i < cap / 2; ++i)
-    ASSERT_TRUE(ring.try_push(next_push++));
+  for (uint64_t i = 0; i < cap / 2; ++i) ASSERT_TRUE(ring.try_push(next_push++));
   for (int i = 0; i < 10000; ++i) {
     ASSERT_TRUE(ring.try_push(next_push++));
     uint64_t out = 0;
@@ -185,8 +183,7 @@ TEST(MpscRing, ManyProducersOneConsumer) {
   EXPECT_EQ(bad_producer, 0u);
   EXPECT_EQ(out_of_order, 0u);
   EXPECT_EQ(size_over_capacity, 0u);
-  for (uint32_t p = 0; p < kProducers; ++p)
-    EXPECT_EQ(next[p], kPerProducer) << "producer " << p;
+  for (uint32_t p = 0; p < kProducers; ++p) EXPECT_EQ(next[p], kPerProducer) << "producer " << p;
   uint64_t extra = 0;
   EXPECT_FALSE(ring.try_pop(extra));
   EXPECT_FALSE(ring.ready());

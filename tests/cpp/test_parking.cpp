@@ -2,8 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <thread>
 #include <vector>
 
@@ -78,9 +78,8 @@ TEST(EventCount, DeadlineInThePastReturnsPromptly) {
 
 TEST(EventCount, TimedWaitWithoutNotifyTimesOut) {
   EventCount ec;
-  EXPECT_TRUE(times_out(50 * kMs, [&](int64_t deadline) {
-    return ec.wait(ec.prepare_wait(), deadline);
-  }));
+  EXPECT_TRUE(
+      times_out(50 * kMs, [&](int64_t deadline) { return ec.wait(ec.prepare_wait(), deadline); }));
   EXPECT_FALSE(ec.has_waiters());
 }
 
@@ -134,8 +133,8 @@ TokenRing pass_token(EventCount& ec, int players, int rounds, Wait wait) {
 // Two threads hand a token back and forth on one EventCount.
 TEST(EventCount, PingPongNoLostWakeups) {
   EventCount ec;
-  const TokenRing ring = pass_token(
-      ec, 2, 10000, [&](int, auto my_turn) { return await(ec, my_turn); });
+  const TokenRing ring =
+      pass_token(ec, 2, 10000, [&](int, auto my_turn) { return await(ec, my_turn); });
   EXPECT_FALSE(ring.failed);
   EXPECT_EQ(ring.final_turn, 0);  // pong made the last move
   EXPECT_FALSE(ec.has_waiters());
@@ -145,8 +144,8 @@ TEST(EventCount, PingPongNoLostWakeups) {
 // not just one.
 TEST(EventCount, TokenRingSharedEventCount) {
   EventCount ec;
-  const TokenRing ring = pass_token(
-      ec, 4, 1500, [&](int, auto my_turn) { return await(ec, my_turn); });
+  const TokenRing ring =
+      pass_token(ec, 4, 1500, [&](int, auto my_turn) { return await(ec, my_turn); });
   EXPECT_FALSE(ring.failed);
   EXPECT_EQ(ring.final_turn, 0);
 }
@@ -156,8 +155,7 @@ TEST(EventCount, TokenRingSharedEventCount) {
 TEST(SpinThenPark, ReadyConditionReturnsAtOnce) {
   EventCount ec;
   int calls = 0;
-  EXPECT_TRUE(spin_then_park(
-      ec, [&] { return ++calls > 0; }, kNoDeadline, 100));
+  EXPECT_TRUE(spin_then_park(ec, [&] { return ++calls > 0; }, kNoDeadline, 100));
   EXPECT_EQ(calls, 1);
   EXPECT_FALSE(ec.has_waiters());
 }
@@ -165,8 +163,7 @@ TEST(SpinThenPark, ReadyConditionReturnsAtOnce) {
 TEST(SpinThenPark, PastDeadlineReturnsFalsePromptly) {
   EventCount ec;
   const int64_t t0 = monotonic_ns();
-  EXPECT_FALSE(spin_then_park(
-      ec, [] { return false; }, t0 - 1, 64));
+  EXPECT_FALSE(spin_then_park(ec, [] { return false; }, t0 - 1, 64));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
   EXPECT_FALSE(ec.has_waiters());
 }
@@ -184,8 +181,7 @@ TEST(SpinThenPark, WokenByNotify) {
   std::atomic<bool> flag{false};
   bool result = false;
   BackgroundCall waiter([&] {
-    result = spin_then_park(
-        ec, [&] { return flag.load(); }, monotonic_ns() + kLongWait, 16);
+    result = spin_then_park(ec, [&] { return flag.load(); }, monotonic_ns() + kLongWait, 16);
   });
   poll_until([&] { return ec.has_waiters(); });  // parked
   flag.store(true);
@@ -204,8 +200,7 @@ TEST(SpinThenPark, ReportsConditionThatBecameTrueWithoutNotify) {
   int calls = 0;
   constexpr int64_t kTimeout = 20 * kMs;
   const int64_t t0 = monotonic_ns();
-  EXPECT_TRUE(spin_then_park(
-      ec, [&] { return ++calls >= 3; }, t0 + kTimeout, 0));
+  EXPECT_TRUE(spin_then_park(ec, [&] { return ++calls >= 3; }, t0 + kTimeout, 0));
   EXPECT_EQ(calls, 3);  // before parking, after announcing, after the sleep
   EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kTimeout));
   EXPECT_FALSE(ec.has_waiters());
@@ -214,11 +209,9 @@ TEST(SpinThenPark, ReportsConditionThatBecameTrueWithoutNotify) {
 TEST(SpinThenPark, PingPongNoLostWakeups) {
   EventCount ec;
   // One side parks at once, the other spins a little first.
-  const TokenRing ring =
-      pass_token(ec, 2, 10000, [&](int me, auto my_turn) {
-        return spin_then_park(ec, my_turn, monotonic_ns() + kLongWait,
-                              me == 0 ? 0 : 32);
-      });
+  const TokenRing ring = pass_token(ec, 2, 10000, [&](int me, auto my_turn) {
+    return spin_then_park(ec, my_turn, monotonic_ns() + kLongWait, me == 0 ? 0 : 32);
+  });
   EXPECT_FALSE(ring.failed);
   EXPECT_EQ(ring.final_turn, 0);
 }
@@ -288,8 +281,7 @@ TEST(Completion, FinishWhileQueuedForShutdown) {
 
 TEST(Completion, WaitUntilTimesOutThenWithdraws) {
   auto* c = new Completion();
-  EXPECT_TRUE(times_out(
-      20 * kMs, [&](int64_t deadline) { return c->wait_until(deadline, 16); }));
+  EXPECT_TRUE(times_out(20 * kMs, [&](int64_t deadline) { return c->wait_until(deadline, 16); }));
   EXPECT_EQ(c->give_up(), Completion::kWithdrawn);
   release_both(c);
 }
@@ -308,8 +300,7 @@ void run_rounds(int rounds, Server server, Caller caller, Check check) {
   std::thread server_thread([&] {
     for (int round = 0; round < rounds; ++round) {
       published.wait_for(static_cast<uint64_t>(round) + 1);
-      server_result[static_cast<size_t>(round)] =
-          server(slot.load(), round);
+      server_result[static_cast<size_t>(round)] = server(slot.load(), round);
       served.advance_to(static_cast<uint64_t>(round) + 1);
     }
   });
@@ -427,8 +418,7 @@ TEST(Completion, TakeFinishGiveUpRaceHasExactlyOneWinner) {
         const Completion::State state = c->give_up();
         int code = static_cast<int>(state);
         if (state == Completion::kDone &&
-            (c->outcome() != &result_value ||
-             c->is_error() != shutdown_round(round)))
+            (c->outcome() != &result_value || c->is_error() != shutdown_round(round)))
           code = -1;  // the winner's outcome did not arrive intact
         c->release();
         return code;
@@ -458,8 +448,7 @@ TEST(Completion, TakeFinishGiveUpRaceHasExactlyOneWinner) {
       });
   EXPECT_EQ(inconsistent, 0);
   EXPECT_EQ(withdrawn + abandoned + done, kRounds);
-  std::printf("outcomes: withdrawn %d, abandoned %d, done %d\n", withdrawn,
-              abandoned, done);
+  std::printf("outcomes: withdrawn %d, abandoned %d, done %d\n", withdrawn, abandoned, done);
 }
 
 }  // namespace

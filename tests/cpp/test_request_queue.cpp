@@ -168,8 +168,7 @@ TEST(RequestQueue, CloseRejectsLaterPushesAndKeepsAccepted) {
   EXPECT_TRUE(q.closed());
   EXPECT_EQ(q.push(make_request(2), 0), PushResult::kClosed);
   EXPECT_EQ(q.push(make_request(3), kNoDeadline), PushResult::kClosed);
-  EXPECT_EQ(q.push(make_request(4), monotonic_ns() + kSec),
-            PushResult::kClosed);
+  EXPECT_EQ(q.push(make_request(4), monotonic_ns() + kSec), PushResult::kClosed);
   EXPECT_EQ(q.size(), 2u);
   // What was accepted before close() can still be drained.
   EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{0, 1}));
@@ -181,8 +180,7 @@ TEST(RequestQueue, CloseWakesProducerBlockedOnFullRing) {
   RequestQueue q(2);
   ASSERT_TRUE(push_ids(q, 2));
   PushResult result = PushResult::kOk;
-  BackgroundCall producer(
-      [&] { result = q.push(make_request(2), monotonic_ns() + kLongWait); });
+  BackgroundCall producer([&] { result = q.push(make_request(2), monotonic_ns() + kLongWait); });
   pause_briefly();  // let it park
   q.close();
   producer.join();
@@ -198,9 +196,8 @@ TEST(RequestQueue, CloseWakesManyBlockedProducers) {
   std::vector<PushResult> results(kProducers, PushResult::kOk);
   std::vector<std::thread> producers;
   for (int i = 0; i < kProducers; ++i)
-    producers.emplace_back([&q, &results, i] {
-      results[i] = q.push(make_request(10 + i), kNoDeadline);
-    });
+    producers.emplace_back(
+        [&q, &results, i] { results[i] = q.push(make_request(10 + i), kNoDeadline); });
   pause_briefly();
   q.close();
   for (auto& t : producers) t.join();  // a missed wake-up would hang here
@@ -223,15 +220,13 @@ TEST(RequestQueue, WaitForWorkTimesOut) {
   EXPECT_FALSE(q.wait_for_work(t0 - 1));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
 
-  EXPECT_TRUE(times_out(
-      50 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
+  EXPECT_TRUE(times_out(50 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
 }
 
 TEST(RequestQueue, PushWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = false;
-  BackgroundCall server(
-      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
   pause_briefly();  // let it park
   ASSERT_EQ(q.push(make_request(7), 0), PushResult::kOk);
   server.join();
@@ -243,8 +238,7 @@ TEST(RequestQueue, PushWakesWaitForWork) {
 TEST(RequestQueue, CloseWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = true;
-  BackgroundCall server(
-      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
   pause_briefly();
   q.close();
   server.join();
@@ -266,8 +260,7 @@ TEST(RequestQueue, ClosedQueueWithLeftoversReportsWork) {
 TEST(RequestQueue, InterruptWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = true;
-  BackgroundCall server(
-      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
   interrupt_until_returned(q, server);
   server.join();
   EXPECT_FALSE(ready);  // woken, but nothing to do
@@ -279,8 +272,7 @@ TEST(RequestQueue, InterruptWakesWaitForWork) {
 TEST(RequestQueue, InterruptBeforeWaitDoesNotCount) {
   RequestQueue q(4);
   q.interrupt();
-  EXPECT_TRUE(times_out(
-      30 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
+  EXPECT_TRUE(times_out(30 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
 }
 
 TEST(RequestQueue, InterruptCountedSinceSeenValue) {
@@ -293,9 +285,8 @@ TEST(RequestQueue, InterruptCountedSinceSeenValue) {
   EXPECT_FALSE(q.wait_for_work(t0 + kLongWait, seen));
   EXPECT_LT(monotonic_ns() - t0, kPromptly);
   // ...one before it does not.
-  EXPECT_TRUE(times_out(30 * kMs, [&](int64_t deadline) {
-    return q.wait_for_work(deadline, q.interrupts());
-  }));
+  EXPECT_TRUE(times_out(
+      30 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline, q.interrupts()); }));
   // Work that is ready is reported whatever the count says.
   ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
   EXPECT_TRUE(q.wait_for_work(kNoDeadline, seen));
@@ -336,8 +327,7 @@ TEST(RequestQueue, CloseStressNoPushLandsAfterClose) {
         const bool blocking = (p % 2) == 1;
         for (uint32_t seq = 0;; ++seq) {
           const uint64_t id = tagged_id(p, seq);
-          const int64_t deadline =
-              blocking ? monotonic_ns() + kLongWait : int64_t{0};
+          const int64_t deadline = blocking ? monotonic_ns() + kLongWait : int64_t{0};
           const PushResult res = q.push(make_request(id), deadline);
           if (res == PushResult::kOk) {
             ok_ids[p].push_back(id);

@@ -3,8 +3,6 @@
 // the server's take, many clients against one server, round-robin taking,
 // dead-process recovery (with real child processes), and a RequestQueue fed
 // by SlotIntake.
-#include "core/shared_slots.h"
-
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -17,6 +15,7 @@
 #include <vector>
 
 #include "core/batch_policy.h"
+#include "core/shared_slots.h"
 #include "slot_test_util.h"
 #include "test_util.h"
 
@@ -29,10 +28,10 @@ using batchserve::SlotHeader;
 using batchserve::SlotIntake;
 using batchserve::SlotLayout;
 using batchserve::SlotWait;
+using batchserve_test::fork_child;
 using batchserve_test::kLongWait;
 using batchserve_test::monotonic_ns;
 using batchserve_test::poll_until;
-using batchserve_test::fork_child;
 using batchserve_test::tagged_id;
 using batchserve_test::unique_name;
 
@@ -104,7 +103,8 @@ TEST(SharedSlots, WriteResponsesRoundTrip) {
     echo.push_back(read_u64(slots.request_row(taken[i], 0)) + 1);
     small.insert(small.end(), 3, static_cast<uint8_t>(i + 1));
   }
-  slots.write_responses(taken, {reinterpret_cast<const uint8_t*>(echo.data()), small.data(), nullptr});
+  slots.write_responses(taken,
+                        {reinterpret_cast<const uint8_t*>(echo.data()), small.data(), nullptr});
   for (uint32_t s : taken) {
     EXPECT_TRUE(slots.finish(s, false));
     slots.wake(s);
@@ -113,7 +113,8 @@ TEST(SharedSlots, WriteResponsesRoundTrip) {
     ASSERT_TRUE(slots.wait(s, monotonic_ns() + kLongWait));
     const uint64_t request = read_u64(slots.request_row(s, 0));
     EXPECT_EQ(read_u64(slots.response_row(s, 0)), request + 1);
-    const size_t row = static_cast<size_t>(std::find(taken.begin(), taken.end(), s) - taken.begin());
+    const size_t row =
+        static_cast<size_t>(std::find(taken.begin(), taken.end(), s) - taken.begin());
     const uint8_t* leaf1 = slots.response_row(s, 1);
     EXPECT_EQ(leaf1[0], row + 1);
     EXPECT_EQ(leaf1[2], row + 1);
@@ -146,7 +147,8 @@ TEST(SharedSlots, FullSlotsTimeOutThenAReleaseWakesAClaimer) {
   ASSERT_EQ(slots.claim(0, 0, a), SlotWait::kOk);
   ASSERT_EQ(slots.claim(0, 0, b), SlotWait::kOk);
   EXPECT_EQ(slots.claim(0, monotonic_ns() + 1'000'000, c), SlotWait::kTimedOut);
-  std::thread claimer([&] { EXPECT_EQ(slots.claim(0, monotonic_ns() + kLongWait, c), SlotWait::kOk); });
+  std::thread claimer(
+      [&] { EXPECT_EQ(slots.claim(0, monotonic_ns() + kLongWait, c), SlotWait::kOk); });
   batchserve_test::pause_briefly();
   slots.release(a);
   claimer.join();
@@ -199,7 +201,8 @@ TEST(SharedSlots, WithdrawAndTakeRaceEndEachRequestOnce) {
     clients.emplace_back([&, c] {
       for (int i = 0; i < kRequests; ++i) {
         int s = -1;
-        ASSERT_EQ(slots.claim(static_cast<uint32_t>(c), monotonic_ns() + kLongWait, s), SlotWait::kOk);
+        ASSERT_EQ(slots.claim(static_cast<uint32_t>(c), monotonic_ns() + kLongWait, s),
+                  SlotWait::kOk);
         const uint64_t id = static_cast<uint64_t>(c) << 32 | static_cast<uint64_t>(i);
         write_u64(slots.request_row(s, 0), id);
         ASSERT_EQ(slots.submit(s, monotonic_ns()), SlotWait::kOk);
@@ -210,8 +213,13 @@ TEST(SharedSlots, WithdrawAndTakeRaceEndEachRequestOnce) {
           continue;
         }
         switch (slots.give_up(s)) {  // odd ids leave at once
-          case SlotHeader::kIdle: ++withdrawn; slots.release(s); break;
-          case SlotHeader::kAbandoned: ++abandoned; break;  // the server frees it
+          case SlotHeader::kIdle:
+            ++withdrawn;
+            slots.release(s);
+            break;
+          case SlotHeader::kAbandoned:
+            ++abandoned;
+            break;  // the server frees it
           default:
             EXPECT_EQ(read_u64(slots.response_row(s, 0)), id + 1);
             ++done;
@@ -288,9 +296,14 @@ TEST(SharedSlots, ManyClientsGetExactlyTheirOwnResponses) {
         o = kAnswered;
         if (!slots.wait(s, deadline)) {
           switch (slots.give_up(s)) {
-            case SlotHeader::kIdle: o = kWithdrawn; break;
-            case SlotHeader::kAbandoned: o = kAbandoned; break;  // the server frees it
-            default: break;  // the response won the race
+            case SlotHeader::kIdle:
+              o = kWithdrawn;
+              break;
+            case SlotHeader::kAbandoned:
+              o = kAbandoned;
+              break;  // the server frees it
+            default:
+              break;  // the response won the race
           }
         }
         if (o == kAnswered) {
@@ -327,7 +340,8 @@ TEST(SharedSlots, ManyClientsGetExactlyTheirOwnResponses) {
       }
     }
   EXPECT_EQ(counts[kNone], 0u);
-  EXPECT_EQ(counts[kAnswered] + counts[kWithdrawn] + counts[kAbandoned], size_t{kClients} * kRequests);
+  EXPECT_EQ(counts[kAnswered] + counts[kWithdrawn] + counts[kAbandoned],
+            size_t{kClients} * kRequests);
   EXPECT_EQ(answered_ids.size(), counts[kAnswered]);
   EXPECT_LE(taken_ids.size(), counts[kAnswered] + counts[kAbandoned]);
 }
@@ -412,8 +426,10 @@ TEST(SharedSlots, ANewServerRecoversWhatADeadServerHeld) {
     std::vector<uint32_t> taken;
     seg.slots->take(taken, 8);
   });
-  poll_until([&] { return slots.slot(static_cast<uint32_t>(b)).state.load() == SlotHeader::kTaken &&
-                          slots.slot(static_cast<uint32_t>(a)).state.load() == SlotHeader::kTaken; });
+  poll_until([&] {
+    return slots.slot(static_cast<uint32_t>(b)).state.load() == SlotHeader::kTaken &&
+           slots.slot(static_cast<uint32_t>(a)).state.load() == SlotHeader::kTaken;
+  });
   ::kill(server, SIGKILL);
   poll_until([&] { return slots.server_dead(); });
   EXPECT_EQ(slots.give_up(static_cast<uint32_t>(b)), SlotHeader::kAbandoned);
@@ -459,7 +475,8 @@ TEST(SlotIntake, FeedsARequestQueueAndItsBatchingPolicy) {
   std::thread client([&] {  // wakes the server through the segment's event
     for (uint64_t i = 0; i < 6; ++i) {
       int s = -1;
-      ASSERT_EQ(slots.claim(static_cast<uint32_t>(i), monotonic_ns() + kLongWait, s), SlotWait::kOk);
+      ASSERT_EQ(slots.claim(static_cast<uint32_t>(i), monotonic_ns() + kLongWait, s),
+                SlotWait::kOk);
       write_u64(slots.request_row(static_cast<uint32_t>(s), 0), i);
       ASSERT_EQ(slots.submit(static_cast<uint32_t>(s), monotonic_ns()), SlotWait::kOk);
     }

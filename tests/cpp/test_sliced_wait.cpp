@@ -2,14 +2,13 @@
 // waits in. Each slice ends by the deadline and at most one slice ahead; the
 // caller is asked after every unfinished slice, and told when the deadline
 // has passed.
-#include "core/sliced_wait.h"
-
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <vector>
 
 #include "core/completion.h"
+#include "core/sliced_wait.h"
 #include "test_util.h"
 
 namespace {

@@ -3,8 +3,6 @@
 // hint, submit rows, wait for the outcome in slices, and every way of
 // leaving (timeout before or after the server took it, kept in flight, a
 // signal, a server that shut down or died), each giving the slot back once.
-#include "core/slot_client.h"
-
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -14,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/slot_client.h"
 #include "core/slot_responses.h"
 #include "slot_test_util.h"
 #include "test_util.h"
@@ -66,8 +65,7 @@ uint32_t serve_one(batchserve::SharedSlots& slots) {
 
 size_t free_slots(batchserve::SharedSlots& slots) {
   size_t n = 0;
-  for (uint32_t s = 0; s < slots.num_slots(); ++s)
-    n += slots.slot(s).owner.load() == 0 ? 1 : 0;
+  for (uint32_t s = 0; s < slots.num_slots(); ++s) n += slots.slot(s).owner.load() == 0 ? 1 : 0;
   return n;
 }
 
@@ -105,9 +103,9 @@ TEST(SlotRequester, AResultAfterTheFirstSliceIsReady) {
     if (slice_ends++ == 0) serve_one(*seg.slots);
     return false;
   };
-  EXPECT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil,
-                                    serve_at_first_slice_end),
-            SlotOutcome::kReady);
+  EXPECT_EQ(
+      client.wait_for_outcome(pending, kNoDeadline, false, without_gil, serve_at_first_slice_end),
+      SlotOutcome::kReady);
   EXPECT_EQ(slice_ends, 1);
   EXPECT_FALSE(pending.open);
   EXPECT_EQ(read_u64(seg.slots->response_row(pending.slot, 0)), 42u);
@@ -294,9 +292,9 @@ TEST(SlotRequester, ClientThreadsShareOneRequester) {
   std::thread server([&] {
     std::vector<uint32_t> taken;
     while (!stop.load()) {
-      if (!batchserve::park_until(seg.slots->header()->work,
-                                  [&] { return seg.slots->any_ready() || stop.load(); },
-                                  monotonic_ns() + 10 * kMs))
+      if (!batchserve::park_until(
+              seg.slots->header()->work, [&] { return seg.slots->any_ready() || stop.load(); },
+              monotonic_ns() + 10 * kMs))
         continue;
       taken.clear();
       seg.slots->take(taken, 8);

@@ -1,14 +1,13 @@
 // The server's hand-back through slots (csrc/core/slot_responses.h):
 // response rows, the error area's limit, the fast path's scatter waking its
 // clients.
-#include "core/slot_responses.h"
-
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "core/slot_responses.h"
 #include "slot_test_util.h"
 #include "test_util.h"
 
@@ -68,10 +67,9 @@ TEST(SlotResponses, ScatterWritesEachRowEndsAndWakesItsClient) {
         [&, i] { woke[i] = seg.slots->wait(taken[i], kNoDeadline); }));
   std::vector<uint64_t> first = {10, 11, 12};
   std::vector<uint64_t> second = {20, 21, 22, 23, 24, 25};  // 16-byte rows
-  batchserve::scatter_responses(
-      *seg.slots, taken,
-      {reinterpret_cast<const uint8_t*>(first.data()),
-       reinterpret_cast<const uint8_t*>(second.data())});
+  batchserve::scatter_responses(*seg.slots, taken,
+                                {reinterpret_cast<const uint8_t*>(first.data()),
+                                 reinterpret_cast<const uint8_t*>(second.data())});
   for (auto& c : clients) c->join();
   for (size_t i = 0; i < 3; ++i) {
     EXPECT_TRUE(woke[i]);

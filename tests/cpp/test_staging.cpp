@@ -193,7 +193,9 @@ TEST(Prefetcher, JobsRacingProducersLoseNothing) {
 
 TEST(Prefetcher, DestroyedWhileIdleOrAfterAJob) {
   RequestQueue queue(8);
-  { Prefetcher never_started(queue); }
+  {
+    Prefetcher never_started(queue);
+  }
   Leaf leaf(3, 1);
   queue.push(request_of(leaf), 0);
   std::vector<uint64_t> column(2, 0);

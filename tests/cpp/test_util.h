@@ -56,9 +56,7 @@ void poll_until(Pred&& pred) {
 
 // Only to create a "nobody comes" window (or give a thread the chance to get
 // into a wait); never what a test's correctness depends on.
-inline void pause_briefly() {
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
-}
+inline void pause_briefly() { std::this_thread::sleep_for(std::chrono::milliseconds(20)); }
 
 // A counter that only grows; threads wait for it to reach a value. Built on
 // std::mutex/std::condition_variable, independent of csrc/core/.
@@ -126,13 +124,10 @@ class BackgroundCall {
 
 // Passes for a wait that ran to its `timeout`: no sooner (it was not woken
 // early), and well within kLongWait (it did not oversleep or hang).
-inline ::testing::AssertionResult ran_to_timeout(int64_t elapsed_ns,
-                                                 int64_t timeout_ns) {
-  if (elapsed_ns >= timeout_ns && elapsed_ns < kLongWait)
-    return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << "took " << elapsed_ns << " ns, expected at least " << timeout_ns
-         << " and less than " << kLongWait;
+inline ::testing::AssertionResult ran_to_timeout(int64_t elapsed_ns, int64_t timeout_ns) {
+  if (elapsed_ns >= timeout_ns && elapsed_ns < kLongWait) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "took " << elapsed_ns << " ns, expected at least "
+                                       << timeout_ns << " and less than " << kLongWait;
 }
 
 // Passes if `wait(deadline)`, given a deadline `timeout_ns` from now, returns
@@ -143,8 +138,7 @@ template <typename Wait>
   const bool woken = wait(t0 + timeout_ns);
   const int64_t elapsed_ns = monotonic_ns() - t0;
   if (woken)
-    return ::testing::AssertionFailure()
-           << "the wait returned true after " << elapsed_ns << " ns";
+    return ::testing::AssertionFailure() << "the wait returned true after " << elapsed_ns << " ns";
   return ran_to_timeout(elapsed_ns, timeout_ns);
 }
 
@@ -213,17 +207,12 @@ inline std::vector<uint64_t> drain_ids(RequestQueue& q) {
 constexpr uint64_t tagged_id(uint32_t producer, uint32_t seq) {
   return (uint64_t{producer} << 32) | seq;
 }
-constexpr uint32_t producer_of(uint64_t id) {
-  return static_cast<uint32_t>(id >> 32);
-}
-constexpr uint32_t seq_of(uint64_t id) {
-  return static_cast<uint32_t>(id & 0xffffffffu);
-}
+constexpr uint32_t producer_of(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
+constexpr uint32_t seq_of(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffffu); }
 
 // Interrupts `q` until `waiter` returns: only an interrupt issued after the
 // waiter started waiting counts, and that moment is not observable.
-inline void interrupt_until_returned(RequestQueue& q,
-                                     const BackgroundCall& waiter) {
+inline void interrupt_until_returned(RequestQueue& q, const BackgroundCall& waiter) {
   while (!waiter.returned()) {
     q.interrupt();
     std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -1,8 +1,6 @@
 // Wake batching (csrc/core/wake_batching.h): callers recorded while results
 // are published are woken later, each once, and a completion's reference is
 // dropped only after its caller was notified.
-#include "core/wake_batching.h"
-
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -10,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/wake_batching.h"
 #include "slot_test_util.h"
 #include "test_util.h"
 

@@ -5,8 +5,6 @@
 // the last holder removing the name, wait_for_publication, and a stress of
 // publisher against receiver in two threads (checked by ThreadSanitizer) and
 // in two processes.
-#include "core/weight_banks.h"
-
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -21,6 +19,7 @@
 #include <string>
 #include <thread>
 
+#include "core/weight_banks.h"
 #include "test_util.h"
 
 namespace {
@@ -541,7 +540,8 @@ void receive_once(WeightBanks& recv, Seen& seen) {
   const size_t n = word_count(recv);
   if (number == seen.last) {
     if (number != 0 && (w[0] != number || w[n - 1] != number))
-      seen.error("front bank of publication " + std::to_string(number) + " changed under the receiver");
+      seen.error("front bank of publication " + std::to_string(number) +
+                 " changed under the receiver");
     return;
   }
   if (number < seen.last) {
