@@ -1,6 +1,7 @@
-"""The repository's rules that a tool can check: ruff (pyproject.toml) and
-clang-format (.clang-format) are clean, and the pure core has no Python in it
-(docs/architecture.md)."""
+"""The repository's rules that a tool can check (docs/architecture.md): ruff
+(pyproject.toml) and clang-format (.clang-format) are clean, the type stub
+python/batchserve/_core.pyi matches the extension, the pure core has no
+Python in it, and C++ files stay small."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -40,6 +42,19 @@ def test_cpp_sources_are_clang_formatted():
     done = subprocess.run([_tool("clang-format"), "--dry-run", "--Werror", *sources],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_the_type_stub_matches_the_extension():
+    """mypy's stubtest: every name, signature and property of batchserve._core
+    (as installed) is in _core.pyi, and nothing else (tests/stubtest_allowlist.txt
+    lists what pybind11 does that a stub does not spell)."""
+    _tool("mypy")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "batchserve._core", "--allowlist",
+         os.path.join(ROOT, "tests", "stubtest_allowlist.txt")],
+        capture_output=True, text=True, timeout=300, cwd=os.path.join(ROOT, "tests"),
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 def test_the_core_has_no_python_in_it():
