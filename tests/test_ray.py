@@ -287,6 +287,10 @@ def test_a_dead_client_actor_does_not_disturb_the_others(ray_transport):
     ) as server:
         client = ray_transport.client()
         doomed = Caller.remote(client)
+        # The actor is up before the neighbour's request starts the batch's
+        # timeout: a Ray worker's start took over DEADLINE_S on a loaded
+        # 2-core machine, and the batch then closed with the neighbour alone.
+        ray.get(doomed.__ray_ready__.remote(), timeout=4 * DEADLINE_S)
         doomed_call = doomed.echo.remote([1])
         neighbour = client.submit(request(2))
         assert model.entered.wait(DEADLINE_S), "the batch never reached the model"
