@@ -21,13 +21,20 @@ def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
     return queue
 
 
+def submit_payloads(queue, n):
+    """Submits n plain objects with their Futures; returns them and their
+    reference counts before submission."""
+    payloads = [object() for _ in range(n)]
+    futures = [Future() for _ in range(n)]
+    before = [sys.getrefcount(p) for p in payloads]
+    for payload, future in zip(payloads, futures):
+        queue.submit(payload, future)
+    return payloads, futures, before
+
+
 def test_references_return_after_resolve():
     queue = make_queue()
-    payloads = [object() for _ in range(3)]
-    futures = [Future() for _ in range(3)]
-    before = [sys.getrefcount(p) for p in payloads]
-    for i in range(3):
-        queue.submit(payloads[i], futures[i])
+    payloads, futures, before = submit_payloads(queue, 3)
     batch = native.collect(queue)
     assert batch.items == payloads
     results = [object() for _ in range(3)]
@@ -146,11 +153,7 @@ def test_fail_pending_and_closed_queue():
 
 def test_a_cancelled_future_is_withdrawn_and_releases_its_payload():
     queue = make_queue()
-    payloads = [object() for _ in range(3)]
-    futures = [Future() for _ in range(3)]
-    before = [sys.getrefcount(p) for p in payloads]
-    for i in range(3):
-        queue.submit(payloads[i], futures[i])
+    payloads, futures, before = submit_payloads(queue, 3)
     assert futures[1].cancel()
     batch = native.collect(queue)
     assert batch.items == [payloads[0], payloads[2]]
