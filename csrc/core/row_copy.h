@@ -22,7 +22,10 @@ namespace batchserve {
 // leaf's bytes are. The layer above keeps that memory alive until the
 // request ends.
 struct RowSource {
-  static constexpr size_t kMaxLeaves = 8;
+  // The most leaves a fast-path schema (and so a SharedMemoryTransport's
+  // request or response) may have: the one limit, exported to Python as
+  // MAX_LEAVES and MAX_SLOT_LEAVES.
+  static constexpr size_t kMaxLeaves = 64;
   uint64_t schema_id = 0;
   size_t count = 0;
   const void* data[kMaxLeaves] = {};

@@ -65,9 +65,9 @@ namespace batchserve {
 // ---------------------------------------------------------------------------
 // The segment.
 
-constexpr size_t kMaxSlotLeaves = 16;
-static_assert(RowSource::kMaxLeaves <= kMaxSlotLeaves,
-              "every fast-path schema fits a segment's request leaves");
+// A segment's leaves per side: the fast path's own limit, so that every
+// request schema a segment holds can be gathered without a fallback.
+constexpr size_t kMaxSlotLeaves = RowSource::kMaxLeaves;
 
 // Bytes of one slot's error area (csrc/core/slot_responses.h): the size the
 // transports create segments with (exported to Python as SLOT_ERROR_BYTES).

@@ -18,8 +18,9 @@ namespace bindings {
 
 namespace py = pybind11;
 
-// One fixed request schema: flat keys, each a CPU tensor of one dtype and
-// shape. Immutable once made; requests refer to it by id.
+// One fixed request schema: keys (a str, or a tuple of str for a nested key),
+// each a CPU tensor of one dtype and shape. Immutable once made; requests
+// refer to it by id.
 struct FastSchema {
   uint64_t id = 0;
   bool strict = false;  // given by request_spec: a mismatch is the caller's error
@@ -28,6 +29,7 @@ struct FastSchema {
   std::vector<py::object> shapes;  // torch.Size
   std::vector<size_t> leaf_bytes;
   py::object device;                     // the requests' TensorDict device (None or cpu)
+  py::object batch_size;                 // torch.Size of a request; unset: []
   std::vector<py::object> general_keys;  // a request holding one takes the general path
 };
 
@@ -124,6 +126,47 @@ inline py::object fast_path_schema(const py::object& item,
   return py::make_tuple(keys, dtypes, shapes, attr(item.ptr(), t.s_device));
 }
 
+// GIL held. Whether `item`'s batch size is the schema's ([] when unset).
+inline bool same_batch_size(PyObject* item, const FastSchema& schema) {
+  py::object batch_size = attr(item, torch_refs().s_batch_size);
+  if (!schema.batch_size) {
+    const Py_ssize_t n = PyObject_Length(batch_size.ptr());
+    if (n < 0) PyErr_Clear();  // not a size: not a request the fast path takes
+    return n == 0;
+  }
+  const int same = PyObject_RichCompareBool(batch_size.ptr(), schema.batch_size.ptr(), Py_EQ);
+  if (same < 0) throw py::error_already_set();
+  return same == 1;
+}
+
+// GIL held. Borrowed: the entry `key` of `leaves` (a TensorDict's dict of
+// leaves), walking the dicts of exact nested TensorDicts for a tuple key;
+// null when it is absent (no Python error set).
+inline PyObject* lookup_leaf(PyObject* leaves, PyObject* key) {
+  if (!PyTuple_Check(key)) {
+    PyObject* v = PyDict_GetItemWithError(leaves, key);
+    if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    return v;
+  }
+  const TorchRefs& t = torch_refs();
+  const Py_ssize_t depth = PyTuple_GET_SIZE(key);
+  PyObject* v = nullptr;
+  for (Py_ssize_t i = 0; i < depth; ++i) {
+    if (i > 0) {
+      if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
+      // The nested TensorDict holds its dict: borrowed stays valid with the GIL held.
+      leaves = attr(v, t.s_tensordict).ptr();
+      if (!PyDict_Check(leaves)) return nullptr;
+    }
+    v = PyDict_GetItemWithError(leaves, PyTuple_GET_ITEM(key, i));
+    if (v == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return nullptr;
+    }
+  }
+  return v;
+}
+
 // GIL held. The request's leaves when `item` matches `schema`; null when it
 // does not (it then takes the general path). Against a strict schema
 // (request_spec=), a TensorDict with a missing key raises KeyError and one
@@ -137,10 +180,7 @@ inline py::object fast_path_schema(const py::object& item,
 inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) {
   const TorchRefs& t = torch_refs();
   if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
-  if (PyObject_Length(attr(item, t.s_batch_size).ptr()) != 0) {
-    PyErr_Clear();
-    return nullptr;
-  }
+  if (!same_batch_size(item, schema)) return nullptr;
   py::object leaves = attr(item, t.s_tensordict);
   if (!PyDict_Check(leaves.ptr())) return nullptr;
   const size_t n = schema.keys.size();
@@ -158,9 +198,8 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
   PyObject* tensors[RequestRows::kMaxLeaves];  // borrowed until all match
   for (size_t j = 0; j < n; ++j) {
     PyObject* key = schema.keys[j].ptr();
-    PyObject* v = PyDict_GetItemWithError(leaves.ptr(), key);  // borrowed
+    PyObject* v = lookup_leaf(leaves.ptr(), key);  // borrowed
     if (v == nullptr) {
-      if (PyErr_Occurred()) throw py::error_already_set();
       if (!schema.strict) return nullptr;
       PyErr_SetObject(
           PyExc_KeyError,

@@ -37,7 +37,7 @@ class SlotClient {
   SlotClient(std::shared_ptr<SharedSlots> segment, std::vector<py::object> request_keys,
              std::vector<py::object> request_dtypes, std::vector<py::object> request_shapes,
              py::object request_device, std::vector<py::object> response_banks, bool copy_result,
-             py::object normalise)
+             py::object normalise, py::object request_batch_size)
       : requester_(std::move(segment)),
         response_banks_(std::move(response_banks)),
         copy_result_(copy_result),
@@ -48,6 +48,9 @@ class SlotClient {
     schema_.dtypes = std::move(request_dtypes);
     schema_.shapes = std::move(request_shapes);
     schema_.device = std::move(request_device);
+    // A batched request_spec: requests carry its batch size (leaf shapes
+    // include the batch dims); None: batch size [].
+    if (!request_batch_size.is_none()) schema_.batch_size = std::move(request_batch_size);
     if (schema_.keys.size() != slots().request_leaves() ||
         response_banks_.size() != slots().response_leaves())
       throw std::invalid_argument("SlotClient: keys do not match the segment's layout");

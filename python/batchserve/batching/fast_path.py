@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict
-from tensordict.base import TensorDictBase
+from tensordict.base import TensorDictBase, _is_leaf_nontensor, is_non_tensor
 
 from batchserve import _core
 from batchserve.batching.collate import INTERACTION_TYPE_KEY
@@ -70,29 +70,36 @@ def schema_of(td) -> RequestSchema | None:
     return None if leaves is None else RequestSchema(*leaves)
 
 
-def spec_leaves(spec, argname: str, max_leaves: int | None = None):
+def spec_leaves(spec, argname: str, max_leaves: int | None = None, *, nested: bool = False):
     """The keys, dtypes, shapes and TensorDict device (None or the CPU) of a
-    spec: a TensorDict describing one request or response, with flat keys
-    and 1 to ``max_leaves`` CPU tensor leaves.
+    spec: a TensorDict describing one request or response, with 1 to
+    ``max_leaves`` CPU tensor leaves; flat keys and batch size ``[]``, or,
+    with ``nested``, nested keys (as tuples) and any batch size (the shapes
+    are then the leaves' whole shapes, batch dims included).
 
     Raises:
         TypeError: not a TensorDict, or a leaf that is not a tensor.
-        ValueError: a batch size, nested keys, a non-CPU leaf, an unsupported
-            dtype, no leaves or too many.
+        ValueError: a batch size or nested keys (without ``nested``), a
+            non-CPU leaf, an unsupported dtype, no leaves or too many.
     """
     if not isinstance(spec, TensorDictBase):
         raise TypeError(
             f"{argname} must be a TensorDict (a representative single item); got "
             f"{type(spec).__name__}."
         )
-    if spec.batch_dims != 0:
+    if spec.batch_dims != 0 and not nested:
         raise ValueError(
             f"{argname} must describe one request (batch size []); got {list(spec.batch_size)}."
         )
+    if nested:
+        # _is_leaf_nontensor surfaces NonTensorData leaves so that they are
+        # rejected, as torchrl's _make_slot_bank does, instead of ignored.
+        entries = spec.items(include_nested=True, leaves_only=True, is_leaf=_is_leaf_nontensor)
+    else:
+        entries = ((key, spec.get(key)) for key in spec.keys())
     keys, dtypes, shapes = [], [], []
-    for key in spec.keys():
-        value = spec.get(key)
-        if isinstance(value, TensorDictBase):
+    for key, value in entries:
+        if isinstance(value, TensorDictBase) and not is_non_tensor(value):
             raise ValueError(
                 f"{argname} key {key!r}: only flat tensor leaves are supported; it holds a "
                 "nested TensorDict (flatten it, e.g. with flatten_keys())."
@@ -105,19 +112,45 @@ def spec_leaves(spec, argname: str, max_leaves: int | None = None):
         if value.device.type != "cpu":
             raise ValueError(
                 f"{argname} key {key!r} is a {value.device} tensor; requests and results "
-                "travel as CPU tensors (the server moves batches to its device)."
+                "travel as CPU tensors (the server moves batches to its device); slots "
+                "live in CPU shared memory."
             )
         if value.dtype.is_complex or value.is_quantized:
             raise ValueError(f"{argname} key {key!r}: dtype {value.dtype} is not supported.")
         keys.append(key)
         dtypes.append(value.dtype)
         shapes.append(value.shape)
-    if max_leaves is not None and not 1 <= len(keys) <= max_leaves:
-        raise ValueError(f"{argname} must have 1 to {max_leaves} tensor leaves; got {len(keys)}.")
     if not keys:
         raise ValueError(f"{argname} must contain at least one tensor leaf.")
+    if max_leaves is not None and len(keys) > max_leaves:
+        raise ValueError(
+            f"{argname} has {len(keys)} tensor leaves; at most {max_leaves} are supported "
+            "(batchserve._core.MAX_LEAVES)."
+        )
     device = spec.device if spec.device is not None and spec.device.type == "cpu" else None
     return tuple(keys), tuple(dtypes), tuple(shapes), device
+
+
+def tensordict_of(keys, values, batch_size: torch.Size, device) -> TensorDict:
+    """A TensorDict holding ``values`` under ``keys`` (str, or tuples for
+    nested keys: the nested TensorDicts get ``batch_size`` too)."""
+    if all(type(key) is str for key in keys):
+        return TensorDict._new_unsafe(dict(zip(keys, values)), batch_size=batch_size,
+                                      device=device)
+    root: dict = {}
+    for key, value in zip(keys, values):
+        if type(key) is str:
+            key = (key,)
+        node = root
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return _nest(root, batch_size, device)
+
+
+def _nest(tree: dict, batch_size: torch.Size, device) -> TensorDict:
+    leaves = {k: _nest(v, batch_size, device) if type(v) is dict else v for k, v in tree.items()}
+    return TensorDict._new_unsafe(leaves, batch_size=batch_size, device=device)
 
 
 def schema_from_spec(spec) -> RequestSchema:
@@ -155,8 +188,8 @@ class StagingBuffer:
     def batch(self, n: int) -> TensorDict:
         """A new TensorDict of batch size [n] over the first n rows (new
         views each time: a model may reshape its input in place)."""
-        views = {key: column[:n] for key, column in zip(self.keys, self.columns)}
-        return TensorDict._new_unsafe(views, batch_size=torch.Size([n]), device=self.device)
+        views = [column[:n] for column in self.columns]
+        return tensordict_of(self.keys, views, torch.Size([n]), self.device)
 
     def clone_if_owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it lies in this buffer's memory (the
@@ -190,6 +223,8 @@ class FastPath:
         # What the transport hands back (None: every output key), and whether
         # gathering the next batch on a helper thread pays for the hand-off.
         self._result_keys = transport.result_keys
+        self._nested_result_keys = self._result_keys is not None and any(
+            type(key) is tuple for key in self._result_keys)
         # The transport copies each result out during the hand-back (shared
         # memory): output columns may stay in staging until then.
         self._copies_results = transport.copies_results
@@ -314,7 +349,11 @@ class FastPath:
             version_key = version_key[0]
         keys, values = [], []
         wanted = self._result_keys
-        for key, value in output._tensordict.items():  # exact TensorDict: its leaves
+        if self._nested_result_keys:  # the transport's keys, looked up in the output
+            entries = [(key, output.get(key, None)) for key in wanted if key != version_key]
+        else:
+            entries = output._tensordict.items()  # exact TensorDict: its leaves
+        for key, value in entries:
             if wanted is not None and key not in wanted:
                 continue  # dropped by the transport: no need to keep it
             if type(value) is not torch.Tensor:

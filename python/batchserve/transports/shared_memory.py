@@ -44,7 +44,7 @@ from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves
+from batchserve.batching.fast_path import MAX_LEAVES, RequestSchema, spec_leaves, tensordict_of
 from batchserve.transports.base import InferenceClient
 from batchserve.transports.exception_codec import decode_exception, encode_exception
 from batchserve.transports.native import NativeTransport
@@ -62,22 +62,26 @@ ResultTimeout = _core.ResultTimeout
 @dataclass(frozen=True)
 class SlotSpec(RequestSchema):
     """The leaves of one side (request or response) of the slots: the fields
-    and ``leaf_bytes`` of a fast-path schema, plus where they lie in a
-    segment."""
+    and ``leaf_bytes`` of a fast-path schema (keys may be nested, as tuples;
+    shapes are whole leaf shapes), the spec's batch size, plus where they lie
+    in a segment."""
+
+    batch_size: torch.Size = _NO_BATCH
 
     @classmethod
-    def of(cls, spec, argname: str, max_leaves: int | None = None) -> SlotSpec:
-        return cls(*spec_leaves(spec, argname, max_leaves))
+    def of(cls, spec, argname: str) -> SlotSpec:
+        keys, dtypes, shapes, device = spec_leaves(spec, argname, MAX_LEAVES, nested=True)
+        return cls(keys, dtypes, shapes, device, spec.batch_size)
 
     def describe(self) -> str:
         leaves = zip(self.keys, self.dtypes, self.shapes)
-        return ";".join(f"{k}:{d}:{list(s)}" for k, d, s in leaves)
+        text = ";".join(f"{k}:{d}:{list(s)}" for k, d, s in leaves)
+        return f"{list(self.batch_size)}/{text}"
 
     def tensordict(self, leaves) -> TensorDict:
-        """A TensorDict of batch size [] holding ``leaves`` (one tensor per
-        key, in key order), on this side's device."""
-        return TensorDict._new_unsafe(dict(zip(self.keys, leaves)), batch_size=_NO_BATCH,
-                                      device=self.device)
+        """A TensorDict of this side's batch size holding ``leaves`` (one
+        tensor per key, in key order), on this side's device."""
+        return tensordict_of(self.keys, leaves, self.batch_size, self.device)
 
     def banks(self, segment, offsets: list[int], num_slots: int) -> list[torch.Tensor]:
         """Per leaf, the tensor [num_slots, *shape] over its rows in ``segment``."""
@@ -241,7 +245,7 @@ class SharedMemoryClient(InferenceClient):
             segment,
             list(request.keys), list(request.dtypes), list(request.shapes), request.device,
             response.banks(segment, offsets, layout.num_slots), layout.copy_result,
-            self._normalise,
+            self._normalise, request.batch_size if request.batch_size else None,
         )
         self._blocking_call = self._call
 
@@ -273,12 +277,13 @@ class SharedMemoryClient(InferenceClient):
             raise TypeError(
                 f"SharedMemoryTransport requests are TensorDicts; got {type(td).__name__}."
             )
-        if td.batch_dims != 0:
-            raise ValueError(
-                f"a request is one TensorDict of batch size []; got {list(td.batch_size)}."
-            )
         request = self._layout.request
-        leaves = {}
+        if td.batch_size != request.batch_size:
+            raise ValueError(
+                f"a request has request_spec's batch size {list(request.batch_size)}; got "
+                f"{list(td.batch_size)}."
+            )
+        leaves = []
         for key in request.keys:
             value = td.get(key, None)
             if value is None:
@@ -290,8 +295,8 @@ class SharedMemoryClient(InferenceClient):
                 )
             if value.is_cpu:
                 value = value.resolve_neg().resolve_conj().contiguous()
-            leaves[key] = value
-        return TensorDict._new_unsafe(leaves, batch_size=torch.Size([]), device=request.device)
+            leaves.append(value)
+        return tensordict_of(request.keys, leaves, request.batch_size, request.device)
 
 
 class SharedMemoryTransport(NativeTransport):
@@ -311,11 +316,14 @@ class SharedMemoryTransport(NativeTransport):
 
     Args:
         request_spec (TensorDictBase): a representative single request: its
-            keys, dtypes and shapes define the request slots (flat keys, 1 to
-            8 tensor leaves, batch size ``[]``).
+            keys (nested ones too), dtypes, shapes and batch size define the
+            request slots; 1 to ``batchserve._core.MAX_LEAVES`` CPU tensor
+            leaves (non-tensor leaves raise :class:`TypeError`). A request of
+            batch size ``[3]`` is one request (one slot) whose rows the model
+            sees as a ``[3, ...]`` block of each leaf.
         response_spec (TensorDictBase): a representative single response,
             including server-added keys to forward such as
-            ``"policy_version"`` (flat keys, tensor leaves).
+            ``"policy_version"``; the same rules.
 
     Keyword Args:
         num_slots (int): preallocated slots: the most requests in flight.
@@ -365,7 +373,7 @@ class SharedMemoryTransport(NativeTransport):
     ):
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots must be a positive integer, got {num_slots}.")
-        request = SlotSpec.of(request_spec, "request_spec", MAX_LEAVES)
+        request = SlotSpec.of(request_spec, "request_spec")
         response = SlotSpec.of(response_spec, "response_spec")
         self._ctx = ctx
         name = f"/batchserve-{os.getpid()}-{next(_names)}-{secrets.token_hex(4)}"
