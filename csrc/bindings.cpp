@@ -166,8 +166,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<SlotClient>(m, "SlotClient")
       .def(py::init<std::shared_ptr<SharedSlots>, std::vector<py::object>, std::vector<py::object>,
-                    std::vector<py::object>, py::object, std::vector<py::object>, bool,
-                    py::object, py::object>(),
+                    std::vector<py::object>, py::object, std::vector<py::object>, bool, py::object,
+                    py::object>(),
            py::arg("segment"), py::arg("request_keys"), py::arg("request_dtypes"),
            py::arg("request_shapes"), py::arg("request_device"), py::arg("response_banks"),
            py::arg("copy_result"), py::arg("normalise"), py::arg("request_batch_size") = py::none())
