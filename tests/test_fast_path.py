@@ -11,6 +11,7 @@ import torch.nn as nn
 from conftest import BlockingModel, echo_model, echoes, make_policy, request
 from tensordict import TensorDict, lazy_stack
 
+import batchserve
 from batchserve import InferenceServer, ThreadingTransport
 from batchserve.batching.fast_path import schema_from_spec, schema_of
 
@@ -498,8 +499,11 @@ def test_request_spec_needs_a_batchserve_transport():
         (TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2]), "one request"),
         (TensorDict({"x": {"y": torch.zeros(1)}}), "flat tensor leaves"),
         (TensorDict({"x": torch.zeros(1, device="meta")}), "CPU tensors"),
-        (TensorDict({}), "1 to 8"),
-        (TensorDict({f"k{i}": torch.zeros(1) for i in range(9)}), "1 to 8"),
+        (TensorDict({}), "at least one tensor leaf"),
+        (
+            TensorDict({f"k{i}": torch.zeros(1) for i in range(batchserve._core.MAX_LEAVES + 1)}),
+            "MAX_LEAVES",
+        ),
     ],
 )
 def test_bad_request_specs(spec, match):
