@@ -440,6 +440,19 @@ class SharedMemoryTransport(NativeTransport):
     def copy_result(self) -> bool:
         return self._layout.copy_result
 
+    @property
+    def _response_slots(self) -> TensorDict:
+        """The response rows of every slot, as torchrl's transport names its
+        bank: a TensorDict of batch size ``[num_slots, *response batch size]``
+        over the shared memory (a ``copy_result=False`` result is a view of
+        its slot's row)."""
+        layout, segment = self._layout, self._segment
+        response = layout.response
+        offsets = [segment.response_offset(j) for j in range(len(response.keys))]
+        banks = response.banks(segment, offsets, layout.num_slots)
+        batch_size = torch.Size([layout.num_slots, *response.batch_size])
+        return tensordict_of(response.keys, banks, batch_size, response.device)
+
     # -- actor side ---------------------------------------------------------------
 
     def client(self) -> SharedMemoryClient:
