@@ -7,10 +7,13 @@ different modes never share a forward: :func:`interaction_groups` splits
 such a batch and each part runs under its own ``set_interaction_type``.
 A request submitted straight to a transport or to a client
 (``transport.client()``, ``InferenceClient``) is not stamped, as in torchrl:
-its forward runs under the server's ambient mode, which tensordict keeps
-process-wide (in a thread server, whatever some thread set at that moment),
-so a caller's ``set_interaction_type`` does not travel with it. Callers that
-need their mode honoured go through ``PolicyClientModule`` or stamp the key.
+its forward runs under the server's ambient mode. tensordict keeps that
+mode process-wide, so in a thread server it is whatever some thread set at
+the moment of the forward (a blocking caller's own context only while no
+other thread changes it), and in a server in another process it is that
+process's own: a caller's ``set_interaction_type`` does not travel with an
+unstamped request. Callers that need their mode honoured go through
+``PolicyClientModule`` (or stamp the key themselves).
 """
 
 from __future__ import annotations
