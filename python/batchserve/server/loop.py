@@ -260,7 +260,7 @@ class WorkerLoop:
             )
         fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
         if server.collect_stats:
-            self._stats.record_server_ms(self._queue_ms(_core.monotonic_ns(), submitted_ns))
+            self._stats.record_hand_back(queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
 
     def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
         """The general path: ``collate_fn``, the model, ``unbind``."""
@@ -283,7 +283,7 @@ class WorkerLoop:
                     return
         split = interaction_groups(items)
         if split is not None:
-            groups, mixed = split
+            mixed = split[1]
             if mixed:
                 batch.fail_some(
                     mixed,
@@ -315,7 +315,10 @@ class WorkerLoop:
                     results[i] = result
         batch.resolve(results)
         if server.collect_stats:
-            self._stats.record_server_ms(self._queue_ms(_core.monotonic_ns(), submitted_ns))
+            self._stats.record_hand_back(
+                self._queue_ms(dispatch_ns, submitted_ns),
+                (_core.monotonic_ns() - dispatch_ns) * 1e-6,
+            )
 
     def _forward(self, items: list, submitted_ns, dispatch_ns: int):
         """``collate_fn``, the model (under the requests' interaction type)

@@ -57,7 +57,9 @@ class ServerStats:
         self._histogram: collections.Counter = collections.Counter()
         self._queue_ms = collections.deque(maxlen=self._window_size)
         self._forward_ms = collections.deque(maxlen=self._window_size)
-        self._server_ms = collections.deque(maxlen=self._window_size)
+        # (queue_ms list, dispatch-to-hand-back ms) per batch: at most
+        # window_size batches hold at least window_size requests.
+        self._hand_backs = collections.deque(maxlen=self._window_size)
         self._interaction_splits = 0
 
     def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
@@ -70,10 +72,12 @@ class ServerStats:
             self._queue_ms.extend(queue_ms)
             self._forward_ms.append(forward_ms)
 
-    def record_server_ms(self, server_ms) -> None:
-        """Submission to hand-back, per request of one batch."""
+    def record_hand_back(self, queue_ms: list, dispatch_to_hand_back_ms: float) -> None:
+        """One batch handed back: its requests' queue waits, and the time from
+        its dispatch to the end of its hand-back. Kept per batch and summed at
+        :meth:`snapshot`, so the server thread pays one append."""
         with self._lock:
-            self._server_ms.extend(server_ms)
+            self._hand_backs.append((queue_ms, dispatch_to_hand_back_ms))
 
     def record_interaction_split(self) -> None:
         with self._lock:
@@ -105,7 +109,9 @@ class ServerStats:
             queue_ms = list(self._queue_ms)
             forward_ms = list(self._forward_ms)
             apply_ms = list(self._weight_apply_ms)
-            server_ms = list(self._server_ms)
+            server_ms = [
+                wait + handed for waits, handed in self._hand_backs for wait in waits
+            ][-self._window_size :]
             result = {
                 "requests": self._requests,
                 "fast_path_requests": self._fast_path_requests,
