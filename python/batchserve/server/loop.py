@@ -18,7 +18,12 @@ import torch
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
-from batchserve.batching.collate import default_collate, interaction_context
+from batchserve.batching.collate import (
+    INTERACTION_TYPE_KEY,
+    default_collate,
+    interaction_context,
+    interaction_groups,
+)
 from batchserve.batching.fast_path import FastPath
 from batchserve.server.lifecycle import (
     SHUTDOWN_MESSAGE,
@@ -239,7 +244,9 @@ class WorkerLoop:
         their rows back (see ``batchserve.batching.fast_path``)."""
         server = self._server
         n = batch.rows
-        queue_ms = self._queue_ms(dispatch_ns, batch.rows_submitted_ns)
+        # Read before the hand-back, which takes the rows out of the batch.
+        submitted_ns = batch.rows_submitted_ns if server.collect_stats else []
+        queue_ms = self._queue_ms(dispatch_ns, submitted_ns)
         fast = self._fast
         with self._versions.model_lock:
             model_input = fast.model_input(buffer, n)
@@ -252,6 +259,8 @@ class WorkerLoop:
                 n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True
             )
         fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
+        if server.collect_stats:
+            self._stats.record_hand_back(queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
 
     def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
         """The general path: ``collate_fn``, the model, ``unbind``."""
@@ -272,8 +281,51 @@ class WorkerLoop:
                 items = self._batches.items_of(batch)
                 if not items:
                     return
+        split = interaction_groups(items)
+        if split is not None:
+            mixed = split[1]
+            if mixed:
+                batch.fail_some(
+                    mixed,
+                    RuntimeError(
+                        "InferenceServer received a request whose rows mix "
+                        f"interaction types ({INTERACTION_TYPE_KEY!r}); stamp "
+                        "one interaction type per request."
+                    ),
+                )
+                items = self._batches.items_of(batch)
+                if not items:
+                    return
+                split = interaction_groups(items)
+        submitted_ns = batch.submitted_ns
+        if split is None:
+            results = self._forward(items, submitted_ns, dispatch_ns).unbind(0)
+        else:
+            # One forward per interaction type (pytorch/rl #4312); every
+            # caller gets its row of its own group's output.
+            self._stats.record_interaction_split()
+            results = [None] * len(items)
+            for indices in split[0]:
+                output = self._forward(
+                    [items[i] for i in indices],
+                    [submitted_ns[i] for i in indices] if submitted_ns else [],
+                    dispatch_ns,
+                )
+                for i, result in zip(indices, output.unbind(0)):
+                    results[i] = result
+        batch.resolve(results)
+        if server.collect_stats:
+            self._stats.record_hand_back(
+                self._queue_ms(dispatch_ns, submitted_ns),
+                (_core.monotonic_ns() - dispatch_ns) * 1e-6,
+            )
+
+    def _forward(self, items: list, submitted_ns, dispatch_ns: int):
+        """``collate_fn``, the model (under the requests' interaction type)
+        and the version stamp, for requests that share an interaction type."""
+        server = self._server
         n = len(items)
-        queue_ms = self._queue_ms(dispatch_ns, batch.submitted_ns)
+        queue_ms = self._queue_ms(dispatch_ns, submitted_ns)
         collated = server.collate_fn(items)
         if server.device is not None:
             collated = collated.to(server.device)
@@ -294,7 +346,6 @@ class WorkerLoop:
                         device=output.device or server.output_device or server.device,
                     ),
                 )
-        results = output.unbind(0)
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
             self._stats.record_batch(n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
-        batch.resolve(results)
+        return output

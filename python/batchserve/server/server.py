@@ -392,7 +392,13 @@ class InferenceServer:
         preparation), ``batch_size_histogram`` (size -> batches),
         ``policy_version``, ``weight_updates``, ``weight_sync_errors``,
         ``p50/max_weight_apply_ms`` (how long copying an update in held the
-        model lock, for ``update_weights`` and batchserve's receiver).
+        model lock, for ``update_weights`` and batchserve's receiver),
+        ``p50/p95/mean_server_ms`` (per request, submission to the end of its
+        batch's hand-back: how long a caller waited on the server; set
+        against an actor's step time it says whether actors are env-bound or
+        inference-bound), ``interaction_split_batches`` (collected batches
+        whose requests asked for different interaction types, served as one
+        forward per type, each forward counted in ``batches``).
 
         Args:
             reset (bool, optional): clear the counters after the snapshot.

@@ -19,8 +19,19 @@ class ServerStats:
     """Thread-safe accounting for :meth:`InferenceServer.stats`.
 
     Counters and the batch-size histogram are exact since the last reset;
-    queue-wait and forward percentiles are over the most recent
+    queue-wait, forward and server-time percentiles are over the most recent
     ``window_size`` samples.
+
+    Beyond torchrl's keys:
+
+    * ``p50_server_ms`` / ``p95_server_ms`` / ``mean_server_ms``: per request,
+      from its submission to the end of the hand-back of its batch (queue,
+      forward, results handed back): how long a caller waits on the server.
+      Against an actor's step time (env step and the rest outside the
+      server) it says whether actors are inference-bound (pytorch/rl #4061).
+    * ``interaction_split_batches``: collected batches whose requests asked
+      for different interaction types and were served as one forward per
+      type (each counted in ``batches``, one per forward).
     """
 
     def __init__(self, window_size: int = 1024):
@@ -46,6 +57,10 @@ class ServerStats:
         self._histogram: collections.Counter = collections.Counter()
         self._queue_ms = collections.deque(maxlen=self._window_size)
         self._forward_ms = collections.deque(maxlen=self._window_size)
+        # (queue_ms list, dispatch-to-hand-back ms) per batch: at most
+        # window_size batches hold at least window_size requests.
+        self._hand_backs = collections.deque(maxlen=self._window_size)
+        self._interaction_splits = 0
 
     def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
         with self._lock:
@@ -56,6 +71,17 @@ class ServerStats:
             self._histogram[size] += 1
             self._queue_ms.extend(queue_ms)
             self._forward_ms.append(forward_ms)
+
+    def record_hand_back(self, queue_ms: list, dispatch_to_hand_back_ms: float) -> None:
+        """One batch handed back: its requests' queue waits, and the time from
+        its dispatch to the end of its hand-back. Kept per batch and summed at
+        :meth:`snapshot`, so the server thread pays one append."""
+        with self._lock:
+            self._hand_backs.append((queue_ms, dispatch_to_hand_back_ms))
+
+    def record_interaction_split(self) -> None:
+        with self._lock:
+            self._interaction_splits += 1
 
     def record_failed_batch(self) -> None:
         with self._lock:
@@ -83,6 +109,9 @@ class ServerStats:
             queue_ms = list(self._queue_ms)
             forward_ms = list(self._forward_ms)
             apply_ms = list(self._weight_apply_ms)
+            server_ms = [
+                wait + handed for waits, handed in self._hand_backs for wait in waits
+            ][-self._window_size :]
             result = {
                 "requests": self._requests,
                 "fast_path_requests": self._fast_path_requests,
@@ -97,6 +126,10 @@ class ServerStats:
                 "p50_forward_ms": percentile(forward_ms, 0.50),
                 "p95_forward_ms": percentile(forward_ms, 0.95),
                 "p99_forward_ms": percentile(forward_ms, 0.99),
+                "p50_server_ms": percentile(server_ms, 0.50),
+                "p95_server_ms": percentile(server_ms, 0.95),
+                "mean_server_ms": sum(server_ms) / len(server_ms) if server_ms else 0.0,
+                "interaction_split_batches": self._interaction_splits,
                 "batch_size_histogram": dict(sorted(self._histogram.items())),
                 "policy_version": policy_version,
                 "weight_updates": self._weight_updates,
