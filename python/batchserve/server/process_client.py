@@ -32,12 +32,13 @@ class ServerProcessExitedError(ServerClosedError, MailboxPeerClosedError):
     torchrl's ``MailboxPeerClosedError``."""
 
 
-def _server_gone(peer_alive) -> bool:
+def _server_gone(peer_alive, settle_s: float = _DEATH_SETTLE_S) -> bool:
     """Whether the server process is gone: the liveness flag clears at
-    once when it is, but may trail the transport's own error by a moment."""
+    once when it is, but may trail the transport's own error by a moment
+    (waited for up to ``settle_s``)."""
     if peer_alive is None:
         return False
-    deadline = time.monotonic() + _DEATH_SETTLE_S
+    deadline = time.monotonic() + settle_s
     while True:
         try:
             if not peer_alive.is_set():
@@ -68,6 +69,12 @@ def _closed_if_gone(peer_alive, call, *args, **kwargs):
         if error is None:
             raise
         raise error from exc
+    except RuntimeError as exc:
+        # A send to a dead server fails in the transport itself (gloo's
+        # "Connection reset by peer"); a live server's errors pass as they are.
+        if isinstance(exc, ServerClosedError) or not _server_gone(peer_alive, 0.0):
+            raise
+        raise ServerProcessExitedError(f"the inference server process is gone: {exc}") from exc
 
 
 class ProcessFuture:
