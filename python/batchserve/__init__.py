@@ -14,6 +14,7 @@ transports run under :class:`batchserve.InferenceServer`.
 
 from batchserve._core import QueueFull, ServerClosedError
 from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
+from batchserve.server.process import ProcessInferenceServer
 from batchserve.server.server import InferenceServer
 from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
@@ -26,6 +27,7 @@ __all__ = [
     "InferenceClient",
     "InferenceServer",
     "InferenceTransport",
+    "ProcessInferenceServer",
     "QueueFull",
     "RayClient",
     "RayServer",
