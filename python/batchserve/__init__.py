@@ -19,6 +19,9 @@ from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve.transports.threading import ThreadingTransport
 from batchserve.weights.shared_memory import SharedMemoryWeightReceiver, WeightPublisher
+from batchserve.torchrl_compat import install as _install_torchrl_compat
+
+_install_torchrl_compat()
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "AsyncBatchedCollector":  # imports torchrl: only on demand
+        from batchserve.collector import AsyncBatchedCollector
+
+        return AsyncBatchedCollector
     # torchrl's inference-server names that batchserve does not reimplement.
     if not name.startswith("_"):
         try:
