@@ -15,11 +15,11 @@ transports run under :class:`batchserve.InferenceServer`.
 from batchserve._core import QueueFull, ServerClosedError
 from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
 from batchserve.server.server import InferenceServer
+from batchserve.torchrl_compat import install as _install_torchrl_compat
 from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve.transports.threading import ThreadingTransport
 from batchserve.weights.shared_memory import SharedMemoryWeightReceiver, WeightPublisher
-from batchserve.torchrl_compat import install as _install_torchrl_compat
 
 _install_torchrl_compat()
 
