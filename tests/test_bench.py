@@ -82,9 +82,9 @@ def test_shipped_scenarios_load(name):
 def test_every_shipped_scenario_file_loads():
     """Each benchmarks/*.toml loads: the throughput ones as scenarios, the
     ones with a ``kind`` through their kind's own config."""
-    from batchserve.bench import ray_actors, soak, weight_sync
+    from batchserve.bench import collector, ray_actors, soak, weight_sync
 
-    kinds = {"soak": soak, "weight_sync": weight_sync, "ray": ray_actors}
+    kinds = {"soak": soak, "weight_sync": weight_sync, "ray": ray_actors, "collector": collector}
     names = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".toml"))
     assert "ray.toml" in names
     for name in names:

@@ -16,10 +16,13 @@ from batchserve._core import QueueFull, ServerClosedError
 from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
 from batchserve.server.process import ProcessInferenceServer
 from batchserve.server.server import InferenceServer
+from batchserve.torchrl_compat import install as _install_torchrl_compat
 from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
 from batchserve.transports.threading import ThreadingTransport
 from batchserve.weights.shared_memory import SharedMemoryWeightReceiver, WeightPublisher
+
+_install_torchrl_compat()
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "AsyncBatchedCollector":  # imports torchrl: only on demand
+        from batchserve.collector import AsyncBatchedCollector
+
+        return AsyncBatchedCollector
     # torchrl's inference-server names that batchserve does not reimplement.
     if not name.startswith("_"):
         try:

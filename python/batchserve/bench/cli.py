@@ -210,11 +210,11 @@ def run(args, parser) -> int:
 
 
 # Scenario files with a `kind` run on their own, through their own module.
-_KINDS = ("soak", "weight_sync", "ray")
+_KINDS = ("soak", "weight_sync", "ray", "collector")
 
 
 def kind_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, str]]:
-    """The scenario files named that have a ``kind`` (soak, weight_sync, ray);
+    """The scenario files named that have a ``kind`` (soak, weight_sync, ray, collector);
     such a scenario runs alone."""
     found = []
     for name in args.scenarios:
@@ -231,7 +231,7 @@ def kind_scenarios(parser: argparse.ArgumentParser, args) -> list[tuple[dict, st
 
 
 def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
-    """Runs soak, weight_sync or ray scenarios; exit status 1 when a soak
+    """Runs soak, weight_sync, ray or collector scenarios; exit status 1 when a soak
     lost, duplicated or misrouted a request (or hung), or an actor of a
     weight_sync or ray run failed."""
     from rich.console import Console
@@ -253,6 +253,14 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
 
         flags = ["duration", "warmup", "rounds", "num_actors", "max_batch_size", "timeout",
                  "torch_threads"]
+    elif kind == "collector":
+        import importlib.util
+
+        if importlib.util.find_spec("torchrl") is None:
+            parser.error("a collector scenario needs torchrl: pip install torchrl")
+        from batchserve.bench import collector as module
+
+        flags = ["duration", "rounds", "torch_threads"]
     else:
         from batchserve.bench import weight_sync as module
 

@@ -44,6 +44,13 @@ class InferenceTransport(abc.ABC):
     # None until a server records itself.
     _serving_run: object | None = None
 
+    # torchrl's ABC declares these; batchserve registers this class with it
+    # (batchserve.torchrl_compat), so torchrl's servers read them here. A
+    # client needs no set-up before a server starts, and no transport has
+    # torchrl's fixed request/response slot banks.
+    _clients_require_registration: bool = False
+    _batched_slot_io: bool = False
+
     # -- torchrl's protocol ---------------------------------------------------
 
     @abc.abstractmethod
@@ -74,6 +81,10 @@ class InferenceTransport(abc.ABC):
     def client(self) -> InferenceClient:
         """Return an actor-side :class:`InferenceClient` bound to this transport."""
         return InferenceClient(self)
+
+    def _set_peer_alive(self, alive_event) -> None:  # noqa: B027 - torchrl's optional hook
+        """torchrl's hook for a liveness flag of a server in another process;
+        batchserve's clients learn of a closed server from the transport itself."""
 
     # -- the C++ request queue ------------------------------------------------
 
