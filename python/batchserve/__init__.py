@@ -13,7 +13,8 @@ transports run under :class:`batchserve.InferenceServer`.
 """
 
 from batchserve._core import QueueFull, ServerClosedError
-from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
+from batchserve.ray.service import RayInferenceServer, RayServer, serve_on_ray
+from batchserve.ray.transport import RayClient, RayTransport
 from batchserve.server.server import InferenceServer
 from batchserve.transports.base import InferenceClient, InferenceTransport
 from batchserve.transports.shared_memory import SharedMemoryClient, SharedMemoryTransport
@@ -28,6 +29,7 @@ __all__ = [
     "InferenceTransport",
     "QueueFull",
     "RayClient",
+    "RayInferenceServer",
     "RayServer",
     "RayTransport",
     "ServerClosedError",
