@@ -13,7 +13,8 @@ transports run under :class:`batchserve.InferenceServer`.
 """
 
 from batchserve._core import QueueFull, ServerClosedError
-from batchserve.ray.transport import RayClient, RayServer, RayTransport, serve_on_ray
+from batchserve.ray.service import RayInferenceServer, RayServer, serve_on_ray
+from batchserve.ray.transport import RayClient, RayTransport
 from batchserve.server.process import ProcessInferenceServer
 from batchserve.server.server import InferenceServer
 from batchserve.torchrl_compat import install as _install_torchrl_compat
@@ -33,6 +34,7 @@ __all__ = [
     "ProcessInferenceServer",
     "QueueFull",
     "RayClient",
+    "RayInferenceServer",
     "RayServer",
     "RayTransport",
     "ServerClosedError",

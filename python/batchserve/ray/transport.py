@@ -1,8 +1,6 @@
-"""Actors on a Ray cluster: :class:`RayTransport`, and a server hosted in a
-Ray actor (:func:`serve_on_ray`).
-
-A server hosted in a Ray actor is its own inbox: the actor is async, and a
-remote call puts the request in the server's C++ queue and awaits it there.
+"""Actors on a Ray cluster: :class:`RayTransport`, for a server in this
+process, and :class:`RayClient`, the client of it and of a server hosted in
+a Ray actor (``batchserve.ray.service``).
 
 For a server in a process that is no Ray actor (the driver, say), remote
 requests meet in an *inbox*, a small async Ray actor owned by the
@@ -27,8 +25,10 @@ import functools
 import logging
 import queue
 import threading
+from concurrent.futures import Future
 
 from batchserve import _core
+from batchserve.ray.runtime import RayRuntimeLease, ray_module
 from batchserve.transports.base import InferenceClient
 from batchserve.transports.exception_codec import decode_exception, encode_exception
 from batchserve.transports.threading import ThreadingTransport
@@ -38,16 +38,6 @@ from batchserve.transports.threading import ThreadingTransport
 _TAKE_WAIT_S = 0.25
 
 _log = logging.getLogger("batchserve")
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError as exc:  # pragma: no cover - exercised without ray
-        raise ImportError(
-            "batchserve's Ray support needs Ray: pip install \"batchserve[ray]\""
-        ) from exc
-    return ray
 
 
 class _Inbox:
@@ -161,7 +151,7 @@ class _Pump:
         self._outbox.put(None)  # wakes the hand-back to look at what is left
 
     def _bring_in(self) -> None:
-        ray = _ray()
+        ray = ray_module()
         while not self._stop.is_set():
             try:
                 items = ray.get(self._inbox.take.remote(self._max_take, _TAKE_WAIT_S))
@@ -230,18 +220,20 @@ class _Pump:
 
 
 class RayClient(InferenceClient):
-    """A client of a :class:`RayTransport` or of a server hosted by
-    :func:`serve_on_ray`: picklable into Ray tasks and actors on any node (it
-    holds the actor handle of the inbox, or of the hosting actor).
+    """A client of a :class:`RayTransport` or of a
+    :class:`~batchserve.RayInferenceServer`: picklable into Ray tasks and
+    actors on any node (it holds the actor handle of the inbox, or of the
+    serving actor).
 
     ``client(td)`` blocks for the result; ``client.submit(td)`` returns a
     ``concurrent.futures.Future``; ``await client.acall(td)`` for asyncio.
     ``client(td, timeout=...)`` raises ``ray.exceptions.GetTimeoutError`` (a
     ``TimeoutError``) after that many seconds, the request staying in flight.
     Errors raised by the model reach the caller as the same exception type
-    (Ray's ``RayTaskError`` subclass of it); a server that went away raises
-    ``ray.exceptions.RayActorError`` (its inbox died with it) or
-    :class:`batchserve.ServerClosedError` (it was shut down).
+    (Ray's ``RayTaskError`` subclass of it). A server that went away raises
+    :class:`batchserve.ServerClosedError`: shut down, or its actor died (a
+    :class:`~batchserve.ray.errors.ServerActorDiedError`, which is also a
+    ``ray.exceptions.ActorDiedError``).
     """
 
     __slots__ = ("_inbox",)
@@ -256,11 +248,38 @@ class RayClient(InferenceClient):
 
     def _get(self, td, timeout: float | None):
         """One request, waited for by ``ray.get``."""
-        return _ray().get(self._inbox.call.remote(td), timeout=timeout)
+        ray = ray_module()
+        try:
+            return ray.get(self._inbox.call.remote(td), timeout=timeout)
+        except ray.exceptions.ActorDiedError as exc:
+            from batchserve.ray.errors import translate
+
+            raise translate(exc) from exc
 
     def _submit(self, td, timeout: float | None):
         """One actor call; its ``concurrent.futures.Future``."""
-        return self._inbox.call.remote(td).future()
+        return _translated(self._inbox.call.remote(td).future())
+
+
+def _translated(inner: Future) -> Future:
+    """A Future with ``inner``'s outcome, an actor's death turned into a
+    :class:`~batchserve.ray.errors.ServerActorDiedError`."""
+    outer: Future = Future()
+
+    def settle(done: Future) -> None:
+        if done.cancelled():
+            outer.cancel()
+            return
+        exc = done.exception()
+        if exc is None:
+            outer.set_result(done.result())
+            return
+        from batchserve.ray.errors import translate
+
+        outer.set_exception(translate(exc))
+
+    inner.add_done_callback(settle)
+    return outer
 
 
 class RayTransport(ThreadingTransport):
@@ -272,7 +291,8 @@ class RayTransport(ThreadingTransport):
     kinds of request go into the same C++ queue and are batched together.
 
     Ray is started (``ray.init()``) if it is not running yet, and shut down
-    by :meth:`close` only then; a runtime started by the caller is left
+    when the last of batchserve's Ray parts that use it is closed (see
+    ``batchserve.ray.runtime``); a runtime started by the caller is left
     running.
 
     Args:
@@ -294,10 +314,8 @@ class RayTransport(ThreadingTransport):
 
     def __init__(self, max_queue_size: int = 65536, *, request_spec=None, max_take: int = 256):
         super().__init__(max_queue_size, request_spec=request_spec)
-        ray = _ray()
-        self._started_ray = not ray.is_initialized()
-        if self._started_ray:
-            ray.init()
+        self._runtime_lease = RayRuntimeLease.acquire()
+        ray = ray_module()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # On this node (requests then cross the network once); num_cpus=0:
@@ -324,7 +342,7 @@ class RayTransport(ThreadingTransport):
         with self._lock:
             if self._inbox is None:
                 raise _core.ServerClosedError("this RayTransport was closed")
-            _ray().get(self._inbox.open.remote())
+            ray_module().get(self._inbox.open.remote())
             if self._pump is None:
                 self._pump = _Pump(self._inbox, self.submit, self._max_take)
                 self._pump.start()
@@ -344,7 +362,7 @@ class RayTransport(ThreadingTransport):
                 # Waited for: calls to an async actor from different threads
                 # (the worker's exit, a later start()'s open) may run in any
                 # order, and a late close must not refuse the next run's calls.
-                _ray().get(inbox.close.remote(
+                ray_module().get(inbox.close.remote(
                     _core.ServerClosedError("the InferenceServer was shut down")), timeout=30)
             except Exception:
                 pass
@@ -352,9 +370,9 @@ class RayTransport(ThreadingTransport):
             pump.stop()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop serving remote clients and release the inbox actor (and the
-        Ray runtime, if this transport started it). Answers still on their
-        way get up to ``timeout`` seconds to reach their callers."""
+        """Stop serving remote clients and release the inbox actor and this
+        transport's lease on the Ray runtime. Answers still on their way get
+        up to ``timeout`` seconds to reach their callers."""
         self.server_stopped()
         with self._lock:
             inbox, self._inbox = self._inbox, None
@@ -362,134 +380,11 @@ class RayTransport(ThreadingTransport):
         for pump in draining:
             pump.hand_back.join(timeout)
         if inbox is not None:
-            ray = _ray()
+            ray = ray_module()
             try:
                 ray.get(inbox.abort.remote(_core.ServerClosedError("the RayTransport was closed")),
                         timeout=timeout)
                 ray.kill(inbox)
             except Exception:
                 pass
-            if self._started_ray and ray.is_initialized():
-                ray.shutdown()
-
-
-class _ServerActor:
-    """The Ray actor that hosts an InferenceServer (see :func:`serve_on_ray`).
-
-    It is its own inbox: an async actor whose ``call`` puts the request in a
-    ThreadingTransport's C++ queue and awaits its future, so a remote call
-    is one actor call, and the server's threads batch them. Its other
-    methods run in a thread, so the event loop keeps taking calls."""
-
-    def __init__(self, policy_factory, transport_kwargs: dict, server_kwargs: dict):
-        from batchserve.server.server import InferenceServer
-
-        self._transport = ThreadingTransport(**transport_kwargs)
-        self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
-        self._server.start()
-
-    async def call(self, td):
-        return await asyncio.wrap_future(self._transport.submit(td))
-
-    async def stats(self, reset: bool = False) -> dict:
-        return self._server.stats(reset=reset)
-
-    async def policy_version(self) -> int:
-        return self._server.policy_version
-
-    async def update_weights(self, weights, version=None) -> int:
-        return await asyncio.to_thread(self._server.update_weights, weights, version=version)
-
-    async def shutdown(self, timeout: float | None) -> None:
-        await asyncio.to_thread(self._server.shutdown, timeout=timeout)
-
-
-class RayServer:
-    """A handle on an InferenceServer running in a Ray actor (made by
-    :func:`serve_on_ray`): ``client()``, ``stats()``, ``update_weights()``,
-    ``policy_version`` and ``shutdown()`` reach it through the actor.
-    Picklable (it holds actor handles), so any Ray task can make clients."""
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    def client(self) -> RayClient:
-        """A client for Ray tasks and actors, and for this process."""
-        return RayClient(self.actor)
-
-    def stats(self, reset: bool = False) -> dict:
-        return _ray().get(self.actor.stats.remote(reset))
-
-    @property
-    def policy_version(self) -> int:
-        return _ray().get(self.actor.policy_version.remote())
-
-    def update_weights(self, weights, *, version: int | None = None) -> int:
-        """``InferenceServer.update_weights`` on the hosted server."""
-        return _ray().get(self.actor.update_weights.remote(weights, version))
-
-    def shutdown(self, timeout: float | None = 5.0) -> None:
-        """Shut the server down (waiting callers get ``ServerClosedError``)
-        and end its actor, releasing what it holds. The Ray runtime stays."""
-        ray = _ray()
-        try:
-            ray.get(self.actor.shutdown.remote(timeout))
-        except Exception:  # it died already
-            pass
-        ray.kill(self.actor)
-
-    def __enter__(self) -> RayServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-
-def serve_on_ray(
-    policy_factory,
-    *,
-    num_cpus: float = 1,
-    num_gpus: float = 0,
-    actor_options: dict | None = None,
-    max_queue_size: int = 65536,
-    request_spec=None,
-    **server_kwargs,
-) -> RayServer:
-    """Start an :class:`~batchserve.InferenceServer` inside a Ray actor.
-
-    The policy is built there by ``policy_factory()`` (so it is made where it
-    runs: on a GPU node when ``num_gpus`` asks for one), and served through
-    the actor itself: a remote call is one call on the actor, which queues
-    it in the server's C++ queue. Returns a :class:`RayServer` handle.
-
-    Args:
-        policy_factory (Callable[[], model]): builds the served model (must
-            be picklable by Ray: a module-level function, a class, ...).
-
-    Keyword Args:
-        num_cpus, num_gpus (float, optional): the actor's resources.
-            Defaults: ``1`` and ``0``.
-        actor_options (dict, optional): more ``.options()`` for the actor
-            (``name``, ``scheduling_strategy``, ``runtime_env``...).
-        max_queue_size, request_spec: for the server's ThreadingTransport.
-        **server_kwargs: for the InferenceServer (``max_batch_size``,
-            ``timeout``, ``device``, ``weight_sync``...).
-
-    Example:
-        >>> server = serve_on_ray(make_policy, num_gpus=1, max_batch_size=256)
-        >>> client = server.client()
-        >>> ray.get([rollout.remote(client) for _ in range(512)])
-        >>> server.update_weights(TensorDict.from_module(trained))
-        >>> server.shutdown()
-    """
-    ray = _ray()
-    if not ray.is_initialized():
-        ray.init()
-    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_concurrency": 1_000_000}
-    options.update(actor_options or {})
-    actor = ray.remote(_ServerActor).options(**options).remote(
-        policy_factory,
-        {"max_queue_size": max_queue_size, "request_spec": request_spec},
-        server_kwargs,
-    )
-    return RayServer(actor)
+        self._runtime_lease.release()
