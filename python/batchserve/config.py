@@ -1,8 +1,8 @@
 """Server settings: :class:`ServerSettings` parses and checks what
 :class:`~batchserve.InferenceServer` is given (its keyword arguments, or
 torchrl's ``InferenceServerConfig`` / ``InferenceDeviceConfig`` in their
-place), and :func:`resolve_transport` turns torchrl's transport selector
-into a transport.
+place). Transport selectors are resolved by
+``batchserve.server.deployment``.
 """
 
 from __future__ import annotations
@@ -41,23 +41,6 @@ def seconds(name: str, value) -> float:
 
 def as_device(device) -> torch.device | None:
     return torch.device(device) if device is not None else None
-
-
-def resolve_transport(transport: Any) -> Any:
-    """``transport`` itself, or the transport a torchrl-style selector
-    (``None``, ``"auto"``, ``"thread"``, ``"threading"``) names; in-process
-    kinds only."""
-    if transport is not None and not isinstance(transport, str):
-        return transport
-    if transport in (None, "auto", "thread", "threading"):
-        from batchserve.transports.threading import ThreadingTransport
-
-        return ThreadingTransport()
-    raise ValueError(
-        f"transport={transport!r} is not available in batchserve yet; pass a "
-        "transport instance (any object with torchrl's transport protocol) "
-        "or one of 'auto', 'thread'."
-    )
 
 
 class BatchingSetting:

@@ -167,7 +167,10 @@ class WorkerLoop:
         """Serves until stopped; returns the error that the requests left
         waiting get when a BaseException from the model stopped it."""
         batches = self._batches
+        user_stop = self._server._shutdown_event  # shutdown_event=: set by the user, it stops us
         while not run.stop.is_set():
+            if user_stop is not None and user_stop.is_set():
+                return None
             if self._weight_sync.polled:
                 batches.wake_resolved()  # applying new weights may take a while
             self._weight_sync.poll()

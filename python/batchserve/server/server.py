@@ -23,9 +23,9 @@ from batchserve.config import (
     ServerSettings,
     as_device,
     positive_int,
-    resolve_transport,
     seconds,
 )
+from batchserve.server.deployment import ServerDeployment, make_transport
 from batchserve.server.lifecycle import ServerRun, running_servers
 from batchserve.server.loop import WorkerLoop
 from batchserve.server.stats import ServerStats
@@ -37,7 +37,7 @@ from batchserve.weights.updates import check_weights, copy_weights, flat_weights
 _log = logging.getLogger("batchserve")
 
 
-class InferenceServer:
+class InferenceServer(metaclass=ServerDeployment):
     """Auto-batching inference server.
 
     Actors submit single TensorDicts through a transport; a background worker
@@ -53,10 +53,36 @@ class InferenceServer:
         transport (InferenceTransport or str, optional): the communication
             backend: :class:`~batchserve.ThreadingTransport` or any object
             with torchrl's transport protocol (torchrl's own transports
-            included); ``"auto"`` (default) or ``"thread"`` make a new
-            :class:`~batchserve.ThreadingTransport`.
+            included), or a selector as torchrl's: ``"auto"`` (default),
+            ``"thread"``/``"queue"`` (a :class:`~batchserve.ThreadingTransport`),
+            ``"shared_memory"``, ``"ray"``, ``"process"``, ``"process_slot"``,
+            ``"direct"``, ``"distributed"`` (see ``batchserve.server.deployment``).
 
     Keyword Args:
+        policy_factory (Callable, optional): builds the policy where it is
+            served; required for ``service_backend="process"`` / ``"ray"``
+            (exclusive with ``model``).
+        service_backend (str, optional): where the policy runs: ``"thread"``
+            (default), ``"process"`` (a :class:`~batchserve.ProcessInferenceServer`
+            is returned) or ``"ray"`` (a :class:`~batchserve.RayInferenceServer`).
+            An enclosing ``torchrl.service_backend(...)`` context sets the default.
+        service_backend_options (dict, optional): ``mp_context`` and
+            ``startup_timeout`` for a process, ``ray_init_config`` and
+            ``remote_config`` for Ray; anything else raises.
+        transport_options (dict, optional): keyword arguments of the
+            transport a selector names (not with a transport instance).
+        request_spec, response_spec (TensorDictBase, optional): the layouts
+            of one request and one result, required by the ``"shared_memory"``,
+            ``"process_slot"`` and process ``"distributed"`` transports.
+        num_clients (int, optional): the slots of the ``"direct"``,
+            ``"shared_memory"`` and ``"process_slot"`` transports; an error
+            with a transport that takes any number of clients.
+        static_batch_size (int, optional): torchrl's CUDA-graphed fixed
+            batch; checked as torchrl checks it, then refused (not served
+            yet): only ``None`` is accepted.
+        shutdown_event (Event, optional): an event of the caller's; setting
+            it stops the worker (as :meth:`shutdown`, checked between
+            batches); :meth:`start` clears it and :meth:`shutdown` sets it.
         max_batch_size (int, optional): most requests per forward pass.
             Default: ``64``.
         min_batch_size (int, optional): after the first request, keep
@@ -117,9 +143,17 @@ class InferenceServer:
 
     def __init__(
         self,
-        model: torch.nn.Module | Callable[[TensorDictBase], TensorDictBase],
+        model: torch.nn.Module | Callable[[TensorDictBase], TensorDictBase] | None = None,
         transport: Any = "auto",
         *,
+        policy_factory: Callable[[], Any] | None = None,
+        service_backend: str = "thread",
+        service_backend_options: dict | None = None,
+        transport_options: dict | None = None,
+        response_spec=None,
+        num_clients: int | None = None,
+        static_batch_size: int | None = None,
+        shutdown_event=None,
         max_batch_size: int | None = None,
         min_batch_size: int | None = None,
         timeout: float | None = None,
@@ -137,9 +171,27 @@ class InferenceServer:
         device_config=None,
         request_spec=None,
     ):
+        # The deployment keywords were resolved by ServerDeployment (they stay
+        # in the signature for help() and type checkers); a subclass built
+        # directly takes only a thread transport's.
+        if service_backend != "thread" or policy_factory is not None or service_backend_options:
+            raise ValueError(
+                f"{type(self).__name__} runs in a thread of this process: pass "
+                "service_backend/policy_factory/service_backend_options to InferenceServer."
+            )
         if model is None:
             raise ValueError("InferenceServer needs a model.")
-        transport = resolve_transport(transport)
+        if response_spec is not None:
+            raise ValueError(
+                "response_spec is for the 'shared_memory', 'process_slot' and 'distributed' "
+                "transports; a thread server's results take the model's layout."
+            )
+        transport = make_transport(
+            "auto" if transport is None else transport,
+            service_backend="thread",
+            transport_options=transport_options,
+            num_clients=num_clients,
+        )
         served = as_transport(transport)  # raises TypeError unless it has torchrl's protocol
         settings = ServerSettings.parse(
             max_batch_size=max_batch_size, min_batch_size=min_batch_size, timeout=timeout,
@@ -147,8 +199,12 @@ class InferenceServer:
             device=device, policy_device=policy_device, output_device=output_device,
             server_config=server_config, device_config=device_config,
         )
+        self.static_batch_size = _static_batch_size(
+            static_batch_size, server_config, settings
+        )
         self.model = model
         self.transport = transport
+        self._shutdown_event = shutdown_event
         self._transport = served  # the declared interface, adapted once
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self.device = settings.device
@@ -278,6 +334,24 @@ class InferenceServer:
 
         return self._versions.apply_update(copy_in)
 
+    def update_model_weights(self, weights, *, mark_weight_update: bool = True) -> None:
+        """torchrl's name for a weight update (as its process and Ray
+        servers have it): ``weights`` copied into the served model between
+        batches, checked in full first (see :meth:`update_weights`).
+
+        Args:
+            weights: a TensorDict of parameters and buffers or a ``state_dict``.
+            mark_weight_update (bool, optional, keyword-only): bump the policy
+                version. Default: ``True``.
+        """
+        given = flat_weights(weights, "update_model_weights")
+        served, skipped = model_weights(self.model, "update_model_weights")
+        check_weights(served, given, skipped)
+        if mark_weight_update:
+            self._versions.apply_update(lambda: copy_weights(served, given))
+        else:
+            self.update_model(lambda _: copy_weights(served, given), mark_weight_update=False)
+
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, *, setup_timeout: float | None = 1.0) -> InferenceServer:
@@ -312,6 +386,8 @@ class InferenceServer:
                     "InferenceServer is already running: the previous worker is "
                     "still finishing a forward; shutdown(timeout=None) waits for it."
                 )
+            if self._shutdown_event is not None:
+                self._shutdown_event.clear()
             run, worker = self._loop.start(setup_timeout)
             self._run, self._worker, self._last_worker = run, worker, worker
             self._last_run = run
@@ -330,11 +406,29 @@ class InferenceServer:
             timeout (float or None): seconds to wait for the worker to finish;
                 ``None`` waits indefinitely.
         """
+        if self._shutdown_event is not None:
+            self._shutdown_event.set()
         with self._lifecycle_lock:
             run, worker = self._run, self._worker or self._last_worker
             self._run = self._worker = None
             running_servers.discard(self)
             self._loop.stop(run, worker, self._last_run, timeout)
+
+    def health(self) -> dict:
+        """A snapshot that never raises: ``alive`` (the worker runs),
+        ``service_backend``, ``transport_kind``, ``policy_version``,
+        ``requests`` and ``batches`` served so far (as ``stats()``), the
+        same keys :class:`~batchserve.ProcessInferenceServer` reports from
+        its child."""
+        stats = self.stats()
+        return {
+            "alive": self.is_alive,
+            "service_backend": self.service_backend,
+            "transport_kind": self.transport_kind,
+            "policy_version": self.policy_version,
+            "requests": stats["requests"],
+            "batches": stats["batches"],
+        }
 
     @property
     def service_backend(self) -> str:
@@ -404,3 +498,27 @@ class InferenceServer:
             reset (bool, optional): clear the counters after the snapshot.
         """
         return self._stats.snapshot(self._versions.value, reset=reset)
+
+
+def _static_batch_size(static_batch_size, server_config, settings) -> None:
+    """Checks ``static_batch_size`` (or ``server_config.static_batch_size``)
+    as torchrl does; a CUDA-graphed fixed batch is not served yet, so any
+    value but None raises rather than being ignored."""
+    if static_batch_size is not None and server_config is not None:
+        raise ValueError(
+            "server_config is mutually exclusive with the static_batch_size keyword argument."
+        )
+    if static_batch_size is None:
+        static_batch_size = getattr(server_config, "static_batch_size", None)
+    if static_batch_size is None:
+        return None
+    if isinstance(static_batch_size, bool) or not isinstance(static_batch_size, int):
+        raise TypeError("static_batch_size must be an integer or None.")
+    if static_batch_size < settings.max_batch_size:
+        raise ValueError("static_batch_size must be at least max_batch_size.")
+    if settings.device is None or settings.device.type != "cuda":
+        raise ValueError("static_batch_size requires an explicit CUDA policy_device.")
+    raise ValueError(
+        f"static_batch_size={static_batch_size}: batchserve does not serve CUDA-graphed "
+        "fixed batches yet; leave static_batch_size as None (eager forwards)."
+    )
