@@ -197,7 +197,7 @@ def test_default_transport_like_torchrl():
         assert server.client()(request(5))["echo"].item() == 5
     with InferenceServer(echo_model, "thread") as server:
         assert server.client()(request(6))["echo"].item() == 6
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(ValueError, match="incompatible with service_backend"):
         InferenceServer(echo_model, "ray")
 
 
