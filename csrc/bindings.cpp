@@ -78,6 +78,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
       .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
+      .def_property_readonly("callers", &Batch::callers)
+      .def_property_readonly("rows_callers", &Batch::rows_callers)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
            py::arg("leaf_bytes"), py::arg("capacity"))
       .def_property_readonly("futures", &Batch::futures)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+import threading
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -144,3 +147,42 @@ def test_server_time_stats(fast):
     # A request's time in the server includes its queue wait.
     assert stats["p50_server_ms"] >= stats["p50_queue_ms"]
     assert stats["p95_server_ms"] >= stats["p95_queue_ms"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fast", [True, False])
+def test_client_gap_stats_follow_each_calling_thread(fast):
+    transport = ThreadingTransport()
+    spec = {"request_spec": TensorDict({"x": torch.zeros(1)})} if fast else {}
+    with InferenceServer(lambda td: td.clone(), transport, max_batch_size=4, **spec) as server:
+        fresh = server.stats()
+        assert math.isnan(fresh["inference_bound_fraction"])
+        assert fresh["mean_client_gap_ms"] == 0.0
+
+        def actor():
+            client = transport.client()
+            for i in range(4):  # one request at a time: a gap before each but the first
+                client(TensorDict({"x": torch.tensor([float(i)])}))
+
+        threads = [threading.Thread(target=actor) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = server.stats()
+    assert stats["requests"] == 8
+    assert 0.0 <= stats["p50_client_gap_ms"]
+    assert stats["mean_client_gap_ms"] >= 0.0
+    fraction = stats["inference_bound_fraction"]
+    assert not math.isnan(fraction) and 0.0 <= fraction <= 1.0
+
+
+def test_a_torchrl_transport_reports_no_client_gap():
+    transport = protocol_transport()
+    with InferenceServer(lambda td: td.clone(), transport) as server:
+        client = transport.client()
+        for i in range(3):
+            client(TensorDict({"x": torch.tensor([float(i)])}))
+        stats = server.stats()
+    assert stats["requests"] == 3
+    assert math.isnan(stats["inference_bound_fraction"])

@@ -50,6 +50,8 @@ struct Request {
                                      // or by the intake)
   RequestIntake* intake = nullptr;   // where it came from, if not the ring
   uint32_t slot = 0;                 // the intake's name for it
+  uint32_t caller = 0;               // who sent it, for the caller-gap statistic
+                                     // (0: unknown)
 };
 
 static_assert(std::is_trivially_copyable<Request>::value,

@@ -134,6 +134,8 @@ class Batch {
 
   std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
   std::vector<int64_t> rows_submitted_ns() const { return arrivals(rows_); }
+  std::vector<uint32_t> callers() const { return senders(requests_); }
+  std::vector<uint32_t> rows_callers() const { return senders(rows_); }
 
   // Moves the requests whose leaves match schema `schema_id` to the fast
   // path, after the rows it already has (taken ahead by the Prefetcher), up
@@ -297,6 +299,13 @@ class Batch {
     std::vector<int64_t> out;
     out.reserve(requests.size());
     for (const Request& r : requests) out.push_back(r.submit_ns);
+    return out;
+  }
+
+  static std::vector<uint32_t> senders(const std::vector<Request>& requests) {
+    std::vector<uint32_t> out;
+    out.reserve(requests.size());
+    for (const Request& r : requests) out.push_back(r.caller);
     return out;
   }
 

@@ -7,6 +7,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -30,6 +32,14 @@ namespace batchserve {
 namespace bindings {
 
 namespace py = pybind11;
+
+// The submitting thread, as the caller whose gaps (result to next request)
+// stats follow: one id per thread, never 0 (0 is "unknown").
+inline uint32_t this_caller() {
+  static std::atomic<uint32_t> next{1};
+  thread_local const uint32_t id = next.fetch_add(1, std::memory_order_relaxed);
+  return id;
+}
 
 class RequestQueue {
  public:
@@ -74,7 +84,8 @@ class RequestQueue {
     OwnedRows rows = match(item.ptr(), false);
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
-    const Request request{item.ptr(), nullptr, completion, submit_ns, rows.get()};
+    const Request request{item.ptr(), nullptr, completion, submit_ns,
+                          rows.get(), nullptr, 0,          this_caller()};
     Py_INCREF(item.ptr());
     // Push and first wait in one GIL-free stretch: a caller that took the
     // GIL back in between would hold it just when the server wakes up for
@@ -139,7 +150,8 @@ class RequestQueue {
               std::optional<double> timeout_s) {
     const int64_t deadline = block ? deadline_from(timeout_s) : 0;
     OwnedRows rows = match(item.ptr(), true);
-    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(), rows.get()};
+    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(),
+                          rows.get(), nullptr,      0,       this_caller()};
     Py_INCREF(item.ptr());
     Py_INCREF(future.ptr());
     PushResult pushed;

@@ -188,6 +188,15 @@ class NativeBatch:
         return self._batch.rows_submitted_ns
 
     @property
+    def callers(self) -> list:
+        """Who sent each general-path request (the submitting thread's id)."""
+        return self._batch.callers
+
+    @property
+    def rows_callers(self) -> list:
+        return self._batch.rows_callers
+
+    @property
     def prefetched_into(self) -> int:
         """The first staging column the prefetched rows are in (0: none)."""
         return self._batch.prefetched_into

@@ -261,9 +261,15 @@ class WorkerLoop:
             self._stats.record_batch(
                 n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True
             )
+        # Read before the hand-back, which takes the rows.
+        callers = batch.rows_callers if server.collect_stats else ()
+        submitted_ns = batch.rows_submitted_ns if callers else ()
         fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
         if server.collect_stats:
-            self._stats.record_hand_back(queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
+            end_ns = _core.monotonic_ns()
+            self._stats.record_hand_back(
+                queue_ms, (end_ns - dispatch_ns) * 1e-6, callers, submitted_ns, end_ns
+            )
 
     def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
         """The general path: ``collate_fn``, the model, ``unbind``."""
@@ -316,11 +322,18 @@ class WorkerLoop:
                 )
                 for i, result in zip(indices, output.unbind(0)):
                     results[i] = result
+        # Read before resolving, which hands the requests out; a torchrl
+        # transport's batch knows no callers.
+        callers = getattr(batch, "callers", ()) if server.collect_stats else ()
         batch.resolve(results)
         if server.collect_stats:
+            end_ns = _core.monotonic_ns()
             self._stats.record_hand_back(
                 self._queue_ms(dispatch_ns, submitted_ns),
-                (_core.monotonic_ns() - dispatch_ns) * 1e-6,
+                (end_ns - dispatch_ns) * 1e-6,
+                callers,
+                submitted_ns,
+                end_ns,
             )
 
     def _forward(self, items: list, submitted_ns, dispatch_ns: int):

@@ -488,9 +488,13 @@ class InferenceServer(metaclass=ServerDeployment):
         ``p50/max_weight_apply_ms`` (how long copying an update in held the
         model lock, for ``update_weights`` and batchserve's receiver),
         ``p50/p95/mean_server_ms`` (per request, submission to the end of its
-        batch's hand-back: how long a caller waited on the server; set
-        against an actor's step time it says whether actors are env-bound or
-        inference-bound), ``interaction_split_batches`` (collected batches
+        batch's hand-back: how long a caller waited on the server),
+        ``p50/mean_client_gap_ms`` (per calling thread of a
+        ``ThreadingTransport``, its result to its next request: the env step
+        and the rest outside the server), ``inference_bound_fraction``
+        (mean server time / (that + mean gap): near 1 the actors wait on
+        inference, near 0 they are env-bound; NaN until a gap is measured),
+        ``interaction_split_batches`` (collected batches
         whose requests asked for different interaction types, served as one
         forward per type, each forward counted in ``batches``).
 

@@ -27,8 +27,13 @@ class ServerStats:
     * ``p50_server_ms`` / ``p95_server_ms`` / ``mean_server_ms``: per request,
       from its submission to the end of the hand-back of its batch (queue,
       forward, results handed back): how long a caller waits on the server.
-      Against an actor's step time (env step and the rest outside the
-      server) it says whether actors are inference-bound (pytorch/rl #4061).
+    * ``p50_client_gap_ms`` / ``mean_client_gap_ms``: per caller (a
+      submitting thread of a ``ThreadingTransport``), the time from its
+      result being handed back to its next request: its env step and the
+      rest outside the server. Not measured for other transports.
+    * ``inference_bound_fraction``: mean server time / (mean server time +
+      mean client gap): near 1, actors mostly wait on inference; near 0, they
+      are env-bound (pytorch/rl #4061). NaN until a gap is measured.
     * ``interaction_split_batches``: collected batches whose requests asked
       for different interaction types and were served as one forward per
       type (each counted in ``batches``, one per forward).
@@ -61,6 +66,8 @@ class ServerStats:
         # window_size batches hold at least window_size requests.
         self._hand_backs = collections.deque(maxlen=self._window_size)
         self._interaction_splits = 0
+        self._client_gap_ms = collections.deque(maxlen=self._window_size)
+        self._last_result_ns: dict[int, int] = {}  # caller -> its last hand-back
 
     def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
         with self._lock:
@@ -72,12 +79,26 @@ class ServerStats:
             self._queue_ms.extend(queue_ms)
             self._forward_ms.append(forward_ms)
 
-    def record_hand_back(self, queue_ms: list, dispatch_to_hand_back_ms: float) -> None:
+    def record_hand_back(
+        self, queue_ms: list, dispatch_to_hand_back_ms: float,
+        callers=(), submitted_ns=(), end_ns: int = 0,
+    ) -> None:
         """One batch handed back: its requests' queue waits, and the time from
-        its dispatch to the end of its hand-back. Kept per batch and summed at
-        :meth:`snapshot`, so the server thread pays one append."""
+        its dispatch to the end of its hand-back (``end_ns``), kept per batch
+        and summed at :meth:`snapshot`; with the requests' ``callers`` (0:
+        unknown) and submission times, each caller's gap since its previous
+        result."""
         with self._lock:
             self._hand_backs.append((queue_ms, dispatch_to_hand_back_ms))
+            last = self._last_result_ns
+            for caller, submitted in zip(callers, submitted_ns):
+                if not caller or submitted is None:
+                    continue
+                previous = last.get(caller)
+                # A caller with requests in flight at once has no gap to measure.
+                if previous is not None and submitted >= previous:
+                    self._client_gap_ms.append((submitted - previous) * 1e-6)
+                last[caller] = end_ns
 
     def record_interaction_split(self) -> None:
         with self._lock:
@@ -112,6 +133,9 @@ class ServerStats:
             server_ms = [
                 wait + handed for waits, handed in self._hand_backs for wait in waits
             ][-self._window_size :]
+            gap_ms = list(self._client_gap_ms)
+            mean_gap = sum(gap_ms) / len(gap_ms) if gap_ms else 0.0
+            mean_server = sum(server_ms) / len(server_ms) if server_ms else 0.0
             result = {
                 "requests": self._requests,
                 "fast_path_requests": self._fast_path_requests,
@@ -128,7 +152,12 @@ class ServerStats:
                 "p99_forward_ms": percentile(forward_ms, 0.99),
                 "p50_server_ms": percentile(server_ms, 0.50),
                 "p95_server_ms": percentile(server_ms, 0.95),
-                "mean_server_ms": sum(server_ms) / len(server_ms) if server_ms else 0.0,
+                "mean_server_ms": mean_server,
+                "p50_client_gap_ms": percentile(gap_ms, 0.50),
+                "mean_client_gap_ms": mean_gap,
+                "inference_bound_fraction": mean_server / (mean_server + mean_gap)
+                if gap_ms and mean_server + mean_gap > 0
+                else float("nan"),
                 "interaction_split_batches": self._interaction_splits,
                 "batch_size_histogram": dict(sorted(self._histogram.items())),
                 "policy_version": policy_version,
