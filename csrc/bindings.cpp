@@ -66,6 +66,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("general_keys") = std::vector<py::object>{},
         "The (keys, dtypes, shapes, device) request `td` would take the fast path "
         "with, or None (the rules RequestQueue.set_schema's matcher applies).");
+  m.def("fast_path_refusal", &fast_path_refusal, py::arg("td"),
+        "Why request `td` cannot take the fast path under those rules (a sentence), "
+        "or None when it can.");
 
   m.def("monotonic_ns", &monotonic_ns,
         "Nanoseconds on the clock the core stamps requests with "

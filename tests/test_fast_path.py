@@ -3,6 +3,7 @@ of staging memory, routing under load, schema changes and request_spec."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import BlockingModel, echo_model, echoes, make_policy, request
 from tensordict import TensorDict, lazy_stack
 
 import batchserve
-from batchserve import InferenceServer, ThreadingTransport
+from batchserve import InferenceServer, ThreadingTransport, _core
 from batchserve.batching.fast_path import schema_from_spec, schema_of
 
 
@@ -515,10 +516,30 @@ def test_schema_of_rejects_what_the_fast_path_cannot_take():
     assert schema_of(TensorDict({"x": torch.zeros(3)})) is not None
     assert schema_of(TensorDict({"x": torch.zeros(3, 2)[:, 0]})) is None  # non-contiguous
     assert schema_of(TensorDict({"x": torch.zeros(3, dtype=torch.complex64)})) is None
-    assert schema_of(TensorDict({"x": {"y": torch.zeros(1)}})) is None
     assert schema_of(TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2])) is None
+    batched_inside = TensorDict({"x": TensorDict({"y": torch.zeros(2)}, batch_size=[2])})
+    assert schema_of(batched_inside) is None
     assert schema_of({"x": torch.zeros(3)}) is None
     assert schema_of(TensorDict({})) is None
+    assert schema_of(TensorDict({"x": {"y": {}}})) is None  # no tensor leaf
+
+
+def test_fast_path_refusal_names_the_reason():
+    from tensordict import NonTensorData
+
+    assert _core.fast_path_refusal(TensorDict({"x": torch.zeros(3)})) is None
+    assert _core.fast_path_refusal(TensorDict({"x": {"y": torch.zeros(1)}})) is None
+    cases = [
+        (TensorDict({"x": torch.zeros(3, 2)[:, 0]}), "key 'x' is not a contiguous"),
+        (TensorDict({"x": torch.zeros(3, dtype=torch.complex64)}), "complex or quantized"),
+        (TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2]), "batched request"),
+        (TensorDict({"x": torch.zeros(1), "m": NonTensorData("a")}), "key 'm' holds a"),
+        (TensorDict({"x": {"y": torch.zeros(3, 2).t()}}), r"key \('x', 'y'\) is not"),
+        ({"x": torch.zeros(3)}, "not a TensorDict"),
+        (TensorDict({}), "no tensor leaves"),
+    ]
+    for td, reason in cases:
+        assert re.search(reason, _core.fast_path_refusal(td)), (td, reason)
 
 
 # -- CUDA ---------------------------------------------------------------------
@@ -655,8 +676,39 @@ def test_interaction_type_is_honoured_with_a_request_spec():
         assert transport.client()(td)["echo"].item() == 1
         assert transport.client()(request(2))["echo"].item() == 2
     assert seen == [InteractionType.RANDOM, None]
-    with pytest.raises(ValueError, match="must not declare"):
-        schema_from_spec(TensorDict({"x": torch.zeros(1), INTERACTION_TYPE_KEY: torch.tensor(0)}))
+    assert server_refusals(transport, td) == (
+        f"stamped with {INTERACTION_TYPE_KEY!r}, which request_spec does not declare")
+
+
+def server_refusals(transport, td):
+    """The reason a server on ``transport`` records for ``td``."""
+    with InferenceServer(echo_model, transport) as server:
+        transport.client()(td)
+        (reason,) = server.stats()["fast_path_refusals"]
+    return reason
+
+
+def test_a_request_spec_may_declare_the_interaction_type():
+    from tensordict.nn.probabilistic import InteractionType, interaction_type
+
+    from batchserve.batching.collate import INTERACTION_TYPE_KEY
+
+    seen = []
+
+    def model(td):
+        seen.append(interaction_type())
+        assert INTERACTION_TYPE_KEY not in td.keys()
+        return echo_model(td)
+
+    stamp = INTERACTION_TYPE_KEY
+    spec = TensorDict({"id": torch.tensor(0), stamp: torch.tensor(0, dtype=torch.int8)})
+    transport = ThreadingTransport(request_spec=spec)
+    with InferenceServer(model, transport) as server:
+        td = TensorDict({"id": torch.tensor(7), stamp: torch.tensor(3, dtype=torch.int8)})
+        result = transport.client()(td)
+        assert result["echo"].item() == 7
+        assert server.stats()["fast_path_requests"] == 1
+    assert seen == [InteractionType.RANDOM]
 
 
 def test_two_servers_on_one_transport_route_every_request():

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -194,6 +195,19 @@ class RequestQueue {
     schema->leaf_bytes = leaf_bytes;
     schema->device = device;
     schema->general_keys = general_keys;
+    // Each leaf, plus each distinct nested TensorDict on the keys' paths.
+    std::set<std::vector<std::string>> nodes;
+    for (const py::object& key : keys) {
+      if (!PyTuple_Check(key.ptr())) continue;
+      schema->nested = true;
+      std::vector<std::string> path;
+      const py::tuple parts(key);
+      for (size_t i = 0; i + 1 < parts.size(); ++i) {
+        path.push_back(py::str(parts[i]));
+        nodes.insert(path);
+      }
+    }
+    schema->entries = static_cast<Py_ssize_t>(keys.size() + nodes.size());
     schema_ = std::move(schema);
     return schema_->id;
   }

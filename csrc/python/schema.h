@@ -31,6 +31,10 @@ struct FastSchema {
   py::object device;                     // the requests' TensorDict device (None or cpu)
   py::object batch_size;                 // torch.Size of a request; unset: []
   std::vector<py::object> general_keys;  // a request holding one takes the general path
+  // The entries (leaves and nested TensorDicts) of a request of this schema;
+  // a request with other entries than the keys does not match (not strict).
+  Py_ssize_t entries = 0;
+  bool nested = false;  // a key is a tuple: entries are counted through nested dicts
 };
 
 // A fast request's leaves, in schema order: the data pointers the C++ core
@@ -91,39 +95,144 @@ inline bool holds_general_key(PyObject* leaves, const std::vector<py::object>& g
   return false;
 }
 
-// GIL held. The schema (keys, dtypes, shapes, device) request `item` would
-// take the fast path with, or None: a plain TensorDict of batch size [], 1
-// to RowSource::kMaxLeaves leaves, each a CPU torch.Tensor of a plain-bytes
-// dtype and plain layout, and none of `general_keys`. A request matches the
-// schema learned from it (match_schema) exactly when it meets these rules.
-inline py::object fast_path_schema(const py::object& item,
-                                   const std::vector<py::object>& general_keys) {
+// GIL held. Whether `o` is an exact TensorDict of batch size [] (a request,
+// or a sub-TensorDict of one, that the fast path can take).
+inline bool unbatched_tensordict(PyObject* o) {
   const TorchRefs& t = torch_refs();
-  if (Py_TYPE(item.ptr()) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return py::none();
-  if (PyObject_Length(attr(item.ptr(), t.s_batch_size).ptr()) != 0) {
-    PyErr_Clear();
-    return py::none();
-  }
-  py::object leaves = attr(item.ptr(), t.s_tensordict);
-  if (!PyDict_Check(leaves.ptr())) return py::none();
-  const Py_ssize_t n = PyDict_Size(leaves.ptr());
-  if (n < 1 || static_cast<size_t>(n) > RequestRows::kMaxLeaves) return py::none();
-  if (holds_general_key(leaves.ptr(), general_keys)) return py::none();
-  py::tuple keys(n), dtypes(n), shapes(n);
+  if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return false;
+  const Py_ssize_t dims = PyObject_Length(attr(o, t.s_batch_size).ptr());
+  if (dims < 0) PyErr_Clear();  // not a size: not a TensorDict the fast path takes
+  return dims == 0;
+}
+
+// What walk_leaves found: the leaves of a request in its dict order, nested
+// keys as tuples, or why the fast path cannot take it.
+struct RequestLeaves {
+  std::vector<py::object> keys, dtypes, shapes;
+  std::string refusal;  // empty: every leaf meets the rules
+};
+
+// GIL held. Walks the leaves of `leaves` (a TensorDict's dict) under `prefix`
+// into `out`, stopping at the first one that breaks the fast path's leaf
+// rules (its reason goes into out.refusal).
+inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves& out) {
+  const TorchRefs& t = torch_refs();
   PyObject* key = nullptr;
   PyObject* v = nullptr;
-  Py_ssize_t pos = 0, j = 0;
-  while (PyDict_Next(leaves.ptr(), &pos, &key, &v)) {
-    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) return py::none();
-    if (attr(v, t.s_is_cpu).ptr() != Py_True || !plain_layout(v)) return py::none();
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(leaves, &pos, &key, &v)) {
+    py::object full = py::reinterpret_borrow<py::object>(key);
+    if (PyTuple_GET_SIZE(prefix.ptr()) > 0)
+      full = prefix + py::make_tuple(py::reinterpret_borrow<py::object>(key));
+    const std::string name = repr(full.ptr());
+    if (Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(t.tensordict_type)) {
+      if (!unbatched_tensordict(v)) {
+        out.refusal = "nested TensorDict " + name + " has a batch size";
+        return;
+      }
+      py::object sub = attr(v, t.s_tensordict);
+      if (!PyDict_Check(sub.ptr())) {
+        out.refusal = "nested TensorDict " + name + " is not a plain TensorDict";
+        return;
+      }
+      walk_leaves(sub.ptr(), PyTuple_Check(full.ptr()) ? py::tuple(full) : py::make_tuple(full),
+                  out);
+      if (!out.refusal.empty()) return;
+      continue;
+    }
+    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {
+      out.refusal = "key " + name + " holds a " + repr(reinterpret_cast<PyObject*>(Py_TYPE(v))) +
+                    ", not a torch.Tensor";
+      return;
+    }
+    if (attr(v, t.s_is_cpu).ptr() != Py_True) {
+      out.refusal = "key " + name + " is not a CPU tensor";
+      return;
+    }
+    if (!plain_layout(v)) {
+      out.refusal = "key " + name + " is not a contiguous strided tensor";
+      return;
+    }
     py::object dtype = attr(v, t.s_dtype);
-    if (!plain_bytes_dtype(dtype.ptr())) return py::none();
-    keys[j] = py::reinterpret_borrow<py::object>(key);
-    dtypes[j] = dtype;
-    shapes[j] = attr(v, t.s_shape);
-    ++j;
+    if (!plain_bytes_dtype(dtype.ptr())) {
+      out.refusal = "key " + name + " has dtype " + repr(dtype.ptr()) + " (complex or quantized)";
+      return;
+    }
+    if (out.keys.size() == RequestRows::kMaxLeaves) {
+      out.refusal = "more than " + std::to_string(RequestRows::kMaxLeaves) + " tensor leaves";
+      return;
+    }
+    out.keys.push_back(full);
+    out.dtypes.push_back(dtype);
+    out.shapes.push_back(attr(v, t.s_shape));
   }
-  return py::make_tuple(keys, dtypes, shapes, attr(item.ptr(), t.s_device));
+}
+
+// GIL held. Why request `item` cannot take the fast path, or "" when it can
+// (then `out` holds its leaves). The rules: an exact TensorDict of batch size
+// [] (nested TensorDicts too), 1 to RowSource::kMaxLeaves leaves, each a CPU
+// torch.Tensor of a plain-bytes dtype and plain layout, and none of
+// `general_keys` at the top level. A request matches the schema learned from
+// it (match_schema) exactly when it meets these rules.
+inline std::string inspect_request(const py::object& item,
+                                   const std::vector<py::object>& general_keys,
+                                   RequestLeaves& out) {
+  const TorchRefs& t = torch_refs();
+  if (Py_TYPE(item.ptr()) != reinterpret_cast<PyTypeObject*>(t.tensordict_type))
+    return "not a TensorDict but a " + repr(reinterpret_cast<PyObject*>(Py_TYPE(item.ptr())));
+  if (!unbatched_tensordict(item.ptr())) return "a batched request (batch size not [])";
+  py::object leaves = attr(item.ptr(), t.s_tensordict);
+  if (!PyDict_Check(leaves.ptr())) return "not a plain TensorDict";
+  if (holds_general_key(leaves.ptr(), general_keys)) return "holds a key the schema serves apart";
+  walk_leaves(leaves.ptr(), py::tuple(), out);
+  if (!out.refusal.empty()) return out.refusal;
+  if (out.keys.empty()) return "no tensor leaves";
+  return "";
+}
+
+// GIL held. The schema (keys, dtypes, shapes, device) request `item` would
+// take the fast path with, or None (see inspect_request).
+inline py::object fast_path_schema(const py::object& item,
+                                   const std::vector<py::object>& general_keys) {
+  RequestLeaves found;
+  if (!inspect_request(item, general_keys, found).empty()) return py::none();
+  auto as_tuple = [](const std::vector<py::object>& v) {
+    py::tuple out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = v[i];
+    return out;
+  };
+  return py::make_tuple(as_tuple(found.keys), as_tuple(found.dtypes), as_tuple(found.shapes),
+                        attr(item.ptr(), torch_refs().s_device));
+}
+
+// GIL held. Why request `item` cannot take the fast path (None: it can).
+inline py::object fast_path_refusal(const py::object& item) {
+  RequestLeaves found;
+  const std::string why = inspect_request(item, {}, found);
+  if (why.empty()) return py::none();
+  return py::str(why);
+}
+
+// GIL held. The entries of `leaves` (a TensorDict's dict), nested ones
+// included, or -1 when a nested TensorDict is not one the fast path takes.
+// A learned nested schema compares it with its own: a request with a leaf
+// the schema lacks must not lose it on the fast path.
+inline Py_ssize_t count_entries(PyObject* leaves) {
+  const TorchRefs& t = torch_refs();
+  Py_ssize_t n = PyDict_Size(leaves);
+  PyObject* key = nullptr;
+  PyObject* v = nullptr;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(leaves, &pos, &key, &v)) {
+    if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) continue;
+    if (!unbatched_tensordict(v)) return -1;
+    py::object sub = attr(v, t.s_tensordict);
+    if (!PyDict_Check(sub.ptr())) return -1;
+    const Py_ssize_t inner = count_entries(sub.ptr());
+    if (inner < 0) return -1;
+    n += inner;
+  }
+  return n;
 }
 
 // GIL held. Whether `item`'s batch size is the schema's ([] when unset).
@@ -185,7 +294,11 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
   if (!PyDict_Check(leaves.ptr())) return nullptr;
   const size_t n = schema.keys.size();
   if (n > RequestRows::kMaxLeaves) return nullptr;
-  if (!schema.strict && static_cast<size_t>(PyDict_Size(leaves.ptr())) != n) return nullptr;
+  if (!schema.strict) {
+    const Py_ssize_t entries =
+        schema.nested ? count_entries(leaves.ptr()) : PyDict_Size(leaves.ptr());
+    if (entries != schema.entries) return nullptr;
+  }
   if (holds_general_key(leaves.ptr(), schema.general_keys)) return nullptr;
   {
     py::object device = attr(item, t.s_device);

@@ -217,6 +217,10 @@ def fast_path_schema(td: Any, general_keys: Sequence[Any] = ...) -> Any:
     """The (keys, dtypes, shapes, device) request `td` would take the fast path
     with, or None (the rules RequestQueue.set_schema's matcher applies)."""
 
+def fast_path_refusal(td: Any) -> str | None:
+    """Why request `td` cannot take the fast path under those rules (a
+    sentence), or None when it can."""
+
 def monotonic_ns() -> int:
     """Nanoseconds on the clock the core stamps requests with (CLOCK_MONOTONIC,
     as time.monotonic_ns)."""

@@ -19,9 +19,10 @@ unstamped request. Callers that need their mode honoured go through
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
-from tensordict import TensorDict, lazy_stack
+from tensordict import LazyStackedTensorDict, TensorDict, lazy_stack, maybe_dense_stack
 from tensordict.base import TensorDictBase
 from tensordict.nn.probabilistic import InteractionType, set_interaction_type
 
@@ -84,6 +85,35 @@ def default_collate(items: list) -> TensorDictBase:
     return lazy_stack(items)
 
 
+def stacks_requests(collate_fn) -> bool:
+    """Whether ``collate_fn`` only stacks the requests, so that the fast path's
+    batch (the requests' rows side by side in staging memory, a dense
+    TensorDict of batch size ``[n]``) is what it would build: batchserve's
+    :func:`default_collate`, ``tensordict.lazy_stack``,
+    ``tensordict.maybe_dense_stack`` (what torchrl's ``AsyncBatchedCollector``
+    passes), ``torch.stack``, ``TensorDict.stack`` and
+    ``LazyStackedTensorDict.lazy_stack``, and torchrl's own stacking collates
+    (its default among them), as torchrl's server lists them."""
+    if collate_fn in _STACKING:
+        return True
+    method = getattr(collate_fn, "__func__", None)  # a classmethod, bound to any subclass
+    if method is not None and method in _STACKING_METHODS:
+        return True
+    torchrl_server = sys.modules.get("torchrl.modules.inference_server._server")
+    return collate_fn in getattr(torchrl_server, "_STACKING_COLLATE_FNS", ())
+
+
+_STACKING = (default_collate, lazy_stack, maybe_dense_stack, torch.stack)
+_STACKING_METHODS = (TensorDictBase.stack.__func__, LazyStackedTensorDict.lazy_stack.__func__)
+
+
+def _mode(code: int):
+    """The ``set_interaction_type`` context of a stamped code."""
+    if code == _NO_INTERACTION_TYPE:
+        return set_interaction_type(None)
+    return set_interaction_type(_INTERACTION_TYPES[code])
+
+
 def interaction_context(batch: TensorDictBase):
     """The exploration-mode context a batch asks for, and the batch without its stamp."""
     if not isinstance(batch, TensorDictBase):
@@ -101,9 +131,39 @@ def interaction_context(batch: TensorDictBase):
             "InferenceServer received a batch mixing interaction types. "
             "Use homogeneous requests or a smaller max_batch_size."
         )
-    if value == _NO_INTERACTION_TYPE:
-        return set_interaction_type(None), batch
-    return set_interaction_type(_INTERACTION_TYPES[value]), batch
+    return _mode(value), batch
+
+
+def forward_by_interaction(model, batch: TensorDictBase, codes: torch.Tensor | None):
+    """``model(batch)`` under the interaction types the rows are stamped with.
+
+    ``codes`` holds each row's stamped code (a CPU tensor of shape ``[n]``),
+    or is None for unstamped rows (the forward then runs under the ambient
+    mode). Rows that share a code share a forward: the common case, one code
+    for the whole batch, is one forward under its mode; otherwise one forward
+    per code over its rows, the outputs put back in row order (pytorch/rl
+    #4312). Returns the output and the number of forwards.
+    """
+    if codes is None:
+        return model(batch), 1
+    first = int(codes[0])
+    if codes.numel() == 1 or bool(codes.eq(first).all()):
+        with _mode(first):
+            return model(batch), 1
+    outputs, indices = [], []
+    for code in codes.unique().tolist():
+        rows = codes.eq(code).nonzero().squeeze(1)
+        with _mode(code):
+            output = model(batch[rows.to(batch.device)] if batch.device is not None
+                           else batch[rows])
+        if not isinstance(output, TensorDictBase) or output.batch_size[:1] != rows.shape:
+            return output, len(indices) + 1  # the caller's output check names the fault
+        outputs.append(output)
+        indices.append(rows)
+    order = torch.cat(indices)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return torch.cat(outputs)[inverse.to(outputs[0].device)], len(outputs)
 
 
 def _carries_stamp(item) -> bool:

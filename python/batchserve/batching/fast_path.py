@@ -55,6 +55,24 @@ class RequestSchema:
     shapes: tuple[torch.Size, ...]
     device: torch.device | None = None
 
+    def difference(self, other: RequestSchema) -> str:
+        """How ``other`` differs from this schema, in words ("" when it does not)."""
+        if set(self.keys) != set(other.keys):
+            extra = [k for k in other.keys if k not in self.keys]
+            missing = [k for k in self.keys if k not in other.keys]
+            parts = ([f"extra keys {extra}"] if extra else []) + (
+                [f"missing keys {missing}"] if missing else [])
+            return ", ".join(parts)
+        mine = dict(zip(self.keys, zip(self.dtypes, self.shapes)))
+        for key, dtype, shape in zip(other.keys, other.dtypes, other.shapes):
+            if mine[key][0] != dtype:
+                return f"key {key!r} has dtype {dtype}, served {mine[key][0]}"
+            if mine[key][1] != shape:
+                return f"key {key!r} has shape {list(shape)}, served {list(mine[key][1])}"
+        if self.device != other.device:
+            return f"TensorDict device {other.device}, served {self.device}"
+        return ""
+
     @functools.cached_property
     def leaf_bytes(self) -> tuple[int, ...]:
         return tuple(
@@ -65,8 +83,10 @@ class RequestSchema:
 
 def schema_of(td) -> RequestSchema | None:
     """The schema of request ``td`` if the fast path can take it, else None
-    (the rules are the C++ matcher's: ``_core.fast_path_schema``)."""
-    leaves = _core.fast_path_schema(td, [INTERACTION_TYPE_KEY])
+    (the rules are the C++ matcher's: ``_core.fast_path_schema``). torchrl's
+    interaction-type stamp is a leaf like any other: the server reads it from
+    staging (:meth:`StagingBuffer.interaction_codes`)."""
+    leaves = _core.fast_path_schema(td)
     return None if leaves is None else RequestSchema(*leaves)
 
 
@@ -156,23 +176,28 @@ def _nest(tree: dict, batch_size: torch.Size, device) -> TensorDict:
 def schema_from_spec(spec) -> RequestSchema:
     """The strict schema of ``request_spec`` (a representative single request).
 
+    A spec that declares torchrl's interaction-type stamp (as torchrl's
+    ``prepare_cudagraph(..., interaction_type=)`` stamps it) makes every
+    request carry one; a spec without it sends stamped requests to the general
+    path, which honours their stamp.
+
     Raises:
         TypeError, ValueError: the spec cannot describe fast-path requests
-            (see :func:`spec_leaves`), or declares torchrl's interaction type.
+            (see :func:`spec_leaves`).
     """
-    if isinstance(spec, TensorDictBase) and INTERACTION_TYPE_KEY in spec.keys():
-        raise ValueError(
-            f"request_spec must not declare {INTERACTION_TYPE_KEY!r}: torchrl's "
-            "PolicyClientModule adds it per request, and such requests take the "
-            "general path, which honours it."
-        )
     return RequestSchema(*spec_leaves(spec, "request_spec", MAX_LEAVES))
 
 
 class StagingBuffer:
-    """``rows`` rows of every leaf of a schema, one column tensor per leaf."""
+    """``rows`` rows of every leaf of a schema, one column tensor per leaf.
 
-    __slots__ = ("keys", "device", "columns", "pointers", "rows", "copied")
+    torchrl's interaction-type stamp, when the schema has it, is gathered
+    like any leaf but is not the model's: :meth:`batch` leaves it out and
+    :meth:`interaction_codes` reads it.
+    """
+
+    __slots__ = ("keys", "device", "columns", "pointers", "rows", "copied", "_model_columns",
+                 "_codes")
 
     def __init__(self, schema: RequestSchema, rows: int, pin: bool):
         self.keys = schema.keys
@@ -184,12 +209,37 @@ class StagingBuffer:
         self.pointers = [c.data_ptr() for c in self.columns]
         self.rows = rows
         self.copied = None  # CUDA event: the last host-to-device copy from here is done
+        stamp = schema.keys.index(INTERACTION_TYPE_KEY) if INTERACTION_TYPE_KEY in schema.keys \
+            else None
+        self._codes = None if stamp is None else self.columns[stamp].view(rows, -1)
+        self._model_columns = [(k, c) for j, (k, c) in enumerate(zip(self.keys, self.columns))
+                               if j != stamp]
 
     def batch(self, n: int) -> TensorDict:
         """A new TensorDict of batch size [n] over the first n rows (new
-        views each time: a model may reshape its input in place)."""
-        views = [column[:n] for column in self.columns]
-        return tensordict_of(self.keys, views, torch.Size([n]), self.device)
+        views each time: a model may reshape its input in place), without
+        the interaction-type stamp."""
+        columns = self._model_columns
+        return tensordict_of([k for k, _ in columns], [c[:n] for _, c in columns],
+                             torch.Size([n]), self.device)
+
+    def interaction_codes(self, n: int) -> torch.Tensor | None:
+        """The interaction-type code each of the first n rows is stamped with
+        (None: the schema has no stamp).
+
+        Raises:
+            RuntimeError: a batched request whose own rows mix interaction
+                types (it cannot be served as asked).
+        """
+        if self._codes is None:
+            return None
+        codes = self._codes[:n]
+        if codes.shape[1] != 1 and not bool(codes.eq(codes[:, :1]).all()):
+            raise RuntimeError(
+                "InferenceServer received a request whose rows mix interaction types "
+                f"({INTERACTION_TYPE_KEY!r}); stamp one interaction type per request."
+            )
+        return codes[:, 0]
 
     def clone_if_owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it lies in this buffer's memory (the
@@ -249,6 +299,25 @@ class FastPath:
         schema = schema_of(items[0])
         if schema is not None and schema != self._transport.request_spec:
             self._transport.set_request_schema(schema, strict=False)
+
+    def refusal(self, item) -> str:
+        """Why ``item``, served on the general path, did not take the fast
+        path (for ``stats()["fast_path_refusals"]``)."""
+        why = _core.fast_path_refusal(item)
+        if why is not None:
+            return why
+        schema = self._transport.request_spec
+        mine = schema_of(item)
+        if schema is None or mine is None:
+            return "the first request of its schema (the fast path learns the schema from it)"
+        if INTERACTION_TYPE_KEY in mine.keys and INTERACTION_TYPE_KEY not in schema.keys:
+            if self._transport.schema_strict:
+                return (f"stamped with {INTERACTION_TYPE_KEY!r}, which request_spec does not "
+                        "declare")
+        difference = schema.difference(mine)
+        if difference:
+            return f"another schema than the served one: {difference}"
+        return "queued before the fast path learned its schema"
 
     # -- one batch --------------------------------------------------------------
 

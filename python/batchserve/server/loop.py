@@ -21,8 +21,10 @@ from batchserve import _core
 from batchserve.batching.collate import (
     INTERACTION_TYPE_KEY,
     default_collate,
+    forward_by_interaction,
     interaction_context,
     interaction_groups,
+    stacks_requests,
 )
 from batchserve.batching.fast_path import FastPath
 from batchserve.server.lifecycle import (
@@ -57,6 +59,7 @@ class WorkerLoop:
         self._stats = stats
         self._weight_sync = weight_sync
         self._fast: FastPath | None = None
+        self._fast_off = ""  # why this run has no fast path (stats' refusals)
 
     def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
         """Starts a run: records it on the transport, opens the batch source
@@ -68,10 +71,21 @@ class WorkerLoop:
             what the transport raised refusing the start (a closed RayTransport).
         """
         server = self._server
-        # The fast path, for a batchserve transport and the default collation
-        # (the settings may have changed since the last run).
-        if self._transport.request_queue is None or server.collate_fn is not default_collate:
-            self._fast = None
+        # The fast path, for a batchserve transport and a collation that only
+        # stacks (the settings may have changed since the last run).
+        self._fast = None
+        if self._transport.request_queue is None:
+            served = getattr(self._transport, "inner", self._transport)  # a ForeignTransport's
+            self._fast_off = (
+                f"transport {type(served).__name__} has no batchserve request queue "
+                "(batchserve's ThreadingTransport and SharedMemoryTransport have one)"
+            )
+        elif not stacks_requests(server.collate_fn):
+            name = getattr(server.collate_fn, "__qualname__", type(server.collate_fn).__name__)
+            self._fast_off = (
+                f"collate_fn {name} is not a stacking collate (the fast path stacks the "
+                "requests itself: leave collate_fn unset or pass a stack)"
+            )
         else:
             self._fast = FastPath(self._transport, server.device, server.output_device)
         run = ServerRun()
@@ -220,6 +234,11 @@ class WorkerLoop:
         if items:
             if had_rows:
                 self._batches.wake_resolved()  # the fast rows' callers need not wait for them
+            if self._server.collect_stats:
+                self._stats.record_refusals(
+                    [fast.refusal(item) for item in items] if fast is not None
+                    else [self._fast_off] * len(items)
+                )
             if fast is not None:
                 fast.learn(items, had_rows)
             self._serve_items(batch, items, dispatch_ns)
@@ -253,13 +272,17 @@ class WorkerLoop:
         fast = self._fast
         with self._versions.model_lock:
             model_input = fast.model_input(buffer, n)
+            codes = buffer.interaction_codes(n)  # the rows' stamps (None: unstamped)
             fast.prefetch()  # the next batch is gathered while the model runs
-            output = server.model(model_input)
+            output, forwards = forward_by_interaction(server.model, model_input, codes)
             self._check_output(output, n)
             version = self._versions.value
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
+            if forwards > 1:
+                self._stats.record_interaction_split()
             self._stats.record_batch(
-                n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True
+                n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True,
+                forwards=forwards,
             )
         # Read before the hand-back, which takes the rows.
         callers = batch.rows_callers if server.collect_stats else ()

@@ -37,6 +37,13 @@ class ServerStats:
     * ``interaction_split_batches``: collected batches whose requests asked
       for different interaction types and were served as one forward per
       type (each counted in ``batches``, one per forward).
+    * ``fast_path_fraction``: ``fast_path_requests / requests`` (NaN before
+      any request).
+    * ``fast_path_refusals``: for the requests served on the general path,
+      why each could not take the fast path, ``{reason: count}``: a custom
+      ``collate_fn``, a transport without batchserve's queue, a leaf that is
+      not a contiguous CPU tensor, another schema than the served one... so
+      that a user can see what to change.
     """
 
     def __init__(self, window_size: int = 1024):
@@ -66,18 +73,28 @@ class ServerStats:
         # window_size batches hold at least window_size requests.
         self._hand_backs = collections.deque(maxlen=self._window_size)
         self._interaction_splits = 0
+        self._refusals: collections.Counter = collections.Counter()
         self._client_gap_ms = collections.deque(maxlen=self._window_size)
         self._last_result_ns: dict[int, int] = {}  # caller -> its last hand-back
 
-    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
+    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False,
+                     forwards: int = 1) -> None:
+        """One batch of ``size`` requests served; ``forwards`` > 1 when it
+        was split by interaction type (each forward counts as a batch, the
+        histogram keeps the collected size)."""
         with self._lock:
             self._requests += size
             if fast_path:
                 self._fast_path_requests += size
-            self._batches += 1
+            self._batches += forwards
             self._histogram[size] += 1
             self._queue_ms.extend(queue_ms)
             self._forward_ms.append(forward_ms)
+
+    def record_refusals(self, reasons: list) -> None:
+        """Why each of a batch's general-path requests missed the fast path."""
+        with self._lock:
+            self._refusals.update(reasons)
 
     def record_hand_back(
         self, queue_ms: list, dispatch_to_hand_back_ms: float,
@@ -159,6 +176,10 @@ class ServerStats:
                 if gap_ms and mean_server + mean_gap > 0
                 else float("nan"),
                 "interaction_split_batches": self._interaction_splits,
+                "fast_path_fraction": self._fast_path_requests / self._requests
+                if self._requests
+                else float("nan"),
+                "fast_path_refusals": dict(self._refusals.most_common()),
                 "batch_size_histogram": dict(sorted(self._histogram.items())),
                 "policy_version": policy_version,
                 "weight_updates": self._weight_updates,

@@ -44,9 +44,13 @@ class NativeTransport(InferenceTransport):
 
     def set_request_schema(self, schema: RequestSchema, *, strict: bool) -> None:
         """Sets the schema fast-path requests are matched against."""
+        # A request stamped with torchrl's interaction type matches only a
+        # schema that has the stamp (the server reads it from staging); else it
+        # takes the general path, which honours it.
+        general_keys = [] if INTERACTION_TYPE_KEY in schema.keys else [INTERACTION_TYPE_KEY]
         self._schema_id = self._queue.set_schema(
             list(schema.keys), list(schema.dtypes), list(schema.shapes),
-            list(schema.leaf_bytes), strict, schema.device, [INTERACTION_TYPE_KEY],
+            list(schema.leaf_bytes), strict, schema.device, general_keys,
         )
         self._schema = schema
 
