@@ -64,7 +64,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("fast_path_schema", &fast_path_schema, py::arg("td"),
         py::arg("general_keys") = std::vector<py::object>{},
-        "The (keys, dtypes, shapes, device) request `td` would take the fast path "
+        "The (keys, dtypes, shapes, device, extra_keys) request `td` would take the fast path "
         "with, or None (the rules RequestQueue.set_schema's matcher applies).");
   m.def("fast_path_refusal", &fast_path_refusal, py::arg("td"),
         "Why request `td` cannot take the fast path under those rules (a sentence), "
@@ -81,6 +81,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
       .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
+      .def_property_readonly("rows_items", &Batch::rows_items)
       .def_property_readonly("callers", &Batch::callers)
       .def_property_readonly("rows_callers", &Batch::rows_callers)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
@@ -117,7 +118,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("leaf_bytes"), py::arg("capacity"))
       .def("set_schema", &bindings::RequestQueue::set_schema, py::arg("keys"), py::arg("dtypes"),
            py::arg("shapes"), py::arg("leaf_bytes"), py::arg("strict") = false,
-           py::arg("device") = py::none(), py::arg("general_keys") = std::vector<py::object>{})
+           py::arg("device") = py::none(), py::arg("general_keys") = std::vector<py::object>{},
+           py::arg("extra_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &bindings::RequestQueue::schema_strict)
 
       .def("attach_slots", &bindings::RequestQueue::attach_slots, py::arg("slots"))

@@ -525,15 +525,19 @@ def test_schema_of_rejects_what_the_fast_path_cannot_take():
 
 
 def test_fast_path_refusal_names_the_reason():
-    from tensordict import NonTensorData
+    from tensordict import NonTensorData, NonTensorStack
 
     assert _core.fast_path_refusal(TensorDict({"x": torch.zeros(3)})) is None
     assert _core.fast_path_refusal(TensorDict({"x": {"y": torch.zeros(1)}})) is None
+    # Non-tensor metadata travels beside the rows.
+    assert _core.fast_path_refusal(TensorDict({"x": torch.zeros(1), "m": NonTensorData("a")})) \
+        is None
     cases = [
         (TensorDict({"x": torch.zeros(3, 2)[:, 0]}), "key 'x' is not a contiguous"),
         (TensorDict({"x": torch.zeros(3, dtype=torch.complex64)}), "complex or quantized"),
         (TensorDict({"x": torch.zeros(2, 3)}, batch_size=[2]), "batched request"),
-        (TensorDict({"x": torch.zeros(1), "m": NonTensorData("a")}), "key 'm' holds a"),
+        (TensorDict({"x": torch.zeros(1), "m": NonTensorStack(NonTensorData(1))}),
+         "key 'm' holds a <class 'tensordict.tensorclass.NonTensorStack'>"),
         (TensorDict({"x": {"y": torch.zeros(3, 2).t()}}), r"key \('x', 'y'\) is not"),
         ({"x": torch.zeros(3)}, "not a TensorDict"),
         (TensorDict({}), "no tensor leaves"),

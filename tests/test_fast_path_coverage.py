@@ -190,3 +190,58 @@ def test_nested_keys_take_the_fast_path():
     assert with_extra["sum"].item() == 5
     assert stats["fast_path_requests"] == 4
     assert any("extra keys [('obs', 'b', 'd')]" in r for r in stats["fast_path_refusals"])
+
+
+@pytest.mark.timeout(60)
+def test_non_tensor_metadata_travels_beside_the_rows():
+    seen = []
+
+    def model(td):
+        seen.append(list(td["env_index"]))  # the data, stacked: a list either way
+        out = TensorDict({"out": td["obs"] * 2}, batch_size=td.batch_size)
+        out.set("env_index", td.get("env_index"))
+        return out
+
+    transport = ThreadingTransport()
+
+    def request_of(i: int) -> TensorDict:
+        td = TensorDict({"obs": torch.full((2,), float(i))})
+        td.set_non_tensor("env_index", i)
+        td.set_non_tensor(("meta", "name"), f"env-{i}")
+        return td
+
+    with InferenceServer(model, transport, max_batch_size=8, timeout=30) as server:
+        transport.client()(request_of(0))  # teaches the schema
+        server.min_batch_size = 4
+        futures = [transport.submit(request_of(i)) for i in range(1, 5)]
+        results = [f.result(timeout=30) for f in futures]
+        stats = server.stats()
+    assert stats["fast_path_requests"] == 4
+    assert sorted(seen[-1]) == [1, 2, 3, 4]  # the model saw them stacked
+    for i, result in zip(range(1, 5), results):
+        assert result["env_index"] == i
+        assert result["out"].tolist() == [2.0 * i, 2.0 * i]
+
+
+@pytest.mark.timeout(60)
+def test_metadata_on_the_fast_path_matches_the_general_path():
+    from tensordict.nn import TensorDictModule
+
+    policy = TensorDictModule(nn.Linear(2, 1), in_keys=["obs"], out_keys=["act"])
+
+    def request_of(i: int) -> TensorDict:
+        td = TensorDict({"obs": torch.full((2,), float(i))})
+        td.set_non_tensor("env_index", i)
+        return td
+
+    results = {}
+    for name, collate in (("fast", maybe_dense_stack), ("general", lambda xs: lazy_stack(xs))):
+        transport = ThreadingTransport()
+        with InferenceServer(policy, transport, collate_fn=collate) as server:
+            client = transport.client()
+            results[name] = [client(request_of(i)) for i in range(4)]
+            assert (server.stats()["fast_path_requests"] > 0) is (name == "fast")
+    for fast, general in zip(results["fast"], results["general"]):
+        assert set(fast.keys()) == set(general.keys())
+        assert fast["env_index"] == general["env_index"]
+        torch.testing.assert_close(fast["act"], general["act"])

@@ -132,6 +132,17 @@ class Batch {
     requests_.swap(kept);
   }
 
+  // The fast path's requests, in row order, as submitted (None for a
+  // shared-memory slot's row): for the metadata carried beside the rows.
+  py::list rows_items() const {
+    py::list out(rows_.size());
+    for (size_t i = 0; i < rows_.size(); ++i)
+      out[i] = rows_[i].intake != nullptr
+                   ? py::none()
+                   : py::reinterpret_borrow<py::object>(static_cast<PyObject*>(rows_[i].payload));
+    return out;
+  }
+
   std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
   std::vector<int64_t> rows_submitted_ns() const { return arrivals(rows_); }
   std::vector<uint32_t> callers() const { return senders(requests_); }

@@ -84,6 +84,7 @@ inline int64_t deadline_from(const std::optional<double>& timeout_s) {
 struct TorchRefs {
   PyObject* tensor_type;      // torch.Tensor
   PyObject* tensordict_type;  // tensordict.TensorDict
+  PyObject* non_tensor_type;  // tensordict.NonTensorData
   PyObject* strided;          // torch.strided
   PyObject* s_tensordict;
   PyObject* s_batch_size;
@@ -111,12 +112,13 @@ inline py::tuple quantized_dtypes(const py::module_& torch) {
 inline const TorchRefs& torch_refs() {
   static const TorchRefs* refs = [] {
     py::module_ torch = py::module_::import("torch");
-    py::object td_class = py::module_::import("tensordict").attr("TensorDict");
+    py::module_ tensordict = py::module_::import("tensordict");
     auto keep = [](py::object o) { return o.release().ptr(); };
     auto name = [](const char* s) { return PyUnicode_InternFromString(s); };
     return new TorchRefs{
         keep(torch.attr("Tensor")),
-        keep(td_class),
+        keep(tensordict.attr("TensorDict")),
+        keep(tensordict.attr("NonTensorData")),
         keep(torch.attr("strided")),
         name("_tensordict"),
         name("batch_size"),

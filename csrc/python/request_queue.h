@@ -175,7 +175,8 @@ class RequestQueue {
   uint64_t set_schema(const std::vector<py::object>& keys, const std::vector<py::object>& dtypes,
                       const std::vector<py::object>& shapes, const std::vector<size_t>& leaf_bytes,
                       bool strict, const py::object& device,
-                      const std::vector<py::object>& general_keys) {
+                      const std::vector<py::object>& general_keys,
+                      const std::vector<py::object>& extra_keys) {
     if (dtypes.size() != keys.size() || shapes.size() != keys.size() ||
         leaf_bytes.size() != keys.size())
       throw std::invalid_argument("set_schema: one dtype, shape and size per key");
@@ -195,19 +196,22 @@ class RequestQueue {
     schema->leaf_bytes = leaf_bytes;
     schema->device = device;
     schema->general_keys = general_keys;
-    // Each leaf, plus each distinct nested TensorDict on the keys' paths.
+    schema->extra_keys = extra_keys;
+    // Each leaf and metadata entry, plus each distinct nested TensorDict on
+    // their paths.
     std::set<std::vector<std::string>> nodes;
-    for (const py::object& key : keys) {
-      if (!PyTuple_Check(key.ptr())) continue;
-      schema->nested = true;
-      std::vector<std::string> path;
-      const py::tuple parts(key);
-      for (size_t i = 0; i + 1 < parts.size(); ++i) {
-        path.push_back(py::str(parts[i]));
-        nodes.insert(path);
+    for (const std::vector<py::object>* entries : {&keys, &extra_keys})
+      for (const py::object& key : *entries) {
+        if (!PyTuple_Check(key.ptr())) continue;
+        schema->nested = true;
+        std::vector<std::string> path;
+        const py::tuple parts(key);
+        for (size_t i = 0; i + 1 < parts.size(); ++i) {
+          path.push_back(py::str(parts[i]));
+          nodes.insert(path);
+        }
       }
-    }
-    schema->entries = static_cast<Py_ssize_t>(keys.size() + nodes.size());
+    schema->entries = static_cast<Py_ssize_t>(keys.size() + extra_keys.size() + nodes.size());
     schema_ = std::move(schema);
     return schema_->id;
   }

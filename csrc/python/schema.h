@@ -31,6 +31,9 @@ struct FastSchema {
   py::object device;                     // the requests' TensorDict device (None or cpu)
   py::object batch_size;                 // torch.Size of a request; unset: []
   std::vector<py::object> general_keys;  // a request holding one takes the general path
+  // Keys holding non-tensor metadata (tensordict.NonTensorData): carried
+  // beside the rows (the request's own objects), not copied into staging.
+  std::vector<py::object> extra_keys;
   // The entries (leaves and nested TensorDicts) of a request of this schema;
   // a request with other entries than the keys does not match (not strict).
   Py_ssize_t entries = 0;
@@ -106,10 +109,12 @@ inline bool unbatched_tensordict(PyObject* o) {
 }
 
 // What walk_leaves found: the leaves of a request in its dict order, nested
-// keys as tuples, or why the fast path cannot take it.
+// keys as tuples, its non-tensor metadata keys, or why the fast path cannot
+// take it.
 struct RequestLeaves {
   std::vector<py::object> keys, dtypes, shapes;
-  std::string refusal;  // empty: every leaf meets the rules
+  std::vector<py::object> extras;  // keys holding a NonTensorData
+  std::string refusal;             // empty: every leaf meets the rules
 };
 
 // GIL held. Walks the leaves of `leaves` (a TensorDict's dict) under `prefix`
@@ -138,6 +143,10 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
       walk_leaves(sub.ptr(), PyTuple_Check(full.ptr()) ? py::tuple(full) : py::make_tuple(full),
                   out);
       if (!out.refusal.empty()) return;
+      continue;
+    }
+    if (Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(t.non_tensor_type)) {
+      out.extras.push_back(full);
       continue;
     }
     if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {
@@ -171,8 +180,9 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
 // GIL held. Why request `item` cannot take the fast path, or "" when it can
 // (then `out` holds its leaves). The rules: an exact TensorDict of batch size
 // [] (nested TensorDicts too), 1 to RowSource::kMaxLeaves leaves, each a CPU
-// torch.Tensor of a plain-bytes dtype and plain layout, and none of
-// `general_keys` at the top level. A request matches the schema learned from
+// torch.Tensor of a plain-bytes dtype and plain layout, or non-tensor
+// metadata (an exact NonTensorData), and none of `general_keys` at the top
+// level. A request matches the schema learned from
 // it (match_schema) exactly when it meets these rules.
 inline std::string inspect_request(const py::object& item,
                                    const std::vector<py::object>& general_keys,
@@ -190,8 +200,8 @@ inline std::string inspect_request(const py::object& item,
   return "";
 }
 
-// GIL held. The schema (keys, dtypes, shapes, device) request `item` would
-// take the fast path with, or None (see inspect_request).
+// GIL held. The schema (keys, dtypes, shapes, device, extra keys) request
+// `item` would take the fast path with, or None (see inspect_request).
 inline py::object fast_path_schema(const py::object& item,
                                    const std::vector<py::object>& general_keys) {
   RequestLeaves found;
@@ -202,7 +212,7 @@ inline py::object fast_path_schema(const py::object& item,
     return out;
   };
   return py::make_tuple(as_tuple(found.keys), as_tuple(found.dtypes), as_tuple(found.shapes),
-                        attr(item.ptr(), torch_refs().s_device));
+                        attr(item.ptr(), torch_refs().s_device), as_tuple(found.extras));
 }
 
 // GIL held. Why request `item` cannot take the fast path (None: it can).
@@ -305,6 +315,11 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
     const int same = PyObject_RichCompareBool(device.ptr(), schema.device.ptr(), Py_EQ);
     if (same < 0) throw py::error_already_set();
     if (same == 0) return nullptr;
+  }
+  for (const py::object& key : schema.extra_keys) {
+    PyObject* v = lookup_leaf(leaves.ptr(), key.ptr());  // borrowed
+    if (v == nullptr || Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.non_tensor_type))
+      return nullptr;
   }
   OwnedRows rows(new RequestRows());
   rows->schema_id = schema.id;

@@ -49,6 +49,8 @@ class Batch:
     @property
     def rows_submitted_ns(self) -> list[int]: ...
     @property
+    def rows_items(self) -> list[Any]: ...
+    @property
     def size(self) -> int: ...
     @property
     def submitted_ns(self) -> list[int]: ...
@@ -81,6 +83,7 @@ class RequestQueue:
         strict: bool = False,
         device: Any = None,
         general_keys: Sequence[Any] = ...,
+        extra_keys: Sequence[Any] = ...,
     ) -> int: ...
     def submit(
         self, item: Any, future: Any, block: bool = True, timeout: float | None = None
@@ -214,8 +217,9 @@ class PendingSlot:
     def slot(self) -> int: ...
 
 def fast_path_schema(td: Any, general_keys: Sequence[Any] = ...) -> Any:
-    """The (keys, dtypes, shapes, device) request `td` would take the fast path
-    with, or None (the rules RequestQueue.set_schema's matcher applies)."""
+    """The (keys, dtypes, shapes, device, extra_keys) request `td` would take the
+    fast path with, or None (the rules RequestQueue.set_schema's matcher
+    applies)."""
 
 def fast_path_refusal(td: Any) -> str | None:
     """Why request `td` cannot take the fast path under those rules (a

@@ -35,7 +35,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from tensordict import TensorDict
+from tensordict import NonTensorStack, TensorDict
 from tensordict.base import TensorDictBase, _is_leaf_nontensor, is_non_tensor
 
 from batchserve import _core
@@ -54,17 +54,22 @@ class RequestSchema:
     dtypes: tuple[torch.dtype, ...]
     shapes: tuple[torch.Size, ...]
     device: torch.device | None = None
+    # Keys holding non-tensor metadata (NonTensorData): each request's own
+    # object travels beside its rows, the model sees them stacked.
+    extras: tuple = ()
 
     def difference(self, other: RequestSchema) -> str:
         """How ``other`` differs from this schema, in words ("" when it does not)."""
-        if set(self.keys) != set(other.keys):
-            extra = [k for k in other.keys if k not in self.keys]
-            missing = [k for k in self.keys if k not in other.keys]
+        if set(self.keys + self.extras) != set(other.keys + other.extras):
+            extra = [k for k in other.keys + other.extras if k not in self.keys + self.extras]
+            missing = [k for k in self.keys + self.extras if k not in other.keys + other.extras]
             parts = ([f"extra keys {extra}"] if extra else []) + (
                 [f"missing keys {missing}"] if missing else [])
             return ", ".join(parts)
         mine = dict(zip(self.keys, zip(self.dtypes, self.shapes)))
         for key, dtype, shape in zip(other.keys, other.dtypes, other.shapes):
+            if key not in mine:
+                return f"key {key!r} holds a tensor, served non-tensor metadata"
             if mine[key][0] != dtype:
                 return f"key {key!r} has dtype {dtype}, served {mine[key][0]}"
             if mine[key][1] != shape:
@@ -196,11 +201,12 @@ class StagingBuffer:
     :meth:`interaction_codes` reads it.
     """
 
-    __slots__ = ("keys", "device", "columns", "pointers", "rows", "copied", "_model_columns",
-                 "_codes")
+    __slots__ = ("keys", "extras", "device", "columns", "pointers", "rows", "copied",
+                 "_model_columns", "_codes")
 
     def __init__(self, schema: RequestSchema, rows: int, pin: bool):
         self.keys = schema.keys
+        self.extras = schema.extras
         self.device = schema.device
         self.columns = tuple(
             torch.empty((rows, *shape), dtype=dtype, pin_memory=pin)
@@ -281,6 +287,9 @@ class FastPath:
         self._prefetch_pays = transport.prefetch_pays
         self._schema_id = 0
         self._buffers: list[StagingBuffer] = []
+        # The current batch's metadata: key -> (the stack the model saw, the
+        # requests' own objects), for the hand-back.
+        self._extras: dict = {}
         self._next = 0
         # A model on a GPU with results wanted on the CPU: outputs come back
         # through pinned memory.
@@ -367,10 +376,23 @@ class FastPath:
             buffer.copied = None
         return buffer
 
-    def model_input(self, buffer: StagingBuffer, n: int) -> TensorDictBase:
+    def model_input(self, buffer: StagingBuffer, n: int, batch) -> TensorDictBase:
         """The batch the model sees: views of staging, or their copy on the
         model's GPU made by one non-blocking copy per leaf on the copy stream
-        (the compute stream waits on an event, nothing else is synchronised)."""
+        (the compute stream waits on an event, nothing else is synchronised);
+        the requests' non-tensor metadata stacked beside them."""
+        model_input = self._model_input(buffer, n)
+        self._extras = {}
+        if buffer.extras:
+            items = batch.rows_items
+            for key in buffer.extras:
+                objects = [item.get(key, as_non_tensor=True) for item in items]
+                stack = NonTensorStack(*objects)
+                model_input.set(key, stack)
+                self._extras[key] = (stack, objects)
+        return model_input
+
+    def _model_input(self, buffer: StagingBuffer, n: int) -> TensorDictBase:
         batch = buffer.batch(n)
         if not self._cuda:
             return batch if self.device is None else batch.to(self.device)
@@ -426,7 +448,12 @@ class FastPath:
             if wanted is not None and key not in wanted:
                 continue  # dropped by the transport: no need to keep it
             if type(value) is not torch.Tensor:
-                return None
+                carried = self._extras.get(key)
+                if carried is None or value is not carried[0]:
+                    return None
+                keys.append(key)  # each request gets its own metadata object back
+                values.append(carried[1])
+                continue
             keys.append(key)
             values.append(value if self._copies_results else buffer.clone_if_owned(value))
         device = output.device
@@ -448,7 +475,7 @@ class FastPath:
         torch's caching host allocator), waiting on the compute stream only."""
         pinned = []
         for v in values:
-            if v.is_cpu:
+            if type(v) is not torch.Tensor or v.is_cpu:  # metadata objects stay as they are
                 pinned.append(v)
                 continue
             host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)

@@ -197,6 +197,12 @@ class NativeBatch:
         return self._batch.rows_callers
 
     @property
+    def rows_items(self) -> list:
+        """The fast path's requests as submitted, in row order (their
+        non-tensor metadata travels beside the rows)."""
+        return self._batch.rows_items
+
+    @property
     def prefetched_into(self) -> int:
         """The first staging column the prefetched rows are in (0: none)."""
         return self._batch.prefetched_into
@@ -238,7 +244,9 @@ class NativeBatch:
             if len(column) != n:
                 raise ValueError(f"resolve_rows: every column must have {n} rows")
         # unbind makes n views in one call; for one row, indexing is cheaper.
-        views = [(c[0],) for c in columns] if n == 1 else [c.unbind(0) for c in columns]
+        # A list column (non-tensor metadata) holds one object per row already.
+        views = [(c[0],) for c in columns] if n == 1 else [
+            c if type(c) is list else c.unbind(0) for c in columns]
         if device is not None:
             device = torch.device(device)  # once, not per result as _new_unsafe would
         self.resolve_rows_with(row_results(keys, views, device))

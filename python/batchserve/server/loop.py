@@ -271,7 +271,7 @@ class WorkerLoop:
         queue_ms = self._queue_ms(dispatch_ns, submitted_ns)
         fast = self._fast
         with self._versions.model_lock:
-            model_input = fast.model_input(buffer, n)
+            model_input = fast.model_input(buffer, n, batch)
             codes = buffer.interaction_codes(n)  # the rows' stamps (None: unstamped)
             fast.prefetch()  # the next batch is gathered while the model runs
             output, forwards = forward_by_interaction(server.model, model_input, codes)

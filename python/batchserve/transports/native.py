@@ -50,7 +50,7 @@ class NativeTransport(InferenceTransport):
         general_keys = [] if INTERACTION_TYPE_KEY in schema.keys else [INTERACTION_TYPE_KEY]
         self._schema_id = self._queue.set_schema(
             list(schema.keys), list(schema.dtypes), list(schema.shapes),
-            list(schema.leaf_bytes), strict, schema.device, general_keys,
+            list(schema.leaf_bytes), strict, schema.device, general_keys, list(schema.extras),
         )
         self._schema = schema
 
