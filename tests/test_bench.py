@@ -3,6 +3,7 @@ CLI errors, and a smoke run. No test asserts a speed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("rich", reason="the bench extra is not installed")
 
@@ -51,6 +53,66 @@ def test_cdf_points_are_monotonic_and_end_at_the_max():
     samples = np.array([5_000, 1_000, 3_000, 2_000, 4_000])
     cdf = metrics.cdf_points(samples, points=5)
     assert cdf == [[1.0, 0.2], [2.0, 0.4], [3.0, 0.6], [4.0, 0.8], [5.0, 1.0]]
+
+
+def test_fast_path_summary_from_reset_counters():
+    """Counters reset after the warm-up: the server's own fraction is used
+    where it gives one, else fast_path_requests / requests."""
+    stats = {"requests": 200, "fast_path_requests": 150, "fast_path_fraction": 0.75,
+             "fast_path_refusals": {"custom collate_fn": 50}}
+    assert metrics.fast_path_summary(stats, {"requests": 0, "fast_path_requests": 0}) == {
+        "server_requests": 200, "fast_path_requests": 150, "fast_path_fraction": 0.75,
+        "fast_path_refusals": {"custom collate_fn": 50},
+    }
+    # Before the server reported a fraction (or NaN before any request).
+    summary = metrics.fast_path_summary({"requests": 8, "fast_path_requests": 2})
+    assert summary["fast_path_fraction"] == 0.25 and summary["fast_path_refusals"] is None
+    nan = {"requests": 0, "fast_path_requests": 0, "fast_path_fraction": float("nan")}
+    assert metrics.fast_path_summary(nan)["fast_path_fraction"] is None
+
+
+def test_fast_path_summary_leaves_out_what_came_before_the_window():
+    """Counters that were not reset (or a reset the server ignored): the
+    differences count, and the server's cumulative fraction is not used."""
+    before = {"requests": 100, "fast_path_requests": 0, "fast_path_fraction": 0.0,
+              "fast_path_refusals": {"schema": 100}}
+    after = {"requests": 400, "fast_path_requests": 300, "fast_path_fraction": 0.75,
+             "fast_path_refusals": {"schema": 100}}
+    assert metrics.fast_path_summary(after, before) == {
+        "server_requests": 300, "fast_path_requests": 300, "fast_path_fraction": 1.0,
+        "fast_path_refusals": {},
+    }
+
+
+def test_fast_path_summary_of_a_server_that_does_not_report_it():
+    """torchrl's stats() have none of the keys: every field is None."""
+    torchrl_like = {"avg_batch_size": 3.0, "p50_queue_ms": 0.1}
+    assert set(metrics.fast_path_summary(torchrl_like, torchrl_like).values()) == {None}
+    assert set(metrics.merge_fast_path([metrics.fast_path_summary(torchrl_like)], [10])
+               .values()) == {None}
+
+
+def test_fast_percent_reads_100_only_when_every_request_was_fast():
+    assert metrics.percent_text(1.0) == "100.0"
+    assert metrics.percent_text(0.9999) == "99.9"
+    assert metrics.percent_text(0.25) == "25.0"
+    assert metrics.percent_text(0.0) == "0.0"
+    assert metrics.percent_text(None) == "—"
+
+
+def test_fast_path_fraction_over_rounds():
+    counted = [
+        {"server_requests": 30, "fast_path_requests": 30, "fast_path_fraction": 1.0,
+         "fast_path_refusals": {}},
+        {"server_requests": 10, "fast_path_requests": 0, "fast_path_fraction": 0.0,
+         "fast_path_refusals": {"custom collate_fn": 10}},
+    ]
+    merged = metrics.merge_fast_path(counted, [1, 1])
+    assert merged["fast_path_fraction"] == 30 / 40
+    assert (merged["server_requests"], merged["fast_path_requests"]) == (40, 30)
+    assert merged["fast_path_refusals"] == {"custom collate_fn": 10}
+    fractions_only = [{"fast_path_fraction": 1.0}, {"fast_path_fraction": 0.0}]
+    assert metrics.merge_fast_path(fractions_only, [300, 100])["fast_path_fraction"] == 0.75
 
 
 def test_histograms_merge_and_mean():
@@ -94,6 +156,93 @@ def test_every_shipped_scenario_file_loads():
             kinds[data["kind"]].load_config({"name": default_name, **data})
         else:
             scenario.load(os.path.join(ROOT, "benchmarks", name))
+
+
+def test_the_policy_scenario_loads_as_torchrl_serves():
+    policy = scenario.load(os.path.join(ROOT, "benchmarks", "policy"))
+    assert policy.name == "policy" and policy.actors == "threads"
+    assert policy.actor_counts == [1, 8, 32]
+    assert (policy.observation_dtype, policy.observation_shape) == ("float32", [64])
+    assert (policy.model, policy.client) == ("policy", "policy_client")
+    assert (policy.interaction_type, policy.collate) == ("random", "maybe_dense_stack")
+    reference = scenario.load(os.path.join(ROOT, "benchmarks", "mlp_threads"))
+    for name in ("max_batch_size", "min_batch_size", "timeout", "device", "hidden", "actions"):
+        assert getattr(policy, name) == getattr(reference, name), name
+    # The scenarios that predate these fields keep their meaning.
+    assert (reference.model, reference.client, reference.interaction_type,
+            reference.collate) == ("mlp", "direct", None, "default")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"client": "grpc"}, "client must be one of"),
+    ({"client": "policy_client", "actors": "processes"}, "thread actors"),
+    ({"interaction_type": "greedy"}, "interaction_type must be one of"),
+    ({"collate": "lazy_stack"}, "collate must be one of"),
+    ({"model": "transformer"}, "'policy'"),
+])
+def test_bad_policy_fields_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        scenario.Scenario(**fields).validate()
+
+
+def test_the_policy_model_samples_as_a_torchrl_actor():
+    """model "policy": loc/scale from the MLP, an action sampled under
+    RANDOM (so two calls differ) and equal to loc under DETERMINISTIC, with
+    its log-probability."""
+    from tensordict import TensorDict
+    from tensordict.nn import ProbabilisticTensorDictModule, TensorDictSequential
+
+    from batchserve.bench import workload
+
+    scen = scenario.Scenario(model="policy", hidden=[16], actions=3,
+                             interaction_type="random").validate()
+    policy = workload.make_policy(scen)
+    assert isinstance(policy, TensorDictSequential)
+    assert any(isinstance(m, ProbabilisticTensorDictModule) for m in policy.module)
+    obs = TensorDict({"observation": torch.randn(4, 64)}, batch_size=[4])
+    with workload.interaction_context(scen):
+        first, second = policy(obs.clone()), policy(obs.clone())
+    assert first["action"].shape == (4, 3) and (first["scale"] > 0).all()
+    assert first["action_log_prob"].shape == (4, 3)
+    assert not torch.equal(first["action"], second["action"])
+    deterministic = dataclasses.replace(scen, interaction_type="deterministic")
+    with workload.interaction_context(deterministic):
+        out = policy(obs.clone())
+    torch.testing.assert_close(out["action"], out["loc"])
+
+
+def test_a_policy_client_stamps_the_interaction_type():
+    """client "policy_client" is torchrl's PolicyClientModule around the
+    transport's client: every request carries the scenario's interaction
+    type as torchrl's int8 scalar code ("random" is 3)."""
+    pytest.importorskip("torchrl")
+    from concurrent.futures import Future
+
+    from tensordict import TensorDict
+
+    from batchserve.bench import workload
+
+    sent = []
+
+    class Client:
+        def submit(self, td):
+            sent.append(td)
+            future = Future()
+            future.set_result(td.clone().set("action", torch.zeros(2)))
+            return future
+
+    class Transport:
+        def client(self):
+            return Client()
+
+    scen = scenario.Scenario(client="policy_client", interaction_type="random").validate()
+    result = workload.make_client(scen, Transport())(TensorDict({"observation": torch.ones(4)}))
+    assert "action" in result.keys()
+    (request,) = sent
+    stamp = request["_torchrl_inference_interaction_type"]
+    assert stamp.dtype == torch.int8 and stamp.shape == () and stamp.item() == 3
+    direct = workload.make_client(scenario.Scenario().validate(), Transport())
+    assert isinstance(direct, Client)
 
 
 def test_bad_scenarios_are_rejected(tmp_path):
@@ -266,6 +415,70 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
         assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
     assert set(result["overhead_us"]) == {"batchserve"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_a_tiny_policy_run_reports_the_fast_path_fraction(tmp_path, capsys):
+    """benchmarks/policy through the CLI, one actor, a few requests,
+    batchserve only: every row carries the fast path's share, a number in
+    [0, 1] for batchserve (None for the bare call), in the JSON and as the
+    table's "fast %" column."""
+    pytest.importorskip("torchrl")
+    out = tmp_path / "policy.json"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([os.path.join(ROOT, "benchmarks", "policy"), "--num-actors", "1",
+                  "--requests", "40", "--warmup", "0", "--rounds", "1", "--no-progress",
+                  "--json", str(out)])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 0, printed.err
+    assert "fast %" in printed.out
+    document = json.loads(out.read_text())
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        with open(report.SCHEMA_PATH) as f:
+            jsonschema.validate(document, json.load(f))
+    (result,) = document["scenarios"]
+    assert result["scenario"]["client"] == "policy_client"
+    rows = {r["system"]: r for r in result["results"]}
+    assert set(rows) == {"bare", "batchserve"}
+    served = rows["batchserve"]
+    assert served["requests"] == 40
+    fraction = served["fast_path_fraction"]
+    assert isinstance(fraction, float) and 0.0 <= fraction <= 1.0
+    # The server counts from its reset after the warm-up to the end; the one
+    # actor's request in flight across the reset may be left out.
+    assert served["server_requests"] >= served["requests"] - 1
+    assert served["fast_path_requests"] == round(fraction * served["server_requests"])
+    assert rows["bare"]["fast_path_fraction"] is None
+
+
+def test_general_path_reasons_are_printed_per_row():
+    rows = {
+        ("batchserve", 8): {"fast_path_refusals": {"schema": 2, "custom collate_fn": 9}},
+        ("batchserve", 1): {"fast_path_refusals": {}},
+        ("torchrl", 8): {"fast_path_refusals": None},
+    }
+    assert report.refusal_lines(rows) == [
+        "general path at 8 actors (batchserve): custom collate_fn 9, schema 2"]
+
+
+def test_the_collector_report_has_a_fast_path_column():
+    from batchserve.bench import collector
+
+    config = dataclasses.asdict(collector.CollectorConfig())
+    text = collector.format_report({"config": config, "results": [
+        {"system": "batchserve", "num_envs": 8, "fps": 2000.0, "runs": [{"fps": 2000.0}],
+         "fast_path_fraction": 0.5, "fast_path_refusals": {"schema": 7}, "errors": []},
+        {"system": "torchrl", "num_envs": 8, "fps": 1000.0, "runs": [{"fps": 1000.0}],
+         "fast_path_fraction": None, "fast_path_refusals": None, "errors": []},
+    ]})
+    header, batchserve_line, refusals, torchrl_line = text.splitlines()[1:]
+    assert header.rstrip().endswith("fast %")
+    assert batchserve_line.rstrip().endswith("50.0") and torchrl_line.rstrip().endswith("—")
+    assert "schema 7" in refusals
 
 
 def _run_kind_scenario(tmp_path, capsys, toml: str, args: list[str]):

@@ -3,6 +3,7 @@
     batchserve-bench --vs torchrl                   # headline sweep, ~40 s
     batchserve-bench --quick                        # ~10 s
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
+    batchserve-bench benchmarks/policy --vs torchrl  # stochastic actor via PolicyClientModule
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
                    help="observation, e.g. float32:64 or uint8:3x84x84")
-    p.add_argument("--model", help="mlp, conv, or module:factory (factory() returns the policy)")
+    p.add_argument("--model", help="mlp, conv, policy (a stochastic actor: MLP, "
+                   "NormalParamExtractor, ProbabilisticTensorDictModule), or module:factory "
+                   "(factory() returns the policy)")
     p.add_argument("--hidden", type=_int_list, metavar="W,W,...", help="MLP hidden widths")
     p.add_argument("--actions", type=int, help="output width of the built-in models")
     p.add_argument("--max-batch-size", type=int)
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--requests", type=int, help="measured requests per measurement")
     p.add_argument("--warmup", type=float, help="seconds before measuring, excluded")
     p.add_argument("--rounds", type=int, help="alternating rounds per system")
+    p.add_argument("--client", choices=list(scenarios.CLIENTS),
+                   help="how actors call: the transport's client (direct) or torchrl's "
+                   "PolicyClientModule around it (policy_client)")
+    p.add_argument("--interaction-type", choices=[*scenarios.INTERACTION_TYPES, "none"],
+                   help="tensordict interaction type the run happens under (none: not set)")
+    p.add_argument("--collate", choices=list(scenarios.COLLATES),
+                   help="the servers' collate_fn: their default or tensordict's maybe_dense_stack")
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch.set_num_threads for the run (default: torch's own)")
     p.add_argument("--json", metavar="PATH",
@@ -108,7 +118,7 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         ("hidden", "hidden"), ("actions", "actions"), ("max_batch_size", "max_batch_size"),
         ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
         ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),
-        ("torch_threads", "torch_threads"),
+        ("torch_threads", "torch_threads"), ("client", "client"), ("collate", "collate"),
     ]:
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -116,6 +126,9 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         overrides["requests"] = args.requests
     elif args.duration is not None:
         overrides["requests"] = None  # a duration replaces a scenario's request count
+    if args.interaction_type is not None:
+        overrides["interaction_type"] = (
+            None if args.interaction_type == "none" else args.interaction_type)
     if args.obs is not None:
         overrides["observation_dtype"], overrides["observation_shape"] = args.obs
     if "actors" in overrides:  # keep a family name like mlp_threads truthful
@@ -196,6 +209,8 @@ def run(args, parser) -> int:
         out.print(report.table(scen, rows))
         for system, overhead in report.overhead_us(rows).items():
             out.print(f"overhead per call at 1 actor ({system} p50 − bare p50): {overhead:.1f} µs")
+        for line in report.refusal_lines(rows):
+            out.print(line)
     machine = report.machine()
     out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "
               f"({machine['torch_threads']} intra-op threads), tensordict {machine['tensordict']}, "

@@ -5,7 +5,10 @@ environment costs next to nothing and the policy service dominates) with the
 same small policy, environment workers in threads, for each ``num_envs``.
 Per round, each system collects for ``duration`` seconds after ``warmup``
 batches; systems alternate within a round so that the machine's drift weighs
-on both alike. Reports frames/s (median over rounds) and batchserve / torchrl.
+on both alike. Reports frames/s (median over rounds), batchserve / torchrl,
+and the share of the policy requests batchserve's fast path served over the
+measured batches ("fast %", from the server's stats() before and after them;
+"—" for torchrl's server, which does not report it).
 
 Systems (``--vs torchrl`` adds torchrl's):
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from batchserve.bench.metrics import fast_path_summary, merge_fast_path, percent_text
 from batchserve.bench.scenario import config_of
 
 BATCHSERVE_SYSTEMS = ("batchserve",)
@@ -102,18 +106,22 @@ def measure(system: str, num_envs: int, config: CollectorConfig) -> dict:
         batches = iter(collector)
         for _ in range(config.warmup):
             next(batches)
+        # Not reset: "mean_batch" stays the whole run's; the fast path's
+        # share is the difference over the measured batches.
+        before = collector.server_stats()
         frames, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < config.duration:
             frames += next(batches).numel()
         stats = collector.server_stats()
     finally:
         collector.shutdown()
+    fast_path = fast_path_summary(stats, before)
     return {
         "frames": frames,
         "seconds": elapsed,
         "fps": frames / elapsed,
         "mean_batch": stats.get("avg_batch_size", stats.get("mean_batch_size")),
-        "fast_path_requests": stats.get("fast_path_requests"),
+        **fast_path,
     }
 
 
@@ -141,6 +149,7 @@ def run(config: CollectorConfig, systems, *, progress_cb=None) -> dict:
                     "num_envs": num_envs,
                     "runs": runs[system],
                     "fps": statistics.median(r["fps"] for r in runs[system]),
+                    **merge_fast_path(runs[system], [r["frames"] for r in runs[system]]),
                     "errors": [],
                 }
             )
@@ -157,7 +166,8 @@ def format_report(report: dict) -> str:
         f"{c['name']}: CountingEnv in threads, {c['hidden']}-unit MLP, frames_per_batch "
         f"{c['frames_per_batch']}, max_batch_size {c['max_batch_size']}; median of "
         f"{c['rounds']} alternated rounds of {c['duration']:g} s",
-        f"{'num_envs':>8}  {'system':<12}{'frames/s':>10}{'runs':>22}{'vs torchrl':>12}",
+        f"{'num_envs':>8}  {'system':<12}{'frames/s':>10}{'runs':>22}{'vs torchrl':>12}"
+        f"{'fast %':>8}",
     ]
     by_key = {(r["num_envs"], r["system"]): r for r in report["results"]}
     for r in report["results"]:
@@ -168,7 +178,13 @@ def format_report(report: dict) -> str:
             else ""
         )
         runs = " ".join(f"{x['fps']:,.0f}" for x in r["runs"])
+        fast = percent_text(r.get("fast_path_fraction"))
         lines.append(
             f"{r['num_envs']:>8}  {r['system']:<12}{r['fps']:>10,.0f}{runs:>22}{ratio:>12}"
+            f"{fast:>8}"
         )
+        if r.get("fast_path_refusals"):
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
+                                sorted(r["fast_path_refusals"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"{'':>10}general path: {reasons}")
     return "\n".join(lines)

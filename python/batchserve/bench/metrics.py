@@ -62,3 +62,90 @@ def histogram_mean(histogram: Mapping[int, int]) -> float:
     if batches == 0:
         return 0.0
     return sum(size * count for size, count in histogram.items()) / batches
+
+
+def fast_path_summary(after: Mapping, before: Mapping | None = None) -> dict:
+    """The fast path's share of the requests a server served, from its
+    ``stats()``: ``server_requests`` and ``fast_path_requests`` (counts),
+    ``fast_path_fraction`` (0 to 1) and ``fast_path_refusals`` (reason ->
+    requests that took the general path), each None where the stats do not
+    say (torchrl's server, or keys a batchserve version does not report yet).
+
+    ``after`` is the snapshot at the end of the measurement, ``before`` one
+    at its start (after any reset of the counters). The counts and refusals
+    are their differences, so a reset the server ignores for some counter
+    still leaves the warm-up out. The server's own ``fast_path_fraction`` is
+    taken when ``after`` covers the measurement alone (no ``before``, or its
+    request count is 0: the counters started from the reset); otherwise it
+    would include earlier requests, and the fraction is
+    fast_path_requests / requests of the differences.
+    """
+    before = before or {}
+    requests, fast = after.get("requests"), after.get("fast_path_requests")
+    has_counts = fast is not None and requests is not None
+    if has_counts:
+        requests -= before.get("requests") or 0
+        fast -= before.get("fast_path_requests") or 0
+    refusals = after.get("fast_path_refusals")
+    if isinstance(refusals, Mapping):
+        earlier = before.get("fast_path_refusals") or {}
+        refusals = {str(reason): int(count) - int(earlier.get(reason, 0))
+                    for reason, count in refusals.items()}
+        refusals = {reason: count for reason, count in refusals.items() if count > 0}
+    else:
+        refusals = None
+    fraction = after.get("fast_path_fraction") if not before.get("requests") else None
+    if fraction is not None:
+        fraction = float(fraction)
+        if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
+            fraction = None
+    if fraction is None and has_counts and requests > 0:
+        fraction = min(1.0, max(0.0, fast / requests))
+    return {
+        "server_requests": int(requests) if has_counts else None,
+        "fast_path_requests": int(fast) if has_counts else None,
+        "fast_path_fraction": fraction,
+        "fast_path_refusals": refusals,
+    }
+
+
+def percent_text(fraction: float | None) -> str:
+    """A fast-path fraction as the tables' "fast %" cell: one decimal,
+    rounded down (so "100.0" means every request), "—" for None."""
+    if fraction is None:
+        return "—"
+    return f"{math.floor(1000.0 * fraction + 1e-9) / 10.0:.1f}"
+
+
+def merge_fast_path(summaries: Iterable[Mapping], weights: Iterable[int]) -> dict:
+    """:func:`fast_path_summary` over several measurements (rounds): the
+    fraction of all their counted requests when every one has counts, else
+    the mean of their fractions weighted by ``weights`` (the requests each
+    measured), else None; refusals summed over those that report them."""
+    summaries, weights = list(summaries), list(weights)
+    counted = [s for s in summaries if s.get("server_requests") is not None]
+    requests = fast = None
+    fraction = None
+    if summaries and len(counted) == len(summaries):
+        requests = sum(s["server_requests"] for s in counted)
+        fast = sum(s["fast_path_requests"] for s in counted)
+        if requests > 0:
+            fraction = fast / requests
+    if fraction is None:
+        known = [(s["fast_path_fraction"], w) for s, w in zip(summaries, weights)
+                 if s.get("fast_path_fraction") is not None]
+        total = sum(w for _, w in known)
+        if known and total > 0:
+            fraction = sum(f * w for f, w in known) / total
+    refusals = None
+    for s in summaries:
+        if s.get("fast_path_refusals") is not None:
+            refusals = refusals or {}
+            for reason, count in s["fast_path_refusals"].items():
+                refusals[reason] = refusals.get(reason, 0) + count
+    return {
+        "server_requests": requests,
+        "fast_path_requests": fast,
+        "fast_path_fraction": fraction,
+        "fast_path_refusals": refusals,
+    }

@@ -53,8 +53,17 @@ def aggregate(measurements: list[Measurement]) -> dict:
                 1000.0 * sum(m.cpu_s for m in runs) / requests if requests else None
             ),
             "rss_growth_mb": max(m.rss_growth_mb for m in runs),
+            **_fast_path(runs),
         }
     return rows
+
+
+def _fast_path(runs: list[Measurement]) -> dict:
+    """The fast path's share over a row's rounds (None for the bare call and
+    for servers that do not report it)."""
+    served = [m for m in runs if m.fast_path is not None]
+    return metrics.merge_fast_path([m.fast_path for m in served],
+                                   [m.requests for m in served])
 
 
 def overhead_us(rows: dict) -> dict[str, float]:
@@ -69,26 +78,51 @@ def overhead_us(rows: dict) -> dict[str, float]:
     }
 
 
+def refusal_lines(rows: dict) -> list[str]:
+    """One line per row whose server reported why requests took the
+    general path (its stats()' fast_path_refusals)."""
+    lines = []
+    for (system, actors), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+        refusals = row.get("fast_path_refusals")
+        if refusals:
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
+                                sorted(refusals.items(), key=lambda kv: -kv[1]))
+            lines.append(f"general path at {actors} actors ({system}): {reasons}")
+    return lines
+
+
 def _fmt(value, digits=1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:,.{digits}f}"
 
 
+def describe(scenario: Scenario) -> str:
+    """A scenario in one line (the table's title)."""
+    text = (f"{scenario.name}: {scenario.actors}, obs {scenario.observation_dtype}"
+            f"{list(scenario.observation_shape)}, model {scenario.model}, "
+            f"max_batch_size {scenario.max_batch_size}, timeout {scenario.timeout * 1e3:g} ms")
+    if scenario.client != "direct":
+        text += f", client {scenario.client}"
+    if scenario.interaction_type is not None:
+        text += f", interaction {scenario.interaction_type}"
+    if scenario.collate != "default":
+        text += f", collate {scenario.collate}"
+    return text
+
+
 def table(scenario: Scenario, rows: dict):
     """A rich Table: one row per (actors, system), ratios vs torchrl."""
     from rich.table import Table
 
-    t = Table(title=f"{scenario.name}: {scenario.actors}, obs {scenario.observation_dtype}"
-                    f"{list(scenario.observation_shape)}, model {scenario.model}, "
-                    f"max_batch_size {scenario.max_batch_size}, "
-                    f"timeout {scenario.timeout * 1e3:g} ms")
+    t = Table(title=describe(scenario))
     for name, justify in [
         ("actors", "right"), ("system", "left"), ("req/s", "right"),
         ("p50 µs", "right"), ("p90 µs", "right"), ("p99 µs", "right"),
         ("p99.9 µs", "right"), ("max µs", "right"), ("batch", "right"),
-        ("queue p50 ms", "right"), ("fwd p50 ms", "right"), ("CPU s/1k", "right"),
-        ("RSS +MB", "right"), ("req/s vs torchrl", "right"), ("p99 vs torchrl", "right"),
+        ("fast %", "right"), ("queue p50 ms", "right"), ("fwd p50 ms", "right"),
+        ("CPU s/1k", "right"), ("RSS +MB", "right"), ("req/s vs torchrl", "right"),
+        ("p99 vs torchrl", "right"),
     ]:
         t.add_column(name, justify=justify)
     order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3}
@@ -107,6 +141,7 @@ def table(scenario: Scenario, rows: dict):
             _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")),
             _fmt(lat.get("p99.9")), _fmt(lat.get("max")),
             _fmt(row["batch_size_mean"], 2),
+            metrics.percent_text(row["fast_path_fraction"]),
             _fmt(row["queue_wait_ms_p50"], 3), _fmt(row["forward_ms_p50"], 3),
             _fmt(row["cpu_s_per_1000_requests"], 3), _fmt(row["rss_growth_mb"], 1),
             "—" if ratio is None else f"{ratio:.2f}×",

@@ -7,6 +7,13 @@ model (only batches served inside the window), so every system is measured
 the same way. A server that stops, an actor that fails, or a run that
 overstays its deadline ends the measurement with a BenchError; actor
 processes are always terminated.
+
+The server's own counters are reset after the warm-up; its ``stats()`` just
+after the reset and at the end give the share of the measured requests the
+fast path served (``Measurement.fast_path``, see
+``metrics.fast_path_summary``; all None for a server that does not report
+it). A scenario's interaction type is set around the whole measurement
+(tensordict's setting is process-wide).
 """
 
 from __future__ import annotations
@@ -23,9 +30,17 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from batchserve.bench.metrics import fast_path_summary
 from batchserve.bench.scenario import Scenario
-from batchserve.bench.systems import BenchError, make_server, make_transport
-from batchserve.bench.workload import RecordingModel, make_observation, make_policy, request
+from batchserve.bench.systems import BenchError, make_server, make_transport, require_torchrl
+from batchserve.bench.workload import (
+    RecordingModel,
+    client_factory,
+    interaction_context,
+    make_observation,
+    make_policy,
+    request,
+)
 
 # Hang guards, generous: on a loaded 2-core machine 32 processes start slowly.
 _START_TIMEOUT_S = 120.0
@@ -46,6 +61,9 @@ class Measurement:
     queue_ms_p50: float = float("nan")
     cpu_s: float = 0.0
     rss_growth_mb: float = 0.0
+    # metrics.fast_path_summary of the server's stats over the measurement;
+    # None for the bare model call.
+    fast_path: dict | None = None
 
 
 def _rss_mb(pid: int | str = "self") -> float:
@@ -124,7 +142,9 @@ def _window(scenario: Scenario, finished, check, rss: _RssPeak, tick) -> None:
 
 
 def _served(system, actors, round_, samples, span_ns, window, stats, cpu_s, rss) -> Measurement:
-    """A server measurement from what its window recorded."""
+    """A server measurement from what its window recorded; ``stats`` is the
+    server's (start, end) pair of stats() snapshots."""
+    start_stats, stats = stats
     batch_sizes, forward_ns = window
     return Measurement(
         system=system,
@@ -138,15 +158,19 @@ def _served(system, actors, round_, samples, span_ns, window, stats, cpu_s, rss)
         queue_ms_p50=float(stats.get("p50_queue_ms", float("nan"))),
         cpu_s=cpu_s,
         rss_growth_mb=rss.growth_mb,
+        fast_path=fast_path_summary(stats, start_stats),
     )
 
 
 def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None) -> Measurement:
     """Runs one measurement; `tick(fraction)` reports progress."""
-    if scenario.actors == "threads":
-        m = _measure_threads(system, scenario, actors, round_, tick)
-    else:
-        m = _measure_processes(system, scenario, actors, round_, tick)
+    if scenario.client == "policy_client":
+        require_torchrl("client 'policy_client' (torchrl's PolicyClientModule)")
+    with interaction_context(scenario):
+        if scenario.actors == "threads":
+            m = _measure_threads(system, scenario, actors, round_, tick)
+        else:
+            m = _measure_processes(system, scenario, actors, round_, tick)
     if m.requests == 0:
         raise BenchError(f"{system}: no request completed while measuring")
     return m
@@ -156,6 +180,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
     transport = make_transport(system, scenario)
     server = make_server(system, model, transport, scenario)
+    new_client = client_factory(scenario, transport)
     observation = make_observation(scenario)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
@@ -170,7 +195,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         quota = quotas[index]
         clock = time.perf_counter_ns
         try:
-            client = transport.client()
+            client = new_client()
             started.wait(_START_TIMEOUT_S)
             while not stop.is_set() and quota != 0:
                 td = request(observation)
@@ -206,6 +231,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
             raise BenchError("actor threads did not start in time") from None
         _warm_up(scenario, check)
         server.stats(reset=True)
+        start_stats = server.stats()
         rss = _RssPeak()
         model.start()
         cpu0, t0 = time.process_time(), time.perf_counter_ns()
@@ -228,7 +254,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     samples = np.concatenate([np.frombuffer(actor_latencies, dtype=np.int64)
                               for actor_latencies in latencies])
     return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
-                   stats, cpu, rss)
+                   (start_stats, stats), cpu, rss)
 
 
 def _process_actor(client, shape, dtype, quota, recording, stop, results, index) -> None:
@@ -332,6 +358,7 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         inbox.wait("ready", actors, _START_TIMEOUT_S, check)
         _warm_up(scenario, check)
         server.stats(reset=True)
+        start_stats = server.stats()
         rss = _RssPeak(p.pid for p in processes)
         model.start()
         cpu0, t0 = time.process_time(), time.perf_counter_ns()
@@ -365,13 +392,14 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         else np.zeros(0, dtype=np.int64)
     )
     return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
-                   stats, cpu + sum(d[1] for d in done), rss)
+                   (start_stats, stats), cpu + sum(d[1] for d in done), rss)
 
 
 def measure_bare(scenario: Scenario, tick=None) -> Measurement:
     """model(td) at batch size 1 in a loop, one thread: the floor. On a
     GPU it includes what the server's hand-back does too: the output's copy
-    to the CPU, waited for."""
+    to the CPU, waited for. It runs under the scenario's interaction type,
+    as the servers' forwards do."""
     policy = make_policy(scenario)
     on_device = scenario.device != "cpu"
     if on_device:
@@ -390,7 +418,7 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
             torch.cuda.synchronize()
         return out
 
-    with torch.no_grad():
+    with torch.no_grad(), interaction_context(scenario):
         end = time.perf_counter() + scenario.warmup
         while time.perf_counter() < end:
             call()

@@ -7,9 +7,25 @@ command-line flags override any of its fields. Fields:
     actors          "threads" or "processes"
     actor_counts    the sweep, e.g. [1, 8, 32]
     observation     {shape = [64], dtype = "float32"}
-    model           "mlp", "conv" or "package.module:factory"
+    model           "mlp", "conv", "policy" or "package.module:factory";
+                    "policy" is a torchrl-style stochastic actor: a
+                    TensorDictSequential of the MLP (to 2 x actions) and
+                    NormalParamExtractor ("loc", "scale"), then a
+                    ProbabilisticTensorDictModule sampling a Normal
+                    ("action", with its log-probability)
     hidden          MLP hidden widths, e.g. [256]
     actions         output width of the built-in models
+    client          how actors call: "direct" (the transport's client) or
+                    "policy_client" (torchrl's PolicyClientModule around it,
+                    as torchrl's AsyncBatchedCollector calls its server: every
+                    request stamped with the interaction type; thread actors)
+    interaction_type  tensordict's interaction type the run happens under
+                    ("random", "mode", "mean", "median", "deterministic"):
+                    set process-wide for the measurement and stamped on every
+                    request by a "policy_client"; absent: none is set
+    collate         the servers' collate_fn: "default" (each server's own) or
+                    "maybe_dense_stack" (tensordict's, what torchrl's
+                    AsyncBatchedCollector gives its server)
     max_batch_size, min_batch_size, timeout (s), device
     duration        measured seconds per measurement (or `requests`)
     requests        measured requests per measurement (overrides duration)
@@ -24,7 +40,9 @@ command-line flags override any of its fields. Fields:
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
+import pathlib
 from dataclasses import dataclass, field
 
 try:
@@ -33,6 +51,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "uint8", "int64", "int32")
+MODELS = ("mlp", "conv", "policy")
+CLIENTS = ("direct", "policy_client")
+COLLATES = ("default", "maybe_dense_stack")
+# tensordict.nn.InteractionType's values (not imported here: loading a
+# scenario stays cheap).
+INTERACTION_TYPES = ("random", "mode", "mean", "median", "deterministic")
 
 
 @dataclass
@@ -54,6 +78,9 @@ class Scenario:
     warmup: float = 0.5
     rounds: int = 2
     torch_threads: int | None = None
+    client: str = "direct"
+    interaction_type: str | None = None
+    collate: str = "default"
 
     def validate(self) -> Scenario:
         if self.actors not in ("threads", "processes"):
@@ -64,9 +91,9 @@ class Scenario:
             raise ValueError(
                 f"observation dtype {self.observation_dtype!r} is not one of {', '.join(DTYPES)}"
             )
-        if self.model not in ("mlp", "conv") and ":" not in self.model:
+        if self.model not in MODELS and ":" not in self.model:
             raise ValueError(
-                f"model must be 'mlp', 'conv' or 'module:factory', not {self.model!r}"
+                f"model must be 'mlp', 'conv', 'policy' or 'module:factory', not {self.model!r}"
             )
         if self.model == "conv" and len(self.observation_shape) != 3:
             raise ValueError("the conv model needs a [channels, height, width] observation")
@@ -77,6 +104,21 @@ class Scenario:
             raise ValueError("timeout and warmup must be non-negative")
         if self.requests is None and not self.duration > 0:
             raise ValueError("duration must be positive")
+        if self.client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, not {self.client!r}")
+        if self.client == "policy_client" and self.actors != "threads":
+            raise ValueError(
+                "client 'policy_client' (torchrl's PolicyClientModule) runs with thread actors"
+            )
+        if self.interaction_type is not None and self.interaction_type not in INTERACTION_TYPES:
+            raise ValueError(
+                f"interaction_type must be one of {', '.join(INTERACTION_TYPES)}, "
+                f"not {self.interaction_type!r}"
+            )
+        if self.collate not in COLLATES:
+            raise ValueError(
+                f"collate must be one of {', '.join(COLLATES)}, not {self.collate!r}"
+            )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be at least 1")
         if self.requests is not None and self.requests < max(self.actor_counts):
@@ -99,7 +141,19 @@ QUICK = {"actor_counts": [1, 8], "duration": 0.75, "requests": None, "warmup": 0
 
 
 PACKAGED = os.path.join(os.path.dirname(__file__), "scenarios")
-"""The scenario files of benchmarks/, installed with the package."""
+"""The scenario files of benchmarks/, installed with the package (in a
+regular install; see :func:`_packaged_dir`)."""
+
+
+def _packaged_dir():
+    """The installed scenario folder (a Traversable: importlib.resources
+    sees an editable install's installed files too, which live apart from
+    the sources), or None when there is none."""
+    try:
+        folder = importlib.resources.files("batchserve.bench") / "scenarios"
+    except (ModuleNotFoundError, TypeError):
+        folder = pathlib.Path(PACKAGED)
+    return folder if folder.is_dir() else None
 
 
 def read(path: str) -> tuple[dict, str]:
@@ -108,11 +162,16 @@ def read(path: str) -> tuple[dict, str]:
     up among the packaged scenarios (so `benchmarks/atari_threads` and
     `atari_threads` work outside the repo)."""
     stem = path if path.endswith(".toml") else path + ".toml"
-    candidates = [stem, path, os.path.join(PACKAGED, os.path.basename(stem))]
-    for candidate in candidates:
+    for candidate in (stem, path):
         if os.path.isfile(candidate):
             with open(candidate, "rb") as f:
                 return tomllib.load(f), os.path.basename(candidate).split(".")[0]
+    packaged = _packaged_dir()
+    if packaged is not None:
+        installed = packaged / os.path.basename(stem)
+        if installed.is_file():
+            with installed.open("rb") as f:
+                return tomllib.load(f), os.path.basename(stem).split(".")[0]
     raise FileNotFoundError(path)
 
 
@@ -148,7 +207,11 @@ def config_of(cls, data: dict, label: str, **overrides):
 
 
 def packaged_names() -> list[str]:
+    packaged = _packaged_dir()
+    if packaged is None:
+        return []
     try:
-        return sorted(f[: -len(".toml")] for f in os.listdir(PACKAGED) if f.endswith(".toml"))
+        return sorted(entry.name[: -len(".toml")] for entry in packaged.iterdir()
+                      if entry.name.endswith(".toml"))
     except OSError:
         return []

@@ -3,7 +3,9 @@
 Thread actors use each system's ThreadingTransport. Process actors use each
 system's SharedMemoryTransport; with --vs torchrl a process scenario also
 runs torchrl's server on its MPTransport ("torchrl-mp"), the transport
-torchrl users reach for first.
+torchrl users reach for first. Every system gets the same model, the same
+collate_fn (the scenario's ``collate``) and the same client wrapping (its
+``client``, see ``batchserve.bench.workload.make_client``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def server_kwargs(scenario: Scenario) -> dict:
     )
     if scenario.device != "cpu":
         kwargs.update(device=scenario.device, output_device="cpu")
+    if scenario.collate != "default":
+        from batchserve.bench.workload import collate_fn
+
+        kwargs.update(collate_fn=collate_fn(scenario))
     return kwargs
 
 

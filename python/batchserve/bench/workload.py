@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 import time
@@ -9,7 +10,14 @@ import time
 import torch
 import torch.nn as nn
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
+from tensordict.nn import (
+    InteractionType,
+    NormalParamExtractor,
+    ProbabilisticTensorDictModule,
+    TensorDictModule,
+    TensorDictSequential,
+    set_interaction_type,
+)
 
 from batchserve.bench.scenario import Scenario
 
@@ -44,18 +52,42 @@ class ConvPolicy(nn.Module):
         return self.head(self.features(x))
 
 
+def _mlp(scenario: Scenario, outputs: int) -> nn.Sequential:
+    """The scenario's observation, flattened, through its hidden widths."""
+    widths = [int(torch.Size(scenario.observation_shape).numel()), *scenario.hidden]
+    layers: list[nn.Module] = [nn.Flatten(start_dim=-len(scenario.observation_shape))]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], outputs))
+    return nn.Sequential(*layers)
+
+
+def make_stochastic_policy(scenario: Scenario) -> TensorDictSequential:
+    """What torchrl users serve: the MLP writes a Normal's "loc" and "scale"
+    (NormalParamExtractor), a ProbabilisticTensorDictModule samples "action"
+    from it under the interaction type in force and writes its log-probability
+    ("action_log_prob")."""
+    params = TensorDictModule(
+        nn.Sequential(_mlp(scenario, 2 * scenario.actions), NormalParamExtractor()),
+        in_keys=["observation"], out_keys=["loc", "scale"],
+    )
+    sample = ProbabilisticTensorDictModule(
+        in_keys=["loc", "scale"], out_keys=["action"],
+        distribution_class=torch.distributions.Normal, return_log_prob=True,
+    )
+    return TensorDictSequential(params, sample)
+
+
 def make_policy(scenario: Scenario):
-    """The policy: a TensorDictModule reading "observation", writing "action"."""
+    """The policy: a TensorDictModule reading "observation", writing "action"
+    (and, for the "policy" model, "loc", "scale" and "action_log_prob")."""
     torch.manual_seed(0)
     if scenario.model == "mlp":
-        widths = [int(torch.Size(scenario.observation_shape).numel()), *scenario.hidden]
-        layers: list[nn.Module] = [nn.Flatten(start_dim=-len(scenario.observation_shape))]
-        for a, b in zip(widths, widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(widths[-1], scenario.actions))
         return TensorDictModule(
-            nn.Sequential(*layers), in_keys=["observation"], out_keys=["action"]
+            _mlp(scenario, scenario.actions), in_keys=["observation"], out_keys=["action"]
         )
+    if scenario.model == "policy":
+        return make_stochastic_policy(scenario)
     if scenario.model == "conv":
         c, h, w = scenario.observation_shape
         return TensorDictModule(
@@ -127,3 +159,44 @@ class RecordingModel:
 def request(observation: torch.Tensor) -> TensorDict:
     """What an actor sends per step."""
     return TensorDict({"observation": observation})
+
+
+def interaction_context(scenario: Scenario):
+    """The scenario's interaction type as a context manager: tensordict's
+    set_interaction_type (process-wide, so it is entered once around a
+    measurement, not per actor thread), or a no-op when none is set."""
+    if scenario.interaction_type is None:
+        return contextlib.nullcontext()
+    return set_interaction_type(InteractionType(scenario.interaction_type))
+
+
+def client_factory(scenario: Scenario, transport):
+    """A function making one actor's callable: the transport's client, or
+    (client "policy_client") torchrl's PolicyClientModule around it, built
+    as torchrl's AsyncBatchedCollector builds its clients: the interaction
+    type passed explicitly, so every request carries it (the int8 scalar
+    "_torchrl_inference_interaction_type"; -1 when the scenario sets none).
+    Call it in the caller's thread; torchrl is imported here, up front."""
+    if scenario.client == "direct":
+        return transport.client
+    from torchrl.modules.inference_server import PolicyClientModule
+
+    mode = (InteractionType(scenario.interaction_type)
+            if scenario.interaction_type is not None else None)
+    return lambda: PolicyClientModule(transport.client(), interaction_type=mode)
+
+
+def make_client(scenario: Scenario, transport):
+    """One actor's callable (see :func:`client_factory`)."""
+    return client_factory(scenario, transport)()
+
+
+def collate_fn(scenario: Scenario):
+    """The servers' collate_fn: None (each server's default) or
+    tensordict's maybe_dense_stack, which torchrl's AsyncBatchedCollector
+    imports from tensordict and passes to its InferenceServer."""
+    if scenario.collate == "default":
+        return None
+    from tensordict import maybe_dense_stack
+
+    return maybe_dense_stack
