@@ -128,3 +128,79 @@ def test_signature_is_torchrl_s():
     )
     with pytest.raises(TypeError):
         AsyncBatchedCollector(_envs(), policy=_policy(), frames_per_batch=4, not_an_argument=1)
+
+
+@pytest.mark.timeout(120)
+def test_collector_requests_take_the_fast_path():
+    collector = _collector(total_frames=120)
+    try:
+        assert all(isinstance(c, batchserve.collector.CollectorClient)
+                   for c in collector._clients)
+        batches = list(collector)
+        stats = collector.server_stats()
+    finally:
+        collector.shutdown()
+    assert sum(batch.numel() for batch in batches) == 120
+    # The first request of each schema (a reset observation, then one with
+    # the previous action) teaches it on the general path; the rest are fast.
+    assert stats["fast_path_fraction"] > 0.8, stats["fast_path_refusals"]
+    assert sorted(set(batches[-1]["env_index"].tolist())) == list(range(NUM_ENVS))
+
+
+class _ModeAction(nn.Module):
+    """Acts the code of the interaction type its forward runs under."""
+
+    def forward(self, observation):
+        from tensordict.nn.probabilistic import interaction_type
+
+        mode = interaction_type()
+        code = -1 if mode is None else ["mode", "median", "mean", "random",
+                                         "deterministic"].index(mode.value)
+        return torch.full_like(observation, code)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["deterministic", "random"])
+def test_the_exploration_type_reaches_the_forward(mode):
+    from tensordict.nn import InteractionType
+
+    policy = TensorDictModule(_ModeAction(), in_keys=["observation"], out_keys=["action"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        collector = AsyncBatchedCollector(
+            _envs(), policy=policy, env_backend="threading", frames_per_batch=12,
+            total_frames=36, exploration_type=InteractionType(mode),
+        )
+    try:
+        actions = torch.cat([batch["action"].reshape(-1) for batch in collector])
+        stats = collector.server_stats()
+    finally:
+        collector.shutdown()
+    code = {"deterministic": 4, "random": 3}[mode]
+    assert (actions == code).all()
+    assert stats["fast_path_requests"] > 0
+
+
+def test_a_collector_client_stamps_without_touching_the_caller_s_request():
+    from tensordict import TensorDict
+    from tensordict.nn import InteractionType
+
+    from batchserve.batching.collate import INTERACTION_TYPE_KEY
+    from batchserve.collector import CollectorClient
+
+    transport = ThreadingTransport()
+    seen = []
+
+    def model(td):
+        seen.append(td.batch_size)
+        return td.clone()
+
+    with batchserve.InferenceServer(model, transport):
+        client = CollectorClient(transport.client(), InteractionType.MODE)
+        td = TensorDict({"observation": torch.zeros(1)})
+        out = client(td)
+        future_out = client.submit(td).result(timeout=30)
+    assert INTERACTION_TYPE_KEY not in td.keys()
+    assert out["observation"].tolist() == [0.0]
+    assert future_out["observation"].tolist() == [0.0]
+    assert len(seen) == 2

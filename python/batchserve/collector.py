@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+from tensordict.nn import InteractionType
 from torchrl.collectors import AsyncBatchedCollector as _TorchrlAsyncBatchedCollector
 from torchrl.modules.inference_server import InferenceServer as _TorchrlInferenceServer
+from torchrl.modules.inference_server._client import (
+    _INTERACTION_TYPE_TO_CODE,
+    _NO_INTERACTION_TYPE_CODE,
+)
 
+from batchserve.batching.collate import INTERACTION_TYPE_KEY
 from batchserve.server.server import InferenceServer
 from batchserve.transports.base import InferenceTransport
 from batchserve.transports.threading import ThreadingTransport
@@ -36,6 +43,12 @@ class AsyncBatchedCollector(_TorchrlAsyncBatchedCollector):
       :class:`batchserve.ThreadingTransport` in place of torchrl's
       ``SlotTransport``;
     - with a batchserve transport passed as ``transport=``, over that one.
+
+    Each environment thread then reaches the server through a
+    :class:`CollectorClient` (torchrl's ``PolicyClientModule`` contract: the
+    collector's exploration type stamped on every request) whose call waits
+    for its result in C++ with the GIL released, instead of through a
+    ``concurrent.futures.Future``.
 
     Everything else is torchrl's own machinery, unchanged: environment worker
     processes that reach a dedicated inference process
@@ -66,6 +79,51 @@ class AsyncBatchedCollector(_TorchrlAsyncBatchedCollector):
             return
         self._transport = served
         self._server = _serve_like(torchrl_server, served)
+        if not self._uses_process_env_workers:
+            self._clients = [
+                CollectorClient(served.client(), self.exploration_type)
+                for _ in range(self._num_envs)
+            ]
+
+
+class CollectorClient:
+    """One environment's policy client in :class:`AsyncBatchedCollector`.
+
+    What torchrl's ``PolicyClientModule`` does for the collector's loops,
+    over a batchserve client: every request carries the collector's
+    exploration type (torchrl's int8 stamp, so the server runs its forward
+    under that mode and never batches it with another), ``client(td)``
+    returns the policy's output and ``client.submit(td)`` a future of it.
+    The call waits in C++ with the GIL released (a blocking caller's
+    completion): no Future is made, claimed and resolved per step, and each
+    environment has one request in flight by construction, which is what
+    ``PolicyClientModule``'s in-flight bound gives the collector's loops.
+
+    Args:
+        client: the :class:`~batchserve.InferenceClient` of the served transport.
+        interaction_type: the mode stamped on requests (None: the server's
+            module default, torchrl's "no interaction type" code).
+    """
+
+    __slots__ = ("_client", "_stamp")
+
+    def __init__(self, client, interaction_type: InteractionType | None):
+        self._client = client
+        code = (_NO_INTERACTION_TYPE_CODE if interaction_type is None
+                else _INTERACTION_TYPE_TO_CODE[InteractionType(interaction_type).value])
+        # Read by the server, never written: one tensor serves every request.
+        self._stamp = torch.tensor(code, dtype=torch.int8)
+
+    def _stamped(self, td):
+        td = td.clone(recurse=False)  # the caller's TensorDict keeps its keys
+        td.set(INTERACTION_TYPE_KEY, self._stamp.expand(td.batch_size))
+        return td
+
+    def __call__(self, td):
+        return self._client(self._stamped(td))
+
+    def submit(self, td):
+        return self._client.submit(self._stamped(td))
 
 
 def _serve_like(torchrl_server, transport) -> InferenceServer:

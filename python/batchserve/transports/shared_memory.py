@@ -71,7 +71,7 @@ class SlotSpec(RequestSchema):
     @classmethod
     def of(cls, spec, argname: str) -> SlotSpec:
         keys, dtypes, shapes, device = spec_leaves(spec, argname, MAX_LEAVES, nested=True)
-        return cls(keys, dtypes, shapes, device, spec.batch_size)
+        return cls(keys, dtypes, shapes, device, batch_size=spec.batch_size)
 
     def describe(self) -> str:
         leaves = zip(self.keys, self.dtypes, self.shapes)
