@@ -144,12 +144,16 @@ class WorkerLoop:
 
     def main(self, run: ServerRun) -> None:
         """The worker thread's target."""
-        # The process's intra-op thread count for this thread's own OpenMP
-        # and MKL settings too: a new thread starts from OpenMP's default
-        # (every core), so MKL's element-wise kernels (tanh, exp...) in the
-        # forward would fork a team whose spinning worker takes the core the
-        # actors need (measured: ~40% of the CPU of a 2-core collector run).
-        torch.set_num_threads(torch.get_num_threads())
+        # A process that asked torch for one intra-op thread gets one here
+        # too. OpenMP and MKL keep their thread counts per thread, and in a
+        # new thread some kernels of the forward still forked a team of every
+        # core, whose spinning worker took ~40% of the CPU of a 2-core
+        # collector run whose main thread had set one. Larger counts
+        # are left as they are: set explicitly in this thread, they make
+        # MKL's element-wise kernels fork a team that a fresh thread does not
+        # (measured: the policy workload's CPU per request up by half).
+        if torch.get_num_threads() == 1:
+            torch.set_num_threads(1)
         try:
             self._weight_sync.set_up()
         except BaseException as exc:
