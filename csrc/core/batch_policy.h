@@ -7,6 +7,13 @@
 //     deadline = arrival of the oldest taken request + `timeout`. Later
 //     arrivals never extend it, so no request waits in the queue longer than
 //     `timeout` once the server is free.
+//  4. Fill (a FillHint from the owner, see fill_estimator.h): while fewer
+//     than `hint.target` are taken (the callers expected back soon), keep
+//     collecting until the earlier of step 3's deadline and the start of
+//     this step + `hint.budget_ns`. Actors that each wait for their own
+//     result come back in a burst after a hand-back; without this step the
+//     server takes the first of them alone and the batches of a steady run
+//     settle at about half the actors.
 //
 // Requests whose callers withdrew (timed out before batching) are not
 // counted; they go to `dropped` so the owner can release what they hold.
@@ -26,6 +33,21 @@ struct BatchPolicy {
   size_t max_batch_size = 64;
   size_t min_batch_size = 1;
   int64_t timeout_ns = 10'000'000;
+};
+
+// How long collect_batch may wait past min_batch_size for the batch to
+// fill: up to `target` requests, for at most `budget_ns`. The default asks
+// for nothing.
+struct FillHint {
+  size_t target = 0;
+  int64_t budget_ns = 0;
+};
+
+// What the fill step did, for its owner to learn from.
+struct FillOutcome {
+  bool waited = false;    // the batch was short of the target after step 3
+  bool reached = false;   // ... and reached it before the fill deadline
+  int64_t waited_ns = 0;  // how long it waited
 };
 
 // The policy of a running server, changeable from any thread. A change is
@@ -79,6 +101,14 @@ inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& b
   }
 }
 
+// The latest a batch holding `batch` may close: its oldest request's
+// arrival plus the timeout.
+inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPolicy& policy) {
+  int64_t oldest = batch.front().submit_ns;
+  for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
+  return add_saturating(oldest, policy.timeout_ns);
+}
+
 }  // namespace detail
 
 // Collects one batch into `batch`. Requests already in `batch` on entry
@@ -90,21 +120,26 @@ inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& b
 // waited for a first request. While it collects toward min_batch_size it
 // follows settings changes: the deadline is always the oldest request's
 // arrival plus the current timeout.
-inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
-                          std::vector<Request>& batch, std::vector<Request>& dropped) {
+inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
+                              std::vector<Request>& batch, std::vector<Request>& dropped,
+                              const FillHint& hint);
+
+inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& settings,
+                                 std::vector<Request>& batch, std::vector<Request>& dropped,
+                                 const FillHint& hint = FillHint{}) {
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
   const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.timeout_ns);
 
   while (batch.empty()) {
-    if (queue.closed()) return;
+    if (queue.closed()) return {};
     detail::take_ready(queue, policy.max_batch_size, batch, dropped);
     if (!batch.empty()) break;
     if (!queue.wait_for_work(idle_deadline, seen)) {
       // Timed out, closed or interrupted. A request that landed meanwhile
       // is collected like any other: toward min_batch_size, not alone.
       detail::take_ready(queue, policy.max_batch_size, batch, dropped);
-      if (batch.empty()) return;
+      if (batch.empty()) return {};
       break;
     }
   }
@@ -112,17 +147,45 @@ inline void collect_batch(RequestQueue& queue, const BatchSettings& settings,
   for (;;) {
     seen = queue.interrupts();
     policy = settings.load();
-    if (batch.size() >= policy.min_batch_size || batch.size() >= policy.max_batch_size ||
-        queue.closed())
-      return;
-    int64_t oldest = batch.front().submit_ns;
-    for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
-    const int64_t deadline = add_saturating(oldest, policy.timeout_ns);
+    if (batch.size() >= policy.max_batch_size || queue.closed()) return {};
+    if (batch.size() >= policy.min_batch_size) break;
+    const int64_t deadline = detail::queue_deadline(batch, policy);
     const bool ready = monotonic_ns() < deadline && queue.wait_for_work(deadline, seen);
     if (ready || monotonic_ns() >= deadline)
       detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
-    if (!ready && monotonic_ns() >= deadline) return;
+    if (!ready && monotonic_ns() >= deadline) return {};
   }
+  return fill_batch(queue, settings, batch, dropped, hint);
+}
+
+// Step 4 (see the top of this file), once min_batch_size is reached.
+inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
+                              std::vector<Request>& batch, std::vector<Request>& dropped,
+                              const FillHint& hint) {
+  FillOutcome out;
+  if (hint.budget_ns <= 0) return out;
+  const int64_t start = monotonic_ns();
+  const int64_t fill_end = add_saturating(start, hint.budget_ns);
+  for (;;) {
+    const uint32_t seen = queue.interrupts();
+    const BatchPolicy policy = settings.load();
+    const size_t target = std::min(hint.target, policy.max_batch_size);
+    if (batch.size() >= target || queue.closed()) {
+      out.reached = out.waited && batch.size() >= target;
+      break;
+    }
+    out.waited = true;
+    // Never past the queue deadline: no request waits longer than timeout.
+    const int64_t deadline = std::min(fill_end, detail::queue_deadline(batch, policy));
+    if (monotonic_ns() >= deadline || !queue.wait_for_work(deadline, seen)) {
+      detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
+      out.reached = batch.size() >= target;
+      break;
+    }
+    detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
+  }
+  out.waited_ns = out.waited ? monotonic_ns() - start : 0;
+  return out;
 }
 
 }  // namespace batchserve

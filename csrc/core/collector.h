@@ -1,6 +1,6 @@
 // RequestCollector: the server's side of the request queue. It owns the
-// queue, the batching settings, the Prefetcher and the spin adaptation, and
-// turns them into one batch of Requests at a time.
+// queue, the batching settings, the Prefetcher, the spin adaptation and the
+// fill estimate, and turns them into one batch of Requests at a time.
 //
 // A collection runs in two phases, because the bindings release the GIL for
 // the first and hold it for the second:
@@ -9,13 +9,15 @@
 //       server started before its last forward (those rows are in staging
 //       already and count as collected), puts the requests carried over
 //       from the previous batch next (they are older than anything still in
-//       the ring), then runs the batching policy (collect_batch).
+//       the ring), then runs the batching policy (collect_batch) with the
+//       FillEstimator's hint.
 //   complete()        (GIL held again): takes what arrived while the GIL
 //       was being retaken (up to max_batch_size: it joins this batch rather
 //       than wait for the next one) and caps the batch at the current
 //       max_batch_size: a prefetch took up to the maximum of its time, and a
 //       maximum lowered since then holds; the excess is carried to the next
-//       collection (regathered there).
+//       collection (regathered there). The FillEstimator learns from the
+//       final batch.
 //
 // Invariants: a CollectedBatch's rows are the first rows of the prefetch's
 // staging buffer, in order (rows[i] is staging row i); rows.size() +
@@ -38,6 +40,7 @@
 #include <vector>
 
 #include "batch_policy.h"
+#include "fill_estimator.h"
 #include "request_queue.h"
 #include "row_copy.h"
 #include "staging.h"
@@ -58,6 +61,7 @@ struct CollectedBatch {
   // `prefetched_` requests are gathered rows.
   std::vector<Request> collecting_;
   size_t prefetched_ = 0;
+  FillOutcome fill_outcome_;
 };
 
 class RequestCollector {
@@ -129,7 +133,7 @@ class RequestCollector {
     batch.insert(batch.end(), taken.others.begin(), taken.others.end());
     out.dropped = std::move(taken.dropped);
     batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
-    collect_batch(queue_, settings_, batch, out.dropped);
+    out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint());
     return out;
   }
 
@@ -152,7 +156,10 @@ class RequestCollector {
     if (batch.rows.empty()) batch.prefetched_into = 0;
     collected.clear();
     batch.prefetched_ = 0;
+    if (batch.size() > 0) fill_.observe(batch.rows, batch.others, batch.fill_outcome_);
   }
+
+  FillHint fill_hint() const { return fill_.hint(); }
 
   // Server thread, after each batch: how many requests it served.
   void adapt_server_spin(size_t batch_size) {
@@ -167,6 +174,7 @@ class RequestCollector {
   std::mutex prefetch_mutex_;      // start() and finish() of prefetcher_, never at once
   std::vector<Request> carried_;   // taken beyond a lowered max_batch_size
   int64_t mean_batch_x16_ = 16;    // serialised by the owner (see Threads)
+  FillEstimator fill_;             // observe(): in complete(), serialised by the owner
   Prefetcher prefetcher_{queue_};  // last: its helper thread uses queue_
 };
 

@@ -51,8 +51,13 @@ struct Request {
   RequestIntake* intake = nullptr;   // where it came from, if not the ring
   uint32_t slot = 0;                 // the intake's name for it
   uint32_t caller = 0;               // who sent it, for the caller-gap statistic
-                                     // (0: unknown)
+                                     // and the fill estimate (0: unknown; a
+                                     // shared-memory slot: kSlotCallerBit | slot)
 };
+
+// Request::caller of a shared-memory slot's request has this bit set; a
+// thread's id (the bindings count them from 1) never does.
+inline constexpr uint32_t kSlotCallerBit = 0x8000'0000u;
 
 static_assert(std::is_trivially_copyable<Request>::value,
               "a Request travels through the ring as plain words");

@@ -572,6 +572,10 @@ class SlotIntake : public RequestIntake {
       r.rows = &rows_[s];
       r.intake = this;
       r.slot = s;
+      // A client claims the slot it used last first, so a slot stands for
+      // its actor (the fill estimate, the caller-gap statistic); the top bit
+      // keeps slot callers apart from threads' ids.
+      r.caller = kSlotCallerBit | s;
       out.push_back(r);
     }
     return taken_.size();

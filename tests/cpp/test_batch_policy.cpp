@@ -423,3 +423,115 @@ TEST(CollectBatch, MultiProducerRouting) {
 }
 
 }  // namespace
+
+// -- the fill step (FillHint) ------------------------------------------------
+
+namespace fill {
+
+using batchserve::FillHint;
+using batchserve::FillOutcome;
+
+FillHint hint(size_t target, int64_t budget_ns) {
+  FillHint h;
+  h.target = target;
+  h.budget_ns = budget_ns;
+  return h;
+}
+
+FillOutcome collect_filling(RequestQueue& q, const BatchPolicy& policy, const FillHint& h,
+                            std::vector<Request>& batch) {
+  BatchSettings settings;
+  settings.store(policy, q);
+  std::vector<Request> dropped;
+  return collect_batch(q, settings, batch, dropped, h);
+}
+
+// Past min_batch_size the server waits for the target, and returns as soon
+// as it is reached. The producer hands over one request at a time, each
+// after the previous one was taken, so each is a wait of the fill step.
+TEST(FillBatch, WaitsForTheTargetAndReturnsWhenReached) {
+  RequestQueue q(16);
+  FillOutcome outcome;
+  std::vector<Request> batch;
+  BackgroundCall server([&] {
+    outcome = collect_filling(q, make_policy(16, 1, kLongWait), hint(4, kLongWait), batch);
+  });
+  for (uint64_t i = 0; i < 4; ++i) {
+    ASSERT_EQ(q.push(make_request(i), 0), PushResult::kOk);
+    wait_until_taken(q);
+  }
+  server.join();
+  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0, 1, 2, 3}));
+  EXPECT_TRUE(outcome.waited);
+  EXPECT_TRUE(outcome.reached);
+  EXPECT_GT(outcome.waited_ns, 0);
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
+}
+
+// Short of the target, it gives up at the end of the budget.
+TEST(FillBatch, GivesUpAtTheEndOfTheBudget) {
+  RequestQueue q(16);
+  constexpr int64_t kBudget = 100 * kMs;
+  ASSERT_TRUE(push_ids(q, 2));
+  std::vector<Request> batch;
+  const int64_t t0 = monotonic_ns();
+  const FillOutcome outcome =
+      collect_filling(q, make_policy(8, 1, kLongWait), hint(5, kBudget), batch);
+  EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kBudget));
+  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0, 1}));
+  EXPECT_TRUE(outcome.waited);
+  EXPECT_FALSE(outcome.reached);
+}
+
+// The fill step never keeps a request past the batch timeout: an old
+// request goes out at once, whatever the budget.
+TEST(FillBatch, NeverPastTheBatchTimeout) {
+  RequestQueue q(16);
+  Request old = make_request(0);
+  old.submit_ns = monotonic_ns() - 60 * kSec;
+  ASSERT_EQ(q.push(old, 0), PushResult::kOk);
+  std::vector<Request> batch;
+  const int64_t t0 = monotonic_ns();
+  collect_filling(q, make_policy(8, 1, 10 * kSec), hint(8, kLongWait), batch);
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
+}
+
+// No wait at all when the batch already holds the target, or the target is
+// above max_batch_size only up to max_batch_size.
+TEST(FillBatch, NoWaitAtTheTargetAndTheTargetIsCappedByMax) {
+  RequestQueue q(16);
+  ASSERT_TRUE(push_ids(q, 3));
+  std::vector<Request> batch;
+  const int64_t t0 = monotonic_ns();
+  FillOutcome outcome =
+      collect_filling(q, make_policy(3, 1, kLongWait), hint(10, kLongWait), batch);
+  EXPECT_LT(monotonic_ns() - t0, kPromptly);
+  EXPECT_EQ(batch.size(), 3u);
+  EXPECT_FALSE(outcome.waited);
+  batch.clear();
+  ASSERT_TRUE(push_ids(q, 2));
+  outcome = collect_filling(q, make_policy(8, 1, kLongWait), hint(2, kLongWait), batch);
+  EXPECT_EQ(batch.size(), 2u);
+  EXPECT_FALSE(outcome.waited);
+}
+
+// Closing the queue ends a fill wait with what was collected.
+TEST(FillBatch, CloseEndsTheWait) {
+  RequestQueue q(16);
+  ASSERT_TRUE(push_ids(q, 1));
+  FillOutcome outcome;
+  std::vector<Request> batch;
+  BackgroundCall server([&] {
+    outcome = collect_filling(q, make_policy(8, 1, kLongWait), hint(4, kLongWait), batch);
+  });
+  wait_until_taken(q);
+  pause_briefly();
+  q.close();
+  server.join();
+  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
+  EXPECT_FALSE(outcome.reached);
+}
+
+}  // namespace fill

@@ -142,14 +142,15 @@ def forward_by_interaction(model, batch: TensorDictBase, codes: torch.Tensor | N
     mode). Rows that share a code share a forward: the common case, one code
     for the whole batch, is one forward under its mode; otherwise one forward
     per code over its rows, the outputs put back in row order (pytorch/rl
-    #4312). Returns the output and the number of forwards.
+    #4312). Returns the output and the number of rows of each forward.
     """
+    n = batch.batch_size[0]
     if codes is None:
-        return model(batch), 1
+        return model(batch), [n]
     first = int(codes[0])
     if codes.numel() == 1 or bool(codes.eq(first).all()):
         with _mode(first):
-            return model(batch), 1
+            return model(batch), [n]
     outputs, indices = [], []
     for code in codes.unique().tolist():
         rows = codes.eq(code).nonzero().squeeze(1)
@@ -157,13 +158,13 @@ def forward_by_interaction(model, batch: TensorDictBase, codes: torch.Tensor | N
             output = model(batch[rows.to(batch.device)] if batch.device is not None
                            else batch[rows])
         if not isinstance(output, TensorDictBase) or output.batch_size[:1] != rows.shape:
-            return output, len(indices) + 1  # the caller's output check names the fault
+            return output, [n]  # the caller's output check names the fault
         outputs.append(output)
         indices.append(rows)
     order = torch.cat(indices)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
-    return torch.cat(outputs)[inverse.to(outputs[0].device)], len(outputs)
+    return torch.cat(outputs)[inverse.to(outputs[0].device)], [len(i) for i in indices]
 
 
 def _carries_stamp(item) -> bool:

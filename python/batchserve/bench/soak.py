@@ -6,9 +6,10 @@ process over its own transport:
 
 * **threads**: actor threads on a ``ThreadingTransport``. Most requests have
   the fixed schema and take the fast path; ``general_fraction`` of them carry
-  an observation of random length under a nested key, which the fast path
-  never takes, so they go through ``collate_fn`` (general path) and batches
-  mix both.
+  an observation of random length under a nested key: another schema at
+  each length, so they mostly go through ``collate_fn`` (general path), a
+  batch that teaches the fast path one of them moves the flat ones there
+  until the next, and batches mix both.
 * **processes**: actor processes on a ``SharedMemoryTransport`` (fast path,
   the observation's first ``length`` entries are random, the rest zero).
 
@@ -148,8 +149,8 @@ class _EchoModel:
         self.seen.index_put_((ids,), self._one.expand(ids.shape), accumulate=True)
         if isinstance(td, LazyStackedTensorDict):  # general path: ragged observations
             sums = torch.stack([_observation_of(item).sum() for item in td.tensordicts])
-        else:
-            sums = td["observation"].sum(-1)
+        else:  # the fast path (nested requests of one length take it too)
+            sums = _observation_of(td).sum(-1)
         return TensorDict({"echo": ids.clone(), "sum": sums}, batch_size=td.batch_size)
 
 

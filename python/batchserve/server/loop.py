@@ -288,12 +288,12 @@ class WorkerLoop:
             self._check_output(output, n)
             version = self._versions.value
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
-            if forwards > 1:
+            forward_ms = (_core.monotonic_ns() - dispatch_ns) * 1e-6 / len(forwards)
+            if len(forwards) > 1:  # counted as the general path counts it: a batch per forward
                 self._stats.record_interaction_split()
-            self._stats.record_batch(
-                n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6, fast_path=True,
-                forwards=forwards,
-            )
+            for i, size in enumerate(forwards):
+                self._stats.record_batch(size, queue_ms if i == 0 else [], forward_ms,
+                                         fast_path=True)
         # Read before the hand-back, which takes the rows.
         callers = batch.rows_callers if server.collect_stats else ()
         submitted_ns = batch.rows_submitted_ns if callers else ()

@@ -490,13 +490,17 @@ class InferenceServer(metaclass=ServerDeployment):
         ``p50/p95/mean_server_ms`` (per request, submission to the end of its
         batch's hand-back: how long a caller waited on the server),
         ``p50/mean_client_gap_ms`` (per calling thread of a
-        ``ThreadingTransport``, its result to its next request: the env step
+        ``ThreadingTransport``, per slot of a ``SharedMemoryTransport``, its
+        result to its next request: the env step
         and the rest outside the server), ``inference_bound_fraction``
         (mean server time / (that + mean gap): near 1 the actors wait on
         inference, near 0 they are env-bound; NaN until a gap is measured),
         ``interaction_split_batches`` (collected batches
         whose requests asked for different interaction types, served as one
-        forward per type, each forward counted in ``batches``).
+        forward per type, each forward counted in ``batches``),
+        ``fast_path_fraction`` (``fast_path_requests / requests``) and
+        ``fast_path_refusals`` (``{reason: count}``: why the general path's
+        requests could not take the fast path).
 
         Args:
             reset (bool, optional): clear the counters after the snapshot.

@@ -28,9 +28,11 @@ class ServerStats:
       from its submission to the end of the hand-back of its batch (queue,
       forward, results handed back): how long a caller waits on the server.
     * ``p50_client_gap_ms`` / ``mean_client_gap_ms``: per caller (a
-      submitting thread of a ``ThreadingTransport``), the time from its
-      result being handed back to its next request: its env step and the
-      rest outside the server. Not measured for other transports.
+      submitting thread of a ``ThreadingTransport``, a slot of a
+      ``SharedMemoryTransport``: a client takes the slot it used last), the
+      time from its result being handed back to its next request: its env
+      step and the rest outside the server. Not measured for other
+      transports.
     * ``inference_bound_fraction``: mean server time / (mean server time +
       mean client gap): near 1, actors mostly wait on inference; near 0, they
       are env-bound (pytorch/rl #4061). NaN until a gap is measured.
@@ -77,16 +79,12 @@ class ServerStats:
         self._client_gap_ms = collections.deque(maxlen=self._window_size)
         self._last_result_ns: dict[int, int] = {}  # caller -> its last hand-back
 
-    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False,
-                     forwards: int = 1) -> None:
-        """One batch of ``size`` requests served; ``forwards`` > 1 when it
-        was split by interaction type (each forward counts as a batch, the
-        histogram keeps the collected size)."""
+    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
         with self._lock:
             self._requests += size
             if fast_path:
                 self._fast_path_requests += size
-            self._batches += forwards
+            self._batches += 1
             self._histogram[size] += 1
             self._queue_ms.extend(queue_ms)
             self._forward_ms.append(forward_ms)

@@ -1,0 +1,95 @@
+// FillEstimator: the fill step's target (the callers expected back) and its
+// budget (learned from the waits that reached the target).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "core/fill_estimator.h"
+#include "test_util.h"
+
+namespace {
+
+using batchserve::FillEstimator;
+using batchserve::FillOutcome;
+using batchserve::Request;
+
+std::vector<Request> from_callers(const std::vector<uint32_t>& callers) {
+  std::vector<Request> out;
+  for (uint32_t c : callers) {
+    Request r;
+    r.caller = c;
+    out.push_back(r);
+  }
+  return out;
+}
+
+FillOutcome outcome(bool waited, bool reached, int64_t waited_ns) {
+  FillOutcome o;
+  o.waited = waited;
+  o.reached = reached;
+  o.waited_ns = waited_ns;
+  return o;
+}
+
+TEST(FillEstimator, StartsWithNoTarget) {
+  FillEstimator e;
+  EXPECT_EQ(e.hint().target, 0u);
+  EXPECT_GE(e.hint().budget_ns, FillEstimator::kMinBudgetNs);
+}
+
+TEST(FillEstimator, TheTargetCountsTheCallersSeen) {
+  FillEstimator e;
+  e.observe(from_callers({1, 2}), from_callers({3}), outcome(false, false, 0));
+  EXPECT_EQ(e.hint().target, 3u);
+  e.observe(from_callers({2, 4}), {}, outcome(false, false, 0));
+  EXPECT_EQ(e.hint().target, 4u);  // 1 and 3 are still expected back
+}
+
+TEST(FillEstimator, UnknownCallersAreNotCounted) {
+  FillEstimator e;
+  e.observe(from_callers({0, 0, 7}), {}, outcome(false, false, 0));
+  EXPECT_EQ(e.hint().target, 1u);
+}
+
+TEST(FillEstimator, AWaitThatRanOutForgetsTheMissingCallers) {
+  FillEstimator e;
+  e.observe(from_callers({1, 2, 3, 4}), {}, outcome(false, false, 0));
+  e.observe(from_callers({1, 2}), {}, outcome(true, false, 300'000));
+  EXPECT_EQ(e.hint().target, 2u);
+}
+
+TEST(FillEstimator, TheBudgetFollowsTheWaitsThatReachedTheTarget) {
+  FillEstimator e;
+  for (int i = 0; i < 200; ++i) e.observe(from_callers({1, 2}), {}, outcome(true, true, 50'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
+  // A wait that ran out teaches nothing about the budget.
+  e.observe(from_callers({1}), {}, outcome(true, false, 1'000'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
+}
+
+TEST(FillEstimator, TheBudgetStaysWithinItsBounds) {
+  FillEstimator e;
+  for (int i = 0; i < 200; ++i) e.observe(from_callers({1}), {}, outcome(true, true, 0));
+  EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMinBudgetNs);
+  for (int i = 0; i < 200; ++i) e.observe(from_callers({1}), {}, outcome(true, true, 60'000'000));
+  EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMaxBudgetNs);
+}
+
+// hint() from other threads while the owner observes (run under TSAN).
+TEST(FillEstimator, HintIsSafeFromAnyThread) {
+  FillEstimator e;
+  std::thread reader([&] {
+    for (int i = 0; i < 20000; ++i) {
+      const auto h = e.hint();
+      ASSERT_LE(h.target, 3u);
+      ASSERT_GE(h.budget_ns, FillEstimator::kMinBudgetNs);
+    }
+  });
+  for (int i = 0; i < 20000; ++i)
+    e.observe(from_callers({1, 2, 3}), {}, outcome(true, i % 2 == 0, 40'000));
+  reader.join();
+}
+
+}  // namespace
