@@ -513,7 +513,10 @@ def test_the_weight_sync_scenario_runs_every_system(tmp_path, capsys):
         assert r["errors"] == [], r
         assert r["updates_published"] >= 1 and r["updates_applied"] >= 1
         assert r["updates_measured"] >= 1 and r["update_latency_us"]["p50"] > 0
-    assert "latency p50" in capsys.readouterr().out
+        if r["system"].startswith("batchserve"):
+            assert 0.0 <= r["fast_path_fraction"] <= 1.0
+    out = capsys.readouterr().out
+    assert "latency p50" in out and "fast %" in out
 
 
 @pytest.mark.timeout(300)

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from tensordict import TensorDict
 
-from batchserve.bench.metrics import latency_summary
+from batchserve.bench.metrics import fast_path_summary, latency_summary, percent_text
 from batchserve.bench.scenario import Scenario, config_of
 from batchserve.bench.workload import make_policy
 
@@ -333,6 +333,8 @@ def _summarise(system, config, records, actors, stats, baseline, under_updates) 
         # How long applying an update held the model lock (batchserve only).
         "apply_ms_p50": stats.get("p50_weight_apply_ms"),
         "apply_ms_max": stats.get("max_weight_apply_ms"),
+        # The whole run's (both phases): "—" where the server does not say.
+        **fast_path_summary(stats),
         "errors": [repr(e) for e in actors.errors],
     }
 
@@ -373,7 +375,7 @@ def format_report(report: dict) -> str:
         f"{c['rounds']} x ({c['duration']:g} s without, {c['duration']:g} s with updates)",
         f"{'system':<19}{'req/s':>9}{'with updates':>14}{'dip':>8}"
         f"{'latency p50':>13}{'p99':>9}{'max':>9}{'publish p50':>13}{'lock p50':>10}"
-        f"{'max':>8}{'applied':>10}",
+        f"{'max':>8}{'applied':>10}{'fast %':>8}",
     ]
     for r in report["results"]:
         if "update_latency_us" not in r:
@@ -386,5 +388,6 @@ def format_report(report: dict) -> str:
             f"{lat['max'] / 1e3:>7.1f}ms{call['p50'] / 1e3:>11.1f}ms"
             f"{_ms(r['apply_ms_p50']):>10}{_ms(r['apply_ms_max']):>8}"
             f"{r['updates_applied']:>6}/{r['updates_published']:<4}"
+            f"{percent_text(r.get('fast_path_fraction')):>8}"
         )
     return "\n".join(lines)
