@@ -129,15 +129,15 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
     py::object full = py::reinterpret_borrow<py::object>(key);
     if (PyTuple_GET_SIZE(prefix.ptr()) > 0)
       full = prefix + py::make_tuple(py::reinterpret_borrow<py::object>(key));
-    const std::string name = repr(full.ptr());
+    auto name = [&full] { return repr(full.ptr()); };  // for a refusal only
     if (Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(t.tensordict_type)) {
       if (!unbatched_tensordict(v)) {
-        out.refusal = "nested TensorDict " + name + " has a batch size";
+        out.refusal = "nested TensorDict " + name() + " has a batch size";
         return;
       }
       py::object sub = attr(v, t.s_tensordict);
       if (!PyDict_Check(sub.ptr())) {
-        out.refusal = "nested TensorDict " + name + " is not a plain TensorDict";
+        out.refusal = "nested TensorDict " + name() + " is not a plain TensorDict";
         return;
       }
       walk_leaves(sub.ptr(), PyTuple_Check(full.ptr()) ? py::tuple(full) : py::make_tuple(full),
@@ -150,21 +150,21 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
       continue;
     }
     if (Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.tensor_type)) {
-      out.refusal = "key " + name + " holds a " + repr(reinterpret_cast<PyObject*>(Py_TYPE(v))) +
+      out.refusal = "key " + name() + " holds a " + repr(reinterpret_cast<PyObject*>(Py_TYPE(v))) +
                     ", not a torch.Tensor";
       return;
     }
     if (attr(v, t.s_is_cpu).ptr() != Py_True) {
-      out.refusal = "key " + name + " is not a CPU tensor";
+      out.refusal = "key " + name() + " is not a CPU tensor";
       return;
     }
     if (!plain_layout(v)) {
-      out.refusal = "key " + name + " is not a contiguous strided tensor";
+      out.refusal = "key " + name() + " is not a contiguous strided tensor";
       return;
     }
     py::object dtype = attr(v, t.s_dtype);
     if (!plain_bytes_dtype(dtype.ptr())) {
-      out.refusal = "key " + name + " has dtype " + repr(dtype.ptr()) + " (complex or quantized)";
+      out.refusal = "key " + name() + " has dtype " + repr(dtype.ptr()) + " (complex or quantized)";
       return;
     }
     if (out.keys.size() == RequestRows::kMaxLeaves) {
@@ -182,8 +182,8 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
 // [] (nested TensorDicts too), 1 to RowSource::kMaxLeaves leaves, each a CPU
 // torch.Tensor of a plain-bytes dtype and plain layout, or non-tensor
 // metadata (an exact NonTensorData), and none of `general_keys` at the top
-// level. A request matches the schema learned from
-// it (match_schema) exactly when it meets these rules.
+// level. A request matches the schema learned from it (match_schema) exactly
+// when it meets these rules.
 inline std::string inspect_request(const py::object& item,
                                    const std::vector<py::object>& general_keys,
                                    RequestLeaves& out) {
