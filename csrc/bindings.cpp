@@ -81,7 +81,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
       .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
-      .def_property_readonly("rows_items", &Batch::rows_items)
+      .def_property_readonly("rows_extras", &Batch::rows_extras)
       .def_property_readonly("callers", &Batch::callers)
       .def_property_readonly("rows_callers", &Batch::rows_callers)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),

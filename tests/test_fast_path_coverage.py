@@ -245,3 +245,38 @@ def test_metadata_on_the_fast_path_matches_the_general_path():
         assert set(fast.keys()) == set(general.keys())
         assert fast["env_index"] == general["env_index"]
         torch.testing.assert_close(fast["act"], general["act"])
+
+
+def test_refusal_reasons_are_bounded():
+    from batchserve.server.stats import MAX_REFUSAL_REASONS, OTHER_REFUSALS, ServerStats
+
+    stats = ServerStats()
+    stats.record_refusals([f"shape [{i}]" for i in range(MAX_REFUSAL_REASONS + 10)])
+    stats.record_refusals(["shape [0]"])
+    refusals = stats.snapshot(0)["fast_path_refusals"]
+    assert len(refusals) == MAX_REFUSAL_REASONS + 1
+    assert refusals[OTHER_REFUSALS] == 10 and refusals["shape [0]"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_metadata_is_taken_when_the_request_is_submitted():
+    from tensordict.nn import TensorDictModule
+
+    policy = TensorDictModule(nn.Linear(2, 1), in_keys=["obs"], out_keys=["act"])
+    transport = ThreadingTransport()
+
+    def request_of(step: int) -> TensorDict:
+        td = TensorDict({"obs": torch.zeros(2)})
+        td.set_non_tensor("step", step)
+        return td
+
+    with InferenceServer(policy, transport, timeout=30) as server:
+        transport.client()(request_of(0))  # teaches the schema
+        server.min_batch_size = 2
+        td = request_of(0)
+        first = transport.submit(td)
+        td.set_non_tensor("step", 1)  # the caller reuses its TensorDict at once
+        second = transport.submit(td)
+        results = [first.result(timeout=30), second.result(timeout=30)]
+        assert server.stats()["fast_path_requests"] == 2
+    assert [r["step"] for r in results] == [0, 1]

@@ -113,7 +113,7 @@ inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPoli
 
 // Collects one batch into `batch`. Requests already in `batch` on entry
 // (taken ahead by a Prefetcher) count as collected: only the min_batch_size
-// phase runs then. Returns with an empty batch when no request came within
+// and fill phases run then. Returns with an empty batch when no request came within
 // `timeout` (or by the time the queue's intake has housekeeping due, see
 // RequestIntake::next_take_due_ns), when the queue is closed, or when the
 // settings changed while it
@@ -177,12 +177,14 @@ inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings
     out.waited = true;
     // Never past the queue deadline: no request waits longer than timeout.
     const int64_t deadline = std::min(fill_end, detail::queue_deadline(batch, policy));
-    if (monotonic_ns() >= deadline || !queue.wait_for_work(deadline, seen)) {
-      detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
+    // A wait that ends early (a settings change, the intake's housekeeping)
+    // is not a miss: only the deadline ends the step short of the target.
+    const bool ready = monotonic_ns() < deadline && queue.wait_for_work(deadline, seen);
+    detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
+    if (!ready && monotonic_ns() >= deadline) {
       out.reached = batch.size() >= target;
       break;
     }
-    detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
   }
   out.waited_ns = out.waited ? monotonic_ns() - start : 0;
   return out;

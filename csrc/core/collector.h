@@ -159,8 +159,6 @@ class RequestCollector {
     if (batch.size() > 0) fill_.observe(batch.rows, batch.others, batch.fill_outcome_);
   }
 
-  FillHint fill_hint() const { return fill_.hint(); }
-
   // Server thread, after each batch: how many requests it served.
   void adapt_server_spin(size_t batch_size) {
     // Moving average of batch sizes in 1/16ths, weight 1/8.

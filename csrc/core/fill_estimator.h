@@ -12,9 +12,12 @@
 //     takes longer, a thread that ended): the active set becomes the callers
 //     of that batch.
 //   - The budget is twice a moving average of the waits that did reach the
-//     target, within [kMinBudgetNs, kMaxBudgetNs]; collect_batch caps it by
-//     the batch timeout too, so no request waits longer than it would
-//     without the fill step's being there.
+//     target, halved for each wait that ran out (and restored as waits reach
+//     it again), within [kMinBudgetNs, kMaxBudgetNs]. Callers that seldom
+//     come back together (a pool of threads sending now and then) so cost
+//     at most kMinBudgetNs per batch once their waits keep running out.
+//     collect_batch caps the budget by the batch timeout too: no request
+//     waits past the oldest one's arrival + timeout.
 //
 // Threads: observe() is serialised by the owner (RequestCollector::complete,
 // with the GIL held); hint() may run on any thread at any time (a server
@@ -45,7 +48,11 @@ class FillEstimator {
   // Callers remembered at most (a server with more forgets them all but the
   // last batch's: the target then counts those).
   static constexpr size_t kMaxTracked = 4096;
+  // Halvings of the budget after waits that ran out, at most (a budget of
+  // kMaxBudgetNs halved this often is below kMinBudgetNs).
+  static constexpr int kMaxHalvings = 8;
   static_assert(kMinBudgetNs > 0 && kMinBudgetNs <= kMaxBudgetNs, "a budget range");
+  static_assert((kMaxBudgetNs >> kMaxHalvings) < kMinBudgetNs, "enough halvings to the floor");
 
   FillHint hint() const {
     FillHint h;
@@ -58,20 +65,28 @@ class FillEstimator {
   // its fill step did.
   void observe(const std::vector<Request>& rows, const std::vector<Request>& others,
                const FillOutcome& outcome) {
-    if (outcome.waited && !outcome.reached) active_.clear();  // the missing are not near
+    const bool missed = outcome.waited && !outcome.reached;
+    if (missed) active_.clear();  // the missing are not near
     if (active_.size() > kMaxTracked) active_.clear();
     for (const std::vector<Request>* part : {&rows, &others})
       for (const Request& r : *part)
         if (r.caller != 0) active_.insert(r.caller);
     if (outcome.reached) mean_wait_ns_ += (outcome.waited_ns - mean_wait_ns_) / 8;
+    if (missed) {
+      misses_ = std::min(misses_ + 1, kMaxHalvings);
+    } else if (outcome.reached && misses_ > 0) {
+      --misses_;
+    }
     target_.store(active_.size(), std::memory_order_relaxed);
-    budget_ns_.store(std::clamp<int64_t>(2 * mean_wait_ns_, kMinBudgetNs, kMaxBudgetNs),
-                     std::memory_order_relaxed);
+    budget_ns_.store(
+        std::clamp<int64_t>((2 * mean_wait_ns_) >> misses_, kMinBudgetNs, kMaxBudgetNs),
+        std::memory_order_relaxed);
   }
 
  private:
   std::unordered_set<uint32_t> active_;
   int64_t mean_wait_ns_ = kInitialWaitNs;
+  int misses_ = 0;  // the budget's halvings: +1 per wait that ran out, -1 per one that reached
   std::atomic<size_t> target_{0};
   std::atomic<int64_t> budget_ns_{2 * kInitialWaitNs};
 };

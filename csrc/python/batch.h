@@ -132,14 +132,20 @@ class Batch {
     requests_.swap(kept);
   }
 
-  // The fast path's requests, in row order, as submitted (None for a
-  // shared-memory slot's row): for the metadata carried beside the rows.
-  py::list rows_items() const {
+  // The non-tensor metadata of the fast path's requests, in row order: per
+  // row a tuple in the schema's extra_keys order, as it was at submission
+  // (an empty tuple for a shared-memory slot's row, which has none).
+  py::list rows_extras() const {
     py::list out(rows_.size());
-    for (size_t i = 0; i < rows_.size(); ++i)
-      out[i] = rows_[i].intake != nullptr
-                   ? py::none()
-                   : py::reinterpret_borrow<py::object>(static_cast<PyObject*>(rows_[i].payload));
+    for (size_t i = 0; i < rows_.size(); ++i) {
+      const auto* leaves =
+          rows_[i].intake != nullptr ? nullptr : static_cast<const RequestRows*>(rows_[i].rows);
+      const size_t n = leaves != nullptr ? leaves->extra_count : 0;
+      py::tuple extras(n);
+      for (size_t j = 0; j < n; ++j)
+        extras[j] = py::reinterpret_borrow<py::object>(leaves->extras[j]);
+      out[i] = extras;
+    }
     return out;
   }
 

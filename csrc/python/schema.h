@@ -46,6 +46,11 @@ struct FastSchema {
 // is about to read.
 struct RequestRows : RowSource {
   PyObject* tensors[kMaxLeaves] = {};
+  // The request's non-tensor metadata (FastSchema::extra_keys order), as it
+  // was when the request was submitted: a submit() caller may go on and
+  // replace it in its TensorDict.
+  PyObject* extras[kMaxLeaves] = {};
+  size_t extra_count = 0;
 };
 
 // GIL held. Every RowSource of a Request is a RequestRows.
@@ -53,6 +58,7 @@ inline void free_rows(const RowSource* p) {
   const auto* rows = static_cast<const RequestRows*>(p);
   if (rows == nullptr) return;
   for (size_t j = 0; j < rows->count; ++j) Py_DECREF(rows->tensors[j]);
+  for (size_t j = 0; j < rows->extra_count; ++j) Py_DECREF(rows->extras[j]);
   delete rows;
 }
 
@@ -140,12 +146,21 @@ inline void walk_leaves(PyObject* leaves, const py::tuple& prefix, RequestLeaves
         out.refusal = "nested TensorDict " + name() + " is not a plain TensorDict";
         return;
       }
+      if (PyDict_Size(sub.ptr()) == 0) {  // a schema counts entries on its keys' paths
+        out.refusal = "nested TensorDict " + name() + " is empty";
+        return;
+      }
       walk_leaves(sub.ptr(), PyTuple_Check(full.ptr()) ? py::tuple(full) : py::make_tuple(full),
                   out);
       if (!out.refusal.empty()) return;
       continue;
     }
     if (Py_TYPE(v) == reinterpret_cast<PyTypeObject*>(t.non_tensor_type)) {
+      if (out.extras.size() == RequestRows::kMaxLeaves) {
+        out.refusal =
+            "more than " + std::to_string(RequestRows::kMaxLeaves) + " non-tensor entries";
+        return;
+      }
       out.extras.push_back(full);
       continue;
     }
@@ -316,10 +331,13 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
     if (same < 0) throw py::error_already_set();
     if (same == 0) return nullptr;
   }
-  for (const py::object& key : schema.extra_keys) {
-    PyObject* v = lookup_leaf(leaves.ptr(), key.ptr());  // borrowed
+  if (schema.extra_keys.size() > RequestRows::kMaxLeaves) return nullptr;
+  PyObject* extras[RequestRows::kMaxLeaves];  // borrowed until all match
+  for (size_t j = 0; j < schema.extra_keys.size(); ++j) {
+    PyObject* v = lookup_leaf(leaves.ptr(), schema.extra_keys[j].ptr());  // borrowed
     if (v == nullptr || Py_TYPE(v) != reinterpret_cast<PyTypeObject*>(t.non_tensor_type))
       return nullptr;
+    extras[j] = v;
   }
   OwnedRows rows(new RequestRows());
   rows->schema_id = schema.id;
@@ -379,6 +397,11 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
     rows->tensors[j] = tensor;
     rows->count = j + 1;  // owned from here on, released with `rows`
     rows->data[j] = data_ptr(tensor);
+  }
+  for (size_t j = 0; j < schema.extra_keys.size(); ++j) {
+    Py_INCREF(extras[j]);
+    rows->extras[j] = extras[j];
+    rows->extra_count = j + 1;  // owned from here on, released with `rows`
   }
   return rows;
 }

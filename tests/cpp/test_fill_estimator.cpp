@@ -64,9 +64,26 @@ TEST(FillEstimator, TheBudgetFollowsTheWaitsThatReachedTheTarget) {
   FillEstimator e;
   for (int i = 0; i < 200; ++i) e.observe(from_callers({1, 2}), {}, outcome(true, true, 50'000));
   EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
-  // A wait that ran out teaches nothing about the budget.
+  // A wait that ran out halves the budget (its length teaches nothing);
+  // one that reached the target again restores it.
   e.observe(from_callers({1}), {}, outcome(true, false, 1'000'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 50'000.0, 2'500.0);
+  e.observe(from_callers({1, 2}), {}, outcome(true, true, 50'000));
   EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
+}
+
+// Callers that seldom come back together (a pool of threads sending now and
+// then): each wait runs out, and the budget falls to its floor.
+TEST(FillEstimator, WaitsThatKeepRunningOutCostTheFloor) {
+  FillEstimator e;
+  for (int i = 0; i < 200; ++i) e.observe(from_callers({1, 2}), {}, outcome(true, true, 500'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 1'000'000.0, 50'000.0);
+  for (uint32_t caller = 3; caller < 40; ++caller) {
+    e.observe(from_callers({caller}), {}, outcome(false, false, 0));       // no wait: target met
+    e.observe(from_callers({caller + 100}), {}, outcome(true, false, 0));  // the other never came
+  }
+  EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMinBudgetNs);
+  EXPECT_EQ(e.hint().target, 1u);
 }
 
 TEST(FillEstimator, TheBudgetStaysWithinItsBounds) {

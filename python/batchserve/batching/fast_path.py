@@ -384,9 +384,8 @@ class FastPath:
         model_input = self._model_input(buffer, n)
         self._extras = {}
         if buffer.extras:
-            items = batch.rows_items
-            for key in buffer.extras:
-                objects = [item.get(key, as_non_tensor=True) for item in items]
+            for key, objects in zip(buffer.extras, zip(*batch.rows_extras)):
+                objects = list(objects)
                 stack = NonTensorStack(*objects)
                 model_input.set(key, stack)
                 self._extras[key] = (stack, objects)

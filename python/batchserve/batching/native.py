@@ -197,10 +197,10 @@ class NativeBatch:
         return self._batch.rows_callers
 
     @property
-    def rows_items(self) -> list:
-        """The fast path's requests as submitted, in row order (their
-        non-tensor metadata travels beside the rows)."""
-        return self._batch.rows_items
+    def rows_extras(self) -> list:
+        """The fast path's non-tensor metadata, in row order: per row a tuple
+        in the schema's ``extras`` order, as at submission."""
+        return self._batch.rows_extras
 
     @property
     def prefetched_into(self) -> int:

@@ -15,6 +15,12 @@ def percentile(values, q: float) -> float:
     return float(ordered[int(round((len(ordered) - 1) * q))])
 
 
+# stats()["fast_path_refusals"]: distinct reasons kept, and the entry that
+# counts the requests refused for any further one.
+MAX_REFUSAL_REASONS = 64
+OTHER_REFUSALS = f"other reasons (beyond {MAX_REFUSAL_REASONS} kinds)"
+
+
 class ServerStats:
     """Thread-safe accounting for :meth:`InferenceServer.stats`.
 
@@ -90,9 +96,16 @@ class ServerStats:
             self._forward_ms.append(forward_ms)
 
     def record_refusals(self, reasons: list) -> None:
-        """Why each of a batch's general-path requests missed the fast path."""
+        """Why each of a batch's general-path requests missed the fast path.
+        At most :data:`MAX_REFUSAL_REASONS` distinct reasons are kept (they
+        name shapes: variable-length requests would grow the table without
+        bound); later ones count under :data:`OTHER_REFUSALS`."""
         with self._lock:
-            self._refusals.update(reasons)
+            counts = self._refusals
+            for reason in reasons:
+                if reason not in counts and len(counts) >= MAX_REFUSAL_REASONS:
+                    reason = OTHER_REFUSALS
+                counts[reason] += 1
 
     def record_hand_back(
         self, queue_ms: list, dispatch_to_hand_back_ms: float,
