@@ -541,6 +541,7 @@ def test_fast_path_refusal_names_the_reason():
         (TensorDict({"x": {"y": torch.zeros(3, 2).t()}}), r"key \('x', 'y'\) is not"),
         ({"x": torch.zeros(3)}, "not a TensorDict"),
         (TensorDict({}), "no tensor leaves"),
+        (TensorDict({"x": torch.zeros(1), "sub": TensorDict({})}), "'sub' is empty"),
     ]
     for td, reason in cases:
         assert re.search(reason, _core.fast_path_refusal(td)), (td, reason)
