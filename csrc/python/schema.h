@@ -104,14 +104,18 @@ inline bool holds_general_key(PyObject* leaves, const std::vector<py::object>& g
   return false;
 }
 
-// GIL held. Whether `o` is an exact TensorDict of batch size [] (a request,
-// or a sub-TensorDict of one, that the fast path can take).
-inline bool unbatched_tensordict(PyObject* o) {
-  const TorchRefs& t = torch_refs();
-  if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return false;
-  const Py_ssize_t dims = PyObject_Length(attr(o, t.s_batch_size).ptr());
+// GIL held. Whether `o`'s batch size is [], and whether `o` is an exact
+// TensorDict of batch size [] (a request, or a sub-TensorDict of one, that
+// the fast path can take).
+inline bool empty_batch_size(PyObject* o) {
+  const Py_ssize_t dims = PyObject_Length(attr(o, torch_refs().s_batch_size).ptr());
   if (dims < 0) PyErr_Clear();  // not a size: not a TensorDict the fast path takes
   return dims == 0;
+}
+
+inline bool unbatched_tensordict(PyObject* o) {
+  return Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(torch_refs().tensordict_type) &&
+         empty_batch_size(o);
 }
 
 // What walk_leaves found: the leaves of a request in its dict order, nested
@@ -262,12 +266,8 @@ inline Py_ssize_t count_entries(PyObject* leaves) {
 
 // GIL held. Whether `item`'s batch size is the schema's ([] when unset).
 inline bool same_batch_size(PyObject* item, const FastSchema& schema) {
+  if (!schema.batch_size) return empty_batch_size(item);
   py::object batch_size = attr(item, torch_refs().s_batch_size);
-  if (!schema.batch_size) {
-    const Py_ssize_t n = PyObject_Length(batch_size.ptr());
-    if (n < 0) PyErr_Clear();  // not a size: not a request the fast path takes
-    return n == 0;
-  }
   const int same = PyObject_RichCompareBool(batch_size.ptr(), schema.batch_size.ptr(), Py_EQ);
   if (same < 0) throw py::error_already_set();
   return same == 1;

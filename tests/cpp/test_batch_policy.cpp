@@ -26,12 +26,14 @@ BatchPolicy make_policy(size_t max_size, size_t min_size, int64_t timeout_ns) {
   return p;
 }
 
-// One collect_batch call under fixed settings.
-void collect(RequestQueue& q, const BatchPolicy& policy, std::vector<Request>& batch,
-             std::vector<Request>& dropped) {
+// One collect_batch call under fixed settings (and a fill hint: none by
+// default).
+batchserve::FillOutcome collect(RequestQueue& q, const BatchPolicy& policy,
+                                std::vector<Request>& batch, std::vector<Request>& dropped,
+                                const batchserve::FillHint& hint = {}) {
   BatchSettings settings;
   settings.store(policy, q);
-  collect_batch(q, settings, batch, dropped);
+  return collect_batch(q, settings, batch, dropped, hint);
 }
 
 // For comparing whole policies in one EXPECT_EQ.
@@ -39,17 +41,18 @@ std::tuple<size_t, size_t, int64_t> fields(const BatchPolicy& p) {
   return {p.max_batch_size, p.min_batch_size, p.timeout_ns};
 }
 
-// collect_batch on a server thread of its own, under fixed settings or under
-// `settings` that the test changes meanwhile. Read batch and dropped only
-// after call.join().
+// collect_batch on a server thread of its own, under fixed settings (with a
+// fill hint) or under `settings` that the test changes meanwhile. Read
+// batch, dropped and fill only after call.join().
 struct ServerThread {
-  ServerThread(RequestQueue& q, const BatchPolicy& policy)
-      : call([this, &q, policy] { collect(q, policy, batch, dropped); }) {}
+  ServerThread(RequestQueue& q, const BatchPolicy& policy, const batchserve::FillHint& hint = {})
+      : call([this, &q, policy, hint] { fill = collect(q, policy, batch, dropped, hint); }) {}
   ServerThread(RequestQueue& q, const BatchSettings& settings)
       : call([this, &q, &settings] { collect_batch(q, settings, batch, dropped); }) {}
 
   std::vector<Request> batch, dropped;
-  BackgroundCall call;  // last: starts once batch and dropped exist
+  batchserve::FillOutcome fill;
+  BackgroundCall call;  // last: starts once batch, dropped and fill exist
 };
 
 // Waits until the server has taken every queued request (and so waits for
@@ -440,10 +443,8 @@ FillHint hint(size_t target, int64_t budget_ns) {
 
 FillOutcome collect_filling(RequestQueue& q, const BatchPolicy& policy, const FillHint& h,
                             std::vector<Request>& batch) {
-  BatchSettings settings;
-  settings.store(policy, q);
   std::vector<Request> dropped;
-  return collect_batch(q, settings, batch, dropped, h);
+  return collect(q, policy, batch, dropped, h);
 }
 
 // Past min_batch_size the server waits for the target, and returns as soon
@@ -452,20 +453,17 @@ FillOutcome collect_filling(RequestQueue& q, const BatchPolicy& policy, const Fi
 TEST(FillBatch, WaitsForTheTargetAndReturnsWhenReached) {
   RequestQueue q(16);
   ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
-  FillOutcome outcome;
-  std::vector<Request> batch;
-  BackgroundCall server([&] {
-    outcome = collect_filling(q, make_policy(16, 1, kLongWait), hint(3, kLongWait), batch);
-  });
+  ServerThread server(q, make_policy(16, 1, kLongWait), hint(3, kLongWait));
   wait_until_taken(q);
   pause_briefly();
-  EXPECT_FALSE(server.returned());  // still waiting for the target
+  EXPECT_FALSE(server.call.returned());  // still waiting for the target
   ASSERT_EQ(q.push(make_request(1), 0), PushResult::kOk);
   ASSERT_EQ(q.push(make_request(2), 0), PushResult::kOk);
-  server.join();
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0, 1, 2}));
-  EXPECT_LT(server.elapsed_ns(), kLongWait);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0, 1, 2}));
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
   // It waited (unless the later requests came before it looked), and got them.
+  const FillOutcome& outcome = server.fill;
   EXPECT_TRUE(!outcome.waited || (outcome.reached && outcome.waited_ns > 0));
 }
 
@@ -521,18 +519,14 @@ TEST(FillBatch, NoWaitAtTheTargetAndTheTargetIsCappedByMax) {
 TEST(FillBatch, CloseEndsTheWait) {
   RequestQueue q(16);
   ASSERT_TRUE(push_ids(q, 1));
-  FillOutcome outcome;
-  std::vector<Request> batch;
-  BackgroundCall server([&] {
-    outcome = collect_filling(q, make_policy(8, 1, kLongWait), hint(4, kLongWait), batch);
-  });
+  ServerThread server(q, make_policy(8, 1, kLongWait), hint(4, kLongWait));
   wait_until_taken(q);
   pause_briefly();
   q.close();
-  server.join();
-  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
-  EXPECT_LT(server.elapsed_ns(), kLongWait);
-  EXPECT_FALSE(outcome.reached);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0}));
+  EXPECT_LT(server.call.elapsed_ns(), kLongWait);
+  EXPECT_FALSE(server.fill.reached);
 }
 
 }  // namespace fill
