@@ -1,6 +1,7 @@
 """batchserve's AsyncBatchedCollector, and batchserve's transports under
 torchrl's collector."""
 
+import threading
 import warnings
 
 import pytest
@@ -204,3 +205,104 @@ def test_a_collector_client_stamps_without_touching_the_caller_s_request():
     assert out["observation"].tolist() == [0.0]
     assert future_out["observation"].tolist() == [0.0]
     assert len(seen) == 2
+
+
+class _ThreadRecordingEnv(CountingEnv):
+    """CountingEnv that records the thread of each step and fails on request."""
+
+    def __init__(self, threads: set, fail_at: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._threads, self._fail_at = threads, fail_at
+
+    def _step(self, tensordict):
+        self._threads.add(threading.current_thread().name)
+        if self._fail_at is not None and int(self.count.max()) >= self._fail_at:
+            raise RuntimeError("environment failure at step %d" % self._fail_at)
+        return super()._step(tensordict)
+
+
+def _transitions_by_env(batches) -> dict:
+    """Each env's observations in the order collected."""
+    by_env = {}
+    for batch in batches:
+        for transition in batch.unbind(0):
+            index = int(transition["env_index"])
+            by_env.setdefault(index, []).append(int(transition["observation"]))
+    return by_env
+
+
+@pytest.mark.timeout(120)
+def test_threads_step_their_own_environment_as_torchrl_s_pool_would():
+
+    threads: set = set()
+
+    def make_env():
+        return _ThreadRecordingEnv(threads, max_steps=1000)
+
+    runs = {}
+    for cls in (AsyncBatchedCollector, TorchrlAsyncBatchedCollector):
+        threads.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            collector = cls([make_env] * NUM_ENVS, policy=_policy(), env_backend="threading",
+                            frames_per_batch=12, total_frames=48)
+        try:
+            batches = list(collector)
+            pool_envs = list(collector.env.envs)
+        finally:
+            collector.shutdown()
+        runs[cls] = batches, set(threads), pool_envs
+    (mine, my_threads, my_envs), (theirs, their_threads, _) = runs.values()
+    # Stepped by the collector's env threads, on the pool's environments.
+    assert my_threads <= {f"AsyncBatchedCollector-env-{i}" for i in range(NUM_ENVS)}
+    assert not their_threads & my_threads  # torchrl's steps run on its pool's executor
+    assert all(env.count.max() > 0 for env in my_envs)
+    # The same transitions: keys, shapes and dtypes, and every env counting
+    # from its reset, one step per transition.
+    assert set(mine[0].keys(True, True)) == set(theirs[0].keys(True, True))
+    for key in mine[0].keys(True, True):
+        assert mine[0][key].dtype == theirs[0][key].dtype, key
+        assert mine[0][key].shape == theirs[0][key].shape, key
+    by_env = _transitions_by_env(mine)
+    assert sorted(by_env) == list(range(NUM_ENVS))
+    for observations in by_env.values():
+        assert observations == list(range(len(observations)))
+    for batch in mine:
+        assert ((batch["next", "observation"] - batch["observation"]) == 1).all()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cls", [AsyncBatchedCollector, TorchrlAsyncBatchedCollector])
+def test_an_environment_error_reaches_the_iterator(cls):
+    def make_env():
+        return _ThreadRecordingEnv(set(), fail_at=3, max_steps=1000)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        collector = cls([make_env] * NUM_ENVS, policy=_policy(), env_backend="threading",
+                        frames_per_batch=12, total_frames=48)
+    try:
+        with pytest.raises(RuntimeError, match="collector worker thread raised") as raised:
+            list(collector)
+    finally:
+        collector.shutdown()
+    assert "environment failure at step 3" in str(raised.value.__cause__)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cls", [AsyncBatchedCollector, TorchrlAsyncBatchedCollector])
+def test_pause_parks_the_env_threads_and_collection_resumes(cls):
+    collector = _collector(cls, total_frames=-1)
+    try:
+        batches = iter(collector)
+        next(batches)
+        with collector.pause():
+            steps = [int(env.count.max()) for env in collector.env.envs]
+            requests = collector.server_stats()["requests"]
+            # Parked: nothing moves while the context is held.
+            threading.Event().wait(0.2)
+            assert [int(env.count.max()) for env in collector.env.envs] == steps
+            assert collector.server_stats()["requests"] == requests
+        assert next(batches).numel() == 12
+    finally:
+        collector.shutdown()

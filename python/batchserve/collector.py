@@ -4,16 +4,30 @@
 collection machinery (environment pool, coordinator threads, trajectory
 assembly, replay-buffer writer, weight-update plumbing); only the thread-backed
 inference server is batchserve's :class:`~batchserve.InferenceServer`, over
-a batchserve transport.
+a batchserve transport. With environments in threads (``env_backend=
+"threading"``), each environment thread also steps its own environment
+instead of handing every step to the environment pool's executor.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+import queue
+import threading
 
 import torch
+from tensordict import NonTensorData, TensorDict
 from tensordict.nn import InteractionType
 from torchrl.collectors import AsyncBatchedCollector as _TorchrlAsyncBatchedCollector
+from torchrl.collectors._async_batched import (
+    _ENV_IDX_KEY,
+    _put_result,
+    _wait_while_paused,
+)
+from torchrl.envs import AsyncEnvPool
+from torchrl.envs.async_envs import ThreadingAsyncEnvPool
 from torchrl.modules.inference_server import InferenceServer as _TorchrlInferenceServer
 from torchrl.modules.inference_server._client import (
     _INTERACTION_TYPE_TO_CODE,
@@ -48,7 +62,14 @@ class AsyncBatchedCollector(_TorchrlAsyncBatchedCollector):
     :class:`CollectorClient` (torchrl's ``PolicyClientModule`` contract: the
     collector's exploration type stamped on every request) whose call waits
     for its result in C++ with the GIL released, instead of through a
-    ``concurrent.futures.Future``.
+    ``concurrent.futures.Future``. With ``env_backend="threading"`` each
+    environment thread also steps its own environment, with the functions
+    torchrl's threading pool runs for a step and a reset, instead of
+    submitting each step to the pool's ``ThreadPoolExecutor`` and waiting on
+    its future: per step that skips a thread hand-off both ways and the
+    pool's one-row stack and unbind around it. The transitions are the ones
+    torchrl's loop yields (same keys, ``"env_index"`` included), and
+    ``collector.env`` is still the pool, holding the same environments.
 
     Everything else is torchrl's own machinery, unchanged: environment worker
     processes that reach a dedicated inference process
@@ -84,6 +105,125 @@ class AsyncBatchedCollector(_TorchrlAsyncBatchedCollector):
                 CollectorClient(served.client(), self.exploration_type)
                 for _ in range(self._num_envs)
             ]
+        # One environment per thread of this process: each env thread can step
+        # its own (torchrl's batched coordinator and process workers differ).
+        self._steps_envs_in_env_threads = (
+            not self._uses_process_env_workers
+            and self._env_backend == "threading"
+            and self._envs_per_worker == 1
+        )
+
+    def _ensure_started(self) -> None:
+        """torchrl's start-up for threads that step their own environment.
+
+        What torchrl's ``_ensure_started`` does for environments in threads
+        (the pool built under the driver's CPU mask, the server started, the
+        pending weights applied, one coordinator thread per environment),
+        except that each thread runs :func:`_env_thread_loop`.
+        """
+        if not getattr(self, "_steps_envs_in_env_threads", False):
+            super()._ensure_started()
+            return
+        if self._workers and all(worker.is_alive() for worker in self._workers):
+            return
+        original_affinity = None
+        try:
+            if self._driver_affinity is not None:
+                original_affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, self._driver_affinity)
+            kwargs = {}
+            if self._create_env_kwargs is not None:
+                kwargs["create_env_kwargs"] = self._create_env_kwargs
+            self._env_pool = AsyncEnvPool(
+                self._create_env_fn,
+                backend=self._env_backend,
+                envs_per_worker=self._envs_per_worker,
+                exchange=self._env_exchange,
+                worker_affinity=self._worker_affinity,
+                **kwargs,
+            )
+            if not self._server.is_alive:
+                self._server.start()
+            self._apply_pending_weights()
+            self._uses_batched_coordinator = False
+            self._result_queue = queue.Queue(maxsize=self.frames_per_batch)
+            self._shutdown_event = threading.Event()
+            self._workers = [
+                threading.Thread(
+                    target=_env_thread_loop,
+                    kwargs={
+                        "pool": self._env_pool,
+                        "env_id": env_id,
+                        "client": self._clients[env_id],
+                        "result_queue": self._result_queue,
+                        "shutdown_event": self._shutdown_event,
+                        "pause_request": self._pause_request,
+                        "env_device": self._env_device,
+                        "storing_device": self._storing_device,
+                    },
+                    daemon=True,
+                    name=f"AsyncBatchedCollector-env-{env_id}",
+                )
+                for env_id in range(self._num_envs)
+            ]
+            for worker in self._workers:
+                worker.start()
+        except Exception:
+            self.shutdown(raise_on_error=False)
+            raise
+        finally:
+            if original_affinity is not None:
+                os.sched_setaffinity(0, original_affinity)
+
+
+def _env_thread_loop(
+    pool: ThreadingAsyncEnvPool,
+    env_id: int,
+    client,
+    result_queue: queue.Queue,
+    shutdown_event: threading.Event,
+    pause_request: list,
+    env_device: torch.device | None,
+    storing_device: torch.device | None,
+) -> None:
+    """One environment's coordinator thread, stepping that environment itself.
+
+    torchrl's ``_env_loop`` (reset -> infer -> step -> put transition ->
+    infer -> ...), with the step and the reset made here by the threading
+    pool's own functions (``_step_and_maybe_reset_func``, ``_reset_func``:
+    the same calls and ``"env_index"`` entries its executor would make).
+    The environment is stepped by one thread at a time, as in the pool, where
+    each step may run on any executor thread.
+    """
+    env = pool.envs[env_id]
+    pause = functools.partial(_wait_while_paused, pause_request)
+    try:
+        # What the pool hands the environment for a reset it makes up: an
+        # empty TensorDict of the environment's shape, carrying its index.
+        reset_td = TensorDict(batch_size=env.batch_size, device=pool.device)
+        reset_td.set(_ENV_IDX_KEY, NonTensorData(data=env_id))
+        obs = pool._reset_func((env, reset_td, env_id))
+        while not shutdown_event.is_set():
+            pause()
+            if shutdown_event.is_set():
+                break
+            # As torchrl's loop: a shallow copy without device, so requests
+            # from streams that started or reset at different times collate.
+            action_td = client.call_owned(obs.clear_device_())
+            if env_device is not None:
+                action_td = action_td.to(env_device)
+            if _ENV_IDX_KEY not in action_td.keys():
+                # The pool sets it on what it steps; most policies pass it on.
+                action_td.set(_ENV_IDX_KEY, NonTensorData(data=env_id))
+            cur_td, obs = pool._step_and_maybe_reset_func((env, action_td, env_id))
+            cur_td.set(_ENV_IDX_KEY, env_id)
+            if storing_device is not None:
+                cur_td = cur_td.to(storing_device)
+            if not _put_result(result_queue, cur_td, shutdown_event, pause=pause):
+                break
+    except Exception as exc:
+        if not shutdown_event.is_set():
+            _put_result(result_queue, exc, shutdown_event)
 
 
 class CollectorClient:
@@ -114,16 +254,20 @@ class CollectorClient:
         # Read by the server, never written: one tensor serves every request.
         self._stamp = torch.tensor(code, dtype=torch.int8)
 
-    def _stamped(self, td):
-        td = td.clone(recurse=False)  # the caller's TensorDict keeps its keys
+    def _stamp_in_place(self, td):
         td.set(INTERACTION_TYPE_KEY, self._stamp.expand(td.batch_size))
         return td
 
     def __call__(self, td):
-        return self._client(self._stamped(td))
+        # A shallow copy: the caller's TensorDict keeps its keys.
+        return self._client(self._stamp_in_place(td.clone(recurse=False)))
+
+    def call_owned(self, td):
+        """``self(td)`` for a TensorDict no one else holds: stamped in place."""
+        return self._client(self._stamp_in_place(td))
 
     def submit(self, td):
-        return self._client.submit(self._stamped(td))
+        return self._client.submit(self._stamp_in_place(td.clone(recurse=False)))
 
 
 def _serve_like(torchrl_server, transport) -> InferenceServer:
