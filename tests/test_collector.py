@@ -217,7 +217,7 @@ class _ThreadRecordingEnv(CountingEnv):
     def _step(self, tensordict):
         self._threads.add(threading.current_thread().name)
         if self._fail_at is not None and int(self.count.max()) >= self._fail_at:
-            raise RuntimeError("environment failure at step %d" % self._fail_at)
+            raise RuntimeError(f"environment failure at step {self._fail_at}")
         return super()._step(tensordict)
 
 
