@@ -103,10 +103,22 @@ PYBIND11_MODULE(_core, m) {
       .def("set_exception", &Ticket::set_exception, py::arg("exc"))
       .def("done", &Ticket::done);
 
+  py::class_<bindings::PendingResult>(m, "PendingResult")
+      .def_property_readonly(
+          "state", [](const bindings::PendingResult& p) { return static_cast<int>(p.state()); })
+      .def("done", &bindings::PendingResult::done)
+      .def("withdraw", &bindings::PendingResult::withdraw)
+      .def("watch", &bindings::PendingResult::watch, py::arg("future"))
+      .def("wait", &bindings::PendingResult::wait, py::arg("timeout") = py::none())
+      .def("result", &bindings::PendingResult::result, py::arg("timeout") = py::none())
+      .def("exception", &bindings::PendingResult::exception, py::arg("timeout") = py::none());
+
   py::class_<bindings::RequestQueue>(m, "RequestQueue")
       .def(py::init<size_t>(), py::arg("capacity"))
       .def("call", &bindings::RequestQueue::call, py::arg("item"), py::arg("timeout") = py::none())
       .def("submit", &bindings::RequestQueue::submit, py::arg("item"), py::arg("future"),
+           py::arg("block") = true, py::arg("timeout") = py::none())
+      .def("submit_pending", &bindings::RequestQueue::submit_pending, py::arg("item"),
            py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))
       .def("wait_for_work", &bindings::RequestQueue::wait_for_work, py::arg("timeout"))

@@ -68,10 +68,10 @@ def test_submit_returns_a_future(echo_server, transport):
 def test_blocking_call_allocates_no_future(echo_server, transport, monkeypatch):
     import batchserve.transports.threading as threading_module
 
-    def no_future():
+    def no_future(pending):
         raise AssertionError("the blocking path must not create a Future")
 
-    monkeypatch.setattr(threading_module, "Future", no_future)
+    monkeypatch.setattr(threading_module, "QueuedFuture", no_future)
     assert transport.client()(request(3))["echo"].item() == 3
     with pytest.raises(AssertionError):
         transport.client().submit(request(4))

@@ -15,6 +15,13 @@
 // Every transition is a CAS, so the caller's timeout and the server's result
 // can race safely: whichever CAS wins decides. The result pointer is written
 // before the release CAS into kDone and read after an acquire load of kDone.
+//
+// A caller that waits through a future (not a blocking call) may also leave
+// a watcher: an opaque pointer the side that ends the request takes after
+// finish() and notifies (the bindings: the Python future, for its done
+// callbacks). The caller sets it and then reads the state; the server
+// finishes and then takes it (both seq_cst), so at least one of them sees
+// the other: a watcher left after the end is taken back by the caller.
 #pragma once
 
 #include <atomic>
@@ -39,8 +46,10 @@ class Completion {
   Completion(const Completion&) = delete;
   Completion& operator=(const Completion&) = delete;
 
+  // seq_cst (a plain load on x86, as acquire on ARM): a caller's read after
+  // set_watcher() must not be ordered before it.
   State state() const noexcept {
-    return static_cast<State>(state_.load(std::memory_order_acquire));
+    return static_cast<State>(state_.load(std::memory_order_seq_cst));
   }
 
   // Server: claims a queued request for a batch. False if it was withdrawn.
@@ -57,7 +66,8 @@ class Completion {
     is_error_ = is_error;
     uint32_t expected = state_.load(std::memory_order_relaxed);
     while (expected == kQueued || expected == kTaken) {
-      if (state_.compare_exchange_weak(expected, kDone, std::memory_order_acq_rel)) return true;
+      // seq_cst: ordered before the take_watcher() that follows it.
+      if (state_.compare_exchange_weak(expected, kDone, std::memory_order_seq_cst)) return true;
     }
     outcome_ = nullptr;
     return false;
@@ -65,10 +75,34 @@ class Completion {
 
   void notify() noexcept { done_.notify_all(); }
 
-  // Caller: waits until kDone or the deadline. Returns true when done.
+  // Caller: waits until kDone (or kWithdrawn: a future cancelled by another
+  // of its caller's threads) or the deadline. Returns true when ended.
   bool wait_until(int64_t deadline_ns, int spin_iterations) noexcept {
-    return spin_then_park(done_, [this] { return state() == kDone; }, deadline_ns, spin_iterations);
+    return spin_then_park(done_, [this] { return ended(); }, deadline_ns, spin_iterations);
   }
+
+  bool ended() const noexcept {
+    const State s = state();
+    return s == kDone || s == kWithdrawn;
+  }
+
+  // Caller: withdraws a request the server has not taken (a future's
+  // cancel()), waking the caller's other waiting threads. True if the
+  // request is (now or already) withdrawn.
+  bool withdraw() noexcept {
+    uint32_t expected = kQueued;
+    if (state_.compare_exchange_strong(expected, kWithdrawn, std::memory_order_acq_rel)) {
+      done_.notify_all();
+      return true;
+    }
+    return expected == kWithdrawn;
+  }
+
+  // Caller: leaves `watcher` for the side that ends the request.
+  void set_watcher(void* watcher) noexcept { watcher_.store(watcher, std::memory_order_seq_cst); }
+
+  // Either side: the watcher, once (null if none or already taken).
+  void* take_watcher() noexcept { return watcher_.exchange(nullptr, std::memory_order_seq_cst); }
 
   // Caller: leaves after a timeout. Returns the state it left the request in
   // (kWithdrawn or kAbandoned), or kDone if the result won the race.
@@ -98,6 +132,7 @@ class Completion {
   std::atomic<uint32_t> refs_{2};
   void* outcome_ = nullptr;
   bool is_error_ = false;
+  std::atomic<void*> watcher_{nullptr};
   EventCount done_;
 };
 

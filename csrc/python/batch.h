@@ -352,7 +352,8 @@ class Batch {
 
   // GIL held. Ends each request of `requests` (owned by the caller, no
   // longer reachable from the batch) with outcome_of(i), but for those a
-  // Future resolves: returns their Futures, as (i, future) when `indexed`.
+  // Future resolves: returns their Futures, and the QueuedFutures to notify,
+  // as (i, future) when `indexed`.
   template <typename OutcomeOf>
   static py::list settle(std::vector<Request> requests, OutcomeOf&& outcome_of, bool is_error,
                          DeferredWakes* deferred = nullptr, bool indexed = false) {
@@ -360,10 +361,11 @@ class Batch {
     std::vector<Wake> to_wake;
     to_wake.reserve(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
+      const Py_ssize_t index = indexed ? static_cast<Py_ssize_t>(i) : -1;
       if (requests[i].future != nullptr) {
-        hand_over_future(requests[i], futures.ptr(), indexed ? static_cast<Py_ssize_t>(i) : -1);
+        hand_over_future(requests[i], futures.ptr(), index);
       } else {
-        bindings::settle(requests[i], outcome_of(i), is_error, to_wake);
+        bindings::settle(requests[i], outcome_of(i), is_error, to_wake, futures.ptr(), index);
       }
       release_python_refs(requests[i]);
     }
@@ -389,23 +391,32 @@ class Ticket {
   Ticket& operator=(const Ticket&) = delete;
   ~Ticket() {
     if (!done_) {
-      PyObject* err = new_runtime_error("batchserve: a request was dropped before it was resolved");
-      end(err, true);
-      Py_DECREF(err);
+      try {
+        end(py::reinterpret_steal<py::object>(
+                new_runtime_error("batchserve: a request was dropped before it was resolved")),
+            true);
+      } catch (...) {  // a destructor must not throw; a callback's error is reported by Python
+        PyErr_Clear();
+      }
     }
   }
 
-  void set_result(const py::object& result) { end(result.ptr(), false); }
-  void set_exception(const py::object& exc) { end(exc.ptr(), true); }
+  void set_result(const py::object& result) { end(result, false); }
+  void set_exception(const py::object& exc) { end(exc, true); }
   bool done() const { return done_; }
 
  private:
-  void end(PyObject* outcome, bool is_error) {
+  // Called from Python (the protocol's resolve): a QueuedFuture with done
+  // callbacks is notified here, as Future.set_result would run them.
+  void end(const py::object& outcome, bool is_error) {
     if (done_) return;
     done_ = true;
     std::vector<Wake> to_wake;
-    settle(request_, outcome, is_error, to_wake);
+    py::list to_notify;
+    settle(request_, outcome.ptr(), is_error, to_wake, to_notify.ptr());
     wake_and_release(to_wake);
+    for (const py::handle future : to_notify)  // a callback's Exception is logged by the future
+      future.attr(is_error ? "set_exception" : "set_result")(outcome);
   }
 
   Request request_;                    // owns no Python reference (drain handed them out)

@@ -24,6 +24,7 @@
 #include "core/sliced_wait.h"
 #include "core/wake_batching.h"
 #include "python/batch.h"
+#include "python/pending_result.h"
 #include "python/pyutil.h"
 #include "python/schema.h"
 #include "python/settle.h"
@@ -169,6 +170,34 @@ class RequestQueue {
                          std::to_string(queue().capacity()) + ")");
   }
 
+  // Enqueues a request whose caller waits on the returned PendingResult
+  // (python/batchserve/transports/queued_future.py wraps it in a Future):
+  // ended in C++ as a blocking call's is. block=False raises QueueFull at
+  // once when the queue is full.
+  std::unique_ptr<PendingResult> submit_pending(const py::object& item, bool block,
+                                                std::optional<double> timeout_s) {
+    const int64_t deadline = block ? deadline_from(timeout_s) : 0;
+    OwnedRows rows = match(item.ptr(), true);
+    auto* completion = new Completion();
+    auto pending = std::make_unique<PendingResult>(completion);  // the caller's reference
+    const Request request{item.ptr(), nullptr, completion, monotonic_ns(),
+                          rows.get(), nullptr, 0,          this_caller()};
+    Py_INCREF(item.ptr());
+    PushResult pushed;
+    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
+    if (uninterrupted && pushed == PushResult::kOk) {
+      rows.release();
+      return pending;
+    }
+    Py_DECREF(item.ptr());
+    completion->give_up();  // kWithdrawn: the pending result holds nothing
+    completion->release();  // the request's reference: it never left
+    if (!uninterrupted) throw py::error_already_set();
+    if (pushed == PushResult::kClosed) throw QueueClosedError("the inference server is shut down");
+    throw QueueFullError("the request queue is full (capacity " +
+                         std::to_string(queue().capacity()) + ")");
+  }
+
   // The fast path's schema: requests that match it carry their leaves to the
   // server. Returns its id. `strict` (a request_spec) makes a mismatching
   // TensorDict an error at submission.
@@ -304,17 +333,18 @@ class RequestQueue {
 
   // Takes every queued request (and any a prefetch took): ends those whose
   // callers wait in C++ with `exc`, and hands over the others' Futures, for
-  // Python to claim and fail. Returns (how many it ended, the Futures).
+  // Python to claim and fail. Returns (how many it ended, the Futures, the
+  // QueuedFutures among the ended to notify).
   py::tuple fail_pending(const py::object& exc) {
     flush(*deferred_);
     size_t total = 0;
-    py::list futures;
+    py::list futures, to_notify;
     std::vector<Wake> to_wake;
     auto fail = [&](const Request& r) {
       if (r.future != nullptr) {
         hand_over_future(r, futures.ptr());
       } else {
-        settle(r, exc.ptr(), true, to_wake);
+        settle(r, exc.ptr(), true, to_wake, to_notify.ptr());
         ++total;
       }
       release_python_refs(r);
@@ -335,7 +365,7 @@ class RequestQueue {
       pending.clear();
       wake_and_release(to_wake);
     }
-    return py::make_tuple(total, futures);
+    return py::make_tuple(total, futures, to_notify);
   }
 
   // Wakes the callers whose results are published (see DeferredWakes) now

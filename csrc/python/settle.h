@@ -10,6 +10,7 @@
 
 #include "core/request_queue.h"
 #include "core/wake_batching.h"
+#include "python/pending_result.h"
 #include "python/pyutil.h"
 #include "python/schema.h"
 #include "python/slot_server.h"
@@ -26,18 +27,43 @@ inline void release_python_refs(const Request& r) {
   if (r.intake == nullptr) free_rows(r.rows);  // a slot's rows are the intake's
 }
 
+// GIL held. Appends `future` (a new reference, stolen) to the list
+// `futures`, as the pair (index, future) when `index` is given. Never
+// throws: out of memory, that future is lost (as when a Future call fails).
+inline void append_future(PyObject* futures, PyObject* future, Py_ssize_t index) {
+  PyObject* entry = future;
+  if (index >= 0) {
+    entry = Py_BuildValue("(nO)", index, future);
+    Py_DECREF(future);
+  }
+  if (entry == nullptr || PyList_Append(futures, entry) != 0) PyErr_Clear();
+  Py_XDECREF(entry);
+}
+
 // GIL held. Ends one request whose caller waits in C++ (a blocking caller's
-// Completion, a shared-memory slot) with `outcome` (a result or an
-// exception). Callers that must be woken are appended to `to_wake` (a
-// completion's reference is released after the wake-up, outside the GIL).
-// A request a Future resolves is not ended here: see hand_over_future.
-inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake) {
+// or a QueuedFuture's Completion, a shared-memory slot) with `outcome` (a
+// result or an exception). Callers that must be woken are appended to
+// `to_wake` (a completion's reference is released after the wake-up,
+// outside the GIL). A QueuedFuture that has done callbacks or waiters (its
+// completion's watcher) is appended to `futures` as hand_over_future does,
+// for Python to notify with the same outcome. A request a Future resolves
+// is not ended here: see hand_over_future.
+inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake,
+                   PyObject* futures, Py_ssize_t index = -1) {
   if (r.intake != nullptr) {
     if (slot_server(r).settle(r.slot, outcome, is_error))
       to_wake.push_back(Wake{nullptr, &slot_server(r).slots(), r.slot});
   } else if (r.completion != nullptr) {
     Py_INCREF(outcome);
-    if (!r.completion->finish(outcome, is_error)) Py_DECREF(outcome);
+    if (!r.completion->finish(outcome, is_error)) {
+      Py_DECREF(outcome);
+    } else if (void* watcher = r.completion->take_watcher()) {
+      if (watcher == kOrphaned) {
+        Py_DECREF(outcome);  // its future was dropped
+      } else {
+        append_future(futures, static_cast<PyObject*>(watcher), index);
+      }
+    }
     to_wake.push_back(Wake{r.completion});
   }
 }
@@ -45,18 +71,10 @@ inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vect
 // GIL held. Hands the Future of request `r` to Python, which resolves it
 // (python/batchserve/batching/native.py): appends it to the list `futures`,
 // as the pair (index, future) when `index` is given. C++ never calls a
-// Future. Never throws: out of memory, that caller gets no outcome (as when
-// a Future call fails).
+// Future.
 inline void hand_over_future(const Request& r, PyObject* futures, Py_ssize_t index = -1) {
-  PyObject* future = static_cast<PyObject*>(r.future);
-  PyObject* entry = future;
-  if (index < 0) {
-    Py_INCREF(future);
-  } else {
-    entry = Py_BuildValue("(nO)", index, future);
-  }
-  if (entry == nullptr || PyList_Append(futures, entry) != 0) PyErr_Clear();
-  Py_XDECREF(entry);
+  Py_INCREF(static_cast<PyObject*>(r.future));
+  append_future(futures, static_cast<PyObject*>(r.future), index);
 }
 
 // GIL held on entry and exit; wakes callers without it (see
@@ -79,7 +97,12 @@ inline void flush(DeferredWakes& deferred) {
 // caller): no outcome, only references to release.
 inline void discard(const Request& r) {
   release_python_refs(r);
-  if (r.completion != nullptr) r.completion->release();
+  if (r.completion != nullptr) {
+    // A cancelled QueuedFuture notified its watchers itself.
+    void* watcher = r.completion->take_watcher();
+    if (watcher != kOrphaned) Py_XDECREF(static_cast<PyObject*>(watcher));
+    r.completion->release();
+  }
 }
 
 }  // namespace bindings

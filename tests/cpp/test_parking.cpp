@@ -452,3 +452,82 @@ TEST(Completion, TakeFinishGiveUpRaceHasExactlyOneWinner) {
 }
 
 }  // namespace
+
+TEST(Completion, WithdrawOnlyWhileQueuedAndWakesWaiters) {
+  auto* c = new Completion();
+  EXPECT_TRUE(c->withdraw());
+  EXPECT_TRUE(c->withdraw());  // already withdrawn: still true
+  EXPECT_TRUE(c->ended());
+  EXPECT_TRUE(c->wait_until(kNoDeadline, 0));  // a withdrawn request has ended
+  EXPECT_FALSE(c->take());
+  release_both(c);
+
+  auto* taken = new Completion();
+  ASSERT_TRUE(taken->take());
+  EXPECT_FALSE(taken->withdraw());  // being served: a future's cancel() fails
+  EXPECT_EQ(taken->state(), Completion::kTaken);
+  int value = 5;
+  EXPECT_TRUE(taken->finish(&value, false));
+  EXPECT_FALSE(taken->withdraw());
+  release_both(taken);
+}
+
+// A thread waiting in wait_until sees another thread's withdraw (a future
+// cancelled while one of its caller's threads waits for its result).
+TEST(Completion, WithdrawFromAnotherThreadEndsTheWait) {
+  run_rounds(
+      2000,
+      [](Completion* c, int round) {
+        stagger(round);
+        const int withdrew = c->withdraw() ? 1 : 0;
+        c->release();
+        return withdrew;
+      },
+      [](Completion* c, int round) {
+        const bool ended = c->wait_until(monotonic_ns() + kLongWait, round % 2 == 0 ? 0 : 64);
+        const int ok = ended && c->state() == Completion::kWithdrawn ? 1 : 0;
+        c->release();
+        return ok;
+      },
+      [](int withdrew, int ok, int round) {
+        EXPECT_EQ(withdrew, 1) << round;
+        EXPECT_EQ(ok, 1) << round;
+      });
+}
+
+// The watcher hand-over: the caller sets a watcher and then reads the state;
+// the server finishes and then takes the watcher. Exactly one of them ends
+// up with it (the server, to notify; or the caller, which saw the end and
+// takes it back), never both and never neither.
+TEST(Completion, WatcherIsTakenByExactlyOneSide) {
+  static int watcher = 0;
+  static int value = 0;
+  int server_took = 0, caller_took = 0, lost_or_twice = 0;
+  run_rounds(
+      10000,
+      [](Completion* c, int round) {
+        stagger(round);
+        const bool took = c->take();
+        const bool stored = took && c->finish(&value, false);
+        void* w = stored ? c->take_watcher() : nullptr;
+        c->notify();
+        c->release();
+        return w == &watcher ? 1 : 0;
+      },
+      [](Completion* c, int round) {
+        stagger(round * 5 + 2, 400);
+        c->set_watcher(&watcher);
+        int took = 0;
+        if (c->ended()) took = c->take_watcher() == &watcher ? 1 : 0;
+        c->wait_until(kNoDeadline, 0);
+        c->release();
+        return took;
+      },
+      [&](int server, int caller, int) {
+        server_took += server;
+        caller_took += caller;
+        if (server + caller != 1) ++lost_or_twice;
+      });
+  EXPECT_EQ(lost_or_twice, 0);
+  EXPECT_EQ(server_took + caller_took, 10000);
+}

@@ -127,9 +127,9 @@ def collect(queue):
 def fail_pending(queue, exc: BaseException) -> int:
     """Ends every request still queued in ``queue`` (or taken by a prefetch)
     with ``exc``; returns how many (cancelled Futures not counted)."""
-    failed, futures = queue.fail_pending(exc)
+    failed, futures, ended = queue.fail_pending(exc)
     claimed = [future for future in futures if _claim(future)]
-    _set_exception(claimed, exc)
+    _set_exception(claimed + ended, exc)  # `ended`: QueuedFutures to notify
     return failed + len(claimed)
 
 

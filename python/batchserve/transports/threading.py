@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import weakref
-from concurrent.futures import Future
 
 from batchserve import _core
 from batchserve.batching.fast_path import RequestSchema, schema_from_spec
 from batchserve.batching.native import fail_pending
 from batchserve.transports.native import NativeTransport
+from batchserve.transports.queued_future import QueuedFuture
 
 
 class ThreadingTransport(NativeTransport):
@@ -49,8 +49,9 @@ class ThreadingTransport(NativeTransport):
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1.")
         self._queue = _core.RequestQueue(max_queue_size)
-        # Futures still queued when the transport goes end with an error
-        # rather than never (C++ never calls a Future).
+        # Requests still queued when the transport goes end with an error
+        # rather than never, their futures' callbacks run (C++ never calls a
+        # Future).
         weakref.finalize(self, _fail_queued, self._queue).atexit = False
         self._schema: RequestSchema | None = None
         self._schema_id = 0
@@ -61,8 +62,12 @@ class ThreadingTransport(NativeTransport):
 
     def submit(
         self, td, *, block: bool = True, timeout: float | None = None
-    ) -> Future:
+    ) -> QueuedFuture:
         """Enqueue a request and return a Future for its result.
+
+        The future is a :class:`~batchserve.transports.queued_future.QueuedFuture`:
+        a ``concurrent.futures.Future`` whose request the server ends in
+        C++ and whose ``result()`` waits on a futex, the GIL released.
 
         Args:
             td: one unbatched request.
@@ -76,9 +81,7 @@ class ThreadingTransport(NativeTransport):
             QueueFull: the queue is full and ``block`` is false (or the wait
                 for room timed out).
         """
-        future: Future = Future()
-        self._queue.submit(td, future, block, timeout)
-        return future
+        return QueuedFuture(self._queue.submit_pending(td, block, timeout))
 
     @property
     def blocking_call(self):

@@ -1,0 +1,134 @@
+// PendingResult (batchserve._core.PendingResult): the caller's side of a
+// request submitted for a future (RequestQueue.submit_pending). The request
+// carries a Completion as a blocking call's does, so the server ends it in
+// C++ (no Python call, no Future to claim and resolve) and the caller waits
+// on the completion's futex with the GIL released. The Python future around
+// it (python/batchserve/transports/queued_future.py: QueuedFuture) leaves
+// itself as the completion's watcher once it has done callbacks or waiters;
+// the server then hands it to Python to notify (python/settle.h: settle).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <optional>
+
+#include "core/completion.h"
+#include "core/sliced_wait.h"
+#include "python/pyutil.h"
+
+namespace batchserve {
+namespace bindings {
+
+namespace py = pybind11;
+
+// The watcher a dropped PendingResult leaves on a request still in flight:
+// the request is served all the same (as a dropped Future's is), and the
+// side that ends it drops the outcome, which no one will read.
+inline char orphaned_marker;
+inline void* const kOrphaned = &orphaned_marker;
+
+class PendingResult {
+ public:
+  // Takes the caller's reference to `completion`.
+  explicit PendingResult(Completion* completion) : completion_(completion) {}
+  PendingResult(const PendingResult&) = delete;
+  PendingResult& operator=(const PendingResult&) = delete;
+
+  // GIL held. A request still in flight is served all the same; the side
+  // that ends it drops its outcome (kOrphaned). A watched future is never
+  // dropped before it is notified (the request holds it).
+  ~PendingResult() {
+    if (!completion_->ended()) {
+      completion_->set_watcher(kOrphaned);
+      // Ended meanwhile: the outcome is dropped by whoever takes the marker.
+      if (completion_->ended() && completion_->take_watcher() == kOrphaned) drop_outcome();
+    } else {
+      drop_outcome();
+    }
+    completion_->release();
+  }
+
+  Completion::State state() const { return completion_->state(); }
+
+  // Ended: served (a result or an exception) or withdrawn.
+  bool done() const { return completion_->ended(); }
+
+  // Withdraws the request if the server has not taken it; True if it is
+  // (now or already) withdrawn.
+  bool withdraw() { return completion_->withdraw(); }
+
+  // Leaves `future` (a new reference is taken) for the server to notify
+  // when it ends the request. Returns False when the request had already
+  // ended: nothing is left, and the caller notifies itself.
+  bool watch(const py::object& future) {
+    Py_INCREF(future.ptr());
+    completion_->set_watcher(future.ptr());
+    if (!completion_->ended()) return true;
+    // Ended meanwhile: whoever takes the watcher drops it (the server, if it
+    // saw it, hands it to Python, where notifying it twice does nothing).
+    Py_XDECREF(static_cast<PyObject*>(completion_->take_watcher()));
+    return false;
+  }
+
+  // Waits until the request ended or `timeout` seconds passed (None: no
+  // bound), the GIL released, running signal handlers between slices.
+  // Returns whether it ended.
+  bool wait(std::optional<double> timeout_s) {
+    if (completion_->ended()) return true;
+    const int64_t deadline = deadline_from(timeout_s);
+    bool interrupted = false;
+    const bool ended = wait_in_slices(
+        deadline,
+        [&](int64_t until) {
+          GilRelease nogil;
+          return completion_->wait_until(until, 0);
+        },
+        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    if (interrupted) throw py::error_already_set();
+    return ended;
+  }
+
+  // The result: waits as wait() does. Raises TimeoutError when `timeout`
+  // passes (the request stays in flight), CancelledError when it was
+  // withdrawn, or the server's exception.
+  py::object result(std::optional<double> timeout_s) {
+    ended_or_raise(timeout_s);
+    if (completion_->is_error()) {
+      set_error_from(outcome());
+      throw py::error_already_set();
+    }
+    return py::reinterpret_borrow<py::object>(outcome());
+  }
+
+  // The server's exception, or None; waits and raises as result() does.
+  py::object exception(std::optional<double> timeout_s) {
+    ended_or_raise(timeout_s);
+    if (completion_->is_error()) return py::reinterpret_borrow<py::object>(outcome());
+    return py::none();
+  }
+
+ private:
+  void ended_or_raise(std::optional<double> timeout_s) {
+    if (!wait(timeout_s))
+      raise_timeout("no result within the timeout; the request is still in flight");
+    if (completion_->state() == Completion::kWithdrawn) {
+      static PyObject* cancelled_error =
+          py::object(py::module_::import("concurrent.futures").attr("CancelledError"))
+              .release()
+              .ptr();
+      PyErr_SetNone(cancelled_error);
+      throw py::error_already_set();
+    }
+  }
+
+  PyObject* outcome() const { return static_cast<PyObject*>(completion_->outcome()); }
+
+  void drop_outcome() {
+    if (completion_->state() == Completion::kDone) Py_XDECREF(outcome());
+  }
+
+  Completion* completion_;
+};
+
+}  // namespace bindings
+}  // namespace batchserve
