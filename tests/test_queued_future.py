@@ -35,10 +35,11 @@ def test_the_server_s_exception_is_raised_and_returned(transport):
 
 def test_callbacks_run_once_on_the_server_thread_or_at_once_when_done(transport):
     model = BlockingModel()
-    calls = []
+    calls, called = [], threading.Event()
 
     def callback(future):
         calls.append((future, threading.current_thread().name))
+        called.set()
 
     with InferenceServer(model, transport):
         future = transport.submit(request(1))
@@ -47,6 +48,7 @@ def test_callbacks_run_once_on_the_server_thread_or_at_once_when_done(transport)
         assert future.running() and not future.cancel()
         model.release.set()
         assert future.result(timeout=30)["echo"].item() == 1
+        assert called.wait(30)  # the server notifies after publishing the result
         finished = threading.Event()
         future.add_done_callback(lambda f: finished.set())  # after: runs now
         assert finished.is_set()
@@ -143,7 +145,7 @@ def _result_or_error(future):
 
 def test_result_timeout_leaves_the_request_in_flight(transport):
     future = transport.submit(request(4))
-    with pytest.raises(TimeoutError):
+    with pytest.raises(cf.TimeoutError):
         future.result(timeout=0.01)
     assert not future.done()
     with InferenceServer(echo_model, transport):
@@ -188,3 +190,18 @@ def test_torchrl_s_server_notifies_it_through_a_ticket():
         future.add_done_callback(lambda f: ran.set())
         assert future.result(timeout=30)["echo"].item() == 6
         assert ran.wait(30)
+
+
+def test_a_cancelled_watched_future_is_freed_when_a_shutdown_fails_the_queue():
+    import weakref
+
+    transport = ThreadingTransport()
+    future = transport.submit(request(1))  # no server: it stays queued
+    future.add_done_callback(lambda f: None)  # watched: the request holds it
+    assert future.cancel()
+    alive = weakref.ref(future)
+    del future
+    with InferenceServer(echo_model, transport):  # its start and stop drain the queue
+        assert echoes([transport.submit(request(2))]) == [2]
+    gc.collect()
+    assert alive() is None

@@ -61,12 +61,12 @@ class Batch {
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
-  // A Future still here gets no outcome (NativeBatch fails what is left
-  // before it drops the batch).
+  // What is still here is failed, Futures included (NativeBatch fails what
+  // is left before it drops the batch: this is the last resort).
   ~Batch() {
     if (!requests_.empty() || !rows_.empty()) {
       PyObject* err = new_runtime_error("batchserve: a batch was dropped before it was resolved");
-      settle(take_all(), [err](size_t) { return err; }, true);
+      fail_futures_now(settle(take_all(), [err](size_t) { return err; }, true), err);
       Py_DECREF(err);
     }
   }

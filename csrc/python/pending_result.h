@@ -108,14 +108,21 @@ class PendingResult {
   }
 
  private:
+  // concurrent.futures' TimeoutError and CancelledError: a Future's (on
+  // Python 3.10 its TimeoutError is not the builtin one).
+  static PyObject* futures_error(const char* name) {
+    return py::object(py::module_::import("concurrent.futures").attr(name)).release().ptr();
+  }
+
   void ended_or_raise(std::optional<double> timeout_s) {
-    if (!wait(timeout_s))
-      raise_timeout("no result within the timeout; the request is still in flight");
+    if (!wait(timeout_s)) {
+      static PyObject* timeout_error = futures_error("TimeoutError");
+      PyErr_SetString(timeout_error,
+                      "no result within the timeout; the request is still in flight");
+      throw py::error_already_set();
+    }
     if (completion_->state() == Completion::kWithdrawn) {
-      static PyObject* cancelled_error =
-          py::object(py::module_::import("concurrent.futures").attr("CancelledError"))
-              .release()
-              .ptr();
+      static PyObject* cancelled_error = futures_error("CancelledError");
       PyErr_SetNone(cancelled_error);
       throw py::error_already_set();
     }

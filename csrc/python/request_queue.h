@@ -47,13 +47,15 @@ class RequestQueue {
  public:
   explicit RequestQueue(size_t capacity) : collector_(capacity) {}
   // GIL held (Python frees the queue). Requests still here whose callers
-  // wait in C++ end with an error rather than never; a Future still here
-  // gets no outcome (its transport fails what is queued first: see
-  // python/batchserve/transports/threading.py).
+  // wait in C++ end with an error rather than never (a QueuedFuture's
+  // callbacks run); a Future still here gets no outcome (its transport fails what is queued first:
+  // see python/batchserve/transports/threading.py).
   ~RequestQueue() {
     try {
-      fail_pending(py::reinterpret_steal<py::object>(
-          new_runtime_error("batchserve: the request queue was destroyed")));
+      auto err = py::reinterpret_steal<py::object>(
+          new_runtime_error("batchserve: the request queue was destroyed"));
+      const py::tuple failed = fail_pending(err);
+      fail_futures_now(failed[2].cast<py::list>(), err.ptr());  // the QueuedFutures to notify
     } catch (...) {  // a destructor must not throw; Python reports none here
       PyErr_Clear();
     }

@@ -40,6 +40,13 @@ inline void append_future(PyObject* futures, PyObject* future, Py_ssize_t index)
   Py_XDECREF(entry);
 }
 
+// GIL held. Drops the watcher a request's completion still holds (a
+// QueuedFuture that was cancelled: it notified itself), if any.
+inline void drop_watcher(Completion* completion) {
+  void* watcher = completion->take_watcher();
+  if (watcher != kOrphaned) Py_XDECREF(static_cast<PyObject*>(watcher));
+}
+
 // GIL held. Ends one request whose caller waits in C++ (a blocking caller's
 // or a QueuedFuture's Completion, a shared-memory slot) with `outcome` (a
 // result or an exception). Callers that must be woken are appended to
@@ -57,6 +64,7 @@ inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vect
     Py_INCREF(outcome);
     if (!r.completion->finish(outcome, is_error)) {
       Py_DECREF(outcome);
+      drop_watcher(r.completion);  // withdrawn (a shutdown fails what is queued)
     } else if (void* watcher = r.completion->take_watcher()) {
       if (watcher == kOrphaned) {
         Py_DECREF(outcome);  // its future was dropped
@@ -65,6 +73,18 @@ inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vect
       }
     }
     to_wake.push_back(Wake{r.completion});
+  }
+}
+
+// GIL held, in a destructor: ends each future of `futures` (as settle and
+// hand_over_future list them) with `exc`, as Python would have; errors
+// (a future already resolved, a callback's BaseException) are dropped.
+inline void fail_futures_now(const py::list& futures, PyObject* exc) {
+  for (const py::handle entry : futures) {
+    PyObject* future = PyTuple_Check(entry.ptr()) ? PyTuple_GET_ITEM(entry.ptr(), 1) : entry.ptr();
+    PyObject* done = PyObject_CallMethod(future, "set_exception", "O", exc);
+    if (done == nullptr) PyErr_Clear();
+    Py_XDECREF(done);
   }
 }
 
@@ -98,9 +118,7 @@ inline void flush(DeferredWakes& deferred) {
 inline void discard(const Request& r) {
   release_python_refs(r);
   if (r.completion != nullptr) {
-    // A cancelled QueuedFuture notified its watchers itself.
-    void* watcher = r.completion->take_watcher();
-    if (watcher != kOrphaned) Py_XDECREF(static_cast<PyObject*>(watcher));
+    drop_watcher(r.completion);
     r.completion->release();
   }
 }

@@ -17,9 +17,8 @@ anything: the outcome is already in C++).
 
 Differences from a ``Future``: it is made by the transport, never by an
 executor (``set_running_or_notify_cancel`` only reports whether it was
-cancelled); and a request whose future is dropped unread, without a done
-callback, is withdrawn if the server has not taken it yet (its result could
-reach no one).
+cancelled). A request whose future is dropped unread is served all the
+same, as a dropped ``Future``'s is; its result is dropped.
 """
 
 from __future__ import annotations
