@@ -748,14 +748,20 @@ def test_submitted_leaves_are_copied_at_submission():
             assert f.result(timeout=10)["observation"].sum().item() == 16.0
 
 
-def test_negated_views_take_the_general_path(transport):
+@pytest.mark.parametrize("detached", [False, True])  # detach(): no longer a view, still negated
+def test_negated_views_take_the_general_path(transport, detached):
     leaf = torch.tensor([3 + 5j, 1 - 2j]).conj().imag  # float32, contiguous, negated lazily
+    if detached:
+        leaf = leaf.detach()
     assert leaf.is_neg()
     with InferenceServer(lambda td: td, transport):
         client = transport.client()
         client(TensorDict({"observation": torch.zeros(2)}))  # the schema
         result = client(TensorDict({"observation": leaf}))
+        submitted = client.submit(TensorDict({"observation": leaf})).result(timeout=30)
     assert torch.equal(result["observation"], torch.tensor([-5.0, 2.0]))
+    assert torch.equal(submitted["observation"], torch.tensor([-5.0, 2.0]))
+    assert _core.fast_path_refusal(TensorDict({"observation": leaf})) is not None
 
 
 def test_outputs_with_more_batch_dims_match_the_general_path():

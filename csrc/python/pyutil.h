@@ -95,6 +95,13 @@ struct TorchRefs {
   PyObject* s_is_contiguous;
   PyObject* s_data_ptr;
   PyObject* s_is_neg;
+  PyObject* s_has;
+  // torch._C._dispatch_keys and DispatchKey.Negative: whether a tensor is a
+  // lazily negated view, read without releasing the GIL (Tensor.is_neg()
+  // releases it, and with many actor threads every release is a GIL
+  // hand-off). Null when this torch lacks them: is_neg() is called then.
+  PyObject* dispatch_keys;
+  PyObject* negative_key;
   PyObject* s_clone;
   PyObject* s_device;
   PyObject* s_is_complex;
@@ -109,9 +116,20 @@ inline py::tuple quantized_dtypes(const py::module_& torch) {
   return py::tuple(found);
 }
 
+// A new reference to `module.name`, or null when it has no such attribute.
+inline PyObject* optional_attr(const py::handle module, const char* name) {
+  return py::hasattr(module, name) ? py::object(module.attr(name)).release().ptr() : nullptr;
+}
+
+inline PyObject* negative_dispatch_key(const py::handle torch_c) {
+  if (!py::hasattr(torch_c, "DispatchKey")) return nullptr;
+  return optional_attr(torch_c.attr("DispatchKey"), "Negative");
+}
+
 inline const TorchRefs& torch_refs() {
   static const TorchRefs* refs = [] {
     py::module_ torch = py::module_::import("torch");
+    py::module_ torch_c = py::module_::import("torch._C");
     py::module_ tensordict = py::module_::import("tensordict");
     auto keep = [](py::object o) { return o.release().ptr(); };
     auto name = [](const char* s) { return PyUnicode_InternFromString(s); };
@@ -129,6 +147,9 @@ inline const TorchRefs& torch_refs() {
         name("is_contiguous"),
         name("data_ptr"),
         name("is_neg"),
+        name("has"),
+        optional_attr(torch_c, "_dispatch_keys"),
+        negative_dispatch_key(torch_c),
         name("clone"),
         name("device"),
         name("is_complex"),

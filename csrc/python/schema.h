@@ -41,9 +41,10 @@ struct FastSchema {
 };
 
 // A fast request's leaves, in schema order: the data pointers the C++ core
-// copies from (RowSource) and owned references to their tensors, so that a
-// caller that replaces a key of its TensorDict cannot free memory the server
-// is about to read.
+// copies from (RowSource) and owned references to what holds those bytes
+// (the caller's tensors, or a bytes copy of them made at submission), so
+// that a caller that replaces a key of its TensorDict cannot free memory the
+// server is about to read.
 struct RequestRows : RowSource {
   PyObject* tensors[kMaxLeaves] = {};
   // The request's non-tensor metadata (FastSchema::extra_keys order), as it
@@ -84,13 +85,28 @@ inline bool plain_bytes_dtype(PyObject* dtype) {
   return true;
 }
 
+// GIL held. Whether `v` is a lazily negated view (its bytes are the
+// negation of its values), asked without releasing the GIL where torch
+// allows (see TorchRefs::dispatch_keys).
+inline bool negated_view(PyObject* v) {
+  const TorchRefs& t = torch_refs();
+  if (t.dispatch_keys == nullptr || t.negative_key == nullptr)
+    return call_method(v, t.s_is_neg).ptr() == Py_True;
+  PyObject* keys = PyObject_CallOneArg(t.dispatch_keys, v);
+  if (keys == nullptr) throw py::error_already_set();
+  py::object has =
+      py::reinterpret_steal<py::object>(PyObject_CallMethodOneArg(keys, t.s_has, t.negative_key));
+  Py_DECREF(keys);
+  if (!has) throw py::error_already_set();
+  return has.ptr() == Py_True;
+}
+
 // GIL held. Whether the tensor `v` is laid out as its rows' bytes: strided,
 // contiguous, and not a lazily negated view.
 inline bool plain_layout(PyObject* v) {
   const TorchRefs& t = torch_refs();
   return attr(v, t.s_layout).ptr() == t.strided &&
-         call_method(v, t.s_is_contiguous).ptr() == Py_True &&
-         call_method(v, t.s_is_neg).ptr() == Py_False;
+         call_method(v, t.s_is_contiguous).ptr() == Py_True && !negated_view(v);
 }
 
 // GIL held. Whether `leaves` (a TensorDict's dict of leaves) holds one of
@@ -308,9 +324,9 @@ inline PyObject* lookup_leaf(PyObject* leaves, PyObject* key) {
 // the key; other differences (non-contiguous or negated-view leaves, a
 // batched request, another TensorDict device, a key that asks for the general
 // path such as torchrl's interaction type) fall back to the general path,
-// which serves them correctly. With `own_copy` the leaves are cloned (a
-// submit() caller goes on and may resize or refill its tensors); a blocking
-// caller's own tensors are read in place while it waits.
+// which serves them correctly. With `own_copy` the leaves' bytes are copied
+// (a submit() caller goes on and may resize or refill its tensors); a
+// blocking caller's own tensors are read in place while it waits.
 inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) {
   const TorchRefs& t = torch_refs();
   if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
@@ -389,14 +405,20 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
   for (size_t j = 0; j < n; ++j) {
     PyObject* tensor = tensors[j];
     if (own_copy) {
-      tensor = PyObject_CallMethodNoArgs(tensor, t.s_clone);
-      if (tensor == nullptr) throw py::error_already_set();
+      // The leaf's bytes, copied into a bytes object: no torch call, which
+      // would release the GIL (tensor.clone() does) and, with many actor
+      // threads, hand it to another thread and wait to get it back.
+      PyObject* copy = PyBytes_FromStringAndSize(static_cast<const char*>(data_ptr(tensor)),
+                                                 static_cast<Py_ssize_t>(schema.leaf_bytes[j]));
+      if (copy == nullptr) throw py::error_already_set();
+      rows->tensors[j] = copy;
+      rows->data[j] = PyBytes_AS_STRING(copy);
     } else {
       Py_INCREF(tensor);
+      rows->tensors[j] = tensor;
+      rows->data[j] = data_ptr(tensor);
     }
-    rows->tensors[j] = tensor;
     rows->count = j + 1;  // owned from here on, released with `rows`
-    rows->data[j] = data_ptr(tensor);
   }
   for (size_t j = 0; j < schema.extra_keys.size(); ++j) {
     Py_INCREF(extras[j]);
