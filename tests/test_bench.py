@@ -539,6 +539,12 @@ def test_the_ray_scenario_runs_every_system(tmp_path, capsys):
         assert r["requests"] > 0 and r["requests_per_s"] > 0
         assert 0 < r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
         assert r["mean_batch_size"] >= 1
-    assert "req/s" in capsys.readouterr().out
+        # batchserve's servers say how many requests took the fast path.
+        if r["system"] == "torchrl":
+            assert r["fast_path_fraction"] is None
+        else:
+            assert 0 <= r["fast_path_fraction"] <= 1
+    out = capsys.readouterr().out
+    assert "req/s" in out and "fast %" in out
     code, err = _exit_code([str(small), "--obs", "float32:4"], capsys)
     assert code == 2 and "takes only" in err.err

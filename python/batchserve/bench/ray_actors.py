@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from batchserve.bench.metrics import histogram_mean, latency_summary, merge_histograms
+from batchserve.bench.metrics import (
+    fast_path_summary,
+    histogram_mean,
+    latency_summary,
+    merge_fast_path,
+    merge_histograms,
+    percent_text,
+)
 from batchserve.bench.scenario import Scenario, config_of
 from batchserve.bench.systems import make_server, server_kwargs
 from batchserve.bench.workload import RecordingModel, make_observation, make_policy
@@ -191,6 +198,9 @@ class _System:
     def client(self):
         return self.transport.client()
 
+    def stats(self) -> dict:
+        return self.server.stats()
+
     def close(self) -> None:
         if self.name == "batchserve":
             self.transport.close()
@@ -247,6 +257,9 @@ class _Hosted:
     def client(self):
         return self.handle.client()
 
+    def stats(self) -> dict:
+        return self.handle.stats()
+
     def close(self) -> None:
         self.handle.shutdown()
 
@@ -272,8 +285,10 @@ def _measure(system: _System, actors, config: RayConfig) -> dict:
                 for a in actors]
         time.sleep(max(0.0, measure_from - time.time()))
         system.model.start()
+        before = system.stats()
         time.sleep(max(0.0, measure_until - time.time()))
         histogram, _ = system.model.stop()
+        fast_path = fast_path_summary(system.stats(), before)
         ready, waiting = ray.wait(refs, num_returns=len(refs),
                                   timeout=config.call_timeout + 60.0)
         outs = ray.get(ready)
@@ -287,7 +302,7 @@ def _measure(system: _System, actors, config: RayConfig) -> dict:
             "seconds": config.duration,
             "latency_ns": np.concatenate([o["latency_ns"] for o in outs]
                                          or [np.zeros(0, np.int64)]),
-            "batch_size_histogram": histogram, "errors": errors}
+            "batch_size_histogram": histogram, "fast_path": fast_path, "errors": errors}
 
 
 def run(config: RayConfig, systems, *, progress_cb=None) -> dict:
@@ -374,6 +389,7 @@ def _summarise(system: str, count: int, rounds: list[dict]) -> dict:
         "latency_us": latency_summary(np.concatenate([m["latency_ns"] for m in measured])),
         "mean_batch_size": histogram_mean(histogram),
         "batch_size_histogram": {str(k): v for k, v in histogram.items()},
+        **merge_fast_path([m["fast_path"] for m in measured], [m["calls"] for m in measured]),
         "errors": errors,
     }
 
@@ -391,7 +407,7 @@ def format_report(report: dict) -> str:
         f"float32[{c['observation']}], max_batch_size {c['max_batch_size']}, "
         f"timeout {c['timeout'] * 1e3:g} ms; {c['rounds']} x {c['duration']:g} s per point",
         f"{'system':<19}{'actors':>7}{'req/s':>10}{'p50':>10}{'p90':>10}{'p99':>10}"
-        f"{'max':>10}{'batch':>7}{'errors':>8}",
+        f"{'max':>10}{'batch':>7}{'fast %':>8}{'errors':>8}",
     ]
     by_count: dict[int, dict[str, float]] = {}
     for r in report["results"]:
@@ -402,8 +418,13 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r['system']:<19}{r['actors']:>7}{r['requests_per_s']:>10,.0f}"
             + "".join(f"{lat[k] / 1e3:>8.2f}ms" for k in ("p50", "p90", "p99", "max"))
-            + f"{r['mean_batch_size']:>7.1f}{len(r['errors']):>8}"
+            + f"{r['mean_batch_size']:>7.1f}{percent_text(r.get('fast_path_fraction')):>8}"
+            + f"{len(r['errors']):>8}"
         )
+        if r.get("fast_path_refusals"):
+            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
+                                sorted(r["fast_path_refusals"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"{'':>19}general path: {reasons}")
         by_count.setdefault(r["actors"], {})[r["system"]] = r["requests_per_s"]
     for count, rates in by_count.items():
         if not rates.get("torchrl"):
