@@ -165,14 +165,14 @@ class QueuedFuture(Future):
             return
         if condition is not None:
             with condition:
-                cancelled = self.cancelled()
+                if self.cancelled():
+                    add = "add_cancelled"
+                elif self._pending.exception(0) is not None:
+                    add = "add_exception"
+                else:
+                    add = "add_result"
                 for waiter in self._waiter_list:
-                    if cancelled:
-                        waiter.add_cancelled(self)
-                    elif self._pending.exception(0) is not None:
-                        waiter.add_exception(self)
-                    else:
-                        waiter.add_result(self)
+                    getattr(waiter, add)(self)
                 condition.notify_all()
         for fn in callbacks:
             self._call(fn)
