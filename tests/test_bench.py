@@ -7,6 +7,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 
@@ -453,6 +454,75 @@ def test_a_tiny_policy_run_reports_the_fast_path_fraction(tmp_path, capsys):
     assert served["server_requests"] >= served["requests"] - 1
     assert served["fast_path_requests"] == round(fraction * served["server_requests"])
     assert rows["bare"]["fast_path_fraction"] is None
+
+
+@pytest.mark.timeout(300)
+def test_the_null_server_gives_the_actors_limit(tmp_path, capsys):
+    """--limit runs the null server beside batchserve: the same actors
+    (torchrl's PolicyClientModule submitting to it), answered at once; its
+    row holds the model's forward at the actors' batch, and the report
+    gives the limit and each server's share of it."""
+    pytest.importorskip("torchrl")
+    out = tmp_path / "limit.json"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([os.path.join(ROOT, "benchmarks", "policy"), "--num-actors", "2",
+                  "--requests", "40", "--warmup", "0", "--rounds", "1", "--no-progress",
+                  "--limit", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 0, printed.err
+    assert "of limit" in printed.out and "limit at 2 actors" in printed.out
+    document = json.loads(out.read_text())
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema is not None:
+        with open(report.SCHEMA_PATH) as f:
+            jsonschema.validate(document, json.load(f))
+    (result,) = document["scenarios"]
+    rows = {r["system"]: r for r in result["results"]}
+    assert set(rows) == {"bare", "batchserve", "null"}
+    null = rows["null"]
+    assert null["requests"] == 40 and null["requests_per_s"] > 0
+    assert null["batch_size_histogram"] == {"2": 64}  # the forwards timed at 2 actors' batch
+    assert null["forward_ms_p50"] > 0 and null["fast_path_fraction"] is None
+
+
+def test_the_limit_counts_the_actors_and_the_model():
+    """limit_rps: the actors' own time per request plus the model's share
+    at the batch they form (10 µs + 1 ms / 10), as multiples in the lines."""
+    rows = {
+        ("null", 10): {"system": "null", "actors": 10, "requests_per_s": 100_000.0,
+                       "batch_size_mean": 10.0, "forward_ms_p50": 1.0},
+        ("torchrl", 10): {"system": "torchrl", "actors": 10, "requests_per_s": 1_000.0},
+        ("batchserve", 10): {"system": "batchserve", "actors": 10,
+                             "requests_per_s": 4_545.45},
+    }
+    assert report.limit_rps(rows[("null", 10)]) == pytest.approx(1e6 / 110)
+    (line,) = report.limit_lines(rows)
+    assert "limit at 10 actors: 9,091 req/s" in line
+    assert "= 9.09× torchrl" in line and "batchserve reaches 50% of it" in line
+
+
+def test_null_clients_answer_at_once_and_travel_to_processes():
+    from tensordict import TensorDict
+
+    from batchserve.bench.null_server import NullServer, NullTransport
+
+    answer = TensorDict({"action": torch.ones(3)})
+    client = pickle.loads(pickle.dumps(NullTransport(answer).client()))
+    request = TensorDict({"observation": torch.zeros(4)})
+    assert (client(request)["action"] == 1).all()
+    future = client.submit(request)
+    assert future.done() and not future.cancel() and future.exception() is None
+    assert (future.result(timeout=0)["action"] == 1).all()
+    called = []
+    future.add_done_callback(called.append)
+    assert called == [future]
+    server = NullServer()
+    assert not server.is_alive and server.start().is_alive and server.stats() == {}
+    server.shutdown()
+    assert not server.is_alive
 
 
 def test_general_path_reasons_are_printed_per_row():

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs", choices=["torchrl", "none"], default="none",
                    help="also run torchrl's InferenceServer on the same workload, "
                    "interleaved round by round (default: none)")
+    p.add_argument("--limit", action="store_true",
+                   help="also run the null server: the same actors answered at once, no "
+                   "server and no model; their limit, and each system's share of it")
     p.add_argument("--actors", choices=["threads", "processes"])
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
@@ -179,8 +182,8 @@ def run(args, parser) -> int:
             default_threads = torch.get_num_threads()
             for scen in chosen:
                 torch.set_num_threads(scen.torch_threads or default_threads)
-                slots = interleave(list(scen.actor_counts), systems_for(scen, vs_torchrl),
-                                   scen.rounds)
+                slots = interleave(list(scen.actor_counts),
+                                   systems_for(scen, vs_torchrl, args.limit), scen.rounds)
                 overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
                 measurements = []
                 current = progress.add_task("bare model(td)", total=1.0, note="")
@@ -209,7 +212,7 @@ def run(args, parser) -> int:
         out.print(report.table(scen, rows))
         for system, overhead in report.overhead_us(rows).items():
             out.print(f"overhead per call at 1 actor ({system} p50 − bare p50): {overhead:.1f} µs")
-        for line in report.refusal_lines(rows):
+        for line in report.refusal_lines(rows) + report.limit_lines(rows):
             out.print(line)
     machine = report.machine()
     out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "

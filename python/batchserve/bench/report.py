@@ -91,6 +91,52 @@ def refusal_lines(rows: dict) -> list[str]:
     return lines
 
 
+def limit_rps(null_row: dict) -> float | None:
+    """The most any server can serve the null row's actors: their own loop
+    (the null server's req/s, serving free) plus the model's share per
+    request at the largest batch they can form (its forward at that batch
+    over the batch size), as if the two never overlapped. An upper bound:
+    it counts no collation, no hand-back and no wait for a batch to fill."""
+    rps, batch, forward_ms = (null_row["requests_per_s"], null_row["batch_size_mean"],
+                              null_row["forward_ms_p50"])
+    if rps <= 0:
+        return None
+    per_request_s = 1.0 / rps
+    if batch and forward_ms is not None:
+        per_request_s += forward_ms / 1e3 / batch
+    return 1.0 / per_request_s
+
+
+def _of_limit(rows: dict, row: dict) -> float | None:
+    """A server row's req/s over the limit at its actor count."""
+    null = rows.get(("null", row["actors"]))
+    limit = limit_rps(null) if null and row["system"] not in ("bare", "null") else None
+    return row["requests_per_s"] / limit if limit else None
+
+
+def limit_lines(rows: dict) -> list[str]:
+    """Per actor count run with the null server: the limit (limit_rps) and
+    what it is made of, as a multiple of torchrl's req/s, so a target ratio
+    can be read against what is possible."""
+    lines = []
+    for (system, actors), row in sorted(rows.items(), key=lambda item: item[0][1]):
+        limit = limit_rps(row) if system == "null" else None
+        if limit is None:
+            continue
+        text = (f"limit at {actors} actors: {limit:,.0f} req/s (actors alone "
+                f"{row['requests_per_s']:,.0f} req/s with the null server; model "
+                f"{_fmt(row['forward_ms_p50'], 3)} ms per batch of "
+                f"{_fmt(row['batch_size_mean'], 0)})")
+        ref = rows.get(("torchrl", actors))
+        if ref and ref["requests_per_s"] > 0:
+            text += f" = {limit / ref['requests_per_s']:.2f}× torchrl"
+        ours = rows.get(("batchserve", actors))
+        if ours:
+            text += f"; batchserve reaches {_of_limit(rows, ours):.0%} of it"
+        lines.append(text)
+    return lines
+
+
 def _fmt(value, digits=1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -125,7 +171,10 @@ def table(scenario: Scenario, rows: dict):
         ("p99 vs torchrl", "right"),
     ]:
         t.add_column(name, justify=justify)
-    order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3}
+    with_limit = any(system == "null" for system, _ in rows)
+    if with_limit:
+        t.add_column("of limit", justify="right")
+    order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3, "null": 4}
     for key in sorted(rows, key=lambda k: (k[1] if k[0] != "bare" else 0, order.get(k[0], 9))):
         row = rows[key]
         lat = row["latency_us"]
@@ -134,7 +183,7 @@ def table(scenario: Scenario, rows: dict):
         if ref and row["system"] == "batchserve" and ref["requests_per_s"] > 0:
             ratio = row["requests_per_s"] / ref["requests_per_s"]
             p99_ratio = lat["p99"] / ref["latency_us"]["p99"]
-        t.add_row(
+        cells = [
             "bare" if row["system"] == "bare" else str(row["actors"]),
             row["system"],
             _fmt(row["requests_per_s"], 0),
@@ -146,7 +195,11 @@ def table(scenario: Scenario, rows: dict):
             _fmt(row["cpu_s_per_1000_requests"], 3), _fmt(row["rss_growth_mb"], 1),
             "—" if ratio is None else f"{ratio:.2f}×",
             "—" if p99_ratio is None else f"{p99_ratio:.2f}×",
-        )
+        ]
+        if with_limit:
+            share = _of_limit(rows, row)
+            cells.append("—" if share is None else f"{share:.0%}")
+        t.add_row(*cells)
     return t
 
 
@@ -230,7 +283,7 @@ def plot(path: str, results: list[tuple[Scenario, dict]]) -> None:
 
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
     for (scenario, rows), (ax_tp, ax_cdf) in zip(results, axes):
-        systems = sorted({s for s, _ in rows if s != "bare"})
+        systems = sorted({s for s, _ in rows if s not in ("bare", "null")})  # null: off the scale
         for system in systems:
             counts = sorted(a for s, a in rows if s == system)
             ax_tp.plot(counts, [rows[(system, a)]["requests_per_s"] for a in counts],

@@ -32,7 +32,13 @@ from tensordict import TensorDict
 
 from batchserve.bench.metrics import fast_path_summary
 from batchserve.bench.scenario import Scenario
-from batchserve.bench.systems import BenchError, make_server, make_transport, require_torchrl
+from batchserve.bench.systems import (
+    NULL,
+    BenchError,
+    make_server,
+    make_transport,
+    require_torchrl,
+)
 from batchserve.bench.workload import (
     RecordingModel,
     client_factory,
@@ -178,7 +184,7 @@ def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None
 
 def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
-    transport = make_transport(system, scenario)
+    transport = make_transport(system, scenario, policy=model.policy)
     server = make_server(system, model, transport, scenario)
     new_client = client_factory(scenario, transport)
     observation = make_observation(scenario)
@@ -249,12 +255,35 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
         server.shutdown()
+    if system == NULL:  # with the actors stopped: they would slow it
+        batch_sizes, forward_ns = _forwards_at_full_batch(model, scenario, actors)
     if scenario.requests is not None:
         t1 = max(end_ns)  # the last request, not the next poll of the window
     samples = np.concatenate([np.frombuffer(actor_latencies, dtype=np.int64)
                               for actor_latencies in latencies])
     return _served(system, actors, round_, samples, t1 - t0, (batch_sizes, forward_ns),
                    (start_stats, stats), cpu, rss)
+
+
+# Forwards timed for the null server's row.
+_NULL_FORWARDS = 64
+
+
+def _forwards_at_full_batch(model: RecordingModel, scenario: Scenario, actors: int):
+    """The null server runs no model; its row records what the model alone
+    costs at the batch size the actors allow (all of them, up to
+    max_batch_size), timed after the window, so that the limit it reports
+    can count the model's share (``report.limit_lines``)."""
+    size = max(1, min(actors, scenario.max_batch_size))
+    batch = request(make_observation(scenario)).unsqueeze(0).expand(size).clone()
+    if scenario.device != "cpu":
+        model.to(scenario.device)
+        batch = batch.to(scenario.device)
+    model.start()
+    with torch.no_grad():
+        for _ in range(_NULL_FORWARDS):
+            model(batch)
+    return model.stop()
 
 
 def _process_actor(client, shape, dtype, quota, recording, stop, results, index) -> None:
@@ -381,6 +410,8 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         for p in processes:
             p.join(_STOP_TIMEOUT_S)
         server.shutdown()
+    if system == NULL:  # with the actors stopped: they would slow it
+        batch_sizes, forward_ns = _forwards_at_full_batch(model, scenario, actors)
     done = [inbox.done[i] for i in sorted(inbox.done)]
     if scenario.requests is not None:  # the children's own span, not the polling
         spans = [(first, last) for _, _, first, last in done if last]

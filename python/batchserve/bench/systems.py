@@ -5,7 +5,9 @@ system's SharedMemoryTransport; with --vs torchrl a process scenario also
 runs torchrl's server on its MPTransport ("torchrl-mp"), the transport
 torchrl users reach for first. Every system gets the same model, the same
 collate_fn (the scenario's ``collate``) and the same client wrapping (its
-``client``, see ``batchserve.bench.workload.make_client``).
+``client``, see ``batchserve.bench.workload.make_client``). With --limit
+the "null" system runs too: the same actors against a server that costs
+nothing (``batchserve.bench.null_server``), their limit.
 """
 
 from __future__ import annotations
@@ -44,12 +46,28 @@ def server_kwargs(scenario: Scenario) -> dict:
     return kwargs
 
 
-def systems_for(scenario: Scenario, vs_torchrl: bool) -> list[str]:
-    if not vs_torchrl:
-        return ["batchserve"]
-    if scenario.actors == "processes":
-        return ["batchserve", "torchrl", "torchrl-mp"]
-    return ["batchserve", "torchrl"]
+NULL = "null"
+
+
+def systems_for(scenario: Scenario, vs_torchrl: bool, limit: bool = False) -> list[str]:
+    systems = ["batchserve"]
+    if vs_torchrl:
+        systems.append("torchrl")
+        if scenario.actors == "processes":
+            systems.append("torchrl-mp")
+    if limit:
+        systems.append(NULL)
+    return systems
+
+
+def one_response(scenario: Scenario, policy):
+    """What the policy answers one request (the null server's answer)."""
+    import torch
+
+    from batchserve.bench.workload import interaction_context, make_observation, request
+
+    with torch.no_grad(), interaction_context(scenario):
+        return policy(request(make_observation(scenario)).unsqueeze(0))[0].clone()
 
 
 def slot_specs(scenario: Scenario, actors: int, policy):
@@ -73,6 +91,10 @@ def slot_specs(scenario: Scenario, actors: int, policy):
 
 def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int = 1,
                    policy=None):
+    if system == NULL:
+        from batchserve.bench.null_server import NullTransport
+
+        return NullTransport(one_response(scenario, policy))
     if scenario.actors == "processes":
         request, response, num_slots = slot_specs(scenario, actors, policy)
         if system == "batchserve":
@@ -96,6 +118,10 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
 
 
 def make_server(system: str, model, transport, scenario: Scenario):
+    if system == NULL:
+        from batchserve.bench.null_server import NullServer
+
+        return NullServer()
     if system == "batchserve":
         import batchserve
 
