@@ -22,6 +22,15 @@
 // callbacks). The caller sets it and then reads the state; the server
 // finishes and then takes it (both seq_cst), so at least one of them sees
 // the other: a watcher left after the end is taken back by the caller.
+//
+// Wake chains (see wake_batching.h): a caller waiting in C++ may be woken
+// by the caller before it in its batch rather than by the server. The link
+// to the next caller is one pointer word: `this` while no caller waits
+// (the caller left, or never entered), null while one waits, the next
+// completion once the server linked it. The server links only a null word
+// (CAS); the caller leaving swaps `this` in and wakes whatever it took. So
+// exactly one side wakes a linked completion: the caller that took it, or
+// the server, whose link failed because the caller had left.
 #pragma once
 
 #include <atomic>
@@ -116,6 +125,27 @@ class Completion {
     return static_cast<State>(expected);  // kDone
   }
 
+  // Caller: about to wait (see wake chains above). A second waiter of the
+  // same request may find the word null already; it waits in the chain too.
+  void enter_chain() noexcept {
+    Completion* left = this;
+    next_.compare_exchange_strong(left, nullptr, std::memory_order_acq_rel);
+  }
+
+  // Server: hands `next` (with its reference) to the waiting caller to
+  // wake. False if no caller waits: the server wakes `next` itself.
+  bool link_next(Completion* next) noexcept {
+    Completion* waiting = nullptr;
+    return next_.compare_exchange_strong(waiting, next, std::memory_order_acq_rel);
+  }
+
+  // Caller: done waiting. The completion it must wake (with its reference
+  // to release), or null.
+  Completion* leave_chain() noexcept {
+    Completion* next = next_.exchange(this, std::memory_order_acq_rel);
+    return next == this ? nullptr : next;
+  }
+
   // Valid after state() == kDone was observed by the caller.
   void* outcome() const noexcept { return outcome_; }
   bool is_error() const noexcept { return is_error_; }
@@ -133,6 +163,7 @@ class Completion {
   void* outcome_ = nullptr;
   bool is_error_ = false;
   std::atomic<void*> watcher_{nullptr};
+  std::atomic<Completion*> next_{this};  // the wake chain's link (see above)
   EventCount done_;
 };
 

@@ -10,10 +10,20 @@
 // shared-memory slots (other processes, not contending for our GIL) are
 // woken as soon as the GIL is let go.
 //
+// Callers waiting in C++ are woken as a chain: the server wakes the first
+// of a batch, and each, once it holds the GIL again, wakes the next
+// (WakeChainTurn; the link protocol is in completion.h). Woken at once, a
+// batch's callers would all block on the GIL together, and CPython hands
+// it from one to the next through a contended mutex and condition: on the
+// 2-core VM that cost ~5 context switches and ~40 µs of kernel time per
+// request at 32 threads. Chained, a caller is woken while the one before
+// it runs, and waits for the GIL behind it alone (~1.2 switches and
+// ~10 µs); the order they get the GIL in is the batch's either way.
+//
 // Ownership: a Wake of a Completion holds the request's reference to it,
-// dropped by notify_and_release after the notify (the caller may free it as
-// soon as it has seen the result, so the reference keeps it alive across
-// the notify).
+// dropped by whoever notifies it (the caller may free it as soon as it has
+// seen the result, so the reference keeps it alive across the notify). A
+// link holds the reference of the completion it points to.
 #pragma once
 
 #include <cstdint>
@@ -33,19 +43,45 @@ struct Wake {
   uint32_t slot = 0;
 };
 
-// Wakes every caller of `to_wake` and drops the completions' references;
-// leaves `to_wake` empty. No lock or GIL is needed.
+inline void notify_and_release(Completion* c) noexcept {
+  c->notify();
+  c->release();
+}
+
+// Wakes every caller of `to_wake` (the completions' as a chain, in order)
+// and drops the completions' references; leaves `to_wake` empty. No lock
+// or GIL is needed.
 inline void notify_and_release(std::vector<Wake>& to_wake) noexcept {
-  for (const Wake& w : to_wake) {
-    if (w.completion != nullptr) {
-      w.completion->notify();
-      w.completion->release();
-    } else {
-      w.slots->wake(w.slot);
+  // Linked from the back: a completion is touched only before it is linked
+  // (after that, the caller before it may wake it, and it may be freed).
+  Completion* after = nullptr;  // the chain linked so far
+  for (auto w = to_wake.rbegin(); w != to_wake.rend(); ++w) {
+    if (w->completion == nullptr) {
+      w->slots->wake(w->slot);
+      continue;
     }
+    if (after != nullptr && !w->completion->link_next(after)) notify_and_release(after);
+    after = w->completion;
   }
+  if (after != nullptr) notify_and_release(after);
   to_wake.clear();
 }
+
+// A caller's turn in its batch's wake chain while it waits on `c`: entered
+// on construction, left on destruction (with the GIL held: see above),
+// waking the caller after it. The completion must outlive it.
+class WakeChainTurn {
+ public:
+  explicit WakeChainTurn(Completion* c) noexcept : c_(c) { c_->enter_chain(); }
+  ~WakeChainTurn() {
+    if (Completion* next = c_->leave_chain()) notify_and_release(next);
+  }
+  WakeChainTurn(const WakeChainTurn&) = delete;
+  WakeChainTurn& operator=(const WakeChainTurn&) = delete;
+
+ private:
+  Completion* c_;
+};
 
 // Moves the completions' wake-ups of `to_wake` onto `deferred` (woken
 // later) and leaves the slots' in `to_wake` (woken now).

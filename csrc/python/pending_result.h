@@ -14,6 +14,7 @@
 
 #include "core/completion.h"
 #include "core/sliced_wait.h"
+#include "core/wake_batching.h"
 #include "python/pyutil.h"
 
 namespace batchserve {
@@ -77,13 +78,17 @@ class PendingResult {
     if (completion_->ended()) return true;
     const int64_t deadline = deadline_from(timeout_s);
     bool interrupted = false;
-    const bool ended = wait_in_slices(
-        deadline,
-        [&](int64_t until) {
-          GilRelease nogil;
-          return completion_->wait_until(until, 0);
-        },
-        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    bool ended = false;
+    {
+      WakeChainTurn turn(completion_);  // left with the GIL held
+      ended = wait_in_slices(
+          deadline,
+          [&](int64_t until) {
+            GilRelease nogil;
+            return completion_->wait_until(until, 0);
+          },
+          [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    }
     if (interrupted) throw py::error_already_set();
     return ended;
   }

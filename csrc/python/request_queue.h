@@ -122,19 +122,23 @@ class RequestQueue {
     // 85 µs parked, 150-165 µs spinning, on the 2-core CI VM).
     PushResult pushed = PushResult::kTimedOut;
     bool interrupted = false;
-    const bool done = wait_in_slices(
-        deadline,
-        [&](int64_t until) {
-          GilRelease nogil;
-          if (pushed != PushResult::kOk) {
-            pushed = queue().push(request, until);
-            if (pushed == PushResult::kClosed) return true;  // ends the wait: see below
-            if (pushed != PushResult::kOk) return false;
-            until = slice_end(deadline);  // the first wait gets a whole slice
-          }
-          return completion->wait_until(until, 0);
-        },
-        [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    bool done = false;
+    {
+      WakeChainTurn turn(completion);  // left with the GIL held, before any release
+      done = wait_in_slices(
+          deadline,
+          [&](int64_t until) {
+            GilRelease nogil;
+            if (pushed != PushResult::kOk) {
+              pushed = queue().push(request, until);
+              if (pushed == PushResult::kClosed) return true;  // ends the wait: see below
+              if (pushed != PushResult::kOk) return false;
+              until = slice_end(deadline);  // the first wait gets a whole slice
+            }
+            return completion->wait_until(until, 0);
+          },
+          [&](bool expired) { return !expired && !(interrupted = signalled()); });
+    }
     if (pushed != PushResult::kOk) {
       Py_DECREF(item.ptr());
       completion->release();

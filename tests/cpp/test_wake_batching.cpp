@@ -19,6 +19,7 @@ using batchserve::DeferredWakes;
 using batchserve::kNoDeadline;
 using batchserve::notify_and_release;
 using batchserve::Wake;
+using batchserve::WakeChainTurn;
 using batchserve_test::BackgroundCall;
 using batchserve_test::Segment;
 
@@ -89,6 +90,90 @@ TEST(WakeBatching, CallersWokenLaterSeeTheirResults) {
   notify_and_release(now);
   for (auto& c : callers) c->join();
   for (int i = 0; i < kCallers; ++i) EXPECT_EQ(seen[i], i);
+}
+
+// The link word of completion.h: a link holds only while a caller waits,
+// and whatever was linked is handed to exactly one side.
+TEST(WakeChain, LinksOnlyWhileACallerWaits) {
+  auto* c = new Completion();
+  auto* next = new Completion();
+  EXPECT_FALSE(c->link_next(next));  // nobody entered
+  EXPECT_EQ(c->leave_chain(), nullptr);
+  c->enter_chain();
+  c->enter_chain();  // a second waiter of the same request
+  EXPECT_TRUE(c->link_next(next));
+  EXPECT_FALSE(c->link_next(next));  // linked once
+  EXPECT_EQ(c->leave_chain(), next);
+  EXPECT_EQ(c->leave_chain(), nullptr);  // the second waiter: already taken
+  c->enter_chain();
+  EXPECT_EQ(c->leave_chain(), nullptr);
+  EXPECT_FALSE(c->link_next(next));  // left before the server linked
+  for (Completion* done : {c, next}) {
+    done->release();
+    done->release();
+  }
+}
+
+// The server's link and the caller's leave race; the linked completion is
+// woken by exactly one of them (run under TSAN in CI).
+TEST(WakeChain, LinkedCompletionIsWokenByExactlyOneSide) {
+  for (int round = 0; round < 10000; ++round) {
+    auto* c = new Completion();
+    auto* next = new Completion();
+    std::atomic<int> wakers{0};
+    c->enter_chain();
+    std::thread caller([&] {
+      if (Completion* taken = c->leave_chain()) {
+        EXPECT_EQ(taken, next);
+        wakers.fetch_add(1);
+        batchserve::notify_and_release(taken);
+      }
+    });
+    if (!c->link_next(next)) {
+      wakers.fetch_add(1);
+      batchserve::notify_and_release(next);
+    }
+    caller.join();
+    ASSERT_EQ(wakers.load(), 1) << "round " << round;
+    next->release();  // the caller's reference
+    c->release();
+    c->release();
+  }
+}
+
+// A batch's callers woken as a chain: every one wakes and sees its result,
+// whether it waited, or saw its result and left before the server linked.
+TEST(WakeChain, EveryCallerOfAChainWakes) {
+  constexpr int kCallers = 16;
+  for (int round = 0; round < 200; ++round) {
+    std::vector<Completion*> completions;
+    std::vector<int> values(kCallers);
+    for (int i = 0; i < kCallers; ++i) {
+      completions.push_back(new Completion());
+      values[i] = i;
+    }
+    std::vector<int> seen(kCallers, -1);
+    std::vector<std::thread> callers;
+    for (int i = 0; i < kCallers; ++i)
+      callers.emplace_back([&, i] {
+        Completion* c = completions[i];
+        {
+          WakeChainTurn turn(c);
+          if (c->wait_until(kNoDeadline, i % 3 == 0 ? 1000 : 0))
+            seen[i] = *static_cast<int*>(c->outcome());
+        }
+        c->release();  // the caller's reference
+      });
+    std::vector<Wake> to_wake;
+    for (int i = 0; i < kCallers; ++i) {
+      ASSERT_TRUE(completions[i]->take());
+      ASSERT_TRUE(completions[i]->finish(&values[i], false));
+      to_wake.push_back(Wake{completions[i]});
+    }
+    notify_and_release(to_wake);
+    for (auto& t : callers) t.join();
+    for (int i = 0; i < kCallers; ++i) ASSERT_EQ(seen[i], i) << "round " << round;
+  }
 }
 
 TEST(WakeBatching, WakesAClientWaitingOnItsSlot) {
