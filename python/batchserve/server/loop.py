@@ -49,15 +49,18 @@ class WorkerLoop:
         versions: its policy version and model lock.
         stats: its statistics.
         weight_sync: its :class:`~batchserve.weights.schemes.WeightSyncBinding`.
+        graphs: its :class:`~batchserve.server.static_batches.StaticBatches`
+            (``static_batch_size``), run in place of the model once captured.
     """
 
-    def __init__(self, server, transport, batches, versions, stats, weight_sync):
+    def __init__(self, server, transport, batches, versions, stats, weight_sync, graphs=None):
         self._server = server
         self._transport = transport
         self._batches = batches
         self._versions = versions
         self._stats = stats
         self._weight_sync = weight_sync
+        self._graphs = graphs
         self._fast: FastPath | None = None
         self._fast_off = ""  # why this run has no fast path (stats' refusals)
 
@@ -253,6 +256,12 @@ class WorkerLoop:
                 fast.learn(items, had_rows)
             self._serve_items(batch, items, dispatch_ns)
 
+    def _policy(self):
+        """What a forward calls: the captured graphs of a static batch size
+        (until a weight update drops them), else the model."""
+        graphs = self._graphs
+        return graphs if graphs is not None and graphs.captured else self._server.model
+
     def _queue_ms(self, dispatch_ns: int, submitted_ns) -> list:
         if not self._server.collect_stats:
             return []
@@ -284,7 +293,7 @@ class WorkerLoop:
             model_input = fast.model_input(buffer, n, batch)
             codes = buffer.interaction_codes(n)  # the rows' stamps (None: unstamped)
             fast.prefetch()  # the next batch is gathered while the model runs
-            output, forwards = forward_by_interaction(server.model, model_input, codes)
+            output, forwards = forward_by_interaction(self._policy(), model_input, codes)
             self._check_output(output, n)
             version = self._versions.value
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
@@ -381,7 +390,7 @@ class WorkerLoop:
         with self._versions.model_lock:
             context, collated = interaction_context(collated)
             with context:
-                output = server.model(collated)
+                output = self._policy()(collated)
             self._check_output(output, n)
             if server.output_device is not None:
                 output = output.to(server.output_device)

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from tensordict.base import TensorDictBase
+from tensordict.nn.probabilistic import interaction_type as current_interaction_type
 
 from batchserve.batching.batch_source import batches_for
-from batchserve.batching.collate import default_collate
+from batchserve.batching.collate import default_collate, interaction_context
 from batchserve.batching.fast_path import schema_from_spec
 from batchserve.config import (
     BatchingSetting,
@@ -25,9 +26,11 @@ from batchserve.config import (
     positive_int,
     seconds,
 )
+from batchserve.server import static_batches
 from batchserve.server.deployment import ServerDeployment, make_transport
 from batchserve.server.lifecycle import ServerRun, running_servers
 from batchserve.server.loop import WorkerLoop
+from batchserve.server.static_batches import StaticBatches, static_batch_sizes
 from batchserve.server.stats import ServerStats
 from batchserve.server.version import PolicyVersion
 from batchserve.transports.base import as_transport, transport_kind
@@ -77,9 +80,17 @@ class InferenceServer(metaclass=ServerDeployment):
         num_clients (int, optional): the slots of the ``"direct"``,
             ``"shared_memory"`` and ``"process_slot"`` transports; an error
             with a transport that takes any number of clients.
-        static_batch_size (int, optional): torchrl's CUDA-graphed fixed
-            batch; checked as torchrl checks it, then refused (not served
-            yet): only ``None`` is accepted.
+        static_batch_size (int or sequence of int, optional): serve the
+            policy as CUDA graphs of fixed batch sizes (see
+            ``batchserve.server.static_batches``): an int is torchrl's one
+            size, a sequence a set of buckets (a batch is padded to the
+            smallest that holds it, by repeating its last request). The
+            largest must be at least ``max_batch_size``; the policy device
+            must be CUDA (``ValueError`` otherwise, as in torchrl). Graphs
+            are captured from ``request_spec`` at :meth:`start`, or by
+            :meth:`prepare_cudagraph` before it; weights must then be
+            updated in place. ``stats()`` reports the padding. Default:
+            ``None`` (eager forwards).
         shutdown_event (Event, optional): an event of the caller's; setting
             it stops the worker (as :meth:`shutdown`, checked between
             batches); :meth:`start` clears it and :meth:`shutdown` sets it.
@@ -199,7 +210,7 @@ class InferenceServer(metaclass=ServerDeployment):
             device=device, policy_device=policy_device, output_device=output_device,
             server_config=server_config, device_config=device_config,
         )
-        self.static_batch_size = _static_batch_size(
+        self.static_batch_size, static_sizes = _static_batch_size(
             static_batch_size, server_config, settings
         )
         self.model = model
@@ -215,7 +226,13 @@ class InferenceServer(metaclass=ServerDeployment):
         self._stats = ServerStats(settings.stats_window_size)
         self._versions = PolicyVersion(policy_version, self._stats)
         self._batches = batches_for(served)
-        if request_spec is not None:
+        self._graphs = (
+            StaticBatches(model, static_sizes, settings.device,
+                          record_padding=self._stats.record_padding)
+            if static_sizes is not None else None
+        )
+        self._graph_request_spec = request_spec if static_sizes is not None else None
+        if request_spec is not None and (static_sizes is None or served.request_queue is not None):
             if served.request_queue is None:
                 raise ValueError(
                     "request_spec needs a batchserve transport (ThreadingTransport, "
@@ -231,7 +248,8 @@ class InferenceServer(metaclass=ServerDeployment):
             self, weight_sync_model_id, self._versions, self._stats
         )
         self._loop = WorkerLoop(
-            self, served, self._batches, self._versions, self._stats, weight_sync_binding
+            self, served, self._batches, self._versions, self._stats, weight_sync_binding,
+            graphs=self._graphs,
         )
         self._lifecycle_lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -277,6 +295,7 @@ class InferenceServer(metaclass=ServerDeployment):
         (an update applied under the model lock was counted already).
         """
         self._versions.cascade()
+        self._check_graphs()
 
     def update_model(
         self, update_fn: Callable[[Any], Any], *, mark_weight_update: bool = True
@@ -297,6 +316,7 @@ class InferenceServer(metaclass=ServerDeployment):
             result = update_fn(self.model)
             if mark_weight_update:
                 self._versions.mark_update()
+        self._check_graphs()
         return result
 
     def update_weights(self, weights, *, version: int | None = None) -> int:
@@ -332,7 +352,9 @@ class InferenceServer(metaclass=ServerDeployment):
             copy_weights(served, given)
             return version
 
-        return self._versions.apply_update(copy_in)
+        version = self._versions.apply_update(copy_in)
+        self._check_graphs()  # copied in place: the graphs stay valid
+        return version
 
     def update_model_weights(self, weights, *, mark_weight_update: bool = True) -> None:
         """torchrl's name for a weight update (as its process and Ray
@@ -381,6 +403,13 @@ class InferenceServer(metaclass=ServerDeployment):
         with self._lifecycle_lock:
             if self.is_alive:
                 raise RuntimeError("InferenceServer is already running.")
+            if self._graphs is not None and not self._graphs.captured:
+                if self._graph_request_spec is None:
+                    raise RuntimeError(
+                        "static_batch_size requires request_spec so the CUDA graph "
+                        "can be captured before the serve loop starts."
+                    )
+                self._capture(self._graph_request_spec, None)
             if self._last_worker is not None and self._last_worker.is_alive():
                 raise RuntimeError(
                     "InferenceServer is already running: the previous worker is "
@@ -394,6 +423,54 @@ class InferenceServer(metaclass=ServerDeployment):
             self._started_in = os.getpid()
             running_servers.add(self)
         return self
+
+    def prepare_cudagraph(self, request_spec: TensorDictBase, *, interaction_type=None) -> None:
+        """Capture the CUDA graphs of ``static_batch_size`` (every bucket,
+        each warmed up) before :meth:`start`; without ``static_batch_size``
+        it does nothing, as in torchrl.
+
+        Args:
+            request_spec (TensorDictBase): one representative, unbatched
+                request.
+
+        Keyword Args:
+            interaction_type (InteractionType, optional): the sampling mode
+                the graphs are captured under; every request must then carry
+                it. Default: the mode stamped on ``request_spec`` if any,
+                else the one in force now (tensordict's
+                ``set_interaction_type``).
+
+        Raises:
+            RuntimeError: the server is running.
+        """
+        if self._graphs is None:
+            return
+        with self._lifecycle_lock:
+            if self.is_alive:
+                raise RuntimeError("The CUDA graph must be prepared before server start.")
+            self._capture(request_spec, interaction_type)
+
+    def _capture(self, request_spec, mode) -> None:
+        """Captures every bucket; ``mode`` as prepare_cudagraph's
+        interaction_type (lifecycle lock held)."""
+        if not isinstance(request_spec, TensorDictBase):
+            raise TypeError(
+                f"request_spec must be a TensorDict; got {type(request_spec).__name__}."
+            )
+        context, request = interaction_context(request_spec)
+        if mode is None:
+            with context:
+                mode = current_interaction_type()
+        self._graph_request_spec = request_spec.clone()
+        with self._versions.model_lock:
+            self._graphs.model = self.model
+            self._graphs.prepare(request, mode)
+
+    def _check_graphs(self) -> None:
+        """After a weight update: the graphs' storage is still the model's
+        (else they are dropped and this raises; see static_batches)."""
+        if self._graphs is not None:
+            self._graphs.check_storage()
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
         """Stop the worker; every request not yet served gets an error.
@@ -508,25 +585,18 @@ class InferenceServer(metaclass=ServerDeployment):
         return self._stats.snapshot(self._versions.value, reset=reset)
 
 
-def _static_batch_size(static_batch_size, server_config, settings) -> None:
-    """Checks ``static_batch_size`` (or ``server_config.static_batch_size``)
-    as torchrl does; a CUDA-graphed fixed batch is not served yet, so any
-    value but None raises rather than being ignored."""
+def _static_batch_size(static_batch_size, server_config, settings):
+    """``static_batch_size`` (or ``server_config.static_batch_size``) checked
+    as torchrl checks it: (the value given, its bucket sizes), (None, None)
+    when not set."""
     if static_batch_size is not None and server_config is not None:
         raise ValueError(
             "server_config is mutually exclusive with the static_batch_size keyword argument."
         )
     if static_batch_size is None:
         static_batch_size = getattr(server_config, "static_batch_size", None)
-    if static_batch_size is None:
-        return None
-    if isinstance(static_batch_size, bool) or not isinstance(static_batch_size, int):
-        raise TypeError("static_batch_size must be an integer or None.")
-    if static_batch_size < settings.max_batch_size:
-        raise ValueError("static_batch_size must be at least max_batch_size.")
-    if settings.device is None or settings.device.type != "cuda":
-        raise ValueError("static_batch_size requires an explicit CUDA policy_device.")
-    raise ValueError(
-        f"static_batch_size={static_batch_size}: batchserve does not serve CUDA-graphed "
-        "fixed batches yet; leave static_batch_size as None (eager forwards)."
-    )
+    sizes = static_batch_sizes(static_batch_size, settings.max_batch_size)
+    if sizes is None:
+        return None, None
+    static_batches.require_cuda(settings.device)
+    return static_batch_size, sizes

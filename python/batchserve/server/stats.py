@@ -47,6 +47,11 @@ class ServerStats:
       type (each counted in ``batches``, one per forward).
     * ``fast_path_fraction``: ``fast_path_requests / requests`` (NaN before
       any request).
+    * ``padding_rows`` / ``padding_fraction`` (``static_batch_size``): rows
+      of padding the CUDA graphs computed (a batch padded to its bucket by
+      repeating its last request), and their share of all the rows the
+      graphs computed (NaN before any graphed forward);
+      ``padded_batch_histogram``: graphed forwards per bucket size.
     * ``fast_path_refusals``: for the requests served on the general path,
       why each could not take the fast path, ``{reason: count}``: a custom
       ``collate_fn``, a transport without batchserve's queue, a leaf that is
@@ -81,6 +86,9 @@ class ServerStats:
         # window_size batches hold at least window_size requests.
         self._hand_backs = collections.deque(maxlen=self._window_size)
         self._interaction_splits = 0
+        self._graphed_rows = 0
+        self._padding_rows = 0
+        self._bucket_histogram: collections.Counter = collections.Counter()
         self._refusals: collections.Counter = collections.Counter()
         self._client_gap_ms = collections.deque(maxlen=self._window_size)
         self._last_result_ns: dict[int, int] = {}  # caller -> its last hand-back
@@ -127,6 +135,13 @@ class ServerStats:
                 if previous is not None and submitted >= previous:
                     self._client_gap_ms.append((submitted - previous) * 1e-6)
                 last[caller] = end_ns
+
+    def record_padding(self, rows: int, bucket: int) -> None:
+        """One graphed forward: `rows` requests padded to `bucket` rows."""
+        with self._lock:
+            self._graphed_rows += bucket
+            self._padding_rows += bucket - rows
+            self._bucket_histogram[bucket] += 1
 
     def record_interaction_split(self) -> None:
         with self._lock:
@@ -191,6 +206,11 @@ class ServerStats:
                 if self._requests
                 else float("nan"),
                 "fast_path_refusals": dict(self._refusals.most_common()),
+                "padding_rows": self._padding_rows,
+                "padding_fraction": self._padding_rows / self._graphed_rows
+                if self._graphed_rows
+                else float("nan"),
+                "padded_batch_histogram": dict(sorted(self._bucket_histogram.items())),
                 "batch_size_histogram": dict(sorted(self._histogram.items())),
                 "policy_version": policy_version,
                 "weight_updates": self._weight_updates,
