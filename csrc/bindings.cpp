@@ -133,6 +133,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("device") = py::none(), py::arg("general_keys") = std::vector<py::object>{},
            py::arg("extra_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &bindings::RequestQueue::schema_strict)
+      .def_property_readonly("server_spin_ns", &bindings::RequestQueue::server_spin_ns)
 
       .def("attach_slots", &bindings::RequestQueue::attach_slots, py::arg("slots"))
       .def_property_readonly("reaped_slots", &bindings::RequestQueue::reaped_slots)

@@ -1,6 +1,7 @@
 // RequestCollector: the server's side of the request queue. It owns the
-// queue, the batching settings, the Prefetcher, the spin adaptation and the
-// fill estimate, and turns them into one batch of Requests at a time.
+// queue, the batching settings, the Prefetcher, the spin budget
+// (spin_budget.h) and the fill estimate, and turns them into one batch of
+// Requests at a time.
 //
 // A collection runs in two phases, because the bindings release the GIL for
 // the first and hold it for the second:
@@ -43,6 +44,7 @@
 #include "fill_estimator.h"
 #include "request_queue.h"
 #include "row_copy.h"
+#include "spin_budget.h"
 #include "staging.h"
 
 namespace batchserve {
@@ -62,23 +64,19 @@ struct CollectedBatch {
   std::vector<Request> collecting_;
   size_t prefetched_ = 0;
   FillOutcome fill_outcome_;
+  // The server waited on an empty queue: from then to the first request's
+  // submission (SpinBudget's gap); -1 when it did not wait.
+  int64_t idle_gap_ns_ = -1;
 };
 
 class RequestCollector {
  public:
-  // The server spins for its next request (instead of sleeping at once)
-  // while batches hold one request: then one actor is calling, it sends its
-  // next request within microseconds of its result, the other core is free,
-  // and a futex wake-up of the server would cost tens of microseconds on a
-  // VM. With more actors the server seldom waits, and a spinning server
-  // would take the core their Python needs. Measured on the 2-core CI VM:
-  // spinning 50 µs always cut one actor's p50 from ~160 to ~105 µs but
-  // served 8 and 32 threads ~15-25% slower.
-  static constexpr int64_t kLoneActorSpinNs = 50'000;
-  // The mean batch size (in 1/16ths) at or below which the server spins:
-  // 1.5 requests.
-  static constexpr int64_t kLoneActorMeanX16 = 24;
-  static_assert(kLoneActorMeanX16 >= 16, "a batch of one request must make the server spin");
+  // The cores the server and its callers share (those this process may run
+  // on), for the spin budget.
+  static size_t cores() {
+    static const size_t n = usable_cores();
+    return n;
+  }
 
   explicit RequestCollector(size_t capacity) : queue_(capacity) {}
   RequestCollector(const RequestCollector&) = delete;
@@ -133,7 +131,14 @@ class RequestCollector {
     batch.insert(batch.end(), taken.others.begin(), taken.others.end());
     out.dropped = std::move(taken.dropped);
     batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
+    const bool idle = batch.empty() && queue_.size() == 0;
+    const int64_t idle_since = idle ? monotonic_ns() : 0;
     out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint());
+    if (idle && !batch.empty()) {
+      int64_t first = batch.front().submit_ns;
+      for (const Request& r : batch) first = std::min(first, r.submit_ns);
+      out.idle_gap_ns_ = first - idle_since;
+    }
     return out;
   }
 
@@ -159,11 +164,11 @@ class RequestCollector {
     if (batch.size() > 0) fill_.observe(batch.rows, batch.others, batch.fill_outcome_);
   }
 
-  // Server thread, after each batch: how many requests it served.
-  void adapt_server_spin(size_t batch_size) {
-    // Moving average of batch sizes in 1/16ths, weight 1/8.
-    mean_batch_x16_ += (static_cast<int64_t>(batch_size) * 16 - mean_batch_x16_) / 8;
-    queue_.set_server_spin_ns(mean_batch_x16_ <= kLoneActorMeanX16 ? kLoneActorSpinNs : 0);
+  // Server thread, after each batch: learns the gap it waited (if it did)
+  // and sets the spin of its next wait (see SpinBudget).
+  void adapt_server_spin(const CollectedBatch& batch) {
+    if (batch.idle_gap_ns_ >= 0) spin_.observe(batch.idle_gap_ns_);
+    queue_.set_server_spin_ns(spin_.budget_ns(fill_.hint().target, cores()));
   }
 
  private:
@@ -171,7 +176,7 @@ class RequestCollector {
   BatchSettings settings_;
   std::mutex prefetch_mutex_;      // start() and finish() of prefetcher_, never at once
   std::vector<Request> carried_;   // taken beyond a lowered max_batch_size
-  int64_t mean_batch_x16_ = 16;    // serialised by the owner (see Threads)
+  SpinBudget spin_;                // serialised by the owner (see Threads)
   FillEstimator fill_;             // observe(): in complete(), serialised by the owner
   Prefetcher prefetcher_{queue_};  // last: its helper thread uses queue_
 };

@@ -334,7 +334,7 @@ class RequestQueue {
     collector_.complete(collected);
     for (const Request& r : collected.dropped) discard(r);
     if (collected.rows.empty() && collected.others.empty()) return nullptr;
-    collector_.adapt_server_spin(collected.rows.size() + collected.others.size());
+    collector_.adapt_server_spin(collected);
     return std::make_unique<Batch>(std::move(collected.rows), std::move(collected.others),
                                    deferred_, collected.prefetched_into, slots_);
   }
@@ -379,6 +379,9 @@ class RequestQueue {
   // Wakes the callers whose results are published (see DeferredWakes) now
   // rather than at the next collect().
   void wake_resolved() { flush(*deferred_); }
+
+  // How long the server spins for work before it sleeps now (SpinBudget).
+  int64_t server_spin_ns() const { return queue().server_spin_ns(); }
 
   void close() {
     flush(*deferred_);

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -23,7 +24,9 @@ using batchserve::PushResult;
 using batchserve::Request;
 using batchserve::RequestCollector;
 using batchserve::RowSource;
+using batchserve::SpinBudget;
 using batchserve::StagingColumns;
+using batchserve_test::BackgroundCall;
 using batchserve_test::ids;
 using batchserve_test::kMs;
 using batchserve_test::make_request;
@@ -147,16 +150,59 @@ TEST(RequestCollector, APrefetchWithNothingQueuedStartsNothing) {
   EXPECT_TRUE(c.finish_prefetch().rows.empty());
 }
 
-TEST(RequestCollector, TheServerSpinsOnlyWhileBatchesHoldOneRequest) {
+// The server learns the gaps it waits on an empty queue; a caller that
+// comes back after 200 µs or more is not worth a spin.
+TEST(RequestCollector, TheServerDoesNotSpinForCallersThatTakeLonger) {
   RequestCollector c(8);
+  c.configure(policy(8, 1, 50 * kMs));
   EXPECT_EQ(c.queue().server_spin_ns(), 0);
-  c.adapt_server_spin(1);
-  EXPECT_EQ(c.queue().server_spin_ns(), RequestCollector::kLoneActorSpinNs);
-  for (int i = 0; i < 8; ++i) c.adapt_server_spin(16);
+  for (size_t i = 0; i < SpinBudget::kMinSamples + 2; ++i) {
+    BackgroundCall producer([&] {
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      Request r = batchserve_test::make_request(1000 + i);
+      r.caller = 7;
+      ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
+    });
+    CollectedBatch batch = c.wait_for_batch({});
+    producer.join();
+    c.complete(batch);
+    ASSERT_EQ(batch.size(), 1u);
+    c.adapt_server_spin(batch);
+  }
+  // The gaps were >= 200 µs: longer than any spin is worth.
   EXPECT_EQ(c.queue().server_spin_ns(), 0);
-  for (int i = 0; i < 64; ++i) c.adapt_server_spin(1);
-  EXPECT_EQ(c.queue().server_spin_ns(), RequestCollector::kLoneActorSpinNs);
 }
+
+TEST(SpinBudget, SpinsForTheUpperQuartileOfShortGaps) {
+  SpinBudget b;
+  for (int i = 0; i < 3; ++i) b.observe(10'000);
+  EXPECT_EQ(b.budget_ns(1, 2), 0);  // too few gaps yet
+  b.observe(20'000);
+  EXPECT_EQ(b.budget_ns(1, 2), 25'000);  // 20 µs + a quarter
+  EXPECT_EQ(b.budget_ns(0, 2), 25'000);  // callers unknown
+  for (int i = 0; i < 16; ++i) b.observe(i < 12 ? 8'000 : 1'000'000);
+  EXPECT_EQ(b.budget_ns(1, 2), 0);  // a quarter of the gaps are long
+  for (int i = 0; i < 16; ++i) b.observe(i % 2 ? 4'000 : 8'000);
+  EXPECT_EQ(b.budget_ns(1, 2), 10'000);
+}
+
+TEST(SpinBudget, NoSpinWhenCallersAndServerOutnumberTheCores) {
+  SpinBudget b;
+  for (int i = 0; i < 8; ++i) b.observe(5'000);
+  EXPECT_GT(b.budget_ns(1, 2), 0);
+  EXPECT_EQ(b.budget_ns(2, 2), 0);
+  EXPECT_EQ(b.budget_ns(8, 2), 0);
+  EXPECT_GT(b.budget_ns(8, 16), 0);
+}
+
+TEST(SpinBudget, NegativeGapsCountAsNone) {
+  SpinBudget b;
+  for (int i = 0; i < 8; ++i) b.observe(-5);  // submitted just before the wait began
+  EXPECT_EQ(b.budget_ns(1, 2), 0);
+  EXPECT_EQ(b.samples(), 8u);
+}
+
+TEST(SpinBudget, TheMachineHasACore) { EXPECT_GE(batchserve::usable_cores(), 1u); }
 
 // Producers push while the server collects and prefetches back to back,
 // with the maximum changing under it: every request is collected exactly
@@ -229,7 +275,7 @@ TEST(RequestCollector, TwoServersCollectingAtOnceLoseNothing) {
       for (const Request& r : batch.rows) seen[batchserve_test::id_of(r)].fetch_add(1);
       for (const Request& r : batch.others) seen[batchserve_test::id_of(r)].fetch_add(1);
       total.fetch_add(batch.size());
-      c.adapt_server_spin(batch.size());
+      c.adapt_server_spin(batch);
     }
   };
   std::thread first(server, 0), second(server, 1);

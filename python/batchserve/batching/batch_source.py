@@ -58,6 +58,13 @@ class NativeBatches:
         self._queue.wake_resolved()
 
     @property
+    def spin_us(self) -> float:
+        """How long the server spins for its next request before it sleeps,
+        as the core last set it from the gaps it measured (see
+        ``csrc/core/spin_budget.h``)."""
+        return self._queue.server_spin_ns / 1e3
+
+    @property
     def closed(self) -> bool:
         return self._queue.closed
 

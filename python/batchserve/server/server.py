@@ -582,7 +582,11 @@ class InferenceServer(metaclass=ServerDeployment):
         Args:
             reset (bool, optional): clear the counters after the snapshot.
         """
-        return self._stats.snapshot(self._versions.value, reset=reset)
+        result = self._stats.snapshot(self._versions.value, reset=reset)
+        spin_us = getattr(self._batches, "spin_us", None)  # a batchserve queue's
+        if spin_us is not None:
+            result["server_spin_us"] = spin_us
+        return result
 
 
 def _static_batch_size(static_batch_size, server_config, settings):

@@ -52,6 +52,10 @@ class ServerStats:
       repeating its last request), and their share of all the rows the
       graphs computed (NaN before any graphed forward);
       ``padded_batch_histogram``: graphed forwards per bucket size.
+    * ``server_spin_us`` (a batchserve transport's server): how long the
+      server now spins for its next request before it sleeps, learned from
+      the gaps it waited (``csrc/core/spin_budget.h``); 0 when it sleeps at
+      once.
     * ``fast_path_refusals``: for the requests served on the general path,
       why each could not take the fast path, ``{reason: count}``: a custom
       ``collate_fn``, a transport without batchserve's queue, a leaf that is
