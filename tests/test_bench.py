@@ -17,7 +17,15 @@ import torch
 
 pytest.importorskip("rich", reason="the bench extra is not installed")
 
-from batchserve.bench import cli, metrics, report, scenario, schedule, systems  # noqa: E402
+from batchserve.bench import (  # noqa: E402
+    cli,
+    metrics,
+    report,
+    scenario,
+    schedule,
+    systems,
+    workload,
+)
 from batchserve.bench.runner import measure  # noqa: E402
 from batchserve.bench.systems import BenchError  # noqa: E402
 
@@ -378,6 +386,53 @@ def test_flags_override_scenario_fields(tmp_path):
         parser, parser.parse_args([str(path), "--actors", "processes", "--obs", "uint8:3x84x84"])
     )
     assert chosen.name == "counted_processes" and chosen.observation_shape == [3, 84, 84]
+
+
+def test_an_image_workload_carries_both_leaves_through_the_fast_path(tmp_path):
+    """--image adds a "pixels" leaf beside the observation; the obs_conv
+    model reads both; every request takes the fast path."""
+    path = tmp_path / "image.toml"
+    path.write_text('actor_counts = [2]\nobservation = { shape = [8], dtype = "float32" }\n'
+                    'image = { shape = [3, 36, 36], dtype = "uint8" }\nmodel = "obs_conv"\n'
+                    'hidden = [16]\nrequests = 40\nwarmup = 0.05\nrounds = 1\n')
+    scen = scenario.load(str(path))
+    assert (scen.image_shape, scen.image_dtype) == ([3, 36, 36], "uint8")
+    spec = systems.request_spec(scen)
+    assert spec["pixels"].dtype == torch.uint8 and spec["pixels"].shape == (3, 36, 36)
+    request, response, _ = systems.slot_specs(scen, 2, workload.make_policy(scen))
+    assert set(request.keys()) == {"observation", "pixels"} and "action" in response.keys()
+    m = measure("batchserve", scen, 2, 0)
+    assert m.requests == 40 and m.fast_path["fast_path_fraction"] == 1.0
+    parser = cli.build_parser()
+    (chosen,) = cli.resolve_scenarios(parser, parser.parse_args(
+        ["--image", "uint8:3x84x84", "--model", "obs_conv"]))
+    assert chosen.image_shape == [3, 84, 84]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(model="obs_conv"), "needs an image"),
+    (dict(image_shape=[84, 84]), "channels, height, width"),
+    (dict(static_batch_size=[8, 64]), "needs a CUDA device"),
+    (dict(static_batch_size=[8], device="cuda"), "at least max_batch_size"),
+])
+def test_bad_image_and_static_fields_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        scenario.Scenario(**fields).validate()
+
+
+def test_torchrl_gets_the_largest_static_batch_size():
+    scen = scenario.Scenario(device="cuda", static_batch_size=[16, 64]).validate()
+    ours, theirs = systems.server_kwargs(scen, "batchserve"), systems.server_kwargs(scen, "torchrl")
+    assert ours["static_batch_size"] == [16, 64] and theirs["static_batch_size"] == 64
+    assert set(ours["request_spec"].keys()) == {"observation"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_a_cuda_scenario_without_a_gpu_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([os.path.join(ROOT, "benchmarks", "cuda_threads"), "--no-progress"])
+    assert exit_.value.code == 1
+    assert "torch sees no CUDA device" in " ".join(capsys.readouterr().err.split())
 
 
 def test_packaged_scenarios_resolve_outside_the_repo(tmp_path, monkeypatch):

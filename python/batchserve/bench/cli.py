@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
                    help="observation, e.g. float32:64 or uint8:3x84x84")
-    p.add_argument("--model", help="mlp, conv, policy (a stochastic actor: MLP, "
+    p.add_argument("--image", type=_observation, metavar="DTYPE:SHAPE",
+                   help="requests also carry an image (\"pixels\"), e.g. uint8:3x84x84")
+    p.add_argument("--model", help="mlp, conv, obs_conv (observation and image), policy "
+                   "(a stochastic actor: MLP, "
                    "NormalParamExtractor, ProbabilisticTensorDictModule), or module:factory "
                    "(factory() returns the policy)")
     p.add_argument("--hidden", type=_int_list, metavar="W,W,...", help="MLP hidden widths")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-batch-size", type=int)
     p.add_argument("--timeout", type=float, help="server batching timeout, seconds")
     p.add_argument("--device", help="device the model runs on (cpu, cuda, ...)")
+    p.add_argument("--static-batch-size", type=_int_list, metavar="N,N,...",
+                   help="serve CUDA graphs of these batch sizes (torchrl: the largest)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--duration", type=float, help="measured seconds per measurement")
     length.add_argument("--requests", type=int, help="measured requests per measurement")
@@ -122,6 +127,7 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
         ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),
         ("torch_threads", "torch_threads"), ("client", "client"), ("collate", "collate"),
+        ("static_batch_size", "static_batch_size"),
     ]:
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -134,6 +140,8 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
             None if args.interaction_type == "none" else args.interaction_type)
     if args.obs is not None:
         overrides["observation_dtype"], overrides["observation_shape"] = args.obs
+    if args.image is not None:
+        overrides["image_dtype"], overrides["image_shape"] = args.image
     if "actors" in overrides:  # keep a family name like mlp_threads truthful
         for i, s in enumerate(chosen):
             for kind in ("threads", "processes"):
@@ -181,6 +189,9 @@ def run(args, parser) -> int:
         with progress:
             default_threads = torch.get_num_threads()
             for scen in chosen:
+                if scen.device.startswith("cuda") and not torch.cuda.is_available():
+                    raise BenchError(f"scenario {scen.name} runs on {scen.device}, and torch "
+                                     "sees no CUDA device here")
                 torch.set_num_threads(scen.torch_threads or default_threads)
                 slots = interleave(list(scen.actor_counts),
                                    systems_for(scen, vs_torchrl, args.limit), scen.rounds)

@@ -43,7 +43,9 @@ from batchserve.bench.workload import (
     RecordingModel,
     client_factory,
     interaction_context,
-    make_observation,
+    leaf_specs,
+    make_leaf,
+    make_leaves,
     make_policy,
     request,
 )
@@ -187,7 +189,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     transport = make_transport(system, scenario, policy=model.policy)
     server = make_server(system, model, transport, scenario)
     new_client = client_factory(scenario, transport)
-    observation = make_observation(scenario)
+    leaves = make_leaves(scenario)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
     started = threading.Barrier(actors + 1)
@@ -204,7 +206,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
             client = new_client()
             started.wait(_START_TIMEOUT_S)
             while not stop.is_set() and quota != 0:
-                td = request(observation)
+                td = request(leaves)
                 t0 = clock()
                 client(td)
                 t1 = clock()
@@ -275,7 +277,7 @@ def _forwards_at_full_batch(model: RecordingModel, scenario: Scenario, actors: i
     max_batch_size), timed after the window, so that the limit it reports
     can count the model's share (``report.limit_lines``)."""
     size = max(1, min(actors, scenario.max_batch_size))
-    batch = request(make_observation(scenario)).unsqueeze(0).expand(size).clone()
+    batch = request(make_leaves(scenario)).unsqueeze(0).expand(size).clone()
     if scenario.device != "cpu":
         model.to(scenario.device)
         batch = batch.to(scenario.device)
@@ -286,23 +288,19 @@ def _forwards_at_full_batch(model: RecordingModel, scenario: Scenario, actors: i
     return model.stop()
 
 
-def _process_actor(client, shape, dtype, quota, recording, stop, results, index) -> None:
+def _process_actor(client, specs, quota, recording, stop, results, index) -> None:
     """One actor process: calls the server until told to stop (or its quota
-    is done); reports its latencies, its CPU time and its recorded span."""
+    is done); reports its latencies, its CPU time and its recorded span.
+    ``specs``: workload.leaf_specs, the leaves of its requests."""
     try:
-        dt = getattr(torch, dtype)
-        observation = (
-            torch.randn(shape).to(dt)
-            if dt.is_floating_point
-            else torch.randint(0, 255, shape, dtype=dt)
-        )
+        leaves = {key: make_leaf(shape, dtype) for key, shape, dtype in specs}
         latencies = array("q")
         clock = time.perf_counter_ns
         cpu_start = None
         first_ns = last_ns = 0
         results.put(("ready", index, None))
         while not stop.is_set() and quota != 0:
-            td = TensorDict({"observation": observation})
+            td = request(leaves)
             t0 = clock()
             client(td)
             t1 = clock()
@@ -363,8 +361,7 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
     processes = [
         ctx.Process(
             target=_process_actor,
-            args=(clients[i], list(scenario.observation_shape), scenario.observation_dtype,
-                  quotas[i], recording, stop, results, i),
+            args=(clients[i], leaf_specs(scenario), quotas[i], recording, stop, results, i),
             daemon=True,
         )
         for i in range(actors)
@@ -435,12 +432,12 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
     on_device = scenario.device != "cpu"
     if on_device:
         policy.to(scenario.device)
-    observation = make_observation(scenario).unsqueeze(0)
+    leaves = dict(request(make_leaves(scenario)).unsqueeze(0).items())
     latencies = array("q")
     clock = time.perf_counter_ns
 
     def call():
-        td = TensorDict({"observation": observation}, batch_size=[1])
+        td = TensorDict(dict(leaves), batch_size=[1])
         if on_device:
             td = td.to(scenario.device)
         out = policy(td)

@@ -7,7 +7,11 @@ command-line flags override any of its fields. Fields:
     actors          "threads" or "processes"
     actor_counts    the sweep, e.g. [1, 8, 32]
     observation     {shape = [64], dtype = "float32"}
-    model           "mlp", "conv", "policy" or "package.module:factory";
+    image           {shape = [3, 84, 84], dtype = "uint8"}: requests also
+                    carry an image, "pixels" (absent: none)
+    model           "mlp", "conv", "obs_conv", "policy" or
+                    "package.module:factory"; "obs_conv" reads both the
+                    observation (an MLP) and the image (the conv net);
                     "policy" is a torchrl-style stochastic actor: a
                     TensorDictSequential of the MLP (to 2 x actions) and
                     NormalParamExtractor ("loc", "scale"), then a
@@ -27,6 +31,9 @@ command-line flags override any of its fields. Fields:
                     "maybe_dense_stack" (tensordict's, what torchrl's
                     AsyncBatchedCollector gives its server)
     max_batch_size, min_batch_size, timeout (s), device
+    static_batch_size  CUDA-graphed batch sizes, e.g. [8, 16, 32, 64]
+                    (batchserve serves them as buckets; torchrl, which takes
+                    one size, gets the largest); needs a CUDA device
     duration        measured seconds per measurement (or `requests`)
     requests        measured requests per measurement (overrides duration)
     warmup          seconds run before measuring, excluded
@@ -51,7 +58,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "uint8", "int64", "int32")
-MODELS = ("mlp", "conv", "policy")
+MODELS = ("mlp", "conv", "obs_conv", "policy")
 CLIENTS = ("direct", "policy_client")
 COLLATES = ("default", "maybe_dense_stack")
 # tensordict.nn.InteractionType's values (not imported here: loading a
@@ -66,6 +73,8 @@ class Scenario:
     actor_counts: list[int] = field(default_factory=lambda: [1, 8, 32])
     observation_shape: list[int] = field(default_factory=lambda: [64])
     observation_dtype: str = "float32"
+    image_shape: list[int] | None = None
+    image_dtype: str = "uint8"
     model: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [256])
     actions: int = 8
@@ -81,6 +90,7 @@ class Scenario:
     client: str = "direct"
     interaction_type: str | None = None
     collate: str = "default"
+    static_batch_size: list[int] | None = None
 
     def validate(self) -> Scenario:
         if self.actors not in ("threads", "processes"):
@@ -93,10 +103,27 @@ class Scenario:
             )
         if self.model not in MODELS and ":" not in self.model:
             raise ValueError(
-                f"model must be 'mlp', 'conv', 'policy' or 'module:factory', not {self.model!r}"
+                f"model must be 'mlp', 'conv', 'obs_conv', 'policy' or 'module:factory', "
+                f"not {self.model!r}"
             )
         if self.model == "conv" and len(self.observation_shape) != 3:
             raise ValueError("the conv model needs a [channels, height, width] observation")
+        if self.image_shape is not None:
+            if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+                raise ValueError("image shape must be [channels, height, width]")
+            if self.image_dtype not in DTYPES:
+                raise ValueError(
+                    f"image dtype {self.image_dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.model == "obs_conv" and self.image_shape is None:
+            raise ValueError("the obs_conv model needs an image ([channels, height, width])")
+        if self.static_batch_size is not None:
+            sizes = list(self.static_batch_size)
+            if not sizes or min(sizes) < 1:
+                raise ValueError("static_batch_size must be positive batch sizes")
+            if max(sizes) < self.max_batch_size:
+                raise ValueError("the largest static_batch_size must be at least max_batch_size")
+            if not str(self.device).startswith("cuda"):
+                raise ValueError("static_batch_size needs a CUDA device (CUDA graphs)")
         for name in ("max_batch_size", "min_batch_size", "rounds", "actions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -187,6 +214,10 @@ def from_mapping(data: dict, default_name: str = "scenario") -> Scenario:
     if observation is not None:
         data["observation_shape"] = list(observation.get("shape", HEADLINE.observation_shape))
         data["observation_dtype"] = observation.get("dtype", "float32")
+    image = data.pop("image", None)
+    if image is not None:
+        data["image_shape"] = list(image.get("shape", [3, 84, 84]))
+        data["image_dtype"] = image.get("dtype", "uint8")
     data.setdefault("name", default_name)
     known = {f.name for f in dataclasses.fields(Scenario)}
     unknown = sorted(set(data) - known)

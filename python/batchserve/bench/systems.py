@@ -31,7 +31,18 @@ def require_torchrl(why: str) -> None:
                          "(or pip install \"batchserve[bench]\")")
 
 
-def server_kwargs(scenario: Scenario) -> dict:
+def request_spec(scenario: Scenario):
+    """One request of the scenario's layout, zeros (a spec)."""
+    import torch
+    from tensordict import TensorDict
+
+    from batchserve.bench.workload import leaf_specs
+
+    return TensorDict({key: torch.zeros(shape, dtype=getattr(torch, dtype))
+                       for key, shape, dtype in leaf_specs(scenario)})
+
+
+def server_kwargs(scenario: Scenario, system: str = "batchserve") -> dict:
     kwargs = dict(
         max_batch_size=scenario.max_batch_size,
         min_batch_size=scenario.min_batch_size,
@@ -39,6 +50,11 @@ def server_kwargs(scenario: Scenario) -> dict:
     )
     if scenario.device != "cpu":
         kwargs.update(device=scenario.device, output_device="cpu")
+    if scenario.static_batch_size is not None:
+        # torchrl takes one CUDA-graphed size: the largest bucket.
+        sizes = list(scenario.static_batch_size)
+        kwargs.update(static_batch_size=sizes if system == "batchserve" else max(sizes),
+                      request_spec=request_spec(scenario))
     if scenario.collate != "default":
         from batchserve.bench.workload import collate_fn
 
@@ -64,10 +80,10 @@ def one_response(scenario: Scenario, policy):
     """What the policy answers one request (the null server's answer)."""
     import torch
 
-    from batchserve.bench.workload import interaction_context, make_observation, request
+    from batchserve.bench.workload import interaction_context, make_leaves, request
 
     with torch.no_grad(), interaction_context(scenario):
-        return policy(request(make_observation(scenario)).unsqueeze(0))[0].clone()
+        return policy(request(make_leaves(scenario)).unsqueeze(0))[0].clone()
 
 
 def slot_specs(scenario: Scenario, actors: int, policy):
@@ -77,8 +93,7 @@ def slot_specs(scenario: Scenario, actors: int, policy):
     import torch
     from tensordict import TensorDict
 
-    request = TensorDict({"observation": torch.zeros(
-        scenario.observation_shape, dtype=getattr(torch, scenario.observation_dtype))})
+    request = request_spec(scenario)
     with torch.no_grad():
         output = policy(request.unsqueeze(0).clone())
     response = TensorDict({
@@ -125,8 +140,8 @@ def make_server(system: str, model, transport, scenario: Scenario):
     if system == "batchserve":
         import batchserve
 
-        return batchserve.InferenceServer(model, transport, **server_kwargs(scenario))
+        return batchserve.InferenceServer(model, transport, **server_kwargs(scenario, system))
     require_torchrl("--vs torchrl")
     from torchrl.modules.inference_server import InferenceServer
 
-    return InferenceServer(model, transport, **server_kwargs(scenario))
+    return InferenceServer(model, transport, **server_kwargs(scenario, system))

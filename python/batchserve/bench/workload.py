@@ -22,13 +22,32 @@ from tensordict.nn import (
 from batchserve.bench.scenario import Scenario
 
 
+def make_leaf(shape, dtype: str) -> torch.Tensor:
+    """Random data of one request leaf: normal floats, or integers in [0, 255)."""
+    dt = getattr(torch, dtype)
+    if dt.is_floating_point:
+        return torch.randn(list(shape)).to(dt)
+    return torch.randint(0, 255, list(shape), dtype=dt)
+
+
+def leaf_specs(scenario: Scenario) -> list[tuple[str, list[int], str]]:
+    """(key, shape, dtype) of each leaf a request carries: "observation",
+    and "pixels" when the scenario has an image."""
+    specs = [("observation", list(scenario.observation_shape), scenario.observation_dtype)]
+    if scenario.image_shape is not None:
+        specs.append(("pixels", list(scenario.image_shape), scenario.image_dtype))
+    return specs
+
+
+def make_leaves(scenario: Scenario) -> dict[str, torch.Tensor]:
+    """One (unbatched) request's leaves, built once per actor and sent
+    with every request."""
+    return {key: make_leaf(shape, dtype) for key, shape, dtype in leaf_specs(scenario)}
+
+
 def make_observation(scenario: Scenario) -> torch.Tensor:
     """One (unbatched) observation of the scenario's shape and dtype."""
-    dtype = getattr(torch, scenario.observation_dtype)
-    shape = scenario.observation_shape
-    if dtype.is_floating_point:
-        return torch.randn(shape).to(dtype)
-    return torch.randint(0, 255, shape, dtype=dtype)
+    return make_leaf(scenario.observation_shape, scenario.observation_dtype)
 
 
 class ConvPolicy(nn.Module):
@@ -50,6 +69,29 @@ class ConvPolicy(nn.Module):
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         x = observation.float() / 255.0
         return self.head(self.features(x))
+
+
+class ObsConvPolicy(nn.Module):
+    """An observation vector and an image: the MLP's hidden features of
+    the one and the conv net's of the other, joined, into action logits."""
+
+    def __init__(self, scenario: Scenario):
+        super().__init__()
+        c, h, w = scenario.image_shape
+        self.pixels = ConvPolicy(c, h, w, scenario.actions).features
+        widths = [int(torch.Size(scenario.observation_shape).numel()), *scenario.hidden]
+        layers: list[nn.Module] = [nn.Flatten(start_dim=-len(scenario.observation_shape))]
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.observation = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.pixels(torch.zeros(1, c, h, w)).shape[1]
+        self.head = nn.Sequential(nn.Linear(flat + widths[-1], 256), nn.ReLU(),
+                                  nn.Linear(256, scenario.actions))
+
+    def forward(self, observation: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.pixels(pixels.float() / 255.0)
+        return self.head(torch.cat([features, self.observation(observation.float())], dim=-1))
 
 
 def _mlp(scenario: Scenario, outputs: int) -> nn.Sequential:
@@ -88,6 +130,10 @@ def make_policy(scenario: Scenario):
         )
     if scenario.model == "policy":
         return make_stochastic_policy(scenario)
+    if scenario.model == "obs_conv":
+        return TensorDictModule(
+            ObsConvPolicy(scenario), in_keys=["observation", "pixels"], out_keys=["action"]
+        )
     if scenario.model == "conv":
         c, h, w = scenario.observation_shape
         return TensorDictModule(
@@ -156,9 +202,9 @@ class RecordingModel:
         return self
 
 
-def request(observation: torch.Tensor) -> TensorDict:
-    """What an actor sends per step."""
-    return TensorDict({"observation": observation})
+def request(leaves: dict[str, torch.Tensor]) -> TensorDict:
+    """What an actor sends per step: a new TensorDict of its leaves."""
+    return TensorDict(dict(leaves))
 
 
 def interaction_context(scenario: Scenario):
