@@ -2,14 +2,14 @@
 // no Python in it; csrc/python/ is the one marshalling layer between the
 // two, and this file binds its classes.
 //
-// Ownership across the C++ boundary: a Request's `payload` and `future` are
-// owned references (PyObject*, incref'd when the request is made) and are
-// released, with the GIL held, by whoever ends the request: a Batch or Ticket
-// when it is resolved, or collect()/fail_pending() for requests that were
-// withdrawn or rejected. C++ never calls a Future: it hands a request's
-// Future to Python (python/batchserve/batching/native.py), which claims and
-// resolves it. A Completion's outcome is an owned reference handed from the
-// server to the caller. Every wait runs with the GIL released.
+// Ownership across the C++ boundary: a Request's `payload` is an owned
+// reference (PyObject*, incref'd when the request is made) released, with
+// the GIL held, by whoever ends the request: a Batch or Ticket when it is
+// resolved, or collect()/fail_pending() for requests that were withdrawn or
+// rejected. A Completion's outcome is an owned reference handed from the
+// server to the caller; a watched QueuedFuture is handed to Python to notify
+// (python/batchserve/batching/native.py). Every wait runs with the GIL
+// released.
 //
 // The fast path (requests of one fixed schema): the caller matches its
 // TensorDict against the schema and the request carries its leaves
@@ -86,8 +86,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rows_callers", &Batch::rows_callers)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
            py::arg("leaf_bytes"), py::arg("capacity"))
-      .def_property_readonly("futures", &Batch::futures)
-      .def("withdraw", &Batch::withdraw, py::arg("positions"))
       .def("resolve", &Batch::resolve, py::arg("results"))
       .def_property_readonly("rows_in_slots", &Batch::rows_in_slots)
       .def("scatter_rows", &Batch::scatter_rows, py::arg("keys"), py::arg("columns"))
@@ -116,8 +114,6 @@ PYBIND11_MODULE(_core, m) {
   py::class_<bindings::RequestQueue>(m, "RequestQueue")
       .def(py::init<size_t>(), py::arg("capacity"))
       .def("call", &bindings::RequestQueue::call, py::arg("item"), py::arg("timeout") = py::none())
-      .def("submit", &bindings::RequestQueue::submit, py::arg("item"), py::arg("future"),
-           py::arg("block") = true, py::arg("timeout") = py::none())
       .def("submit_pending", &bindings::RequestQueue::submit_pending, py::arg("item"),
            py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))

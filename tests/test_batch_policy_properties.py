@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 
 from batchserve import _core
 from batchserve.batching import native
+from batchserve.transports.queued_future import QueuedFuture
 
 _settings = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -29,9 +29,7 @@ def test_batches_are_fifo_complete_and_within_bounds(queued, max_batch_size, min
     when the queue ran dry (its deadline has long passed here)."""
     queue = _core.RequestQueue(256)
     queue.configure(max_batch_size, min_batch_size, 0.0)
-    futures = [Future() for _ in range(queued)]
-    for i, f in enumerate(futures):
-        queue.submit(i, f)
+    futures = [QueuedFuture(queue.submit_pending(i)) for i in range(queued)]
     seen = []
     while True:
         batch = native.collect(queue)
@@ -62,8 +60,7 @@ def test_withdrawn_requests_are_never_batched(sizes, max_batch_size):
     next_id = 0
     for n in sizes:
         for _ in range(n):
-            future = Future()
-            queue.submit(next_id, future)
+            queue.submit_pending(next_id)  # a submitted request (its future dropped)
             expected.append(next_id)
             next_id += 1
         # A blocking caller that gives up at once (timeout 0) is withdrawn.
@@ -132,7 +129,7 @@ def _run_schedule(gaps_s, max_batch_size, min_batch_size, timeout_s, forward_s, 
     n = len(gaps_s)
     queue = _core.RequestQueue(capacity)
     queue.configure(max_batch_size, min_batch_size, timeout_s)
-    futures = [Future() for _ in range(n)]
+    futures = [None] * n
     pushed_ns = [None] * n
     collects: list[_Collect] = []
     all_dispatched = threading.Event()
@@ -144,7 +141,7 @@ def _run_schedule(gaps_s, max_batch_size, min_batch_size, timeout_s, forward_s, 
             for i, gap in enumerate(gaps_s):
                 if gap > 0:
                     time.sleep(gap)  # shapes the arrival schedule
-                queue.submit(i, futures[i])
+                futures[i] = QueuedFuture(queue.submit_pending(i))
                 pushed_ns[i] = _core.monotonic_ns()
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)

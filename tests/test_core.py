@@ -1,18 +1,18 @@
 """The bindings of the C++ core (batchserve._core) used directly, with the
-Python layer that claims and resolves their Futures (batchserve.batching.
-native): reference ownership across the boundary and the exactly-once rule
-for a batch."""
+Python layer that notifies the QueuedFutures of their requests
+(batchserve.batching.native): reference ownership across the boundary and
+the exactly-once rule for a batch."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from concurrent.futures import Future
 
 import pytest
 
 from batchserve import _core
 from batchserve.batching import native
+from batchserve.transports.queued_future import QueuedFuture
 
 
 def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
@@ -21,14 +21,17 @@ def make_queue(max_batch_size=8, min_batch_size=1, timeout=0.01, capacity=16):
     return queue
 
 
+def submit(queue, payload) -> QueuedFuture:
+    """What ThreadingTransport.submit does: the request's future."""
+    return QueuedFuture(queue.submit_pending(payload))
+
+
 def submit_payloads(queue, n):
-    """Submits n plain objects with their Futures; returns them and their
+    """Submits n plain objects; returns them, their futures and their
     reference counts before submission."""
     payloads = [object() for _ in range(n)]
-    futures = [Future() for _ in range(n)]
     before = [sys.getrefcount(p) for p in payloads]
-    for payload, future in zip(payloads, futures):
-        queue.submit(payload, future)
+    futures = [submit(queue, payload) for payload in payloads]
     return payloads, futures, before
 
 
@@ -49,17 +52,15 @@ def test_a_batch_ends_each_request_once_even_when_failed_concurrently():
     fail() of the same batch must not end those requests again."""
     queue = make_queue()
     payloads = [object() for _ in range(3)]
-    futures = [Future() for _ in range(3)]
     in_callback, leave_callback = threading.Event(), threading.Event()
 
     def slow_callback(_):
         in_callback.set()
         leave_callback.wait(10)
 
-    futures[0].add_done_callback(slow_callback)
     before = [sys.getrefcount(p) for p in payloads]
-    for i in range(3):
-        queue.submit(payloads[i], futures[i])
+    futures = [submit(queue, p) for p in payloads]
+    futures[0].add_done_callback(slow_callback)
     batch = native.collect(queue)
     worker = threading.Thread(target=batch.fail_some, args=([0], ValueError("bad input")))
     worker.start()
@@ -76,8 +77,7 @@ def test_a_batch_ends_each_request_once_even_when_failed_concurrently():
 
 def test_dropped_batch_fails_its_requests():
     queue = make_queue()
-    future = Future()
-    queue.submit(object(), future)
+    future = submit(queue, object())
     batch = native.collect(queue)
     del batch
     with pytest.raises(RuntimeError, match="dropped"):
@@ -137,17 +137,15 @@ def test_withdrawn_request_releases_its_payload():
 
 def test_fail_pending_and_closed_queue():
     queue = make_queue()
-    futures = [Future() for _ in range(3)]
-    for f in futures:
-        queue.submit(object(), f)
+    futures = [submit(queue, object()) for _ in range(3)]
     queue.close()
     assert queue.closed
     with pytest.raises(_core.ServerClosedError):
-        queue.submit(object(), Future())
+        submit(queue, object())
     assert native.fail_pending(queue, RuntimeError("closed")) == 3
-    assert all(isinstance(f.exception(), RuntimeError) for f in futures)
+    assert all(isinstance(f.exception(timeout=0), RuntimeError) for f in futures)
     queue.reopen()
-    queue.submit(object(), Future())
+    submit(queue, object())
     assert len(queue) == 1
 
 
@@ -157,7 +155,7 @@ def test_a_cancelled_future_is_withdrawn_and_releases_its_payload():
     assert futures[1].cancel()
     batch = native.collect(queue)
     assert batch.items == [payloads[0], payloads[2]]
-    assert futures[0].running() and futures[2].running()  # claimed
+    assert not futures[0].cancel() and not futures[2].cancel()  # taken: too late
     batch.resolve(["a", "c"])
     assert [futures[0].result(timeout=0), futures[2].result(timeout=0)] == ["a", "c"]
     del batch
@@ -166,25 +164,23 @@ def test_a_cancelled_future_is_withdrawn_and_releases_its_payload():
 
 def test_a_batch_of_cancelled_futures_only_is_no_batch():
     queue = make_queue()
-    future = Future()
-    queue.submit(object(), future)
+    future = submit(queue, object())
     assert future.cancel()
     assert native.collect(queue) is None
     assert len(queue) == 0
 
 
 def test_a_callback_raising_systemexit_does_not_keep_others_waiting():
-    """Futures are resolved in Python after the batch gave them up: one
-    callback's BaseException must not leave the later callers unanswered."""
+    """Watched futures are notified in Python after the batch gave them up:
+    one callback's BaseException must not leave the later callers
+    unanswered."""
     queue = make_queue()
-    futures = [Future() for _ in range(3)]
+    futures = [submit(queue, i) for i in range(3)]
 
     def exiting_callback(_):
         raise SystemExit("from a callback")
 
     futures[0].add_done_callback(exiting_callback)
-    for i, f in enumerate(futures):
-        queue.submit(i, f)
     batch = native.collect(queue)
     with pytest.raises(SystemExit):
         batch.resolve(["r0", "r1", "r2"])
@@ -192,15 +188,14 @@ def test_a_callback_raising_systemexit_does_not_keep_others_waiting():
     assert len(batch) == 0
 
 
-def test_drain_claims_futures_and_drops_the_cancelled():
+def test_drain_drops_the_cancelled_and_hands_out_tickets():
     from batchserve import ThreadingTransport
 
     transport = ThreadingTransport()
     kept, cancelled = transport.submit("kept"), transport.submit("cancelled")
     assert cancelled.cancel()
     items, callbacks = transport.drain(8)
-    assert items == ["kept"] and len(callbacks) == 1  # the future's request's ticket
-    assert kept.running()  # claimed: its caller can no longer cancel it
-    assert not kept.cancel()
+    assert items == ["kept"] and type(callbacks[0]) is _core.Ticket
+    assert not kept.cancel()  # taken: its caller can no longer cancel it
     transport.resolve(callbacks[0], "done")
     assert kept.result(timeout=0) == "done"

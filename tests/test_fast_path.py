@@ -597,17 +597,15 @@ def test_cuda_results_survive_later_batches():
 
 def core_batch(n: int):
     """A C++ queue with a one-leaf schema (float32[2]) and a batch of `n`
-    Future requests, request i full of i: (schema id, futures, batch)."""
-    from concurrent.futures import Future
-
+    submitted requests, request i full of i: (schema id, futures, batch)."""
     from batchserve import _core
     from batchserve.batching import native
+    from batchserve.transports.queued_future import QueuedFuture
 
     queue = _core.RequestQueue(8)
     schema_id = queue.set_schema(["x"], [torch.float32], [torch.Size([2])], [8])
-    futures = [Future() for _ in range(n)]
-    for i, f in enumerate(futures):
-        queue.submit(TensorDict({"x": torch.full((2,), float(i))}), f)
+    futures = [QueuedFuture(queue.submit_pending(TensorDict({"x": torch.full((2,), float(i))})))
+               for i in range(n)]
     return schema_id, futures, native.collect(queue)
 
 

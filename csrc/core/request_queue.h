@@ -42,7 +42,6 @@ class RequestIntake;
 
 struct Request {
   void* payload = nullptr;           // the caller's input (opaque)
-  void* future = nullptr;            // a Future to resolve, or null (opaque)
   Completion* completion = nullptr;  // a blocking caller's slot, or null
   int64_t submit_ns = 0;             // arrival, monotonic_ns()
   const RowSource* rows = nullptr;   // fast path: the request's fixed-schema

@@ -29,15 +29,14 @@ namespace py = pybind11;
 // forward over the staging columns); the others (`requests_`) take the
 // general path (items, collate_fn, resolve).
 //
-// Requests whose callers wait in C++ (a blocking call's Completion, a
-// shared-memory slot) are ended here. Requests a Future resolves are ended
-// by Python (python/batchserve/batching/native.py: NativeBatch): each
-// method that ends requests returns their Futures, and futures() and
-// withdraw() let Python claim them first (a cancelled one is dropped).
+// Requests are ended here: their callers wait in C++ (a blocking call's or
+// a QueuedFuture's Completion, a shared-memory slot). Each method that ends
+// requests returns the watched QueuedFutures among them, for Python to
+// notify (python/batchserve/batching/native.py: NativeBatch).
 //
 // Every method that ends requests first takes them out of the batch (plain
-// C++, no Python call), then settles them. Python then resolves their
-// Futures, running callbacks, during which another thread may take the GIL
+// C++, no Python call), then settles them. Python then notifies those
+// futures, running callbacks, during which another thread may take the GIL
 // and call into the same batch, e.g. a shutdown failing the batch of a
 // worker that overran its timeout: it then finds only requests nobody has
 // taken yet.
@@ -61,8 +60,8 @@ class Batch {
   Batch(const Batch&) = delete;
   Batch& operator=(const Batch&) = delete;
 
-  // What is still here is failed, Futures included (NativeBatch fails what
-  // is left before it drops the batch: this is the last resort).
+  // What is still here is failed (NativeBatch fails what is left before it
+  // drops the batch: this is the last resort).
   ~Batch() {
     if (!requests_.empty() || !rows_.empty()) {
       PyObject* err = new_runtime_error("batchserve: a batch was dropped before it was resolved");
@@ -85,51 +84,6 @@ class Batch {
                    : py::reinterpret_borrow<py::object>(static_cast<PyObject*>(r.payload));
     }
     return out;
-  }
-
-  // (position, future) for each request a Future resolves, counting the
-  // fast path's rows first, then the general path's requests: for Python
-  // to claim (Future.set_running_or_notify_cancel) before serving.
-  py::list futures() const {
-    py::list out;
-    Py_ssize_t position = 0;
-    for (const std::vector<Request>* part : {&rows_, &requests_})
-      for (const Request& r : *part) {
-        if (r.future != nullptr) out.append(py::make_tuple(position, future_of(r)));
-        ++position;
-      }
-    return out;
-  }
-
-  // Drops the requests at `positions` (as in futures()) whose Futures were
-  // cancelled: a general request leaves the batch; a row, already in
-  // staging, stays but loses its Future (its result then goes nowhere).
-  void withdraw(const std::vector<size_t>& positions) {
-    const size_t first = rows_.size();
-    for (size_t p : positions) {
-      if (p >= first + requests_.size()) throw std::out_of_range("withdraw: position");
-      if ((p < first ? rows_[p] : requests_[p - first]).future == nullptr)
-        throw std::invalid_argument("withdraw: no Future at that position");
-    }
-    std::vector<bool> drop(requests_.size(), false);
-    for (size_t p : positions) {
-      if (p >= first) {
-        drop[p - first] = true;
-      } else if (rows_[p].future != nullptr) {
-        Py_DECREF(static_cast<PyObject*>(rows_[p].future));
-        rows_[p].future = nullptr;
-      }
-    }
-    std::vector<Request> kept;
-    kept.reserve(requests_.size());
-    for (size_t i = 0; i < requests_.size(); ++i) {
-      if (drop[i]) {
-        discard(requests_[i]);
-      } else {
-        kept.push_back(requests_[i]);
-      }
-    }
-    requests_.swap(kept);
   }
 
   // The non-tensor metadata of the fast path's requests, in row order: per
@@ -208,8 +162,8 @@ class Batch {
   uintptr_t prefetched_into() const { return prefetched_into_; }
 
   // General path: results has one entry per request, in request order.
-  // Returns (i, future) for each request a Future resolves, for Python to
-  // set results[i] on (so does resolve_rows_with).
+  // Returns (i, future) for each watched QueuedFuture, for Python to notify
+  // with results[i] (so does resolve_rows_with).
   py::list resolve(const py::sequence& results) {
     return resolve_each(requests_, results, "resolve");
   }
@@ -255,7 +209,7 @@ class Batch {
   }
 
   // Ends every request still in the batch, on both paths. Returns the
-  // Futures of those a Future resolves, for Python to fail with `exc` (so do
+  // watched QueuedFutures among them, for Python to fail with `exc` (so do
   // fail_rows and fail_some).
   py::list fail(const py::object& exc) {
     PyObject* outcome = exc.ptr();
@@ -346,14 +300,9 @@ class Batch {
     wake_and_release(to_wake);
   }
 
-  static py::object future_of(const Request& r) {
-    return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(r.future));
-  }
-
   // GIL held. Ends each request of `requests` (owned by the caller, no
-  // longer reachable from the batch) with outcome_of(i), but for those a
-  // Future resolves: returns their Futures, and the QueuedFutures to notify,
-  // as (i, future) when `indexed`.
+  // longer reachable from the batch) with outcome_of(i); returns the watched
+  // QueuedFutures to notify, as (i, future) when `indexed`.
   template <typename OutcomeOf>
   static py::list settle(std::vector<Request> requests, OutcomeOf&& outcome_of, bool is_error,
                          DeferredWakes* deferred = nullptr, bool indexed = false) {
@@ -362,11 +311,7 @@ class Batch {
     to_wake.reserve(requests.size());
     for (size_t i = 0; i < requests.size(); ++i) {
       const Py_ssize_t index = indexed ? static_cast<Py_ssize_t>(i) : -1;
-      if (requests[i].future != nullptr) {
-        hand_over_future(requests[i], futures.ptr(), index);
-      } else {
-        bindings::settle(requests[i], outcome_of(i), is_error, to_wake, futures.ptr(), index);
-      }
+      bindings::settle(requests[i], outcome_of(i), is_error, to_wake, futures.ptr(), index);
       release_python_refs(requests[i]);
     }
     wake(to_wake, deferred);
@@ -381,9 +326,9 @@ class Batch {
 };
 
 // The handle of a request handed out by drain() (the transport protocol
-// path) whose caller is not waiting on a Future (a blocking in-process call,
-// a shared-memory slot): it quacks like the Future it replaces. (drain()
-// hands out a Future itself, for Python to claim and resolve.)
+// path): it quacks like the Future torchrl's transports hand out, and ends
+// the request as Batch does (a blocking call's or a QueuedFuture's
+// Completion, a shared-memory slot).
 class Ticket {
  public:
   explicit Ticket(const Request& request) : request_(request), slots_(keep_slot_server(request)) {}

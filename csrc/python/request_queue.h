@@ -46,16 +46,14 @@ inline uint32_t this_caller() {
 class RequestQueue {
  public:
   explicit RequestQueue(size_t capacity) : collector_(capacity) {}
-  // GIL held (Python frees the queue). Requests still here whose callers
-  // wait in C++ end with an error rather than never (a QueuedFuture's
-  // callbacks run); a Future still here gets no outcome (its transport fails what is queued first:
-  // see python/batchserve/transports/threading.py).
+  // GIL held (Python frees the queue). Requests still here end with an
+  // error rather than never (a QueuedFuture's callbacks run).
   ~RequestQueue() {
     try {
       auto err = py::reinterpret_steal<py::object>(
           new_runtime_error("batchserve: the request queue was destroyed"));
       const py::tuple failed = fail_pending(err);
-      fail_futures_now(failed[2].cast<py::list>(), err.ptr());  // the QueuedFutures to notify
+      fail_futures_now(failed[1].cast<py::list>(), err.ptr());  // the QueuedFutures to notify
     } catch (...) {  // a destructor must not throw; Python reports none here
       PyErr_Clear();
     }
@@ -111,8 +109,7 @@ class RequestQueue {
     OwnedRows rows = match(item.ptr(), false);
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
-    const Request request{item.ptr(), nullptr, completion, submit_ns,
-                          rows.get(), nullptr, 0,          this_caller()};
+    const Request request{item.ptr(), completion, submit_ns, rows.get(), nullptr, 0, this_caller()};
     Py_INCREF(item.ptr());
     // Push and first wait in one GIL-free stretch: a caller that took the
     // GIL back in between would hold it just when the server wakes up for
@@ -175,18 +172,6 @@ class RequestQueue {
     return outcome;
   }
 
-  // Enqueues a request resolved through `future` (a concurrent Future).
-  // block=False raises QueueFull at once when the queue is full.
-  void submit(const py::object& item, const py::object& future, bool block,
-              std::optional<double> timeout_s) {
-    const int64_t deadline = block ? deadline_from(timeout_s) : 0;
-    OwnedRows rows = match(item.ptr(), true);
-    const Request request{item.ptr(), future.ptr(), nullptr, monotonic_ns(),
-                          rows.get(), nullptr,      0,       this_caller()};
-    Py_INCREF(future.ptr());
-    push_submitted(request, deadline, rows, [&] { Py_DECREF(future.ptr()); });
-  }
-
   // Enqueues a request whose caller waits on the returned PendingResult
   // (python/batchserve/transports/queued_future.py wraps it in a Future):
   // ended in C++ as a blocking call's is. block=False raises QueueFull at
@@ -197,8 +182,8 @@ class RequestQueue {
     OwnedRows rows = match(item.ptr(), true);
     auto* completion = new Completion();
     auto pending = std::make_unique<PendingResult>(completion);  // the caller's reference
-    const Request request{item.ptr(), nullptr, completion, monotonic_ns(),
-                          rows.get(), nullptr, 0,          this_caller()};
+    const Request request{item.ptr(), completion, monotonic_ns(), rows.get(),
+                          nullptr,    0,          this_caller()};
     push_submitted(request, deadline, rows, [&] {
       completion->give_up();  // kWithdrawn: the pending result holds nothing
       completion->release();  // the request's reference: it never left
@@ -256,10 +241,7 @@ class RequestQueue {
   bool schema_strict() const { return schema_ && schema_->strict; }
 
   // Transport protocol: up to max_items requests, without waiting, as
-  // (items, handles, submitted_at). A request a Future resolves is handed
-  // out with its Future, unclaimed: Python claims it (a cancelled one is
-  // dropped there: python/batchserve/batching/native.py); the others get a
-  // Ticket.
+  // (items, tickets, submitted_at): each request's Ticket ends it.
   py::tuple drain(size_t max_items) {
     std::vector<Request> popped;
     std::vector<Request> unused;
@@ -273,14 +255,10 @@ class RequestQueue {
         items.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.payload)));
         free_rows(r.rows);  // the protocol path hands out the TensorDict itself
       }
-      if (r.completion != nullptr || r.intake != nullptr) {
-        Request bare = r;  // its references were handed out above
-        bare.payload = nullptr;
-        bare.rows = nullptr;
-        handles.append(py::cast(new Ticket(bare), py::return_value_policy::take_ownership));
-      } else {
-        handles.append(py::reinterpret_steal<py::object>(static_cast<PyObject*>(r.future)));
-      }
+      Request bare = r;  // its references were handed out above
+      bare.payload = nullptr;
+      bare.rows = nullptr;
+      handles.append(py::cast(new Ticket(bare), py::return_value_policy::take_ownership));
       submitted_at.append(static_cast<double>(r.submit_ns) * 1e-9);
     }
     return py::make_tuple(items, handles, submitted_at);
@@ -318,8 +296,7 @@ class RequestQueue {
   // The server's batch (csrc/core/collector.h): the C++ batching policy, run
   // without the GIL, going on from what a prefetch took (those rows are
   // already in staging). Here only the Python side: wake the callers left
-  // from the last batch, build the Batch (whose Futures Python claims:
-  // Batch::futures).
+  // from the last batch, build the Batch.
   std::unique_ptr<Batch> collect() {
     std::vector<Wake> to_wake = deferred_->take();
     std::vector<Request> carried = collector_.take_carried();
@@ -339,22 +316,17 @@ class RequestQueue {
                                    deferred_, collected.prefetched_into, slots_);
   }
 
-  // Takes every queued request (and any a prefetch took): ends those whose
-  // callers wait in C++ with `exc`, and hands over the others' Futures, for
-  // Python to claim and fail. Returns (how many it ended, the Futures, the
-  // QueuedFutures among the ended to notify).
+  // Takes every queued request (and any a prefetch took) and ends it with
+  // `exc`. Returns (how many it ended, the QueuedFutures among them to
+  // notify).
   py::tuple fail_pending(const py::object& exc) {
     flush(*deferred_);
     size_t total = 0;
-    py::list futures, to_notify;
+    py::list to_notify;
     std::vector<Wake> to_wake;
     auto fail = [&](const Request& r) {
-      if (r.future != nullptr) {
-        hand_over_future(r, futures.ptr());
-      } else {
-        settle(r, exc.ptr(), true, to_wake, to_notify.ptr());
-        ++total;
-      }
+      settle(r, exc.ptr(), true, to_wake, to_notify.ptr());
+      ++total;
       release_python_refs(r);
     };
     Prefetcher::Taken taken;
@@ -373,7 +345,7 @@ class RequestQueue {
       pending.clear();
       wake_and_release(to_wake);
     }
-    return py::make_tuple(total, futures, to_notify);
+    return py::make_tuple(total, to_notify);
   }
 
   // Wakes the callers whose results are published (see DeferredWakes) now

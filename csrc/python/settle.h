@@ -1,7 +1,7 @@
 // Ending a request on the Python side: its outcome to its caller (a
-// blocking caller's Completion, a shared-memory slot) or its Future to
-// Python, the wake-ups that follow (csrc/core/wake_batching.h: woken without
-// the GIL), and the references a request holds.
+// blocking caller's or a QueuedFuture's Completion, a shared-memory slot),
+// the watched QueuedFutures to Python, the wake-ups that follow (csrc/core/wake_batching.h: woken
+// without the GIL), and the references a request holds.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -23,7 +23,6 @@ namespace py = pybind11;
 // GIL held. Releases what a request owns on the Python side.
 inline void release_python_refs(const Request& r) {
   Py_XDECREF(static_cast<PyObject*>(r.payload));
-  Py_XDECREF(static_cast<PyObject*>(r.future));
   if (r.intake == nullptr) free_rows(r.rows);  // a slot's rows are the intake's
 }
 
@@ -52,9 +51,8 @@ inline void drop_watcher(Completion* completion) {
 // result or an exception). Callers that must be woken are appended to
 // `to_wake` (a completion's reference is released after the wake-up,
 // outside the GIL). A QueuedFuture that has done callbacks or waiters (its
-// completion's watcher) is appended to `futures` as hand_over_future does,
-// for Python to notify with the same outcome. A request a Future resolves
-// is not ended here: see hand_over_future.
+// completion's watcher) is appended to `futures` (as (index, future) when
+// `index` is given), for Python to notify with the same outcome.
 inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake,
                    PyObject* futures, Py_ssize_t index = -1) {
   if (r.intake != nullptr) {
@@ -76,8 +74,8 @@ inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vect
   }
 }
 
-// GIL held, in a destructor: ends each future of `futures` (as settle and
-// hand_over_future list them) with `exc`, as Python would have; errors
+// GIL held, in a destructor: ends each future of `futures` (as settle
+// lists them) with `exc`, as Python would have; errors
 // (a future already resolved, a callback's BaseException) are dropped.
 inline void fail_futures_now(const py::list& futures, PyObject* exc) {
   for (const py::handle entry : futures) {
@@ -86,15 +84,6 @@ inline void fail_futures_now(const py::list& futures, PyObject* exc) {
     if (done == nullptr) PyErr_Clear();
     Py_XDECREF(done);
   }
-}
-
-// GIL held. Hands the Future of request `r` to Python, which resolves it
-// (python/batchserve/batching/native.py): appends it to the list `futures`,
-// as the pair (index, future) when `index` is given. C++ never calls a
-// Future.
-inline void hand_over_future(const Request& r, PyObject* futures, Py_ssize_t index = -1) {
-  Py_INCREF(static_cast<PyObject*>(r.future));
-  append_future(futures, static_cast<PyObject*>(r.future), index);
 }
 
 // GIL held on entry and exit; wakes callers without it (see

@@ -46,17 +46,15 @@ TEST(RequestQueue, PushPopFifo) {
 
 TEST(RequestQueue, RequestFieldsSurvive) {
   RequestQueue q(2);
-  int payload = 0, future = 0;
+  int payload = 0;
   Request in;
   in.payload = &payload;
-  in.future = &future;
   in.completion = nullptr;
   in.submit_ns = 123456789;
   ASSERT_EQ(q.push(in, 0), PushResult::kOk);
   Request out;
   ASSERT_TRUE(q.try_pop(out));
   EXPECT_EQ(out.payload, &payload);
-  EXPECT_EQ(out.future, &future);
   EXPECT_EQ(out.completion, nullptr);
   EXPECT_EQ(out.submit_ns, 123456789);
 }

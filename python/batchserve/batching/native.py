@@ -1,29 +1,24 @@
-"""Batches from the C++ request queue, and the Futures of their requests.
+"""Batches from the C++ request queue.
 
-The C++ core ends the requests whose callers wait in C++ (a blocking
-``client(td)`` on its futex, a shared-memory slot). A request submitted with
-a ``concurrent.futures.Future`` is Python's to end: C++ never calls a
-Future. Every ``_core.Batch`` method that ends requests takes them out of
-the batch first, then hands back the Futures among them (as ``(i, future)``
-pairs where each request has its own result ``i``), and they are resolved
-here. A shutdown failing the batch meanwhile (another thread, while a Future
-callback runs) therefore finds only requests nobody has taken.
+The C++ core ends every request: its caller waits in C++ (a blocking
+``client(td)`` or a ``QueuedFuture`` on its completion's futex, a
+shared-memory slot). A ``QueuedFuture`` with done callbacks or waiters is
+also notified in Python: every ``_core.Batch`` method that ends requests
+takes them out of the batch first, then hands back those futures (as
+``(i, future)`` pairs where each request has its own result ``i``), and they
+are notified here. A shutdown failing the batch meanwhile (another thread,
+while a callback runs) therefore finds only requests nobody has taken.
 
-* :func:`collect` takes the server's next batch and claims its Futures
-  (``set_running_or_notify_cancel``, as executors do): a cancelled request
-  is withdrawn unserved.
+* :func:`collect` takes the server's next batch.
 * :class:`NativeBatch` is that batch as the server loop sees it; it builds
   the fast path's per-row results on the server thread.
-* :func:`fail_pending` and :func:`claim_drained` do the same for what is
-  still queued and for torchrl's ``drain`` protocol.
+* :func:`fail_pending` does the same for what is still queued.
 """
 
 from __future__ import annotations
 
 import torch
 from tensordict import TensorDict
-
-from batchserve import _core
 
 _EMPTY = torch.Size([])
 
@@ -70,14 +65,6 @@ def row_results(keys, views: list, device: torch.device | None) -> list:
     return results
 
 
-def _claim(future) -> bool:
-    """Whether ``future`` is still wanted; marks it running if so."""
-    try:
-        return future.set_running_or_notify_cancel()
-    except Exception:  # already running or resolved: not this server's to serve
-        return False
-
-
 def _end(outcomes) -> None:
     """Calls each ``set_outcome(outcome)`` of ``outcomes``. A Future resolved
     or cancelled elsewhere is skipped (its caller has left); a callback that
@@ -109,47 +96,23 @@ def _set_exception(futures: list, exc: BaseException) -> None:
 
 def collect(queue):
     """The server's next batch from ``queue`` (a ``_core.RequestQueue``) as
-    a :class:`NativeBatch`, its Futures claimed; None when nothing came (or
-    only requests whose callers cancelled)."""
+    a :class:`NativeBatch`; None when nothing came (or only requests whose
+    callers withdrew them)."""
     batch = queue.collect()
-    if batch is None:
-        return None
-    futures = batch.futures
-    if futures:
-        cancelled = [position for position, future in futures if not _claim(future)]
-        if cancelled:
-            batch.withdraw(cancelled)
-            if not len(batch):
-                return None
-    return NativeBatch(batch)
+    return None if batch is None else NativeBatch(batch)
 
 
 def fail_pending(queue, exc: BaseException) -> int:
     """Ends every request still queued in ``queue`` (or taken by a prefetch)
-    with ``exc``; returns how many (cancelled Futures not counted)."""
-    failed, futures, ended = queue.fail_pending(exc)
-    claimed = [future for future in futures if _claim(future)]
-    _set_exception(claimed + ended, exc)  # `ended`: QueuedFutures to notify
-    return failed + len(claimed)
-
-
-def claim_drained(drained: tuple) -> tuple:
-    """``RequestQueue.drain``'s ``(items, callbacks, submitted_at)`` with its
-    Futures claimed and the cancelled ones' requests left out (the other
-    callbacks are ``_core.Ticket``s)."""
-    items, callbacks, submitted_at = drained
-    keep = [
-        i for i, callback in enumerate(callbacks)
-        if type(callback) is _core.Ticket or _claim(callback)
-    ]
-    if len(keep) == len(callbacks):
-        return items, callbacks, submitted_at
-    return [items[i] for i in keep], [callbacks[i] for i in keep], [submitted_at[i] for i in keep]
+    with ``exc``; returns how many."""
+    failed, ended = queue.fail_pending(exc)
+    _set_exception(ended, exc)  # the watched QueuedFutures among them
+    return failed
 
 
 class NativeBatch:
-    """A ``_core.Batch`` (requests the server took together), whose Futures
-    are resolved here.
+    """A ``_core.Batch`` (requests the server took together), whose watched
+    ``QueuedFuture``s are notified here.
 
     Its fast-path rows were gathered into staging by ``gather`` (see
     ``batchserve.batching.fast_path``); the other requests (``items``) take

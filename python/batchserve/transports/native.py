@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from batchserve.batching.collate import INTERACTION_TYPE_KEY
 from batchserve.batching.fast_path import RequestSchema
-from batchserve.batching.native import claim_drained
 from batchserve.transports.base import InferenceTransport
 
 
@@ -64,13 +63,13 @@ class NativeTransport(InferenceTransport):
 
     def drain(self, max_items: int) -> tuple[list, list]:
         """Dequeue up to ``max_items`` pending requests without waiting (a
-        request whose Future was cancelled is dropped)."""
-        items, callbacks, _ = claim_drained(self._queue.drain(max_items))
+        request its caller withdrew is dropped)."""
+        items, callbacks, _ = self._queue.drain(max_items)
         return self.request_items(items), callbacks
 
     def drain_with_timing(self, max_items: int) -> tuple[list, list, list]:
         """Like :meth:`drain`, plus ``time.monotonic()`` submission times."""
-        items, callbacks, submitted_at = claim_drained(self._queue.drain(max_items))
+        items, callbacks, submitted_at = self._queue.drain(max_items)
         return self.request_items(items), callbacks, submitted_at
 
     def wait_for_work(self, timeout: float) -> None:
