@@ -74,7 +74,7 @@ def overhead_us(rows: dict) -> dict[str, float]:
     return {
         system: row["latency_us"]["p50"] - bare["latency_us"]["p50"]
         for (system, actors), row in sorted(rows.items())
-        if system != "bare" and actors == 1
+        if system not in ("bare", "null") and actors == 1  # null: no model, no overhead
     }
 
 
