@@ -473,21 +473,16 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.timeout(300)
-def test_a_tiny_policy_run_reports_the_fast_path_fraction(tmp_path, capsys):
-    """benchmarks/policy through the CLI, one actor, a few requests,
-    batchserve only: every row carries the fast path's share, a number in
-    [0, 1] for batchserve (None for the bare call), in the JSON and as the
-    table's "fast %" column."""
-    pytest.importorskip("torchrl")
+def run_tiny_policy(tmp_path, capsys, *args):
+    """benchmarks/policy through the CLI, 40 requests, batchserve only (plus
+    ``args``): asserts it exits 0 and its JSON fits the schema; returns what
+    it printed and the JSON."""
     out = tmp_path / "policy.json"
     with pytest.raises(SystemExit) as exit_:
-        cli.main([os.path.join(ROOT, "benchmarks", "policy"), "--num-actors", "1",
-                  "--requests", "40", "--warmup", "0", "--rounds", "1", "--no-progress",
-                  "--json", str(out)])
+        cli.main([os.path.join(ROOT, "benchmarks", "policy"), "--requests", "40",
+                  "--warmup", "0", "--rounds", "1", "--no-progress", "--json", str(out), *args])
     printed = capsys.readouterr()
     assert exit_.value.code == 0, printed.err
-    assert "fast %" in printed.out
     document = json.loads(out.read_text())
     try:
         import jsonschema
@@ -496,6 +491,18 @@ def test_a_tiny_policy_run_reports_the_fast_path_fraction(tmp_path, capsys):
     if jsonschema is not None:
         with open(report.SCHEMA_PATH) as f:
             jsonschema.validate(document, json.load(f))
+    return printed, document
+
+
+@pytest.mark.timeout(300)
+def test_a_tiny_policy_run_reports_the_fast_path_fraction(tmp_path, capsys):
+    """benchmarks/policy through the CLI, one actor, a few requests,
+    batchserve only: every row carries the fast path's share, a number in
+    [0, 1] for batchserve (None for the bare call), in the JSON and as the
+    table's "fast %" column."""
+    pytest.importorskip("torchrl")
+    printed, document = run_tiny_policy(tmp_path, capsys, "--num-actors", "1")
+    assert "fast %" in printed.out
     (result,) = document["scenarios"]
     assert result["scenario"]["client"] == "policy_client"
     rows = {r["system"]: r for r in result["results"]}
@@ -518,22 +525,8 @@ def test_the_null_server_gives_the_actors_limit(tmp_path, capsys):
     row holds the model's forward at the actors' batch, and the report
     gives the limit and each server's share of it."""
     pytest.importorskip("torchrl")
-    out = tmp_path / "limit.json"
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([os.path.join(ROOT, "benchmarks", "policy"), "--num-actors", "2",
-                  "--requests", "40", "--warmup", "0", "--rounds", "1", "--no-progress",
-                  "--limit", "--json", str(out)])
-    printed = capsys.readouterr()
-    assert exit_.value.code == 0, printed.err
+    printed, document = run_tiny_policy(tmp_path, capsys, "--num-actors", "2", "--limit")
     assert "of limit" in printed.out and "limit at 2 actors" in printed.out
-    document = json.loads(out.read_text())
-    try:
-        import jsonschema
-    except ImportError:
-        jsonschema = None
-    if jsonschema is not None:
-        with open(report.SCHEMA_PATH) as f:
-            jsonschema.validate(document, json.load(f))
     (result,) = document["scenarios"]
     rows = {r["system"]: r for r in result["results"]}
     assert set(rows) == {"bare", "batchserve", "null"}
