@@ -390,7 +390,7 @@ def test_flags_override_scenario_fields(tmp_path):
 
 def test_an_image_workload_carries_both_leaves_through_the_fast_path(tmp_path):
     """--image adds a "pixels" leaf beside the observation; the obs_conv
-    model reads both; every request takes the fast path."""
+    model reads both; the requests take the fast path."""
     path = tmp_path / "image.toml"
     path.write_text('actor_counts = [2]\nobservation = { shape = [8], dtype = "float32" }\n'
                     'image = { shape = [3, 36, 36], dtype = "uint8" }\nmodel = "obs_conv"\n'
@@ -402,7 +402,11 @@ def test_an_image_workload_carries_both_leaves_through_the_fast_path(tmp_path):
     request, response, _ = systems.slot_specs(scen, 2, workload.make_policy(scen))
     assert set(request.keys()) == {"observation", "pixels"} and "action" in response.keys()
     m = measure("batchserve", scen, 2, 0)
-    assert m.requests == 40 and m.fast_path["fast_path_fraction"] == 1.0
+    assert m.requests == 40
+    # The fast path learns the schema from the first requests (up to one per
+    # actor when the warm-up served none): every later one takes it.
+    served = m.fast_path
+    assert served["fast_path_requests"] >= served["server_requests"] - 2 > 0
     parser = cli.build_parser()
     (chosen,) = cli.resolve_scenarios(parser, parser.parse_args(
         ["--image", "uint8:3x84x84", "--model", "obs_conv"]))
