@@ -102,6 +102,16 @@ def test_the_errors_are_torchrls(kwargs):
     assert str(ours.value) == str(theirs.value)
 
 
+def test_a_process_server_checks_it_before_starting_a_child():
+    """As torchrl's process server: the check is made at construction."""
+    with pytest.raises(ValueError, match="requires an explicit CUDA policy_device"):
+        batchserve.InferenceServer(policy_factory=make_policy, service_backend="process",
+                                   static_batch_size=64)
+    with pytest.raises(ValueError, match="at least max_batch_size"):
+        batchserve.InferenceServer(policy_factory=make_policy, service_backend="process",
+                                   static_batch_size=8, max_batch_size=16, device="cuda")
+
+
 @pytest.mark.parametrize("value, expected", [
     (None, None), (64, (64,)), ([64, 8, 16, 8], (8, 16, 64)), ((32, 64), (32, 64)),
 ])

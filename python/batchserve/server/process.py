@@ -34,6 +34,7 @@ import torch
 from tensordict.base import TensorDictBase
 
 from batchserve.config import ServerSettings
+from batchserve.server.static_batches import check_static_batch_size
 from batchserve.transports.base import InferenceTransport, transport_kind
 from batchserve.transports.exception_codec import decode_exception, encode_exception
 
@@ -278,6 +279,8 @@ class ProcessInferenceServer:
                     "argument."
                 )
             static_batch_size = getattr(server_config, "static_batch_size", None)
+        # Checked here, as torchrl checks it, not first in the child.
+        check_static_batch_size(static_batch_size, settings.max_batch_size, settings.device)
         if isinstance(mp_context, str):
             self._ctx = mp.get_context(mp_context)
         else:

@@ -30,7 +30,7 @@ from batchserve.server import static_batches
 from batchserve.server.deployment import ServerDeployment, make_transport
 from batchserve.server.lifecycle import ServerRun, running_servers
 from batchserve.server.loop import WorkerLoop
-from batchserve.server.static_batches import StaticBatches, static_batch_sizes
+from batchserve.server.static_batches import StaticBatches
 from batchserve.server.stats import ServerStats
 from batchserve.server.version import PolicyVersion
 from batchserve.transports.base import as_transport, transport_kind
@@ -599,8 +599,6 @@ def _static_batch_size(static_batch_size, server_config, settings):
         )
     if static_batch_size is None:
         static_batch_size = getattr(server_config, "static_batch_size", None)
-    sizes = static_batch_sizes(static_batch_size, settings.max_batch_size)
-    if sizes is None:
-        return None, None
-    static_batches.require_cuda(settings.device)
-    return static_batch_size, sizes
+    sizes = static_batches.check_static_batch_size(
+        static_batch_size, settings.max_batch_size, settings.device)
+    return (None, None) if sizes is None else (static_batch_size, sizes)

@@ -75,6 +75,16 @@ def require_cuda(device: torch.device | None) -> None:
         raise ValueError("static_batch_size requires an explicit CUDA policy_device.")
 
 
+def check_static_batch_size(value, max_batch_size: int, device: torch.device | None):
+    """torchrl's checks of ``static_batch_size`` against the server's
+    settings (see :func:`static_batch_sizes` and :func:`require_cuda`):
+    the bucket sizes, or None when it is not set."""
+    sizes = static_batch_sizes(value, max_batch_size)
+    if sizes is not None:
+        require_cuda(device)
+    return sizes
+
+
 def pad_rows(batch: TensorDictBase, n: int, size: int) -> TensorDictBase:
     """``batch``'s first n rows, then its row n-1 repeated up to ``size``
     rows (torchrl's padding: an index gather, which keeps non-tensor leaves
