@@ -265,6 +265,76 @@ def test_a_replaced_parameter_falls_back_to_eager_forwards(eager_graphs):
         assert server.stats()["padded_batch_histogram"][4] == graphed
 
 
+def test_a_recapture_keeps_the_interaction_type(eager_graphs):
+    """Graphs dropped by an update are captured again at the next start,
+    under the interaction type given to prepare_cudagraph, not the ambient one."""
+    policy = make_policy()
+    transport = batchserve.ThreadingTransport()
+    server = batchserve.InferenceServer(
+        policy, transport, max_batch_size=4, static_batch_size=4, device="cpu")
+    server.prepare_cudagraph(spec(), interaction_type=InteractionType.RANDOM)
+
+    def replace(model):
+        model.module.weight = nn.Parameter(torch.zeros(2, 4))
+
+    with server, pytest.raises(RuntimeError, match="fallen back to eager"):
+        server.update_model(replace)
+    captures = len(eager_graphs.calls)
+    with server:  # captured again, under RANDOM
+        assert len(eager_graphs.calls) == captures + 1
+        client = transport.client()
+        with pytest.raises(RuntimeError, match=OTHER_INTERACTION):
+            client(TensorDict({"observation": torch.ones(4)}))  # no interaction type
+        with set_interaction_type(InteractionType.RANDOM):
+            assert client(TensorDict({"observation": torch.ones(4)})).batch_size == ()
+
+
+def test_max_batch_size_cannot_outgrow_the_largest_graph(eager_graphs):
+    server = batchserve.InferenceServer(
+        make_policy(), batchserve.ThreadingTransport(), max_batch_size=8,
+        static_batch_size=[4, 16], device="cpu")
+    server.max_batch_size = 16
+    with pytest.raises(ValueError, match="at least max_batch_size, got 16 and 17"):
+        server.max_batch_size = 17
+    assert server.max_batch_size == 16
+
+
+def test_an_update_from_weight_sync_that_replaces_storage_drops_the_graphs(eager_graphs):
+    """A receiver polled between batches that assigns new parameters: the
+    graphs are dropped (counted as a weight-sync error) and forwards go on
+    eagerly with the new weights."""
+    policy = make_policy()
+    received = threading.Event()
+
+    class ReplacingReceiver:
+        def init_on_receiver(self, **kwargs):
+            pass
+
+        def connect(self, **kwargs):
+            pass
+
+        def receive(self, timeout=0.0):
+            if received.is_set():
+                return None
+            policy.module.weight = nn.Parameter(torch.full((2, 4), 3.0))
+            policy.module.bias = nn.Parameter(torch.zeros(2))
+            received.set()
+            return {"weights": True}
+
+    transport = batchserve.ThreadingTransport()
+    server = batchserve.InferenceServer(
+        policy, transport, max_batch_size=4, static_batch_size=4, device="cpu",
+        request_spec=spec(), weight_sync=ReplacingReceiver(), timeout=0.001)
+    with server:
+        assert received.wait(30)
+        client = transport.client()
+        out = client(TensorDict({"observation": torch.ones(4)}))
+        assert out["action"].tolist() == [12, 12]
+        stats = server.stats()
+    assert stats["weight_sync_errors"] == 1
+    assert sum(stats["padded_batch_histogram"].values()) == 0  # no graphed forward since
+
+
 def test_start_needs_a_request_spec_or_a_prepared_graph(eager_graphs):
     server = batchserve.InferenceServer(
         make_policy(), batchserve.ThreadingTransport(), max_batch_size=4,

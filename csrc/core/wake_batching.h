@@ -52,14 +52,13 @@ inline void notify_and_release(Completion* c) noexcept {
 // and drops the completions' references; leaves `to_wake` empty. No lock
 // or GIL is needed.
 inline void notify_and_release(std::vector<Wake>& to_wake) noexcept {
+  for (const Wake& w : to_wake)  // other processes' clients first, in order
+    if (w.completion == nullptr) w.slots->wake(w.slot);
   // Linked from the back: a completion is touched only before it is linked
   // (after that, the caller before it may wake it, and it may be freed).
   Completion* after = nullptr;  // the chain linked so far
   for (auto w = to_wake.rbegin(); w != to_wake.rend(); ++w) {
-    if (w->completion == nullptr) {
-      w->slots->wake(w->slot);
-      continue;
-    }
+    if (w->completion == nullptr) continue;
     if (after != nullptr && !w->completion->link_next(after)) notify_and_release(after);
     after = w->completion;
   }

@@ -59,7 +59,11 @@ class BatchingSetting:
         return self if server is None else getattr(server, self._attr)
 
     def __set__(self, server, value) -> None:
-        setattr(server, self._attr, self._check(self._name, value))
+        value = self._check(self._name, value)
+        validate = getattr(server, "_validate_batching", None)  # the server's own rules
+        if validate is not None:
+            validate(self._name, value)
+        setattr(server, self._attr, value)
         server._configure_batches()
 
 

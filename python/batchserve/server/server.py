@@ -232,6 +232,7 @@ class InferenceServer(metaclass=ServerDeployment):
             if static_sizes is not None else None
         )
         self._graph_request_spec = request_spec if static_sizes is not None else None
+        self._graph_mode = None  # the interaction type the graphs are captured under
         if request_spec is not None and (static_sizes is None or served.request_queue is not None):
             if served.request_queue is None:
                 raise ValueError(
@@ -316,7 +317,7 @@ class InferenceServer(metaclass=ServerDeployment):
             result = update_fn(self.model)
             if mark_weight_update:
                 self._versions.mark_update()
-        self._check_graphs()
+            self._check_graphs()
         return result
 
     def update_weights(self, weights, *, version: int | None = None) -> int:
@@ -350,11 +351,10 @@ class InferenceServer(metaclass=ServerDeployment):
 
         def copy_in() -> int | None:
             copy_weights(served, given)
+            self._check_graphs()  # copied in place: the graphs stay valid
             return version
 
-        version = self._versions.apply_update(copy_in)
-        self._check_graphs()  # copied in place: the graphs stay valid
-        return version
+        return self._versions.apply_update(copy_in)
 
     def update_model_weights(self, weights, *, mark_weight_update: bool = True) -> None:
         """torchrl's name for a weight update (as its process and Ray
@@ -409,7 +409,7 @@ class InferenceServer(metaclass=ServerDeployment):
                         "static_batch_size requires request_spec so the CUDA graph "
                         "can be captured before the serve loop starts."
                     )
-                self._capture(self._graph_request_spec, None)
+                self._capture(self._graph_request_spec, self._graph_mode)
             if self._last_worker is not None and self._last_worker.is_alive():
                 raise RuntimeError(
                     "InferenceServer is already running: the previous worker is "
@@ -461,16 +461,31 @@ class InferenceServer(metaclass=ServerDeployment):
         if mode is None:
             with context:
                 mode = current_interaction_type()
-        self._graph_request_spec = request_spec.clone()
+        # Kept with the mode: a later start() captures them again the same
+        # way after an update dropped the graphs.
+        self._graph_request_spec, self._graph_mode = request_spec.clone(), mode
         with self._versions.model_lock:
             self._graphs.model = self.model
             self._graphs.prepare(request, mode)
 
     def _check_graphs(self) -> None:
         """After a weight update: the graphs' storage is still the model's
-        (else they are dropped and this raises; see static_batches)."""
+        (else they are dropped and this raises; see static_batches). Under
+        the model lock, so that no forward replays them in between."""
         if self._graphs is not None:
-            self._graphs.check_storage()
+            with self._versions.model_lock:
+                self._graphs.check_storage()
+
+    def _validate_batching(self, name: str, value) -> None:
+        """A batching setting changed on a running server: a batch must still
+        fit the largest CUDA graph."""
+        if name == "max_batch_size" and self._graphs is not None:
+            largest = self._graphs.sizes[-1]
+            if value > largest:
+                raise ValueError(
+                    "static_batch_size must be at least max_batch_size, got "
+                    f"{largest} and {value}."
+                )
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
         """Stop the worker; every request not yet served gets an error.

@@ -95,15 +95,22 @@ def pad_rows(batch: TensorDictBase, n: int, size: int) -> TensorDictBase:
     return batch[index]
 
 
-def storage_signature(model) -> tuple | None:
-    """Where the model's parameters and buffers live (None for a model
-    that is not an nn.Module): what a captured graph reads."""
+def model_tensors(model) -> tuple | None:
+    """The model's (name, parameter or buffer) pairs (None for a model that
+    is not an nn.Module): what a captured graph reads."""
     if not isinstance(model, torch.nn.Module):
+        return None
+    return tuple((*model.named_parameters(), *model.named_buffers()))
+
+
+def storage_signature(tensors) -> tuple | None:
+    """Where each of ``tensors`` (model_tensors') lives."""
+    if tensors is None:
         return None
     return tuple(
         (name, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(),
          t.dtype, t.device)
-        for name, t in (*model.named_parameters(), *model.named_buffers())
+        for name, t in tensors
     )
 
 
@@ -143,6 +150,9 @@ class StaticBatches:
         self._graphs: dict[int, Callable] = {}
         self._mode: InteractionType | None = None
         self._in_keys: frozenset | None = None
+        # The tensors the graphs read, held (their storage cannot be reused
+        # while the graphs live), and where they were at capture.
+        self._captured = None
         self._signature = None
 
     @property
@@ -170,7 +180,9 @@ class StaticBatches:
             for size in self.sizes:
                 graph = (self._capture or capture_cuda_graph)(self.model, self.device)
                 batch = pad_rows(request, 1, size)
-                for _ in range(WARMUP + 1):  # the warm-up calls, the capture
+                # Eager warm-up, the capture (tensordict 0.14 captures on
+                # call WARMUP), then one replay: no request pays for either.
+                for _ in range(WARMUP + 1):
                     graph(batch.clone())
                 graphs[size] = graph
         self._graphs = graphs
@@ -179,15 +191,22 @@ class StaticBatches:
         self._in_keys = frozenset(
             in_keys if in_keys is not None
             else request.keys(include_nested=True, leaves_only=True))
-        self._signature = storage_signature(self.model)
+        self._captured = model_tensors(self.model)
+        self._signature = storage_signature(self._captured)
 
     def drop(self) -> None:
         self._graphs = {}
+        self._captured = None
 
     def check_storage(self) -> None:
-        """After a weight update: raises (and drops the graphs) when the
-        model's storage is no longer what the graphs captured."""
-        if self._graphs and storage_signature(self.model) != self._signature:
+        """After a weight update, under the server's model lock (no forward
+        may replay in between): raises, and drops the graphs, when the
+        tensors they captured moved (``set_``) or the model holds others
+        (a parameter replaced, ``load_state_dict(assign=True)``)."""
+        if not self._graphs:
+            return
+        if (storage_signature(self._captured) != self._signature
+                or storage_signature(model_tensors(self.model)) != self._signature):
             self.drop()
             raise RuntimeError(STORAGE_REPLACED)
 
@@ -205,7 +224,8 @@ class StaticBatches:
                 )
             self._in_keys = None
         size = self.bucket(n)
-        output = self._graphs[size](pad_rows(batch.to(self.device), n, size))
+        graphs = self._graphs
+        output = graphs[size](pad_rows(batch.to(self.device), n, size))
         if self._record_padding is not None:
             self._record_padding(n, size)
         return output[:n].clone()

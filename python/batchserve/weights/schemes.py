@@ -162,11 +162,14 @@ class WeightSyncBinding:
                 staged = stage()
                 if staged is not None:
                     self._versions.apply_update(staged.apply)
+                    server._check_graphs()  # worker thread: no forward in between
                 return
             with self._versions.model_lock:
                 weights = ws.receive(timeout=0.0)
-                if weights is not None and getattr(ws, "context", None) is not server:
-                    self._versions.mark_update()
+                if weights is not None:
+                    if getattr(ws, "context", None) is not server:
+                        self._versions.mark_update()
+                    server._check_graphs()  # a cascade to the server checked already
         except Exception:
             self._stats.record_weight_sync_error()
             now = time.monotonic()
