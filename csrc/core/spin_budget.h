@@ -29,20 +29,67 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
+#include <utility>
 
 namespace batchserve {
 
-// The cores this process may run on (its CPU affinity, which a container's
-// cpuset narrows; all online cores where that is unknown), at least 1.
+// The cores a CPU quota of `quota` per `period` microseconds amounts to,
+// rounded up (0: no quota). The cgroup files' formats: v2 `cpu.max` holds
+// "max 100000" or "200000 100000"; v1 `cpu.cfs_quota_us` holds -1 or the
+// quota, `cpu.cfs_period_us` the period.
+inline size_t quota_cores(int64_t quota, int64_t period) {
+  if (quota <= 0 || period <= 0) return 0;
+  return static_cast<size_t>((quota + period - 1) / period);
+}
+
+namespace detail {
+
+// The first two numbers of file `path` (a missing one, or "max": -1).
+inline std::pair<int64_t, int64_t> read_two_numbers(const char* path) {
+  std::pair<int64_t, int64_t> out{-1, -1};
+  if (FILE* f = std::fopen(path, "r")) {
+    char first[32] = {0};
+    long long second = -1;
+    if (std::fscanf(f, "%31s %lld", first, &second) >= 1) {
+      char* end = nullptr;
+      const long long value = std::strtoll(first, &end, 10);
+      if (end != first && *end == '\0') out.first = value;
+      out.second = second;
+    }
+    std::fclose(f);
+  }
+  return out;
+}
+
+// The cores this process's cgroup CPU quota allows (0: none set or known).
+inline size_t cgroup_quota_cores() {
+  const auto v2 = read_two_numbers("/sys/fs/cgroup/cpu.max");
+  if (v2.first > 0) return quota_cores(v2.first, v2.second);
+  const auto quota = read_two_numbers("/sys/fs/cgroup/cpu/cpu.cfs_quota_us");
+  const auto period = read_two_numbers("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  return quota_cores(quota.first, period.first);
+}
+
+}  // namespace detail
+
+// The cores this process may run on: its CPU affinity (a container's cpuset
+// narrows it; all online cores where it is unknown), at most what its
+// cgroup's CPU quota allows (`docker --cpus`, a Kubernetes limit), at
+// least 1.
 inline size_t usable_cores() {
+  size_t n = std::max<size_t>(std::thread::hardware_concurrency(), 1);
 #ifdef __linux__
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof(set), &set) == 0)
-    return static_cast<size_t>(std::max(CPU_COUNT(&set), 1));
+    n = static_cast<size_t>(std::max(CPU_COUNT(&set), 1));
+  const size_t quota = detail::cgroup_quota_cores();
+  if (quota > 0) n = std::min(n, quota);
 #endif
-  return std::max<size_t>(std::thread::hardware_concurrency(), 1);
+  return n;
 }
 
 class SpinBudget {

@@ -202,7 +202,18 @@ TEST(SpinBudget, NegativeGapsCountAsNone) {
   EXPECT_EQ(b.samples(), 8u);
 }
 
-TEST(SpinBudget, TheMachineHasACore) { EXPECT_GE(batchserve::usable_cores(), 1u); }
+TEST(SpinBudget, TheMachineHasACore) {
+  EXPECT_GE(batchserve::usable_cores(), 1u);
+  EXPECT_LE(batchserve::usable_cores(), std::max(std::thread::hardware_concurrency(), 1u));
+}
+
+TEST(SpinBudget, ACpuQuotaCountsItsCoresRoundedUp) {
+  EXPECT_EQ(batchserve::quota_cores(-1, 100'000), 0u);  // no quota ("max")
+  EXPECT_EQ(batchserve::quota_cores(200'000, 100'000), 2u);
+  EXPECT_EQ(batchserve::quota_cores(150'000, 100'000), 2u);
+  EXPECT_EQ(batchserve::quota_cores(50'000, 100'000), 1u);
+  EXPECT_EQ(batchserve::quota_cores(100'000, 0), 0u);
+}
 
 // Producers push while the server collects and prefetches back to back,
 // with the maximum changing under it: every request is collected exactly
