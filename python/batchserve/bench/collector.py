@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from batchserve.bench.metrics import fast_path_summary, merge_fast_path, percent_text
+from batchserve.bench.metrics import (
+    fast_path_summary,
+    merge_fast_path,
+    percent_text,
+    refusals_text,
+)
 from batchserve.bench.scenario import config_of
 
 BATCHSERVE_SYSTEMS = ("batchserve",)
@@ -184,7 +189,5 @@ def format_report(report: dict) -> str:
             f"{fast:>8}"
         )
         if r.get("fast_path_refusals"):
-            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
-                                sorted(r["fast_path_refusals"].items(), key=lambda kv: -kv[1]))
-            lines.append(f"{'':>10}general path: {reasons}")
+            lines.append(f"{'':>10}general path: {refusals_text(r['fast_path_refusals'])}")
     return "\n".join(lines)

@@ -117,6 +117,13 @@ def percent_text(fraction: float | None) -> str:
     return f"{math.floor(1000.0 * fraction + 1e-9) / 10.0:.1f}"
 
 
+def refusals_text(refusals: Mapping[str, int]) -> str:
+    """A server's fast_path_refusals as the reports print them: reason and
+    count, the most frequent first."""
+    return ", ".join(f"{reason} {count:,}" for reason, count in
+                     sorted(refusals.items(), key=lambda kv: -kv[1]))
+
+
 def merge_fast_path(summaries: Iterable[Mapping], weights: Iterable[int]) -> dict:
     """:func:`fast_path_summary` over several measurements (rounds): the
     fraction of all their counted requests when every one has counts, else

@@ -51,6 +51,7 @@ from batchserve.bench.metrics import (
     merge_fast_path,
     merge_histograms,
     percent_text,
+    refusals_text,
 )
 from batchserve.bench.scenario import Scenario, config_of
 from batchserve.bench.systems import make_server, server_kwargs
@@ -422,9 +423,7 @@ def format_report(report: dict) -> str:
             + f"{len(r['errors']):>8}"
         )
         if r.get("fast_path_refusals"):
-            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
-                                sorted(r["fast_path_refusals"].items(), key=lambda kv: -kv[1]))
-            lines.append(f"{'':>19}general path: {reasons}")
+            lines.append(f"{'':>19}general path: {refusals_text(r['fast_path_refusals'])}")
         by_count.setdefault(r["actors"], {})[r["system"]] = r["requests_per_s"]
     for count, rates in by_count.items():
         if not rates.get("torchrl"):

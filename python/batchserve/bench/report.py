@@ -85,9 +85,8 @@ def refusal_lines(rows: dict) -> list[str]:
     for (system, actors), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
         refusals = row.get("fast_path_refusals")
         if refusals:
-            reasons = ", ".join(f"{reason} {count:,}" for reason, count in
-                                sorted(refusals.items(), key=lambda kv: -kv[1]))
-            lines.append(f"general path at {actors} actors ({system}): {reasons}")
+            lines.append(f"general path at {actors} actors ({system}): "
+                         f"{metrics.refusals_text(refusals)}")
     return lines
 
 
