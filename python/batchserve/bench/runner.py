@@ -44,7 +44,7 @@ from batchserve.bench.workload import (
     client_factory,
     interaction_context,
     leaf_specs,
-    make_leaf,
+    leaves_of,
     make_leaves,
     make_policy,
     request,
@@ -293,7 +293,7 @@ def _process_actor(client, specs, quota, recording, stop, results, index) -> Non
     is done); reports its latencies, its CPU time and its recorded span.
     ``specs``: workload.leaf_specs, the leaves of its requests."""
     try:
-        leaves = {key: make_leaf(shape, dtype) for key, shape, dtype in specs}
+        leaves = leaves_of(specs)
         latencies = array("q")
         clock = time.perf_counter_ns
         cpu_start = None
@@ -432,7 +432,7 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
     on_device = scenario.device != "cpu"
     if on_device:
         policy.to(scenario.device)
-    leaves = dict(request(make_leaves(scenario)).unsqueeze(0).items())
+    leaves = {key: leaf.unsqueeze(0) for key, leaf in make_leaves(scenario).items()}
     latencies = array("q")
     clock = time.perf_counter_ns
 

@@ -39,10 +39,16 @@ def leaf_specs(scenario: Scenario) -> list[tuple[str, list[int], str]]:
     return specs
 
 
+def leaves_of(specs) -> dict[str, torch.Tensor]:
+    """One (unbatched) request's leaves, random, for ``specs``
+    (:func:`leaf_specs`; an actor process gets those, not the scenario)."""
+    return {key: make_leaf(shape, dtype) for key, shape, dtype in specs}
+
+
 def make_leaves(scenario: Scenario) -> dict[str, torch.Tensor]:
     """One (unbatched) request's leaves, built once per actor and sent
     with every request."""
-    return {key: make_leaf(shape, dtype) for key, shape, dtype in leaf_specs(scenario)}
+    return leaves_of(leaf_specs(scenario))
 
 
 def make_observation(scenario: Scenario) -> torch.Tensor:
@@ -79,14 +85,11 @@ class ObsConvPolicy(nn.Module):
         super().__init__()
         c, h, w = scenario.image_shape
         self.pixels = ConvPolicy(c, h, w, scenario.actions).features
-        widths = [int(torch.Size(scenario.observation_shape).numel()), *scenario.hidden]
-        layers: list[nn.Module] = [nn.Flatten(start_dim=-len(scenario.observation_shape))]
-        for a, b in zip(widths, widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers, width = _hidden_layers(scenario)
         self.observation = nn.Sequential(*layers)
         with torch.no_grad():
             flat = self.pixels(torch.zeros(1, c, h, w)).shape[1]
-        self.head = nn.Sequential(nn.Linear(flat + widths[-1], 256), nn.ReLU(),
+        self.head = nn.Sequential(nn.Linear(flat + width, 256), nn.ReLU(),
                                   nn.Linear(256, scenario.actions))
 
     def forward(self, observation: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -94,14 +97,20 @@ class ObsConvPolicy(nn.Module):
         return self.head(torch.cat([features, self.observation(observation.float())], dim=-1))
 
 
-def _mlp(scenario: Scenario, outputs: int) -> nn.Sequential:
-    """The scenario's observation, flattened, through its hidden widths."""
+def _hidden_layers(scenario: Scenario) -> tuple[list[nn.Module], int]:
+    """The scenario's observation, flattened, through its hidden widths
+    (Linear + ReLU each): the layers and the width they end with."""
     widths = [int(torch.Size(scenario.observation_shape).numel()), *scenario.hidden]
     layers: list[nn.Module] = [nn.Flatten(start_dim=-len(scenario.observation_shape))]
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], outputs))
-    return nn.Sequential(*layers)
+    return layers, widths[-1]
+
+
+def _mlp(scenario: Scenario, outputs: int) -> nn.Sequential:
+    """The hidden layers, then a Linear to `outputs`."""
+    layers, width = _hidden_layers(scenario)
+    return nn.Sequential(*layers, nn.Linear(width, outputs))
 
 
 def make_stochastic_policy(scenario: Scenario) -> TensorDictSequential:
