@@ -101,12 +101,17 @@ inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& b
   }
 }
 
+// The earliest arrival among `batch`'s requests (not empty).
+inline int64_t oldest_arrival(const std::vector<Request>& batch) {
+  int64_t oldest = batch.front().submit_ns;
+  for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
+  return oldest;
+}
+
 // The latest a batch holding `batch` may close: its oldest request's
 // arrival plus the timeout.
 inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPolicy& policy) {
-  int64_t oldest = batch.front().submit_ns;
-  for (const Request& r : batch) oldest = std::min(oldest, r.submit_ns);
-  return add_saturating(oldest, policy.timeout_ns);
+  return add_saturating(oldest_arrival(batch), policy.timeout_ns);
 }
 
 }  // namespace detail

@@ -134,11 +134,7 @@ class RequestCollector {
     const bool idle = batch.empty() && queue_.size() == 0;
     const int64_t idle_since = idle ? monotonic_ns() : 0;
     out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint());
-    if (idle && !batch.empty()) {
-      int64_t first = batch.front().submit_ns;
-      for (const Request& r : batch) first = std::min(first, r.submit_ns);
-      out.idle_gap_ns_ = first - idle_since;
-    }
+    if (idle && !batch.empty()) out.idle_gap_ns_ = detail::oldest_arrival(batch) - idle_since;
     return out;
   }
 

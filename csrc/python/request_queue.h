@@ -79,29 +79,6 @@ class RequestQueue {
     return !interrupted;
   }
 
-  // GIL held. Pushes a submitted (not blocking) request, taking a reference
-  // to its payload, waiting for room until `deadline`; the request then owns
-  // `rows`. When it could not be pushed, `undo()` releases what else the
-  // request held, and QueueFull, ServerClosedError or a signal handler's
-  // error is raised.
-  template <typename Undo>
-  void push_submitted(const Request& request, int64_t deadline, OwnedRows& rows, Undo&& undo) {
-    PyObject* payload = static_cast<PyObject*>(request.payload);
-    Py_INCREF(payload);
-    PushResult pushed;
-    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
-    if (uninterrupted && pushed == PushResult::kOk) {
-      rows.release();
-      return;
-    }
-    Py_DECREF(payload);
-    undo();
-    if (!uninterrupted) throw py::error_already_set();
-    if (pushed == PushResult::kClosed) throw QueueClosedError("the inference server is shut down");
-    throw QueueFullError("the request queue is full (capacity " +
-                         std::to_string(queue().capacity()) + ")");
-  }
-
   // The blocking client call: enqueue, wait for the result with the GIL
   // released, return it or raise the server's exception.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
@@ -184,11 +161,20 @@ class RequestQueue {
     auto pending = std::make_unique<PendingResult>(completion);  // the caller's reference
     const Request request{item.ptr(), completion, monotonic_ns(), rows.get(),
                           nullptr,    0,          this_caller()};
-    push_submitted(request, deadline, rows, [&] {
-      completion->give_up();  // kWithdrawn: the pending result holds nothing
-      completion->release();  // the request's reference: it never left
-    });
-    return pending;
+    Py_INCREF(item.ptr());
+    PushResult pushed;
+    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
+    if (uninterrupted && pushed == PushResult::kOk) {
+      rows.release();  // the request owns them now
+      return pending;
+    }
+    Py_DECREF(item.ptr());
+    completion->give_up();  // kWithdrawn: the pending result holds nothing
+    completion->release();  // the request's reference: it never left
+    if (!uninterrupted) throw py::error_already_set();
+    if (pushed == PushResult::kClosed) throw QueueClosedError("the inference server is shut down");
+    throw QueueFullError("the request queue is full (capacity " +
+                         std::to_string(queue().capacity()) + ")");
   }
 
   // The fast path's schema: requests that match it carry their leaves to the
