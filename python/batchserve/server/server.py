@@ -26,11 +26,10 @@ from batchserve.config import (
     positive_int,
     seconds,
 )
-from batchserve.server import static_batches
 from batchserve.server.deployment import ServerDeployment, make_transport
 from batchserve.server.lifecycle import ServerRun, running_servers
 from batchserve.server.loop import WorkerLoop
-from batchserve.server.static_batches import StaticBatches
+from batchserve.server.static_batches import StaticBatches, check_static_batch_size
 from batchserve.server.stats import ServerStats
 from batchserve.server.version import PolicyVersion
 from batchserve.transports.base import as_transport, transport_kind
@@ -614,6 +613,5 @@ def _static_batch_size(static_batch_size, server_config, settings):
         )
     if static_batch_size is None:
         static_batch_size = getattr(server_config, "static_batch_size", None)
-    sizes = static_batches.check_static_batch_size(
-        static_batch_size, settings.max_batch_size, settings.device)
+    sizes = check_static_batch_size(static_batch_size, settings.max_batch_size, settings.device)
     return (None, None) if sizes is None else (static_batch_size, sizes)

@@ -116,7 +116,8 @@ def storage_signature(tensors) -> tuple | None:
 
 def capture_cuda_graph(model, device: torch.device) -> Callable:
     """One bucket's graph: tensordict's CudaGraphModule around the model
-    (it warms up WARMUP times, then captures on the next call)."""
+    (eager for its first calls; tensordict 0.14 captures on call WARMUP and
+    replays from the next)."""
     from tensordict.nn import CudaGraphModule
 
     return CudaGraphModule(model, warmup=WARMUP, device=device)
