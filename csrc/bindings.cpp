@@ -130,6 +130,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("extra_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &bindings::RequestQueue::schema_strict)
       .def_property_readonly("server_spin_ns", &bindings::RequestQueue::server_spin_ns)
+      .def("set_inline_runner", &bindings::RequestQueue::set_inline_runner, py::arg("runner"))
+      .def_property_readonly("inline_runner_set", &bindings::RequestQueue::inline_runner_set)
+      .def("attach_server", &bindings::RequestQueue::attach_server)
+      .def("detach_server", &bindings::RequestQueue::detach_server)
 
       .def("attach_slots", &bindings::RequestQueue::attach_slots, py::arg("slots"))
       .def_property_readonly("reaped_slots", &bindings::RequestQueue::reaped_slots)

@@ -42,6 +42,7 @@
 
 #include "batch_policy.h"
 #include "fill_estimator.h"
+#include "inline_gate.h"
 #include "request_queue.h"
 #include "row_copy.h"
 #include "spin_budget.h"
@@ -120,7 +121,14 @@ class RequestCollector {
   }
 
   // Phase one (may block; see above). `carried` is take_carried()'s.
+  // `before_wait` runs once the server's state is settled, before it waits:
+  // the bindings wake the previous batch's callers there, so that a caller
+  // coming straight back finds the server idle (and may go inline).
   CollectedBatch wait_for_batch(std::vector<Request> carried) {
+    return wait_for_batch(std::move(carried), [] {});
+  }
+  template <typename BeforeWait>
+  CollectedBatch wait_for_batch(std::vector<Request> carried, BeforeWait&& before_wait) {
     CollectedBatch out;
     Prefetcher::Taken taken = finish_prefetch();
     out.prefetched_ = taken.rows.size();
@@ -133,7 +141,10 @@ class RequestCollector {
     batch.reserve(std::min(settings_.load().max_batch_size, queue_.capacity()));
     const bool idle = batch.empty() && queue_.size() == 0;
     const int64_t idle_since = idle ? monotonic_ns() : 0;
+    if (idle) gate_.server_idle();  // a caller alone may serve itself meanwhile
+    before_wait();
     out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint());
+    if (idle) gate_.server_wake();  // after that caller is done
     if (idle && !batch.empty()) out.idle_gap_ns_ = detail::oldest_arrival(batch) - idle_since;
     return out;
   }
@@ -160,6 +171,23 @@ class RequestCollector {
     if (batch.size() > 0) fill_.observe(batch.rows, batch.others, batch.fill_outcome_);
   }
 
+  // A server loop serving this queue starts / stops (see InlineGate).
+  void attach_server() { gate_.attach_server(); }
+  void detach_server() { gate_.detach_server(); }
+
+  // Caller (serialised with complete() by the owner): true if `caller` may
+  // serve its request itself now, inline: the server waits idle on an
+  // empty queue and `caller` is the only caller the fill estimate knows
+  // (a batch of one is what the server would serve). Then end_inline()
+  // once its request is served.
+  bool try_inline(uint32_t caller) {
+    if (queue_.size() != 0 || !fill_.sole_caller(caller)) return false;
+    if (!gate_.try_borrow()) return false;
+    fill_.note_caller(caller);
+    return true;
+  }
+  void end_inline() { gate_.end_borrow(); }
+
   // Server thread, after each batch: learns the gap it waited (if it did)
   // and sets the spin of its next wait (see SpinBudget).
   void adapt_server_spin(const CollectedBatch& batch) {
@@ -174,6 +202,7 @@ class RequestCollector {
   std::vector<Request> carried_;   // taken beyond a lowered max_batch_size
   SpinBudget spin_;                // serialised by the owner (see Threads)
   FillEstimator fill_;             // observe(): in complete(), serialised by the owner
+  InlineGate gate_;                // the server's idle waits against inline callers
   Prefetcher prefetcher_{queue_};  // last: its helper thread uses queue_
 };
 

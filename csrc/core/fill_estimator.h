@@ -77,13 +77,30 @@ class FillEstimator {
     } else if (outcome.reached && misses_ > 0) {
       --misses_;
     }
+    publish();
+  }
+
+  // Whether `caller` is the only active caller (or none is known).
+  // Serialised with observe() by the owner.
+  bool sole_caller(uint32_t caller) const {
+    return caller != 0 && (active_.empty() || (active_.size() == 1 && active_.count(caller) == 1));
+  }
+
+  // A request of `caller` was served without a batch (an inline call, see
+  // inline_gate.h): it is active as if a batch had held it.
+  void note_caller(uint32_t caller) {
+    if (caller == 0 || !active_.insert(caller).second) return;
+    publish();
+  }
+
+ private:
+  void publish() {
     target_.store(active_.size(), std::memory_order_relaxed);
     budget_ns_.store(
         std::clamp<int64_t>((2 * mean_wait_ns_) >> misses_, kMinBudgetNs, kMaxBudgetNs),
         std::memory_order_relaxed);
   }
 
- private:
   std::unordered_set<uint32_t> active_;
   int64_t mean_wait_ns_ = kInitialWaitNs;
   int misses_ = 0;  // the budget's halvings: +1 per wait that ran out, -1 per one that reached

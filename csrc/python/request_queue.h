@@ -84,6 +84,11 @@ class RequestQueue {
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
     OwnedRows rows = match(item.ptr(), false);
+    // No inline call under a timeout: the caller could not leave its own
+    // forward when it passes.
+    if (rows && !timeout_s && inline_runner_ && !queue().closed() &&
+        collector_.try_inline(this_caller()))
+      return call_inline(item, std::move(rows));
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
     const Request request{item.ptr(), completion, submit_ns, rows.get(), nullptr, 0, this_caller()};
@@ -148,6 +153,62 @@ class RequestQueue {
     }
     return outcome;
   }
+
+  // The inline call (see InlineGate): the caller serves its own request,
+  // a batch of one, through the server's runner (its WorkerLoop), with the
+  // server kept out meanwhile. GIL held throughout: no hand-off at all.
+  py::object call_inline(const py::object& item, OwnedRows rows) {
+    struct EndInline {
+      RequestCollector& collector;
+      ~EndInline() { collector.end_inline(); }
+    } end_inline{collector_};
+    auto* completion = new Completion();
+    Py_INCREF(item.ptr());
+    std::vector<Request> one{
+        Request{item.ptr(), completion, monotonic_ns(), rows.release(), nullptr, 0, this_caller()}};
+    // Its result is settled into `own` and never woken: this thread is the
+    // one that would wait.
+    auto own = std::make_shared<DeferredWakes>();
+    auto batch = std::make_unique<Batch>(std::vector<Request>{}, std::move(one), own, 0, slots_);
+    Batch* served = batch.get();
+    const py::object runner = inline_runner_;  // set_inline_runner may run meanwhile
+    std::optional<py::error_already_set> raised;
+    {
+      const py::object handle = py::cast(std::move(batch));
+      try {
+        runner(handle);
+      } catch (py::error_already_set& e) {
+        raised = std::move(e);  // the request is failed below, then this is raised
+      }
+      if (served->size() != 0) {  // a runner that neither served nor failed it
+        const py::object err = py::reinterpret_steal<py::object>(
+            new_runtime_error("batchserve: the inline call was not served"));
+        served->fail(err);
+      }
+    }
+    std::vector<Wake> settled = own->take();
+    notify_and_release(settled);  // drops the request's reference; no one waits
+    py::object outcome =
+        py::reinterpret_steal<py::object>(static_cast<PyObject*>(completion->outcome()));
+    const bool is_error = completion->is_error();
+    completion->release();
+    if (raised) throw std::move(*raised);  // KeyboardInterrupt... in the caller's own forward
+    if (is_error) {
+      set_error_from(outcome.ptr());
+      throw py::error_already_set();
+    }
+    return outcome;
+  }
+
+  // Serves callers' requests inline while the server is idle (see
+  // InlineGate): `runner(batch)` serves a _core.Batch of one on the calling
+  // thread, or None to stop.
+  void set_inline_runner(const py::object& runner) {
+    inline_runner_ = runner.is_none() ? py::object() : runner;
+  }
+  bool inline_runner_set() const { return static_cast<bool>(inline_runner_); }
+  void attach_server() { collector_.attach_server(); }
+  void detach_server() { collector_.detach_server(); }
 
   // Enqueues a request whose caller waits on the returned PendingResult
   // (python/batchserve/transports/queued_future.py wraps it in a Future):
@@ -289,8 +350,8 @@ class RequestQueue {
     CollectedBatch collected;
     {
       GilRelease nogil;
-      notify_and_release(to_wake);
-      collected = collector_.wait_for_batch(std::move(carried));
+      collected = collector_.wait_for_batch(std::move(carried),
+                                            [&to_wake] { notify_and_release(to_wake); });
     }
     // Taking the GIL back can take a while when woken callers hold it; what
     // arrived meanwhile joins this batch (complete()).
@@ -374,6 +435,7 @@ class RequestQueue {
   RequestCollector collector_;         // the queue, the settings, the prefetcher
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
+  py::object inline_runner_;                  // GIL held to read or change (None: no inline calls)
   uint64_t last_schema_id_ = 0;
 };
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 import torch
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
+from batchserve.batching import native
 from batchserve.batching.collate import (
     INTERACTION_TYPE_KEY,
     default_collate,
@@ -63,6 +65,7 @@ class WorkerLoop:
         self._graphs = graphs
         self._fast: FastPath | None = None
         self._fast_off = ""  # why this run has no fast path (stats' refusals)
+        self._inline = False  # whether this run serves inline calls (see serve_inline)
 
     def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
         """Starts a run: records it on the transport, opens the batch source
@@ -91,6 +94,10 @@ class WorkerLoop:
             )
         else:
             self._fast = FastPath(self._transport, server.device, server.output_device)
+        self._inline = (
+            self._fast is not None and server.inline_calls and self._graphs is None
+            and (server.device is None or server.device.type == "cpu")
+        )
         run = ServerRun()
         previous_run = self._transport.serve_with(run)
         try:
@@ -172,6 +179,11 @@ class WorkerLoop:
             return
         run.ready.set()
         error = _core.ServerClosedError(SHUTDOWN_MESSAGE)
+        queue = self._transport.request_queue
+        if queue is not None:
+            queue.attach_server()  # busy until its first idle wait (see InlineGate)
+            if self._inline:
+                queue.set_inline_runner(_inline_runner(self, run))
         try:
             with torch.no_grad():
                 error = self._serve(run) or error
@@ -179,6 +191,10 @@ class WorkerLoop:
             _log.exception("batchserve: the worker stopped")
             error = closed_error(f"InferenceServer stopped: {exc!r}", exc)
         finally:
+            if queue is not None:
+                if self._inline and self._transport.is_served_by(run):
+                    queue.set_inline_runner(None)  # a later server's stays
+                queue.detach_server()
             self._stop_serving(run, error)
 
     def _stop_serving(self, run: ServerRun, error: BaseException) -> None:
@@ -226,9 +242,33 @@ class WorkerLoop:
                 run.inflight = None
         return None
 
-    def serve_batch(self, batch) -> None:
+    def serve_inline(self, run: ServerRun, batch) -> None:
+        """Serves an inline call: ``batch`` holds the one request of a caller
+        that found the server idle and is served here, on the caller's
+        thread, while the server waits (``csrc/core/inline_gate.h``). Ends
+        the request in every case but a BaseException (KeyboardInterrupt...),
+        which reaches the caller."""
+        user_stop = self._server._shutdown_event
+        if run.stop.is_set() or (user_stop is not None and user_stop.is_set()):
+            batch.fail(_core.ServerClosedError(SHUTDOWN_MESSAGE))
+            return
+        # New weights are taken between batches, as the server takes them
+        # (the server is out of its loop while it waits on the gate).
+        self._weight_sync.poll()
+        if self._server.collect_stats:
+            self._stats.record_inline()
+        try:
+            with torch.no_grad():
+                # No prefetch: no other request is waiting for this batch.
+                self.serve_batch(batch, prefetch=False)
+        except Exception as exc:
+            self._stats.record_failed_batch()
+            batch.fail(exc)
+
+    def serve_batch(self, batch, prefetch: bool = True) -> None:
         """Serves one collected batch: its fast-path rows with one forward
-        over staging memory, the rest (if any) through ``collate_fn``."""
+        over staging memory (gathering the next batch meanwhile if
+        ``prefetch``), the rest (if any) through ``collate_fn``."""
         dispatch_ns = _core.monotonic_ns()
         fast = self._fast
         had_rows = False
@@ -237,7 +277,7 @@ class WorkerLoop:
             if buffer is not None:
                 had_rows = True
                 try:
-                    self._serve_rows(batch, buffer, dispatch_ns)
+                    self._serve_rows(batch, buffer, dispatch_ns, prefetch)
                 except Exception as exc:
                     self._stats.record_failed_batch()
                     batch.fail_rows(exc)
@@ -280,7 +320,7 @@ class WorkerLoop:
                 f"a batch of {n} requests; expected a leading dimension of {n}."
             )
 
-    def _serve_rows(self, batch, buffer, dispatch_ns: int) -> None:
+    def _serve_rows(self, batch, buffer, dispatch_ns: int, prefetch: bool) -> None:
         """The fast path: the model runs on the staging rows, callers get
         their rows back (see ``batchserve.batching.fast_path``)."""
         server = self._server
@@ -292,7 +332,8 @@ class WorkerLoop:
         with self._versions.model_lock:
             model_input = fast.model_input(buffer, n, batch)
             codes = buffer.interaction_codes(n)  # the rows' stamps (None: unstamped)
-            fast.prefetch()  # the next batch is gathered while the model runs
+            if prefetch:
+                fast.prefetch()  # the next batch is gathered while the model runs
             output, forwards = forward_by_interaction(self._policy(), model_input, codes)
             self._check_output(output, n)
             version = self._versions.value
@@ -407,3 +448,21 @@ class WorkerLoop:
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
             self._stats.record_batch(n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
         return output
+
+
+def _inline_runner(loop: WorkerLoop, run: ServerRun):
+    """The queue's inline runner for ``run`` (``RequestQueue.set_inline_runner``):
+    serves a ``_core.Batch`` of one through ``loop``. It holds the loop
+    weakly: the queue must not keep the server alive (the queue is C++, so
+    the cycle would be invisible to Python's collector)."""
+    loop_ref = weakref.ref(loop)
+
+    def run_inline(core_batch) -> None:
+        batch = native.NativeBatch(core_batch)
+        served_by = loop_ref()
+        if served_by is None:
+            batch.fail(_core.ServerClosedError(SHUTDOWN_MESSAGE))
+            return
+        served_by.serve_inline(run, batch)
+
+    return run_inline

@@ -131,6 +131,15 @@ class InferenceServer(metaclass=ServerDeployment):
             ``KeyError``, another dtype, shape or device ``ValueError``) and
             take the fast path. Default: the fast path learns the schema from
             traffic.
+        inline_calls (bool, optional): a blocking ``client(td)`` (no
+            ``timeout``) that finds the server idle, waiting on an empty
+            queue, while no other caller is active runs its own request, a
+            batch of one, on its own thread: the same model, under the same
+            lock, no thread hand-off (see ``csrc/core/inline_gate.h``; counted
+            in ``stats()["inline_requests"]``). Only fast-path requests, and
+            only for a model on the CPU without ``static_batch_size``.
+            ``False`` keeps every forward on the server's thread (a model
+            bound to it). Default: ``True``.
 
     Requests of one fixed schema with the default ``collate_fn`` take the
     fast path: copied without the GIL into staging memory, one forward over
@@ -180,6 +189,7 @@ class InferenceServer(metaclass=ServerDeployment):
         server_config=None,
         device_config=None,
         request_spec=None,
+        inline_calls: bool = True,
     ):
         # The deployment keywords were resolved by ServerDeployment (they stay
         # in the signature for help() and type checkers); a subclass built
@@ -222,6 +232,7 @@ class InferenceServer(metaclass=ServerDeployment):
         self.weight_sync = weight_sync
         self.policy_version_key = policy_version_key
         self.collect_stats = settings.collect_stats
+        self.inline_calls = bool(inline_calls)
         self._stats = ServerStats(settings.stats_window_size)
         self._versions = PolicyVersion(policy_version, self._stats)
         self._batches = batches_for(served)

@@ -47,6 +47,9 @@ class ServerStats:
       type (each counted in ``batches``, one per forward).
     * ``fast_path_fraction``: ``fast_path_requests / requests`` (NaN before
       any request).
+    * ``inline_requests``: requests served on their caller's own thread
+      while the server was idle (``inline_calls``; counted in ``requests``
+      and ``batches`` as batches of one).
     * ``padding_rows`` / ``padding_fraction`` (``static_batch_size``): rows
       of padding the CUDA graphs computed (a batch padded to its bucket by
       repeating its last request), and their share of all the rows the
@@ -78,6 +81,7 @@ class ServerStats:
         self._started = time.monotonic()
         self._requests = 0
         self._fast_path_requests = 0
+        self._inline_requests = 0
         self._batches = 0
         self._failed_batches = 0
         self._weight_updates = 0
@@ -147,6 +151,11 @@ class ServerStats:
             self._padding_rows += bucket - rows
             self._bucket_histogram[bucket] += 1
 
+    def record_inline(self) -> None:
+        """One request served on its caller's thread (an inline call)."""
+        with self._lock:
+            self._inline_requests += 1
+
     def record_interaction_split(self) -> None:
         with self._lock:
             self._interaction_splits += 1
@@ -186,6 +195,7 @@ class ServerStats:
             result = {
                 "requests": self._requests,
                 "fast_path_requests": self._fast_path_requests,
+                "inline_requests": self._inline_requests,
                 "batches": self._batches,
                 "failed_batches": self._failed_batches,
                 "requests_per_s": self._requests / elapsed,

@@ -1,0 +1,157 @@
+// InlineGate (csrc/core/inline_gate.h): a caller borrows only while every
+// server waits idle, a server leaving its idle wait waits for the borrow to
+// end, and the two sides never serve at once; plus RequestCollector's
+// try_inline (an empty queue, the only caller known).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "core/collector.h"
+#include "core/inline_gate.h"
+#include "test_util.h"
+
+namespace {
+
+using batchserve::BatchPolicy;
+using batchserve::CollectedBatch;
+using batchserve::InlineGate;
+using batchserve::PushResult;
+using batchserve::RequestCollector;
+using batchserve_test::BackgroundCall;
+using batchserve_test::kMs;
+using batchserve_test::make_request;
+
+TEST(InlineGate, BorrowsOnlyWhileEveryServerIsIdle) {
+  InlineGate g;
+  EXPECT_FALSE(g.try_borrow());  // no server idle
+  g.attach_server();
+  g.attach_server();
+  EXPECT_FALSE(g.try_borrow());
+  g.server_idle();
+  EXPECT_FALSE(g.try_borrow());  // the other server is busy
+  g.server_idle();
+  EXPECT_TRUE(g.try_borrow());
+  EXPECT_FALSE(g.try_borrow());  // one caller at a time
+  g.end_borrow();
+  g.server_wake();
+  EXPECT_FALSE(g.try_borrow());
+  g.server_wake();
+  g.detach_server();
+  g.detach_server();
+  EXPECT_FALSE(g.try_borrow());
+}
+
+TEST(InlineGate, AServerThatNeverAttachedKeepsCallersOut) {
+  InlineGate g;
+  g.server_idle();  // busy goes negative: no borrow
+  EXPECT_FALSE(g.try_borrow());
+  g.server_wake();
+}
+
+TEST(InlineGate, AWakingServerWaitsForTheBorrowToEnd) {
+  InlineGate g;
+  g.attach_server();
+  g.server_idle();
+  ASSERT_TRUE(g.try_borrow());
+  std::atomic<bool> inline_done{false};
+  std::atomic<bool> overlap{false};
+  BackgroundCall server([&] {
+    g.server_wake();
+    if (!inline_done.load(std::memory_order_acquire)) overlap = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // give it the chance to overrun
+  EXPECT_FALSE(server.returned());
+  inline_done.store(true, std::memory_order_release);
+  g.end_borrow();
+  server.join();
+  EXPECT_FALSE(overlap.load());
+}
+
+// A server going idle and waking in a loop, callers borrowing whenever they
+// can: no caller runs while the server serves, and both make progress.
+TEST(InlineGate, ServerAndCallersNeverServeAtOnce) {
+  InlineGate g;
+  g.attach_server();
+  std::atomic<int> serving{0};
+  std::atomic<bool> overlap{false};
+  std::atomic<bool> stop{false};
+  std::atomic<int> borrowed{0};
+  auto serve = [&] {
+    if (serving.fetch_add(1) != 0) overlap = true;
+    for (volatile int spin = 0; spin < 50; ++spin) {
+    }
+    serving.fetch_sub(1);
+  };
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; ++t)
+    callers.emplace_back([&] {
+      while (!stop.load()) {
+        if (!g.try_borrow()) {
+          std::this_thread::yield();
+          continue;
+        }
+        serve();
+        ++borrowed;
+        g.end_borrow();
+      }
+    });
+  for (int round = 0; round < 5000; ++round) {
+    g.server_idle();
+    if (round % 2 == 0) std::this_thread::yield();
+    g.server_wake();
+    serve();
+  }
+  stop = true;
+  for (std::thread& t : callers) t.join();
+  g.detach_server();
+  EXPECT_FALSE(overlap.load());
+}
+
+BatchPolicy one_ms_policy() {
+  BatchPolicy p;
+  p.max_batch_size = 8;
+  p.min_batch_size = 1;
+  p.timeout_ns = 1 * kMs;
+  return p;
+}
+
+// The collector lets a caller in only while its server waits on an empty
+// queue and the caller is the only one it knows.
+TEST(RequestCollector, InlineOnlyWhileTheServerWaitsIdleForTheOnlyCaller) {
+  RequestCollector c(64);
+  c.configure(one_ms_policy());
+  c.attach_server();
+  EXPECT_FALSE(c.try_inline(1));  // the server is not waiting yet
+  std::atomic<bool> go{false};
+  BackgroundCall server([&] {
+    while (!go.load()) {
+      CollectedBatch batch = c.wait_for_batch(c.take_carried());
+      c.complete(batch);
+    }
+  });
+  bool borrowed = false;
+  for (int attempt = 0; attempt < 100000 && !borrowed; ++attempt) {
+    borrowed = c.try_inline(7);
+    if (!borrowed) std::this_thread::yield();
+  }
+  ASSERT_TRUE(borrowed);
+  // Caller 7 is now known: another caller may not go inline, and the queue
+  // must be empty.
+  c.end_inline();
+  EXPECT_FALSE(c.try_inline(8));
+  go = true;
+  server.join();
+  ASSERT_EQ(c.queue().push(make_request(1), 0), PushResult::kOk);
+  EXPECT_FALSE(c.try_inline(7));  // a request is waiting for the server
+  c.detach_server();
+}
+
+TEST(RequestCollector, NoInlineForAnUnknownCaller) {
+  RequestCollector c(8);
+  EXPECT_FALSE(c.try_inline(0));  // caller 0: unknown
+}
+
+}  // namespace

@@ -1,0 +1,209 @@
+"""Inline calls: a lone caller that finds the server idle serves its own
+request on its own thread (``inline_calls``, ``csrc/core/inline_gate.h``);
+everything else is served by the server as before."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from batchserve import InferenceServer, ThreadingTransport, _core
+
+# Calls a lone caller makes at most before one of them is served inline:
+# the server must first learn the schema and reach its idle wait.
+MAX_CALLS = 2000
+
+
+class ThreadRecorder(torch.nn.Module):
+    """Doubles the observation into "action" and records the thread of each
+    forward; raises `fail` (once) when set."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[int] = []
+        self.fail: BaseException | None = None
+
+    def forward(self, td):
+        self.threads.append(threading.get_ident())
+        if self.fail is not None:
+            exc, self.fail = self.fail, None
+            raise exc
+        return td.set("action", td["observation"] * 2)
+
+
+def obs(i: float) -> TensorDict:
+    return TensorDict({"observation": torch.full((3,), float(i))})
+
+
+def call_until_inline(server, client, model: ThreadRecorder) -> TensorDict:
+    """Calls until a call is served inline (on this thread); returns its result."""
+    me = threading.get_ident()
+    for i in range(MAX_CALLS):
+        before = server.stats()["inline_requests"]
+        result = client(obs(i))
+        torch.testing.assert_close(result["action"], torch.full((3,), 2.0 * i))
+        if server.stats()["inline_requests"] > before:
+            assert model.threads[-1] == me
+            return result
+    pytest.fail(f"no call of {MAX_CALLS} was served inline")
+
+
+def test_a_lone_caller_is_served_on_its_own_thread():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport, max_batch_size=8) as server:
+        client = transport.client()
+        result = call_until_inline(server, client, model)
+        assert set(result.keys()) == {"observation", "action", "policy_version"}
+        assert result.batch_size == torch.Size([])
+        stats = server.stats()
+    assert model.threads[0] != threading.get_ident()  # the first taught the schema
+    assert stats["inline_requests"] >= 1
+    assert stats["requests"] == stats["batches"] == len(model.threads)
+    assert stats["fast_path_requests"] == stats["requests"] - 1
+
+
+def test_an_inline_result_owns_its_memory():
+    """The result does not share memory with the request or staging."""
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        call_until_inline(server, client, model)
+        sent = obs(5)
+        result = client(sent)
+        kept = result.clone()
+        sent["observation"].fill_(-1)
+        for i in range(20):
+            client(obs(100 + i))
+        torch.testing.assert_close(result["observation"], kept["observation"])
+        torch.testing.assert_close(result["action"], kept["action"])
+
+
+def test_inline_calls_false_keeps_every_forward_on_the_server():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport, inline_calls=False) as server:
+        client = transport.client()
+        for i in range(50):
+            client(obs(i))
+        assert server.stats()["inline_requests"] == 0
+    assert threading.get_ident() not in model.threads
+
+
+def test_a_call_with_a_timeout_is_never_served_inline():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        for i in range(50):
+            client(obs(i), timeout=30)
+        assert server.stats()["inline_requests"] == 0
+    assert threading.get_ident() not in model.threads
+
+
+def test_an_inline_forward_that_raises_fails_that_call_only():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        call_until_inline(server, client, model)
+        model.fail = ValueError("bad forward")
+        with pytest.raises(ValueError, match="bad forward"):
+            client(obs(1))
+        assert model.fail is None  # it was that call's forward, wherever it ran
+        result = client(obs(2))
+        torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
+        assert server.stats()["failed_batches"] == 1
+
+
+def test_a_keyboard_interrupt_in_an_inline_forward_reaches_the_caller():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        call_until_inline(server, client, model)
+        # The next call is inline or not; only an inline one raises
+        # KeyboardInterrupt itself (the server turns it into an error and
+        # stops). Retry until an interrupt was raised inline.
+        for _ in range(MAX_CALLS):
+            before = server.stats()["inline_requests"]
+            model.fail = KeyboardInterrupt()
+            try:
+                client(obs(1))
+            except KeyboardInterrupt:
+                assert server.stats()["inline_requests"] > before
+                break
+            except Exception:  # served by the worker, which stopped: not this case
+                pytest.skip("the interrupt hit the server's thread")
+        else:
+            pytest.fail("no inline interrupt")
+        result = client(obs(3))  # the server serves on
+        torch.testing.assert_close(result["action"], torch.full((3,), 6.0))
+
+
+def test_callers_on_many_threads_get_their_own_results():
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    errors: list[BaseException] = []
+
+    def actor(k: int) -> None:
+        client = transport.client()
+        try:
+            for i in range(200):
+                value = k * 1000 + i
+                result = client(obs(value))
+                expected = torch.full((3,), 2.0 * value)
+                if not torch.equal(result["action"], expected):
+                    errors.append(AssertionError(f"{k}: {result['action']} != {expected}"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with InferenceServer(model, transport, max_batch_size=8) as server:
+        threads = [threading.Thread(target=actor, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stats = server.stats()
+    assert not errors, errors[:3]
+    assert stats["requests"] == 6 * 200
+
+
+def test_after_shutdown_a_call_raises_as_without_inline_calls():
+    errors = {}
+    for inline in (True, False):
+        transport = ThreadingTransport()
+        model = ThreadRecorder()
+        server = InferenceServer(model, transport, inline_calls=inline).start()
+        client = transport.client()
+        for i in range(20):
+            client(obs(i))
+        server.shutdown()
+        with pytest.raises(Exception) as raised:
+            client(obs(0))
+        errors[inline] = (type(raised.value), str(raised.value))
+    assert errors[True] == errors[False]
+
+
+def test_the_runner_does_not_keep_the_server_alive():
+    import gc
+    import weakref
+
+    transport = ThreadingTransport()
+    server = InferenceServer(ThreadRecorder(), transport).start()
+    transport.client()(obs(1))
+    server.shutdown()
+    assert not transport.request_queue.inline_runner_set
+    ref = weakref.ref(server)
+    del server
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_queue_without_a_server_loop_serves_no_inline_call():
+    queue = _core.RequestQueue(8)
+    assert not queue.inline_runner_set
