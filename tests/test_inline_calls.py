@@ -83,24 +83,20 @@ def test_an_inline_result_owns_its_memory():
         torch.testing.assert_close(result["action"], kept["action"])
 
 
-def test_inline_calls_false_keeps_every_forward_on_the_server():
+@pytest.mark.parametrize(
+    "server_kwargs, call_kwargs",
+    [({"inline_calls": False}, {}), ({}, {"timeout": 30})],
+    ids=["inline_calls_false", "call_with_a_timeout"],
+)
+def test_every_forward_stays_on_the_server(server_kwargs, call_kwargs):
+    """inline_calls=False, or a call with a timeout (it could not leave its
+    own forward when the timeout passes): never served inline."""
     model = ThreadRecorder()
     transport = ThreadingTransport()
-    with InferenceServer(model, transport, inline_calls=False) as server:
+    with InferenceServer(model, transport, **server_kwargs) as server:
         client = transport.client()
         for i in range(50):
-            client(obs(i))
-        assert server.stats()["inline_requests"] == 0
-    assert threading.get_ident() not in model.threads
-
-
-def test_a_call_with_a_timeout_is_never_served_inline():
-    model = ThreadRecorder()
-    transport = ThreadingTransport()
-    with InferenceServer(model, transport) as server:
-        client = transport.client()
-        for i in range(50):
-            client(obs(i), timeout=30)
+            client(obs(i), **call_kwargs)
         assert server.stats()["inline_requests"] == 0
     assert threading.get_ident() not in model.threads
 
