@@ -51,6 +51,18 @@ def call_until_inline(server, client, model: ThreadRecorder) -> TensorDict:
     pytest.fail(f"no call of {MAX_CALLS} was served inline")
 
 
+@pytest.fixture
+def inline_served():
+    """(model, server, client) of a running server whose lone caller (this
+    thread) was just served inline."""
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        call_until_inline(server, client, model)
+        yield model, server, client
+
+
 def test_a_lone_caller_is_served_on_its_own_thread():
     model = ThreadRecorder()
     transport = ThreadingTransport()
@@ -66,21 +78,17 @@ def test_a_lone_caller_is_served_on_its_own_thread():
     assert stats["fast_path_requests"] == stats["requests"] - 1
 
 
-def test_an_inline_result_owns_its_memory():
+def test_an_inline_result_owns_its_memory(inline_served):
     """The result does not share memory with the request or staging."""
-    model = ThreadRecorder()
-    transport = ThreadingTransport()
-    with InferenceServer(model, transport) as server:
-        client = transport.client()
-        call_until_inline(server, client, model)
-        sent = obs(5)
-        result = client(sent)
-        kept = result.clone()
-        sent["observation"].fill_(-1)
-        for i in range(20):
-            client(obs(100 + i))
-        torch.testing.assert_close(result["observation"], kept["observation"])
-        torch.testing.assert_close(result["action"], kept["action"])
+    model, server, client = inline_served
+    sent = obs(5)
+    result = client(sent)
+    kept = result.clone()
+    sent["observation"].fill_(-1)
+    for i in range(20):
+        client(obs(100 + i))
+    torch.testing.assert_close(result["observation"], kept["observation"])
+    torch.testing.assert_close(result["action"], kept["action"])
 
 
 @pytest.mark.parametrize(
@@ -101,44 +109,36 @@ def test_every_forward_stays_on_the_server(server_kwargs, call_kwargs):
     assert threading.get_ident() not in model.threads
 
 
-def test_an_inline_forward_that_raises_fails_that_call_only():
-    model = ThreadRecorder()
-    transport = ThreadingTransport()
-    with InferenceServer(model, transport) as server:
-        client = transport.client()
-        call_until_inline(server, client, model)
-        model.fail = ValueError("bad forward")
-        with pytest.raises(ValueError, match="bad forward"):
+def test_an_inline_forward_that_raises_fails_that_call_only(inline_served):
+    model, server, client = inline_served
+    model.fail = ValueError("bad forward")
+    with pytest.raises(ValueError, match="bad forward"):
+        client(obs(1))
+    assert model.fail is None  # it was that call's forward, wherever it ran
+    result = client(obs(2))
+    torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
+    assert server.stats()["failed_batches"] == 1
+
+
+def test_a_keyboard_interrupt_in_an_inline_forward_reaches_the_caller(inline_served):
+    model, server, client = inline_served
+    # The next call is inline or not; only an inline one raises
+    # KeyboardInterrupt itself (the server turns it into an error and
+    # stops). Retry until an interrupt was raised inline.
+    for _ in range(MAX_CALLS):
+        before = server.stats()["inline_requests"]
+        model.fail = KeyboardInterrupt()
+        try:
             client(obs(1))
-        assert model.fail is None  # it was that call's forward, wherever it ran
-        result = client(obs(2))
-        torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
-        assert server.stats()["failed_batches"] == 1
-
-
-def test_a_keyboard_interrupt_in_an_inline_forward_reaches_the_caller():
-    model = ThreadRecorder()
-    transport = ThreadingTransport()
-    with InferenceServer(model, transport) as server:
-        client = transport.client()
-        call_until_inline(server, client, model)
-        # The next call is inline or not; only an inline one raises
-        # KeyboardInterrupt itself (the server turns it into an error and
-        # stops). Retry until an interrupt was raised inline.
-        for _ in range(MAX_CALLS):
-            before = server.stats()["inline_requests"]
-            model.fail = KeyboardInterrupt()
-            try:
-                client(obs(1))
-            except KeyboardInterrupt:
-                assert server.stats()["inline_requests"] > before
-                break
-            except Exception:  # served by the worker, which stopped: not this case
-                pytest.skip("the interrupt hit the server's thread")
-        else:
-            pytest.fail("no inline interrupt")
-        result = client(obs(3))  # the server serves on
-        torch.testing.assert_close(result["action"], torch.full((3,), 6.0))
+        except KeyboardInterrupt:
+            assert server.stats()["inline_requests"] > before
+            break
+        except Exception:  # served by the worker, which stopped: not this case
+            pytest.skip("the interrupt hit the server's thread")
+    else:
+        pytest.fail("no inline interrupt")
+    result = client(obs(3))  # the server serves on
+    torch.testing.assert_close(result["action"], torch.full((3,), 6.0))
 
 
 def test_callers_on_many_threads_get_their_own_results():
