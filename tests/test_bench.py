@@ -68,10 +68,10 @@ def test_fast_path_summary_from_reset_counters():
     """Counters reset after the warm-up: the server's own fraction is used
     where it gives one, else fast_path_requests / requests."""
     stats = {"requests": 200, "fast_path_requests": 150, "fast_path_fraction": 0.75,
-             "fast_path_refusals": {"custom collate_fn": 50}}
+             "fast_path_refusals": {"custom collate_fn": 50}, "inline_requests": 40}
     assert metrics.fast_path_summary(stats, {"requests": 0, "fast_path_requests": 0}) == {
         "server_requests": 200, "fast_path_requests": 150, "fast_path_fraction": 0.75,
-        "fast_path_refusals": {"custom collate_fn": 50},
+        "fast_path_refusals": {"custom collate_fn": 50}, "inline_requests": 40,
     }
     # Before the server reported a fraction (or NaN before any request).
     summary = metrics.fast_path_summary({"requests": 8, "fast_path_requests": 2})
@@ -86,11 +86,16 @@ def test_fast_path_summary_leaves_out_what_came_before_the_window():
     before = {"requests": 100, "fast_path_requests": 0, "fast_path_fraction": 0.0,
               "fast_path_refusals": {"schema": 100}}
     after = {"requests": 400, "fast_path_requests": 300, "fast_path_fraction": 0.75,
-             "fast_path_refusals": {"schema": 100}}
-    assert metrics.fast_path_summary(after, before) == {
+             "fast_path_refusals": {"schema": 100}, "inline_requests": 250}
+    assert metrics.fast_path_summary(after, {**before, "inline_requests": 50}) == {
         "server_requests": 300, "fast_path_requests": 300, "fast_path_fraction": 1.0,
-        "fast_path_refusals": {},
+        "fast_path_refusals": {}, "inline_requests": 200,
     }
+    merged = metrics.merge_fast_path([metrics.fast_path_summary(after, before)] * 2, [1, 1])
+    assert merged["inline_requests"] == 500
+    rows = {("batchserve", 1): {"inline_requests": 9, "server_requests": 10}}
+    assert report.inline_lines(rows) == [
+        "inline calls at 1 actors (batchserve): 9 of 10 requests served on the caller's thread"]
 
 
 def test_fast_path_summary_of_a_server_that_does_not_report_it():

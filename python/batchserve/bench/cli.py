@@ -223,7 +223,8 @@ def run(args, parser) -> int:
         out.print(report.table(scen, rows))
         for system, overhead in report.overhead_us(rows).items():
             out.print(f"overhead per call at 1 actor ({system} p50 − bare p50): {overhead:.1f} µs")
-        for line in report.refusal_lines(rows) + report.limit_lines(rows):
+        notes = report.refusal_lines(rows) + report.inline_lines(rows) + report.limit_lines(rows)
+        for line in notes:
             out.print(line)
     machine = report.machine()
     out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "

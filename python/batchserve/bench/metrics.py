@@ -67,9 +67,10 @@ def histogram_mean(histogram: Mapping[int, int]) -> float:
 def fast_path_summary(after: Mapping, before: Mapping | None = None) -> dict:
     """The fast path's share of the requests a server served, from its
     ``stats()``: ``server_requests`` and ``fast_path_requests`` (counts),
-    ``fast_path_fraction`` (0 to 1) and ``fast_path_refusals`` (reason ->
-    requests that took the general path), each None where the stats do not
-    say (torchrl's server, or keys a batchserve version does not report yet).
+    ``fast_path_fraction`` (0 to 1), ``fast_path_refusals`` (reason ->
+    requests that took the general path) and ``inline_requests`` (served on
+    their caller's thread), each None where the stats do not say (torchrl's
+    server, or keys a batchserve version does not report yet).
 
     ``after`` is the snapshot at the end of the measurement, ``before`` one
     at its start (after any reset of the counters). The counts and refusals
@@ -94,6 +95,9 @@ def fast_path_summary(after: Mapping, before: Mapping | None = None) -> dict:
         refusals = {reason: count for reason, count in refusals.items() if count > 0}
     else:
         refusals = None
+    inline = after.get("inline_requests")
+    if inline is not None:
+        inline -= before.get("inline_requests") or 0
     fraction = after.get("fast_path_fraction") if not before.get("requests") else None
     if fraction is not None:
         fraction = float(fraction)
@@ -106,6 +110,7 @@ def fast_path_summary(after: Mapping, before: Mapping | None = None) -> dict:
         "fast_path_requests": int(fast) if has_counts else None,
         "fast_path_fraction": fraction,
         "fast_path_refusals": refusals,
+        "inline_requests": int(inline) if inline is not None else None,
     }
 
 
@@ -150,9 +155,11 @@ def merge_fast_path(summaries: Iterable[Mapping], weights: Iterable[int]) -> dic
             refusals = refusals or {}
             for reason, count in s["fast_path_refusals"].items():
                 refusals[reason] = refusals.get(reason, 0) + count
+    inline = [s.get("inline_requests") for s in summaries]
     return {
         "server_requests": requests,
         "fast_path_requests": fast,
         "fast_path_fraction": fraction,
         "fast_path_refusals": refusals,
+        "inline_requests": sum(inline) if inline and None not in inline else None,
     }

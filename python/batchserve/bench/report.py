@@ -90,6 +90,18 @@ def refusal_lines(rows: dict) -> list[str]:
     return lines
 
 
+def inline_lines(rows: dict) -> list[str]:
+    """One line per row whose server served requests on their callers'
+    threads (inline calls: a lone caller finding the server idle)."""
+    lines = []
+    for (system, actors), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+        inline, served = row.get("inline_requests"), row.get("server_requests")
+        if inline and served:
+            lines.append(f"inline calls at {actors} actors ({system}): {inline:,} of "
+                         f"{served:,} requests served on the caller's thread")
+    return lines
+
+
 def limit_rps(null_row: dict) -> float | None:
     """The most any server can serve the null row's actors: their own loop
     (the null server's req/s, serving free) plus the model's share per
