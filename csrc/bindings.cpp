@@ -119,7 +119,7 @@ PYBIND11_MODULE(_core, m) {
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))
       .def("wait_for_work", &bindings::RequestQueue::wait_for_work, py::arg("timeout"))
       .def("configure", &bindings::RequestQueue::configure, py::arg("max_batch_size"),
-           py::arg("min_batch_size"), py::arg("timeout"))
+           py::arg("min_batch_size"), py::arg("timeout"), py::arg("idle_wait") = py::none())
       .def("collect", &bindings::RequestQueue::collect)
       .def("wake_resolved", &bindings::RequestQueue::wake_resolved)
       .def("prefetch", &bindings::RequestQueue::prefetch, py::arg("schema_id"), py::arg("columns"),

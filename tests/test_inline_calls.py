@@ -203,3 +203,47 @@ def test_the_runner_does_not_keep_the_server_alive():
 def test_a_queue_without_a_server_loop_serves_no_inline_call():
     queue = _core.RequestQueue(8)
     assert not queue.inline_runner_set
+
+
+class _CountingPolls:
+    """A weight_sync receiver (set up already) with nothing to send: counts
+    the server's polls."""
+
+    initialized_on_receiver = True
+    synchronized_on_receiver = True
+
+    def __init__(self):
+        self.polls = 0
+        self.polled_often = threading.Event()
+
+    def receive(self, timeout=None):
+        self.polls += 1
+        if self.polls >= 20:
+            self.polled_often.set()
+        return None
+
+
+def test_an_idle_server_polls_weight_sync_every_timeout():
+    weights = _CountingPolls()
+    with InferenceServer(ThreadRecorder(), ThreadingTransport(), timeout=0.001,
+                         weight_sync=weights):
+        assert weights.polled_often.wait(30)
+
+
+def test_an_idle_server_with_nothing_to_poll_seldom_wakes():
+    """No weight sync and no shutdown_event: it waits IDLE_WAIT_S at a time
+    (a request, a settings change or a shutdown still wake it at once)."""
+    from batchserve.server.server import IDLE_WAIT_S
+
+    transport = ThreadingTransport()
+    with InferenceServer(ThreadRecorder(), transport, timeout=0.001) as server:
+        batches = server._batches
+        calls = []
+        next_batch = batches.next_batch
+        batches.next_batch = lambda: calls.append(1) or next_batch()
+        window = 0.25
+        threading.Event().wait(window)  # a measurement window, not a synchronisation
+        # Under load the waits only get longer: this bound holds on any machine.
+        assert len(calls) <= window / IDLE_WAIT_S + 3
+        result = transport.client()(obs(2))  # a request wakes it at once
+        torch.testing.assert_close(result["action"], torch.full((3,), 4.0))

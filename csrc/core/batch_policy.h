@@ -1,7 +1,8 @@
 // The batching policy: when the server stops collecting and runs the model.
 //
-//  1. Wait up to `timeout` for a first request (an idle server wakes up every
-//     `timeout` so its owner can poll weight updates and settings).
+//  1. Wait up to `idle_wait` for a first request (an idle server wakes up
+//     every `idle_wait` so its owner can poll weight updates and look at
+//     what it must; settings changes and closing wake it at once).
 //  2. Take what is ready, up to `max_batch_size`.
 //  3. While fewer than `min_batch_size` are taken, keep collecting until the
 //     deadline = arrival of the oldest taken request + `timeout`. Later
@@ -33,6 +34,7 @@ struct BatchPolicy {
   size_t max_batch_size = 64;
   size_t min_batch_size = 1;
   int64_t timeout_ns = 10'000'000;
+  int64_t idle_wait_ns = -1;  // how long an idle collection waits (step 1); < 0: timeout_ns
 };
 
 // How long collect_batch may wait past min_batch_size for the batch to
@@ -60,6 +62,7 @@ class BatchSettings {
     max_batch_size_.store(p.max_batch_size, std::memory_order_release);
     min_batch_size_.store(p.min_batch_size, std::memory_order_release);
     timeout_ns_.store(p.timeout_ns, std::memory_order_release);
+    idle_wait_ns_.store(p.idle_wait_ns, std::memory_order_release);
     queue.interrupt();
   }
 
@@ -69,6 +72,8 @@ class BatchSettings {
     p.min_batch_size = std::min(
         std::max<size_t>(min_batch_size_.load(std::memory_order_acquire), 1), p.max_batch_size);
     p.timeout_ns = std::max<int64_t>(timeout_ns_.load(std::memory_order_acquire), 0);
+    const int64_t idle_wait = idle_wait_ns_.load(std::memory_order_acquire);
+    p.idle_wait_ns = idle_wait < 0 ? p.timeout_ns : idle_wait;
     return p;
   }
 
@@ -76,6 +81,7 @@ class BatchSettings {
   std::atomic<size_t> max_batch_size_{64};
   std::atomic<size_t> min_batch_size_{1};
   std::atomic<int64_t> timeout_ns_{10'000'000};
+  std::atomic<int64_t> idle_wait_ns_{-1};
 };
 
 namespace detail {
@@ -119,7 +125,7 @@ inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPoli
 // Collects one batch into `batch`. Requests already in `batch` on entry
 // (taken ahead by a Prefetcher) count as collected: only the min_batch_size
 // and fill phases run then. Returns with an empty batch when no request came within
-// `timeout` (or by the time the queue's intake has housekeeping due, see
+// `idle_wait` (or by the time the queue's intake has housekeeping due, see
 // RequestIntake::next_take_due_ns), when the queue is closed, or when the
 // settings changed while it
 // waited for a first request. While it collects toward min_batch_size it
@@ -134,7 +140,7 @@ inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& setti
                                  const FillHint& hint = FillHint{}) {
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
-  const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.timeout_ns);
+  const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.idle_wait_ns);
 
   while (batch.empty()) {
     if (queue.closed()) return {};

@@ -317,12 +317,15 @@ class RequestQueue {
   }
 
   // The batching policy's settings; a server sleeping in collect() applies
-  // them at once.
-  void configure(size_t max_batch_size, size_t min_batch_size, double timeout_s) {
+  // them at once. `idle_wait_s`: how long an idle collect() waits for a
+  // first request before it returns empty (None: `timeout_s`).
+  void configure(size_t max_batch_size, size_t min_batch_size, double timeout_s,
+                 std::optional<double> idle_wait_s) {
     BatchPolicy policy;
     policy.max_batch_size = max_batch_size;
     policy.min_batch_size = min_batch_size;
     policy.timeout_ns = seconds_to_ns(timeout_s);
+    if (idle_wait_s) policy.idle_wait_ns = seconds_to_ns(*idle_wait_s);
     collector_.configure(policy);
   }
 

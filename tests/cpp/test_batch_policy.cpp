@@ -109,6 +109,29 @@ TEST(CollectBatch, IdleTimeoutReturnsEmpty) {
   EXPECT_TRUE(dropped.empty());
 }
 
+TEST(CollectBatch, AnIdleWaitOfItsOwnBoundsTheWaitForAFirstRequest) {
+  RequestQueue q(16);
+  constexpr int64_t kIdleWait = 60 * kMs;
+  BatchPolicy policy = make_policy(8, 1, 1 * kMs);
+  policy.idle_wait_ns = kIdleWait;
+  std::vector<Request> batch, dropped;
+  const int64_t t0 = monotonic_ns();
+  collect(q, policy, batch, dropped);
+  EXPECT_TRUE(ran_to_timeout(monotonic_ns() - t0, kIdleWait));
+  EXPECT_TRUE(batch.empty());
+}
+
+TEST(BatchSettings, AnIdleWaitUnsetIsTheTimeout) {
+  RequestQueue q(4);
+  BatchSettings settings;
+  settings.store(make_policy(8, 1, 3 * kMs), q);
+  EXPECT_EQ(settings.load().idle_wait_ns, 3 * kMs);
+  BatchPolicy policy = make_policy(8, 1, 3 * kMs);
+  policy.idle_wait_ns = 0;
+  settings.store(policy, q);
+  EXPECT_EQ(settings.load().idle_wait_ns, 0);
+}
+
 TEST(CollectBatch, FirstRequestEndsIdleWait) {
   RequestQueue q(16);
   ServerThread server(q, make_policy(8, 1, kLongWait));

@@ -40,9 +40,12 @@ class NativeBatches:
         self._queue = transport.request_queue
         self._transport = transport
 
-    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
-        """Applies at once, even to a server asleep in next_batch()."""
-        self._queue.configure(max_batch_size, min_batch_size, timeout)
+    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float,
+                  idle_wait: float | None = None) -> None:
+        """Applies at once, even to a server asleep in next_batch().
+        ``idle_wait``: how long next_batch() waits for a first request
+        before it returns None (None: ``timeout``)."""
+        self._queue.configure(max_batch_size, min_batch_size, timeout, idle_wait)
 
     def next_batch(self):
         return native.collect(self._queue)
@@ -174,8 +177,10 @@ class ProtocolBatches:
     def items_of(batch) -> list:
         return batch.items
 
-    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float) -> None:
-        """Applies from the next batch (a protocol transport cannot be woken)."""
+    def configure(self, max_batch_size: int, min_batch_size: int, timeout: float,
+                  idle_wait: float | None = None) -> None:
+        """Applies from the next batch (a protocol transport cannot be woken,
+        so an idle server waits ``timeout`` at a time, whatever ``idle_wait``)."""
         self._settings = (max_batch_size, min_batch_size, timeout)
 
     def next_batch(self):

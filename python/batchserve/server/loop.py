@@ -132,6 +132,10 @@ class WorkerLoop:
         serves = self._transport.is_served_by(run or last_run)
         if serves:
             self._batches.close()
+        elif run is not None:
+            # The queue stays open: wake our worker from its idle wait
+            # (settings stored again interrupt it) so it sees its stop now.
+            self._server._configure_batches()
         # Called from the model (on the worker): its forward goes on and
         # hands back its results after this returns; the worker then stops.
         from_worker = worker is threading.current_thread()

@@ -38,6 +38,11 @@ from batchserve.weights.updates import check_weights, copy_weights, flat_weights
 
 _log = logging.getLogger("batchserve")
 
+# Seconds an idle server waits for work at a time when nothing else needs
+# looking at (see InferenceServer._configure_batches); it bounds how late a
+# worker whose transport a later server took over sees its stop.
+IDLE_WAIT_S = 0.1
+
 
 class InferenceServer(metaclass=ServerDeployment):
     """Auto-batching inference server.
@@ -98,8 +103,11 @@ class InferenceServer(metaclass=ServerDeployment):
         min_batch_size (int, optional): after the first request, keep
             collecting until this many or until ``timeout`` seconds after the
             oldest request arrived. Default: ``1`` (dispatch at once).
-        timeout (float, optional): seconds; the deadline above, and how long
-            an idle server waits before polling weight sync. Default: ``0.01``.
+        timeout (float, optional): seconds; the deadline above, and, with
+            ``weight_sync`` or ``shutdown_event`` set, how long an idle server
+            waits before polling them (without, it waits ``IDLE_WAIT_S`` =
+            0.1 s at a time: requests, settings changes and shutdown wake it
+            at once). Default: ``0.01``.
         collate_fn (Callable, optional): stacks a list of requests into a
             batch. Default: :func:`~tensordict.lazy_stack`.
         device (torch.device or str, optional): where batches (and the
@@ -288,7 +296,16 @@ class InferenceServer(metaclass=ServerDeployment):
     timeout = BatchingSetting(seconds)
 
     def _configure_batches(self) -> None:
-        self._batches.configure(self._max_batch_size, self._min_batch_size, self._timeout)
+        # An idle server wakes every `timeout` only when something is to be
+        # looked at then (weights to poll, the user's shutdown_event); else
+        # every IDLE_WAIT_S: new requests, settings changes and closing wake
+        # it anyway, and fewer wake-ups leave a lone caller the idle server
+        # its inline calls need.
+        idle_wait = (self._timeout
+                     if self.weight_sync is not None or self._shutdown_event is not None
+                     else max(self._timeout, IDLE_WAIT_S))
+        self._batches.configure(self._max_batch_size, self._min_batch_size, self._timeout,
+                                idle_wait)
 
     # -- policy version and weights ------------------------------------------
 
@@ -427,6 +444,7 @@ class InferenceServer(metaclass=ServerDeployment):
                 )
             if self._shutdown_event is not None:
                 self._shutdown_event.clear()
+            self._configure_batches()  # weight_sync may have been set since
             run, worker = self._loop.start(setup_timeout)
             self._run, self._worker, self._last_worker = run, worker, worker
             self._last_run = run
