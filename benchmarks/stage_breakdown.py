@@ -17,6 +17,11 @@ stages by wrapping them (so each figure includes a little timing overhead):
   processes: the copy into the response slots and the wake-ups);
 * ``other``: the rest of the loop (stats, prefetch, checks).
 
+Batches served inline (a lone caller serving its own request while the
+server idles, see docs/fast_path.md) are counted and timed in the same
+stages, on the caller's thread; the server's ``wait`` then spans them.
+``--no-inline-calls`` serves every batch on the server's thread.
+
 It is a diagnostic for the figures in docs/benchmarks.md, not a benchmark: compare
 systems with ``batchserve-bench``.
 """
@@ -45,6 +50,7 @@ class Timings:
     def __init__(self):
         self.ns = dict.fromkeys(("wait", "gather", "model", "hand-back", "serve"), 0)
         self.batches = 0
+        self.inline = 0  # batches served on their caller's thread
 
     def wrap(self, owner, name: str, stage: str, count: bool = False) -> None:
         original = getattr(owner, name)
@@ -60,9 +66,19 @@ class Timings:
 
         setattr(owner, name, timed)
 
+    def count_inline(self) -> None:
+        original = _loop.WorkerLoop.serve_inline
+
+        def counted(*args, **kwargs):
+            self.inline += 1
+            return original(*args, **kwargs)
+
+        _loop.WorkerLoop.serve_inline = counted
+
     def reset(self) -> None:
         self.ns = dict.fromkeys(self.ns, 0)
         self.batches = 0
+        self.inline = 0
 
 
 def _process_actor(client, counts, index: int, stop) -> None:
@@ -72,7 +88,8 @@ def _process_actor(client, counts, index: int, stop) -> None:
         counts[index] += 1
 
 
-def run(actors: int, seconds: float, timings: Timings, processes: bool, threads: int) -> None:
+def run(actors: int, seconds: float, timings: Timings, processes: bool, threads: int,
+        inline_calls: bool) -> None:
     policy = TensorDictModule(
         nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 8)),
         in_keys=["observation"],
@@ -81,7 +98,12 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
     configured = threading.local()
 
     def model(td):
-        if not getattr(configured, "done", False):  # torch's setting is per thread
+        # torch's setting is per thread: the server's fresh thread gets it.
+        # Not an actor's thread serving itself inline: set explicitly there,
+        # a count above one makes MKL fork a spinning team a thread left at
+        # the default does not (see the worker loop's main()).
+        on_server = threading.current_thread().name == "batchserve-worker"
+        if on_server and not getattr(configured, "done", False):
             torch.set_num_threads(threads)
             configured.done = True
         t0 = _clock()
@@ -115,7 +137,8 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
                 counts[i] += 1
 
         threads_or_processes = [threading.Thread(target=actor, args=(i,)) for i in range(actors)]
-    server = InferenceServer(model, transport, max_batch_size=64, timeout=0.001).start()
+    server = InferenceServer(model, transport, max_batch_size=64, timeout=0.001,
+                             inline_calls=inline_calls).start()
     for t in threads_or_processes:
         t.start()
     while sum(counts) < 1000:  # every actor is up (processes take a while)
@@ -127,6 +150,7 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
     elapsed, done = _clock() - t0, sum(counts) - done0
     snapshot = dict(timings.ns)
     batches = max(timings.batches, 1)
+    inline = timings.inline
     stop.set()
     for t in threads_or_processes:
         t.join()
@@ -144,6 +168,8 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
         ("other", other),
     ):
         print(f"      {stage:10s} {ns / batches / 1e3:8.1f} µs  {ns / elapsed * 100:5.1f}%")
+    if inline:
+        print(f"      ({inline:,} of {batches:,} batches served inline, on the caller's thread)")
 
 
 def main() -> None:
@@ -154,6 +180,8 @@ def main() -> None:
                         help="intra-op threads, in the main and the server's thread")
     parser.add_argument("--processes", action="store_true",
                         help="actor processes through a SharedMemoryTransport")
+    parser.add_argument("--no-inline-calls", action="store_true",
+                        help="serve every batch on the server's thread (inline_calls=False)")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     timings = Timings()
@@ -161,8 +189,10 @@ def main() -> None:
     timings.wrap(_loop.WorkerLoop, "serve_batch", "serve", count=True)
     timings.wrap(_fast_path.FastPath, "gather", "gather")
     timings.wrap(_fast_path.FastPath, "hand_back", "hand-back")
+    timings.count_inline()
     for actors in (int(a) for a in args.actors.split(",")):
-        run(actors, args.seconds, timings, args.processes, args.torch_threads)
+        run(actors, args.seconds, timings, args.processes, args.torch_threads,
+            not args.no_inline_calls)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,26 @@ BatchPolicy one_ms_policy() {
   return p;
 }
 
+// `n` batches, each of one request of `caller`, through the collector.
+void serve_alone(RequestCollector& c, uint32_t caller, uint32_t n) {
+  for (uint32_t i = 0; i < n; ++i) {
+    batchserve::Request r = make_request(i);
+    r.caller = caller;
+    ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
+    CollectedBatch batch = c.wait_for_batch(c.take_carried());
+    c.complete(batch);
+    ASSERT_EQ(batch.size(), 1u);
+  }
+}
+
 // The collector lets a caller in only while its server waits on an empty
-// queue and the caller is the only one it knows.
+// queue and the caller is the only one it knows, alone in its last batches.
 TEST(RequestCollector, InlineOnlyWhileTheServerWaitsIdleForTheOnlyCaller) {
   RequestCollector c(64);
   c.configure(one_ms_policy());
   c.attach_server();
-  EXPECT_FALSE(c.try_inline(1));  // the server is not waiting yet
+  serve_alone(c, 7, batchserve::FillEstimator::kSoloBatchesBeforeInline);
+  EXPECT_FALSE(c.try_inline(7));  // the server is not waiting
   std::atomic<bool> go{false};
   BackgroundCall server([&] {
     while (!go.load()) {
@@ -152,6 +165,36 @@ TEST(RequestCollector, InlineOnlyWhileTheServerWaitsIdleForTheOnlyCaller) {
 TEST(RequestCollector, NoInlineForAnUnknownCaller) {
   RequestCollector c(8);
   EXPECT_FALSE(c.try_inline(0));  // caller 0: unknown
+}
+
+// At start-up (nothing observed) and after a batch of two callers, no
+// caller is alone long enough to go inline.
+TEST(FillEstimator, InlineNeedsARunOfBatchesOfOneCallerAlone) {
+  using batchserve::FillEstimator;
+  using batchserve::FillOutcome;
+  FillEstimator e;
+  EXPECT_FALSE(e.sole_caller(3));
+  auto batch_of = [](std::vector<uint32_t> callers) {
+    std::vector<batchserve::Request> out;
+    for (uint32_t c : callers) {
+      batchserve::Request r;
+      r.caller = c;
+      out.push_back(r);
+    }
+    return out;
+  };
+  const std::vector<batchserve::Request> none;
+  for (uint32_t i = 1; i < FillEstimator::kSoloBatchesBeforeInline; ++i)
+    e.observe(batch_of({3}), none, FillOutcome{});
+  EXPECT_FALSE(e.sole_caller(3));                    // one batch short
+  e.observe(batch_of({3, 3}), none, FillOutcome{});  // two requests, one caller: alone still
+  EXPECT_TRUE(e.sole_caller(3));
+  EXPECT_FALSE(e.sole_caller(4));
+  e.note_caller(3);  // an inline call keeps the run going
+  EXPECT_TRUE(e.sole_caller(3));
+  e.observe(batch_of({3, 4}), none, FillOutcome{});
+  EXPECT_FALSE(e.sole_caller(3));
+  EXPECT_FALSE(e.sole_caller(4));
 }
 
 }  // namespace
