@@ -132,6 +132,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("server_spin_ns", &bindings::RequestQueue::server_spin_ns)
       .def("set_inline_runner", &bindings::RequestQueue::set_inline_runner, py::arg("runner"))
       .def_property_readonly("inline_runner_set", &bindings::RequestQueue::inline_runner_set)
+      .def("interrupt", &bindings::RequestQueue::interrupt)
       .def("attach_server", &bindings::RequestQueue::attach_server)
       .def("detach_server", &bindings::RequestQueue::detach_server)
 

@@ -247,3 +247,62 @@ def test_an_idle_server_with_nothing_to_poll_seldom_wakes():
         assert len(calls) <= window / IDLE_WAIT_S + 3
         result = transport.client()(obs(2))  # a request wakes it at once
         torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
+
+
+def test_a_server_taking_the_transport_over_drops_the_earlier_runner():
+    """Server B (inline_calls=False) takes over A's transport: A's runner
+    must not serve B's callers, before or after A stops."""
+    transport = ThreadingTransport()
+    model_a, model_b = ThreadRecorder(), ThreadRecorder()
+    server_a = InferenceServer(model_a, transport).start()
+    client = transport.client()
+    call_until_inline(server_a, client, model_a)
+    server_b = InferenceServer(model_b, transport, inline_calls=False).start()
+    try:
+        assert not transport.request_queue.inline_runner_set
+        server_a.shutdown()
+        calls_on_a = len(model_a.threads)
+        for i in range(40):
+            result = client(obs(i))
+            torch.testing.assert_close(result["action"], torch.full((3,), 2.0 * i))
+        assert len(model_a.threads) == calls_on_a
+        assert threading.get_ident() not in model_b.threads
+        assert server_b.stats()["inline_requests"] == 0
+    finally:
+        server_b.shutdown()
+
+
+def test_a_shutdown_from_an_inline_forward_does_not_wait_for_itself():
+    """The model calls shutdown(timeout=None) during an inline forward: the
+    worker waits for that forward, so shutdown must not wait for the worker."""
+    model = ThreadRecorder()
+    transport = ThreadingTransport()
+    server = InferenceServer(model, transport).start()
+    client = transport.client()
+    call_until_inline(server, client, model)
+    shut = threading.Event()
+    inner = model.forward
+
+    def forward(td):
+        if threading.get_ident() == me and not shut.is_set():
+            shut.set()
+            server.shutdown(timeout=None)  # from inside the caller's own forward
+        return inner(td)
+
+    me = threading.get_ident()
+    model.forward = forward
+    try:
+        for i in range(MAX_CALLS):
+            before = server.stats()["inline_requests"]
+            try:
+                client(obs(i))
+            except Exception:
+                break  # the server is shut down
+            if shut.is_set():
+                assert server.stats()["inline_requests"] > before
+                break
+        assert shut.is_set()
+    finally:
+        model.forward = inner
+        server.shutdown()
+    assert not server.is_alive

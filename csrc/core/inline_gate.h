@@ -21,9 +21,10 @@
 // or the queue closed) waits until the borrow ends before it may serve.
 // So the model, the staging buffers and the statistics are used by one
 // side at a time, and a server that attaches late is busy until its first
-// idle wait. A server that never attached (a queue collected without a
-// server loop) makes `busy` negative after its first idle wait: no caller
-// borrows then, which is the safe side.
+// idle wait. Every server must attach (the bindings' WorkerLoop does): a
+// collector that never attached makes `busy` negative after its first idle
+// wait, which keeps callers out only while it is the queue's one server;
+// beside an attached one it would let a caller borrow while it serves.
 //
 // All transitions take one mutex: the server's happen once per idle wait,
 // the caller's try_borrow never blocks (try_lock).

@@ -207,6 +207,9 @@ class RequestQueue {
     inline_runner_ = runner.is_none() ? py::object() : runner;
   }
   bool inline_runner_set() const { return static_cast<bool>(inline_runner_); }
+  // Wakes a server waiting for work (it returns from collect() with no
+  // batch and looks at its stop).
+  void interrupt() { queue().interrupt(); }
   void attach_server() { collector_.attach_server(); }
   void detach_server() { collector_.detach_server(); }
 
@@ -353,8 +356,18 @@ class RequestQueue {
     CollectedBatch collected;
     {
       GilRelease nogil;
-      collected = collector_.wait_for_batch(std::move(carried),
-                                            [&to_wake] { notify_and_release(to_wake); });
+      bool woken = false;
+      auto wake = [&] {  // once: in wait_for_batch, or here if it threw first
+        if (woken) return;
+        woken = true;
+        notify_and_release(to_wake);
+      };
+      try {
+        collected = collector_.wait_for_batch(std::move(carried), wake);
+      } catch (...) {
+        wake();
+        throw;
+      }
     }
     // Taking the GIL back can take a while when woken callers hold it; what
     // arrived meanwhile joins this batch (complete()).

@@ -66,6 +66,7 @@ class WorkerLoop:
         self._fast: FastPath | None = None
         self._fast_off = ""  # why this run has no fast path (stats' refusals)
         self._inline = False  # whether this run serves inline calls (see serve_inline)
+        self._inline_thread: int | None = None  # the thread serving one now, if any
 
     def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
         """Starts a run: records it on the transport, opens the batch source
@@ -132,13 +133,16 @@ class WorkerLoop:
         serves = self._transport.is_served_by(run or last_run)
         if serves:
             self._batches.close()
-        elif run is not None:
-            # The queue stays open: wake our worker from its idle wait
-            # (settings stored again interrupt it) so it sees its stop now.
-            self._server._configure_batches()
-        # Called from the model (on the worker): its forward goes on and
+        elif run is not None and self._transport.request_queue is not None:
+            # The queue stays open (it is the later server's, settings
+            # included): only wake our worker from its idle wait, so that
+            # it sees its stop now.
+            self._transport.request_queue.interrupt()
+        # Called from the model (on the worker, or on a caller serving
+        # itself inline, whom the worker waits for): its forward goes on and
         # hands back its results after this returns; the worker then stops.
-        from_worker = worker is threading.current_thread()
+        from_worker = (worker is threading.current_thread()
+                       or self._inline_thread == threading.get_ident())
         if worker is not None and not from_worker:
             worker.join(timeout)
         still_running = worker is not None and worker.is_alive() and not from_worker
@@ -186,8 +190,8 @@ class WorkerLoop:
         queue = self._transport.request_queue
         if queue is not None:
             queue.attach_server()  # busy until its first idle wait (see InlineGate)
-            if self._inline:
-                queue.set_inline_runner(_inline_runner(self, run))
+            # Ours, or none: an earlier server's must not serve our callers.
+            queue.set_inline_runner(_inline_runner(self, run) if self._inline else None)
         try:
             with torch.no_grad():
                 error = self._serve(run) or error
@@ -196,7 +200,7 @@ class WorkerLoop:
             error = closed_error(f"InferenceServer stopped: {exc!r}", exc)
         finally:
             if queue is not None:
-                if self._inline and self._transport.is_served_by(run):
+                if self._transport.is_served_by(run):
                     queue.set_inline_runner(None)  # a later server's stays
                 queue.detach_server()
             self._stop_serving(run, error)
@@ -261,6 +265,7 @@ class WorkerLoop:
         self._weight_sync.poll()
         if self._server.collect_stats:
             self._stats.record_inline()
+        self._inline_thread = threading.get_ident()  # a shutdown from the model must not wait
         try:
             with torch.no_grad():
                 # No prefetch: no other request is waiting for this batch.
@@ -268,6 +273,8 @@ class WorkerLoop:
         except Exception as exc:
             self._stats.record_failed_batch()
             batch.fail(exc)
+        finally:
+            self._inline_thread = None
 
     def serve_batch(self, batch, prefetch: bool = True) -> None:
         """Serves one collected batch: its fast-path rows with one forward
