@@ -79,13 +79,8 @@ class InlineGate {
     ended_.notify_all();
   }
 
-  bool borrowed() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return borrowed_;
-  }
-
  private:
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::condition_variable ended_;
   int busy_ = 0;
   int idle_ = 0;

@@ -131,9 +131,7 @@ class RequestQueue {
     if (!done) {
       const Completion::State left = completion->give_up();
       if (left == Completion::kDone && interrupted) {
-        // A signal (Ctrl-C) wins over a result that arrived meanwhile.
-        Py_DECREF(static_cast<PyObject*>(completion->outcome()));
-        completion->release();
+        discard_outcome(completion);  // a signal (Ctrl-C) wins over a result that arrived meanwhile
         throw py::error_already_set();
       }
       if (left != Completion::kDone) {
@@ -143,15 +141,7 @@ class RequestQueue {
       }
       // else the result won the race with the timeout
     }
-    py::object outcome =
-        py::reinterpret_steal<py::object>(static_cast<PyObject*>(completion->outcome()));
-    const bool is_error = completion->is_error();
-    completion->release();
-    if (is_error) {
-      set_error_from(outcome.ptr());
-      throw py::error_already_set();
-    }
-    return outcome;
+    return take_outcome(completion);
   }
 
   // The inline call (see InlineGate): the caller serves its own request,
@@ -188,16 +178,9 @@ class RequestQueue {
     }
     std::vector<Wake> settled = own->take();
     notify_and_release(settled);  // drops the request's reference; no one waits
-    py::object outcome =
-        py::reinterpret_steal<py::object>(static_cast<PyObject*>(completion->outcome()));
-    const bool is_error = completion->is_error();
-    completion->release();
-    if (raised) throw std::move(*raised);  // KeyboardInterrupt... in the caller's own forward
-    if (is_error) {
-      set_error_from(outcome.ptr());
-      throw py::error_already_set();
-    }
-    return outcome;
+    if (!raised) return take_outcome(completion);
+    discard_outcome(completion);
+    throw std::move(*raised);  // KeyboardInterrupt... in the caller's own forward
   }
 
   // Serves callers' requests inline while the server is idle (see
@@ -440,6 +423,27 @@ class RequestQueue {
  private:
   batchserve::RequestQueue& queue() { return collector_.queue(); }
   const batchserve::RequestQueue& queue() const { return collector_.queue(); }
+
+  // GIL held. The outcome of `completion` (ended kDone), the caller's
+  // reference dropped: the result, or the server's exception raised.
+  static py::object take_outcome(Completion* completion) {
+    py::object outcome =
+        py::reinterpret_steal<py::object>(static_cast<PyObject*>(completion->outcome()));
+    const bool is_error = completion->is_error();
+    completion->release();
+    if (is_error) {
+      set_error_from(outcome.ptr());
+      throw py::error_already_set();
+    }
+    return outcome;
+  }
+
+  // GIL held. Drops the outcome of `completion` (ended kDone) unread, and
+  // the caller's reference.
+  static void discard_outcome(Completion* completion) {
+    Py_XDECREF(static_cast<PyObject*>(completion->outcome()));
+    completion->release();
+  }
 
   OwnedRows match(PyObject* item, bool own_copy) {
     if (!schema_) return nullptr;
