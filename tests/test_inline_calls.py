@@ -230,23 +230,21 @@ def test_an_idle_server_polls_weight_sync_every_timeout():
         assert weights.polled_often.wait(30)
 
 
-def test_an_idle_server_with_nothing_to_poll_seldom_wakes():
-    """No weight sync and no shutdown_event: it waits IDLE_WAIT_S at a time
-    (a request, a settings change or a shutdown still wake it at once)."""
+@pytest.mark.parametrize("wake_for", [None, "weight_sync", "shutdown_event"])
+def test_an_idle_server_waits_timeout_only_when_it_has_something_to_poll(wake_for):
+    """With weight_sync or a shutdown_event, an idle server wakes every
+    `timeout` to look at them; with neither, every IDLE_WAIT_S (a request,
+    a settings change or a shutdown still wake it at once)."""
     from batchserve.server.server import IDLE_WAIT_S
 
-    transport = ThreadingTransport()
-    with InferenceServer(ThreadRecorder(), transport, timeout=0.001) as server:
-        batches = server._batches
-        calls = []
-        next_batch = batches.next_batch
-        batches.next_batch = lambda: calls.append(1) or next_batch()
-        window = 0.25
-        threading.Event().wait(window)  # a measurement window, not a synchronisation
-        # Under load the waits only get longer: this bound holds on any machine.
-        assert len(calls) <= window / IDLE_WAIT_S + 3
-        result = transport.client()(obs(2))  # a request wakes it at once
-        torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
+    kwargs = {"weight_sync": _CountingPolls()} if wake_for == "weight_sync" else (
+        {"shutdown_event": threading.Event()} if wake_for == "shutdown_event" else {})
+    server = InferenceServer(ThreadRecorder(), ThreadingTransport(), timeout=0.001, **kwargs)
+    configured = []
+    server._batches.configure = lambda *args: configured.append(args)
+    server.timeout = 0.002  # stores the settings again
+    assert configured == [(server.max_batch_size, server.min_batch_size, 0.002,
+                           0.002 if wake_for else IDLE_WAIT_S)]
 
 
 def test_a_server_taking_the_transport_over_drops_the_earlier_runner():

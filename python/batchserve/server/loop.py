@@ -218,10 +218,7 @@ class WorkerLoop:
         """Serves until stopped; returns the error that the requests left
         waiting get when a BaseException from the model stopped it."""
         batches = self._batches
-        user_stop = self._server._shutdown_event  # shutdown_event=: set by the user, it stops us
-        while not run.stop.is_set():
-            if user_stop is not None and user_stop.is_set():
-                return None
+        while not self._stopping(run):
             if self._weight_sync.polled:
                 batches.wake_resolved()  # applying new weights may take a while
             self._weight_sync.poll()
@@ -250,14 +247,19 @@ class WorkerLoop:
                 run.inflight = None
         return None
 
+    def _stopping(self, run: ServerRun) -> bool:
+        """Whether ``run`` is told to stop: by shutdown(), or by the user's
+        ``shutdown_event``."""
+        user_stop = self._server._shutdown_event
+        return run.stop.is_set() or (user_stop is not None and user_stop.is_set())
+
     def serve_inline(self, run: ServerRun, batch) -> None:
         """Serves an inline call: ``batch`` holds the one request of a caller
         that found the server idle and is served here, on the caller's
         thread, while the server waits (``csrc/core/inline_gate.h``). Ends
         the request in every case but a BaseException (KeyboardInterrupt...),
         which reaches the caller."""
-        user_stop = self._server._shutdown_event
-        if run.stop.is_set() or (user_stop is not None and user_stop.is_set()):
+        if self._stopping(run):
             batch.fail(_core.ServerClosedError(SHUTDOWN_MESSAGE))
             return
         # New weights are taken between batches, as the server takes them
