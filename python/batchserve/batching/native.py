@@ -28,7 +28,7 @@ DROPPED_MESSAGE = "batchserve: a batch was dropped before it was resolved"
 def _leaf_dict_type():
     """The type of the leaf dict ``TensorDict._new_unsafe`` gives a flat
     TensorDict, when ``_new_unsafe`` only sets the four attributes
-    :func:`row_results` sets (checked once, on this tensordict); else None."""
+    :func:`new_tensordict` sets (checked once, on this tensordict); else None."""
     probe = TensorDict._new_unsafe({"x": torch.zeros(())}, _EMPTY, None)
     plain = TensorDict.__setattr__ is object.__setattr__
     if plain and vars(probe).keys() == {"_device", "_tensordict", "_batch_size", "_td_dim_names"}:
@@ -39,30 +39,34 @@ def _leaf_dict_type():
 _LEAF_DICT = _leaf_dict_type()
 
 
-def row_results(keys, views: list, device: torch.device | None) -> list:
-    """One TensorDict of batch size ``[]`` per row: ``keys[j] -> views[j][i]``
-    for row ``i``, on ``device``, as ``TensorDict._new_unsafe`` builds it.
+def new_tensordict(leaves, batch_size: torch.Size, device: torch.device | None):
+    """A TensorDict of ``leaves`` (a dict, or ``(key, value)`` pairs; values
+    are tensors or TensorDicts already of ``batch_size`` and on ``device``:
+    nothing is checked), as ``TensorDict._new_unsafe`` builds it.
 
     ``_new_unsafe``'s own steps are taken here (when :func:`_leaf_dict_type`
-    found them to be the ones it takes): the call costs ~2.5x more per
-    TensorDict (keyword handling, a torch.compile check), and a batch builds
-    one per request, on the server thread.
+    found them to be the ones it takes): the call costs ~2.5x more (keyword
+    handling, a torch.compile check), and the fast path builds one
+    TensorDict per batch and one per request.
     """
-    leaf_dict, empty = _LEAF_DICT, _EMPTY
-    if leaf_dict is None:
-        new = TensorDict._new_unsafe
-        return [new(dict(zip(keys, row)), empty, device) for row in zip(*views)]
-    make = TensorDict.__new__
-    results = []
-    append = results.append
-    for row in zip(*views):
-        td = make(TensorDict)
-        td._device = device
-        td._tensordict = leaf_dict(zip(keys, row))
-        td._batch_size = empty
-        td._td_dim_names = None
-        append(td)
-    return results
+    if _LEAF_DICT is None:
+        return TensorDict._new_unsafe(dict(leaves), batch_size, device)
+    td = _NEW(TensorDict)
+    td._device = device
+    td._tensordict = _LEAF_DICT(leaves)
+    td._batch_size = batch_size
+    td._td_dim_names = None
+    return td
+
+
+_NEW = TensorDict.__new__
+
+
+def row_results(keys, views: list, device: torch.device | None) -> list:
+    """One TensorDict of batch size ``[]`` per row: ``keys[j] -> views[j][i]``
+    for row ``i``, on ``device`` (see :func:`new_tensordict`)."""
+    new, empty = new_tensordict, _EMPTY
+    return [new(zip(keys, row), empty, device) for row in zip(*views)]
 
 
 def _end(outcomes) -> None:
@@ -203,8 +207,8 @@ class NativeBatch:
         n = batch.rows
         if not n:
             return  # already failed (e.g. by a shutdown)
-        for column in columns:
-            if len(column) != n:
+        for column in columns:  # a list column holds metadata objects, one per row
+            if (len(column) if type(column) is list else column.shape[0]) != n:
                 raise ValueError(f"resolve_rows: every column must have {n} rows")
         # unbind makes n views in one call; for one row, indexing is cheaper.
         # A list column (non-tensor metadata) holds one object per row already.

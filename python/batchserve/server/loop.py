@@ -359,7 +359,6 @@ class WorkerLoop:
                                          fast_path=True)
         # Read before the hand-back, which takes the rows.
         callers = batch.rows_callers if server.collect_stats else ()
-        submitted_ns = batch.rows_submitted_ns if callers else ()
         fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
         if server.collect_stats:
             end_ns = _core.monotonic_ns()
