@@ -1,9 +1,9 @@
 // FillEstimator: how many requests the server should expect in a batch, and
-// how long it may wait for them (the FillHint that collect_batch's fill step
-// takes; see batch_policy.h).
+// how long it may wait for each next one (the FillHint that collect_batch's
+// fill step takes; see batch_policy.h).
 //
-// Actors that each wait for their own result come back together after a
-// hand-back. The estimator learns who they are and how long they take:
+// Actors that each wait for their own result come back one after another
+// after a hand-back. The estimator learns who they are and their pace:
 //
 //   - A caller (Request::caller, 0: unknown) is active from the batch that
 //     holds one of its requests. The target is the number of active callers.
@@ -11,13 +11,15 @@
 //     missing callers are not coming back soon (an environment step that
 //     takes longer, a thread that ended): the active set becomes the callers
 //     of that batch.
-//   - The budget is twice a moving average of the waits that did reach the
-//     target, halved for each wait that ran out (and restored as waits reach
-//     it again), within [kMinBudgetNs, kMaxBudgetNs]. Callers that seldom
-//     come back together (a pool of threads sending now and then) so cost
-//     at most kMinBudgetNs per batch once their waits keep running out.
-//     collect_batch caps the budget by the batch timeout too: no request
-//     waits past the oldest one's arrival + timeout.
+//   - The budget (how long the fill waits for the next request) is
+//     kGapFactor times a moving average of the gaps between the requests
+//     that came during fill waits, halved for each wait that ran out (and
+//     restored as waits reach the target again), within [kMinBudgetNs,
+//     kMaxBudgetNs]. Callers that seldom come back together (a pool of
+//     threads sending now and then) so cost at most kMinBudgetNs per batch
+//     once their waits keep running out. collect_batch caps every wait by
+//     the batch timeout too: no request waits past the oldest one's
+//     arrival + timeout.
 //
 // Threads: observe() is serialised by the owner (RequestCollector::complete,
 // with the GIL held); hint() may run on any thread at any time (a server
@@ -43,8 +45,11 @@ class FillEstimator {
   // caller is better served by the next batch.
   static constexpr int64_t kMinBudgetNs = 20'000;
   static constexpr int64_t kMaxBudgetNs = 2'000'000;
-  // The first waits, before any has been measured.
-  static constexpr int64_t kInitialWaitNs = 100'000;
+  // The gap between arrivals assumed before any has been measured.
+  static constexpr int64_t kInitialGapNs = 50'000;
+  // The budget over the mean gap: arrivals spaced at random (exponential
+  // gaps) come within 3 mean gaps 95% of the time.
+  static constexpr int64_t kGapFactor = 3;
   // Callers remembered at most (a server with more forgets them all but the
   // last batch's: the target then counts those).
   static constexpr size_t kMaxTracked = 4096;
@@ -80,7 +85,10 @@ class FillEstimator {
       for (const Request& r : *part)
         if (r.caller != 0) active_.insert(r.caller);
     note_batch_callers(rows, others);
-    if (outcome.reached) mean_wait_ns_ += (outcome.waited_ns - mean_wait_ns_) / 8;
+    if (outcome.gained > 0) {
+      const int64_t gap = outcome.gain_span_ns / static_cast<int64_t>(outcome.gained);
+      mean_gap_ns_ += (gap - mean_gap_ns_) / 8;
+    }
     if (missed) {
       misses_ = std::min(misses_ + 1, kMaxHalvings);
     } else if (outcome.reached && misses_ > 0) {
@@ -109,7 +117,7 @@ class FillEstimator {
   void publish() {
     target_.store(active_.size(), std::memory_order_relaxed);
     budget_ns_.store(
-        std::clamp<int64_t>((2 * mean_wait_ns_) >> misses_, kMinBudgetNs, kMaxBudgetNs),
+        std::clamp<int64_t>((kGapFactor * mean_gap_ns_) >> misses_, kMinBudgetNs, kMaxBudgetNs),
         std::memory_order_relaxed);
   }
 
@@ -140,10 +148,10 @@ class FillEstimator {
   std::unordered_set<uint32_t> active_;
   uint32_t solo_caller_ = 0;   // the caller of the last batches, if they had one alone
   uint32_t solo_batches_ = 0;  // how many (up to kSoloBatchesBeforeInline)
-  int64_t mean_wait_ns_ = kInitialWaitNs;
+  int64_t mean_gap_ns_ = kInitialGapNs;
   int misses_ = 0;  // the budget's halvings: +1 per wait that ran out, -1 per one that reached
   std::atomic<size_t> target_{0};
-  std::atomic<int64_t> budget_ns_{2 * kInitialWaitNs};
+  std::atomic<int64_t> budget_ns_{kGapFactor * kInitialGapNs};
 };
 
 }  // namespace batchserve

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <thread>
 #include <tuple>
@@ -487,7 +488,30 @@ TEST(FillBatch, WaitsForTheTargetAndReturnsWhenReached) {
   EXPECT_LT(server.call.elapsed_ns(), kLongWait);
   // It waited (unless the later requests came before it looked), and got them.
   const FillOutcome& outcome = server.fill;
-  EXPECT_TRUE(!outcome.waited || (outcome.reached && outcome.waited_ns > 0));
+  EXPECT_TRUE(!outcome.waited || (outcome.reached && outcome.gained == 2));
+}
+
+// The budget counts from the latest arrival, not from the start of the wait:
+// callers that keep coming one after another are all waited for. (Request 1
+// is stamped as arriving 3 s from now, as if it came then, so that the test
+// need not time real arrivals; the server may take it before its fill step
+// starts or during it.)
+TEST(FillBatch, EachArrivalExtendsTheWait) {
+  RequestQueue q(16);
+  constexpr int64_t kBudget = 1 * kSec;
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ServerThread server(q, make_policy(16, 1, kLongWait), hint(3, kBudget));
+  wait_until_taken(q);
+  Request later = make_request(1);
+  later.submit_ns = monotonic_ns() + 3 * kSec;
+  ASSERT_EQ(q.push(later, 0), PushResult::kOk);
+  std::this_thread::sleep_for(std::chrono::nanoseconds(kBudget + kBudget / 2));
+  EXPECT_FALSE(server.call.returned());  // past the budget from the start: still waiting
+  ASSERT_EQ(q.push(make_request(2), 0), PushResult::kOk);
+  server.call.join();
+  EXPECT_EQ(ids(server.batch), (std::vector<uint64_t>{0, 1, 2}));
+  EXPECT_TRUE(server.fill.reached);
+  EXPECT_GE(server.fill.gain_span_ns, 2 * kSec);  // to request 1's arrival
 }
 
 // Short of the target, it gives up at the end of the budget.

@@ -1,5 +1,6 @@
 // FillEstimator: the fill step's target (the callers expected back) and its
-// budget (learned from the waits that reached the target).
+// budget (learned from the gaps between the requests that came during fill
+// waits).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -25,11 +26,14 @@ std::vector<Request> from_callers(const std::vector<uint32_t>& callers) {
   return out;
 }
 
-FillOutcome outcome(bool waited, bool reached, int64_t waited_ns) {
+// A fill step that waited (or not) and reached its target (or not), having
+// taken `gained` requests, the last `gain_span_ns` after it started.
+FillOutcome outcome(bool waited, bool reached, size_t gained = 0, int64_t gain_span_ns = 0) {
   FillOutcome o;
   o.waited = waited;
   o.reached = reached;
-  o.waited_ns = waited_ns;
+  o.gained = gained;
+  o.gain_span_ns = gain_span_ns;
   return o;
 }
 
@@ -41,46 +45,50 @@ TEST(FillEstimator, StartsWithNoTarget) {
 
 TEST(FillEstimator, TheTargetCountsTheCallersSeen) {
   FillEstimator e;
-  e.observe(from_callers({1, 2}), from_callers({3}), outcome(false, false, 0));
+  e.observe(from_callers({1, 2}), from_callers({3}), outcome(false, false));
   EXPECT_EQ(e.hint().target, 3u);
-  e.observe(from_callers({2, 4}), {}, outcome(false, false, 0));
+  e.observe(from_callers({2, 4}), {}, outcome(false, false));
   EXPECT_EQ(e.hint().target, 4u);  // 1 and 3 are still expected back
 }
 
 TEST(FillEstimator, UnknownCallersAreNotCounted) {
   FillEstimator e;
-  e.observe(from_callers({0, 0, 7}), {}, outcome(false, false, 0));
+  e.observe(from_callers({0, 0, 7}), {}, outcome(false, false));
   EXPECT_EQ(e.hint().target, 1u);
 }
 
 TEST(FillEstimator, AWaitThatRanOutForgetsTheMissingCallers) {
   FillEstimator e;
-  e.observe(from_callers({1, 2, 3, 4}), {}, outcome(false, false, 0));
-  e.observe(from_callers({1, 2}), {}, outcome(true, false, 300'000));
+  e.observe(from_callers({1, 2, 3, 4}), {}, outcome(false, false));
+  e.observe(from_callers({1, 2}), {}, outcome(true, false, 1, 300'000));
   EXPECT_EQ(e.hint().target, 2u);
 }
 
-TEST(FillEstimator, TheBudgetFollowsTheWaitsThatReachedTheTarget) {
+TEST(FillEstimator, TheBudgetFollowsTheGapsBetweenArrivals) {
   FillEstimator e;
-  for (int i = 0; i < 200; ++i) e.observe(from_callers({1, 2}), {}, outcome(true, true, 50'000));
-  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
-  // A wait that ran out halves the budget (its length teaches nothing);
-  // one that reached the target again restores it.
-  e.observe(from_callers({1}), {}, outcome(true, false, 1'000'000));
-  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 50'000.0, 2'500.0);
-  e.observe(from_callers({1, 2}), {}, outcome(true, true, 50'000));
-  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 100'000.0, 5'000.0);
+  // 4 requests came 40 µs apart on average (the last 160 µs in).
+  for (int i = 0; i < 200; ++i)
+    e.observe(from_callers({1, 2, 3, 4, 5}), {}, outcome(true, true, 4, 160'000));
+  const double budget = FillEstimator::kGapFactor * 40'000.0;
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), budget, budget / 20);
+  // A wait that ran out halves the budget; one that reached the target
+  // again restores it. Waits that took no request teach no gap.
+  e.observe(from_callers({1}), {}, outcome(true, false));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), budget / 2, budget / 40);
+  e.observe(from_callers({1, 2}), {}, outcome(true, true, 1, 40'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), budget, budget / 20);
 }
 
 // Callers that seldom come back together (a pool of threads sending now and
 // then): each wait runs out, and the budget falls to its floor.
 TEST(FillEstimator, WaitsThatKeepRunningOutCostTheFloor) {
   FillEstimator e;
-  for (int i = 0; i < 200; ++i) e.observe(from_callers({1, 2}), {}, outcome(true, true, 500'000));
-  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 1'000'000.0, 50'000.0);
+  for (int i = 0; i < 200; ++i)
+    e.observe(from_callers({1, 2}), {}, outcome(true, true, 1, 300'000));
+  EXPECT_NEAR(static_cast<double>(e.hint().budget_ns), 900'000.0, 45'000.0);
   for (uint32_t caller = 3; caller < 40; ++caller) {
-    e.observe(from_callers({caller}), {}, outcome(false, false, 0));       // no wait: target met
-    e.observe(from_callers({caller + 100}), {}, outcome(true, false, 0));  // the other never came
+    e.observe(from_callers({caller}), {}, outcome(false, false));       // no wait: target met
+    e.observe(from_callers({caller + 100}), {}, outcome(true, false));  // the other never came
   }
   EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMinBudgetNs);
   EXPECT_EQ(e.hint().target, 1u);
@@ -88,9 +96,10 @@ TEST(FillEstimator, WaitsThatKeepRunningOutCostTheFloor) {
 
 TEST(FillEstimator, TheBudgetStaysWithinItsBounds) {
   FillEstimator e;
-  for (int i = 0; i < 200; ++i) e.observe(from_callers({1}), {}, outcome(true, true, 0));
+  for (int i = 0; i < 200; ++i) e.observe(from_callers({1}), {}, outcome(true, true, 1, 0));
   EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMinBudgetNs);
-  for (int i = 0; i < 200; ++i) e.observe(from_callers({1}), {}, outcome(true, true, 60'000'000));
+  for (int i = 0; i < 200; ++i)
+    e.observe(from_callers({1}), {}, outcome(true, true, 1, 60'000'000));
   EXPECT_EQ(e.hint().budget_ns, FillEstimator::kMaxBudgetNs);
 }
 
@@ -105,7 +114,7 @@ TEST(FillEstimator, HintIsSafeFromAnyThread) {
     }
   });
   for (int i = 0; i < 20000; ++i)
-    e.observe(from_callers({1, 2, 3}), {}, outcome(true, i % 2 == 0, 40'000));
+    e.observe(from_callers({1, 2, 3}), {}, outcome(true, i % 2 == 0, 1, 40'000));
   reader.join();
 }
 
