@@ -29,6 +29,7 @@
 
 #include "core/futex.h"
 #include "core/shared_slots.h"
+#include "core/slot_echo.h"
 #include "core/weight_banks.h"
 #include "python/batch.h"
 #include "python/pyutil.h"
@@ -176,6 +177,22 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("server_dead", &SharedSlots::server_dead)
       .def_property_readonly("owned_slots", &SharedSlots::owned_slots)
       .def_property_readonly("ready_count", &SharedSlots::ready_count);
+
+  // The benchmark harness's server that costs nothing for process actors
+  // (csrc/core/slot_echo.h); `response_rows`: one bytes object per response leaf.
+  py::class_<SlotEcho>(m, "SlotEcho")
+      .def(py::init([](std::shared_ptr<SharedSlots> segment, const std::vector<py::bytes>& rows) {
+             std::vector<std::vector<uint8_t>> response_rows;
+             for (const py::bytes& row : rows) {
+               const std::string data = row;
+               response_rows.emplace_back(data.begin(), data.end());
+             }
+             return std::make_unique<SlotEcho>(std::move(segment), std::move(response_rows));
+           }),
+           py::arg("segment"), py::arg("response_rows"))
+      .def("start", &SlotEcho::start)
+      .def("stop", &SlotEcho::stop, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("answered", &SlotEcho::answered);
 
   py::class_<SlotServer, std::shared_ptr<SlotServer>>(m, "SlotServer")
       .def(py::init<std::shared_ptr<SharedSlots>, uint64_t, std::vector<py::object>,

@@ -368,6 +368,43 @@ def test_a_dying_torchrl_server_is_reported_not_waited_for(bench_support_on_path
         measure("torchrl", scen, 2, 0)
 
 
+@pytest.mark.timeout(300)
+def test_the_null_server_of_process_actors_answers_through_the_slots():
+    """Process actors' null server is the C++ echo on a SharedMemoryTransport
+    (a round trip through the slots, no model): every request answered with
+    the policy's output for one request, and the model timed at the actors'
+    batch as for thread actors."""
+    scen = scenario.Scenario(
+        actors="processes", actor_counts=[2], hidden=[16], requests=40, warmup=0.05, rounds=1,
+    ).validate()
+    m = measure(systems.NULL, scen, 2, 0)
+    assert m.requests == 40 and len(m.latencies_ns) == 40
+    assert m.batch_sizes == {2: 64}  # the forwards timed at 2 actors' batch
+
+
+def test_the_echo_server_answers_with_the_response_it_was_given():
+    from tensordict import TensorDict
+
+    import batchserve
+    from batchserve.bench.null_server import EchoServer
+
+    transport = batchserve.SharedMemoryTransport(
+        TensorDict({"observation": torch.zeros(4)}),
+        TensorDict({"action": torch.zeros(3), "policy_version": torch.zeros((), dtype=torch.long)}),
+        num_slots=4,
+    )
+    answer = TensorDict({"action": torch.arange(3.0), "extra": torch.ones(2)})
+    server = EchoServer(transport, answer)
+    assert not server.is_alive and server.start().is_alive and server.stats() == {}
+    try:
+        result = transport.client()(TensorDict({"observation": torch.ones(4)}), timeout=30)
+        assert result["action"].tolist() == [0.0, 1.0, 2.0]
+        assert result["policy_version"].item() == 0  # a key it was not given: zeros
+    finally:
+        server.shutdown()
+    assert not server.is_alive
+
+
 def test_request_count_runs_measure_exactly_that_many():
     scen = scenario.Scenario(
         actor_counts=[3], hidden=[16], requests=50, warmup=0.05, rounds=1

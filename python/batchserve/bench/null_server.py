@@ -1,18 +1,28 @@
 """The null server: the limit a scenario's actors allow any server.
 
-Its clients answer every request at once with a response computed when the
-transport was made: no queue, no model, no thread. The actors run exactly
-the loop they run against a real server (the same request building, the
-same client wrapping: torchrl's PolicyClientModule submits to it and waits
-on the answer), so its req/s is what those actors can send when serving
-costs nothing. With thread actors that is the GIL's limit: every server's
-req/s at that actor count is at most this, and a target above it cannot be
-met by any server (issue 19 asks for the ratio to it).
+Thread actors: its clients answer every request at once with a response
+computed when the transport was made: no queue, no model, no thread. The
+actors run exactly the loop they run against a real server (the same
+request building, the same client wrapping: torchrl's PolicyClientModule
+submits to it and waits on the answer), so its req/s is what those actors
+can send when serving costs nothing. That is the GIL's limit: every
+server's req/s at that actor count is at most this, and a target above it
+cannot be met by any server (issue 19 asks for the ratio to it).
+
+Process actors: answering in the actor's own process would leave out the
+hand-off between processes, most of what a request costs there. Their
+requests go through a :class:`batchserve.SharedMemoryTransport`'s slots, as
+batchserve's do, and a C++ thread answers each with the same response rows
+(:class:`EchoServer`, ``csrc/core/slot_echo.h``): no model, no Python, no
+batching policy; the floor of a round trip through the slots.
 """
 
 from __future__ import annotations
 
+import torch
 from tensordict import TensorDictBase
+
+from batchserve import _core
 
 
 class Answered:
@@ -89,3 +99,30 @@ class NullServer:
 
     def shutdown(self, timeout=None) -> None:
         self._alive = False
+
+
+class EchoServer(NullServer):
+    """The null server of process actors: a ``_core.SlotEcho`` answering
+    every request in ``transport``'s slots with ``response`` (one request's
+    output; the response keys it lacks, the policy version, are zeros)."""
+
+    def __init__(self, transport, response: TensorDictBase):
+        super().__init__()
+        layout = transport.response_layout
+        rows = []
+        for key, dtype, shape in zip(layout.keys, layout.dtypes, layout.shapes):
+            value = response.get(key, None)
+            leaf = torch.zeros(shape, dtype=dtype) if value is None else value.to(dtype)
+            rows.append(leaf.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        self._transport = transport
+        self._echo = _core.SlotEcho(transport.segment, rows)
+
+    def start(self) -> EchoServer:
+        self._echo.start()
+        return super().start()
+
+    def shutdown(self, timeout=None) -> None:
+        if self.is_alive:
+            self._echo.stop()
+        super().shutdown(timeout)
+        self._transport.server_stopped()

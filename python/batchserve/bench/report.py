@@ -134,8 +134,8 @@ def limit_lines(rows: dict) -> list[str]:
         limit = limit_rps(row) if system == "null" else None
         if limit is None:
             continue
-        text = (f"limit at {actors} actors: {limit:,.0f} req/s (actors alone "
-                f"{row['requests_per_s']:,.0f} req/s with the null server; model "
+        text = (f"limit at {actors} actors: {limit:,.0f} req/s (the actors against the "
+                f"null server {row['requests_per_s']:,.0f} req/s; model "
                 f"{_fmt(row['forward_ms_p50'], 3)} ms per batch of "
                 f"{_fmt(row['batch_size_mean'], 0)})")
         ref = rows.get(("torchrl", actors))

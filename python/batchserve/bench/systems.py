@@ -7,7 +7,8 @@ torchrl users reach for first. Every system gets the same model, the same
 collate_fn (the scenario's ``collate``) and the same client wrapping (its
 ``client``, see ``batchserve.bench.workload.make_client``). With --limit
 the "null" system runs too: the same actors against a server that costs
-nothing (``batchserve.bench.null_server``), their limit.
+nothing (``batchserve.bench.null_server``; for process actors an echo
+through the shared-memory slots), their limit.
 """
 
 from __future__ import annotations
@@ -106,13 +107,13 @@ def slot_specs(scenario: Scenario, actors: int, policy):
 
 def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int = 1,
                    policy=None):
-    if system == NULL:
+    if system == NULL and scenario.actors != "processes":
         from batchserve.bench.null_server import NullTransport
 
         return NullTransport(one_response(scenario, policy))
     if scenario.actors == "processes":
         request, response, num_slots = slot_specs(scenario, actors, policy)
-        if system == "batchserve":
+        if system in ("batchserve", NULL):  # the null server: an echo through the slots
             import batchserve
 
             return batchserve.SharedMemoryTransport(request, response, num_slots=num_slots)
@@ -134,8 +135,10 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
 
 def make_server(system: str, model, transport, scenario: Scenario):
     if system == NULL:
-        from batchserve.bench.null_server import NullServer
+        from batchserve.bench.null_server import EchoServer, NullServer
 
+        if scenario.actors == "processes":
+            return EchoServer(transport, one_response(scenario, model.policy))
         return NullServer()
     if system == "batchserve":
         import batchserve

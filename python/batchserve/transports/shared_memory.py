@@ -441,6 +441,17 @@ class SharedMemoryTransport(NativeTransport):
         return self._layout.copy_result
 
     @property
+    def segment(self) -> _core.SharedSlots:
+        """The shared-memory segment, as mapped in this process."""
+        return self._segment
+
+    @property
+    def response_layout(self) -> SlotSpec:
+        """The response leaves in slot order: keys, dtypes, shapes (per
+        request), as each slot's response rows hold them."""
+        return self._layout.response
+
+    @property
     def _response_slots(self) -> TensorDict:
         """The response rows of every slot, as torchrl's transport names its
         bank: a TensorDict of batch size ``[num_slots, *response batch size]``
