@@ -192,7 +192,7 @@ class RequestCollector {
   // and sets the spin of its next wait (see SpinBudget).
   void adapt_server_spin(const CollectedBatch& batch) {
     if (batch.idle_gap_ns_ >= 0) spin_.observe(batch.idle_gap_ns_);
-    queue_.set_server_spin_ns(spin_.budget_ns(fill_.hint().target, cores()));
+    queue_.set_server_spin_ns(spin_.budget_ns(fill_.active_callers(), cores()));
   }
 
  private:

@@ -150,6 +150,28 @@ TEST(RequestCollector, APrefetchWithNothingQueuedStartsNothing) {
   EXPECT_TRUE(c.finish_prefetch().rows.empty());
 }
 
+// Callers in other processes are not waited for by the fill step, but they
+// still want cores: with more of them than cores, the server never spins,
+// however short its waits (the gaps here are as short as a thread start).
+TEST(RequestCollector, CallersInOtherProcessesCountAgainstTheCores) {
+  RequestCollector c(8);
+  c.configure(policy(8, 1, 50 * kMs));
+  const size_t callers = RequestCollector::cores() + 1;
+  for (size_t i = 0; i < SpinBudget::kMinSamples + callers; ++i) {
+    BackgroundCall producer([&] {
+      Request r = batchserve_test::make_request(1000 + i);
+      r.caller = batchserve::kSlotCallerBit | static_cast<uint32_t>(i % callers);
+      ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
+    });
+    CollectedBatch batch = c.wait_for_batch({});
+    producer.join();
+    c.complete(batch);
+    ASSERT_EQ(batch.size(), 1u);
+    c.adapt_server_spin(batch);
+  }
+  EXPECT_EQ(c.queue().server_spin_ns(), 0);
+}
+
 // The server learns the gaps it waits on an empty queue; a caller that
 // comes back after 200 µs or more is not worth a spin.
 TEST(RequestCollector, TheServerDoesNotSpinForCallersThatTakeLonger) {

@@ -51,6 +51,20 @@ TEST(FillEstimator, TheTargetCountsTheCallersSeen) {
   EXPECT_EQ(e.hint().target, 4u);  // 1 and 3 are still expected back
 }
 
+// Callers in other processes (shared-memory slots) are active (the spin
+// budget counts them) but not waited for: the target counts this process's.
+TEST(FillEstimator, CallersInOtherProcessesAreNotWaitedFor) {
+  using batchserve::kSlotCallerBit;
+  FillEstimator e;
+  e.observe(from_callers({1, 2, kSlotCallerBit | 0, kSlotCallerBit | 1, kSlotCallerBit | 7}), {},
+            outcome(false, false));
+  EXPECT_EQ(e.hint().target, 2u);
+  EXPECT_EQ(e.active_callers(), 5u);
+  e.observe(from_callers({kSlotCallerBit | 3}), {}, outcome(false, false));
+  EXPECT_EQ(e.hint().target, 2u);
+  EXPECT_EQ(e.active_callers(), 6u);
+}
+
 TEST(FillEstimator, UnknownCallersAreNotCounted) {
   FillEstimator e;
   e.observe(from_callers({0, 0, 7}), {}, outcome(false, false));
