@@ -150,17 +150,18 @@ TEST(RequestCollector, APrefetchWithNothingQueuedStartsNothing) {
   EXPECT_TRUE(c.finish_prefetch().rows.empty());
 }
 
-// Callers in other processes are not waited for by the fill step, but they
-// still want cores: with more of them than cores, the server never spins,
-// however short its waits (the gaps here are as short as a thread start).
-TEST(RequestCollector, CallersInOtherProcessesCountAgainstTheCores) {
-  RequestCollector c(8);
-  c.configure(policy(8, 1, 50 * kMs));
-  const size_t callers = RequestCollector::cores() + 1;
-  for (size_t i = 0; i < SpinBudget::kMinSamples + callers; ++i) {
+// Serves `count` batches of one request each: request i comes from caller
+// `caller_of(i)`, pushed by a thread of its own `delay` after the server
+// starts waiting on the empty queue; the server adapts its spin after each
+// (as the bindings do).
+template <typename CallerOf>
+void serve_one_at_a_time(RequestCollector& c, size_t count, std::chrono::microseconds delay,
+                         CallerOf&& caller_of) {
+  for (size_t i = 0; i < count; ++i) {
     BackgroundCall producer([&] {
+      std::this_thread::sleep_for(delay);
       Request r = batchserve_test::make_request(1000 + i);
-      r.caller = batchserve::kSlotCallerBit | static_cast<uint32_t>(i % callers);
+      r.caller = caller_of(i);
       ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
     });
     CollectedBatch batch = c.wait_for_batch({});
@@ -169,6 +170,18 @@ TEST(RequestCollector, CallersInOtherProcessesCountAgainstTheCores) {
     ASSERT_EQ(batch.size(), 1u);
     c.adapt_server_spin(batch);
   }
+}
+
+// Callers in other processes are not waited for by the fill step, but they
+// still want cores: with more of them than cores, the server never spins,
+// however short its waits (the gaps here are as short as a thread start).
+TEST(RequestCollector, CallersInOtherProcessesCountAgainstTheCores) {
+  RequestCollector c(8);
+  c.configure(policy(8, 1, 50 * kMs));
+  const size_t callers = RequestCollector::cores() + 1;
+  serve_one_at_a_time(
+      c, SpinBudget::kMinSamples + callers, std::chrono::microseconds(0),
+      [&](size_t i) { return batchserve::kSlotCallerBit | static_cast<uint32_t>(i % callers); });
   EXPECT_EQ(c.queue().server_spin_ns(), 0);
 }
 
@@ -178,19 +191,8 @@ TEST(RequestCollector, TheServerDoesNotSpinForCallersThatTakeLonger) {
   RequestCollector c(8);
   c.configure(policy(8, 1, 50 * kMs));
   EXPECT_EQ(c.queue().server_spin_ns(), 0);
-  for (size_t i = 0; i < SpinBudget::kMinSamples + 2; ++i) {
-    BackgroundCall producer([&] {
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-      Request r = batchserve_test::make_request(1000 + i);
-      r.caller = 7;
-      ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
-    });
-    CollectedBatch batch = c.wait_for_batch({});
-    producer.join();
-    c.complete(batch);
-    ASSERT_EQ(batch.size(), 1u);
-    c.adapt_server_spin(batch);
-  }
+  serve_one_at_a_time(c, SpinBudget::kMinSamples + 2, std::chrono::microseconds(200),
+                      [](size_t) { return uint32_t{7}; });
   // The gaps were >= 200 µs: longer than any spin is worth.
   EXPECT_EQ(c.queue().server_spin_ns(), 0);
 }
