@@ -1,5 +1,5 @@
 // Helpers for the tests of the shared-memory slots: a segment of the test's
-// own, and 8-byte rows.
+// own, 8-byte rows, and a client's submission of one.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/shared_slots.h"
+#include "core/slot_client.h"
 #include "test_util.h"
 
 namespace batchserve_test {
@@ -41,5 +42,26 @@ inline uint64_t read_u64(const uint8_t* p) {
 }
 
 inline void write_u64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, sizeof v); }
+
+// The waits' GIL and signal hooks, as plain callables.
+inline const auto without_gil = [](auto&& f) { return f(); };
+inline const auto never_interrupted = [] { return false; };
+
+// One 8-byte request leaf: `value` (which must outlive the submission).
+inline batchserve::RowSource rows_of(const uint64_t& value) {
+  batchserve::RowSource rows;
+  rows.count = 1;
+  rows.data[0] = &value;
+  return rows;
+}
+
+// Claims a slot and submits `value` in it.
+inline uint32_t submit(batchserve::SlotRequester& client, const uint64_t& value) {
+  uint32_t s = 0;
+  EXPECT_EQ(client.claim(batchserve::kNoDeadline, without_gil, never_interrupted, s),
+            batchserve::SlotClaim::kOk);
+  EXPECT_EQ(client.submit(s, rows_of(value), 0), batchserve::SlotWait::kOk);
+  return s;
+}
 
 }  // namespace batchserve_test

@@ -30,30 +30,14 @@ using batchserve::SlotWait;
 using batchserve_test::BackgroundCall;
 using batchserve_test::kMs;
 using batchserve_test::monotonic_ns;
+using batchserve_test::never_interrupted;
 using batchserve_test::read_u64;
+using batchserve_test::rows_of;
 using batchserve_test::Segment;
+using batchserve_test::submit;
+using batchserve_test::without_gil;
 using batchserve_test::write_u64;
 
-// The waits' GIL and signal hooks, as plain callables.
-auto without_gil = [](auto&& f) { return f(); };
-auto never_interrupted = [] { return false; };
-
-RowSource rows_of(const uint64_t& value) {
-  RowSource rows;
-  rows.count = 1;
-  rows.data[0] = &value;
-  return rows;
-}
-
-// Claims a slot and submits `value` in it.
-uint32_t submit(SlotRequester& client, const uint64_t& value) {
-  uint32_t s = 0;
-  EXPECT_EQ(client.claim(kNoDeadline, without_gil, never_interrupted, s), SlotClaim::kOk);
-  EXPECT_EQ(client.submit(s, rows_of(value), 0), SlotWait::kOk);
-  return s;
-}
-
-// The server's half: takes one request, answers request + 1.
 uint32_t serve_one(batchserve::SharedSlots& slots) {
   std::vector<uint32_t> taken;
   batchserve_test::poll_until([&] { return slots.take(taken, 1) == 1; });

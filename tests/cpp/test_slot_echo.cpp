@@ -16,17 +16,15 @@ namespace {
 
 using batchserve::kNoDeadline;
 using batchserve::PendingSlot;
-using batchserve::RowSource;
 using batchserve::SlotClaim;
 using batchserve::SlotEcho;
 using batchserve::SlotOutcome;
 using batchserve::SlotRequester;
-using batchserve::SlotWait;
+using batchserve_test::never_interrupted;
 using batchserve_test::read_u64;
 using batchserve_test::Segment;
-
-auto without_gil = [](auto&& f) { return f(); };
-auto never_interrupted = [] { return false; };
+using batchserve_test::submit;
+using batchserve_test::without_gil;
 
 std::vector<uint8_t> row_of(uint64_t value) {
   std::vector<uint8_t> row(sizeof value);
@@ -37,17 +35,11 @@ std::vector<uint8_t> row_of(uint64_t value) {
 // One request through `client`: its answer's first response leaf.
 uint64_t round_trip(SlotRequester& client, const std::shared_ptr<batchserve::SharedSlots>& slots,
                     uint64_t value) {
-  RowSource rows;
-  rows.count = 1;
-  rows.data[0] = &value;
-  uint32_t s = 0;
-  EXPECT_EQ(client.claim(kNoDeadline, without_gil, never_interrupted, s), SlotClaim::kOk);
-  EXPECT_EQ(client.submit(s, rows, batchserve::monotonic_ns()), SlotWait::kOk);
-  PendingSlot pending(slots, s);
+  PendingSlot pending(slots, submit(client, value));
   EXPECT_EQ(client.wait_for_outcome(pending, kNoDeadline, false, without_gil, never_interrupted),
             SlotOutcome::kReady);
-  const uint64_t answer = read_u64(slots->response_row(s, 0));
-  slots->release(s);
+  const uint64_t answer = read_u64(slots->response_row(pending.slot, 0));
+  slots->release(pending.slot);
   return answer;
 }
 
