@@ -120,6 +120,14 @@ inline int64_t oldest_arrival(const std::vector<Request>& batch) {
   return oldest;
 }
 
+// The latest arrival among `batch`'s requests from index `from` on
+// (INT64_MIN when there are none).
+inline int64_t newest_arrival(const std::vector<Request>& batch, size_t from = 0) {
+  int64_t newest = INT64_MIN;
+  for (size_t i = from; i < batch.size(); ++i) newest = std::max(newest, batch[i].submit_ns);
+  return newest;
+}
+
 // The latest a batch holding `batch` may close: its oldest request's
 // arrival plus the timeout.
 inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPolicy& policy) {
@@ -182,8 +190,8 @@ inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings
   FillOutcome out;
   if (hint.budget_ns <= 0) return out;
   const int64_t start = monotonic_ns();
-  int64_t latest = start;  // the latest arrival in the batch, or the start of this step
-  for (const Request& r : batch) latest = std::max(latest, r.submit_ns);
+  // The latest arrival in the batch, or the start of this step.
+  int64_t latest = std::max(start, detail::newest_arrival(batch));
   for (;;) {
     const uint32_t seen = queue.interrupts();
     const BatchPolicy policy = settings.load();
@@ -201,8 +209,7 @@ inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings
     const bool ready = monotonic_ns() < deadline && queue.wait_for_work(deadline, seen);
     const size_t before = batch.size();
     detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
-    for (size_t i = before; i < batch.size(); ++i)
-      latest = std::max(latest, batch[i].submit_ns);  // arrival, not our wake-up
+    latest = std::max(latest, detail::newest_arrival(batch, before));  // not our wake-up
     out.gained += batch.size() - before;
     const int64_t now = monotonic_ns();
     // Past the deadline: done, unless a request came meanwhile and the
