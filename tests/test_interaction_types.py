@@ -12,7 +12,8 @@ from tensordict import TensorDict
 from tensordict.nn.probabilistic import InteractionType, interaction_type
 
 from batchserve import InferenceServer, ThreadingTransport
-from batchserve.batching.collate import INTERACTION_TYPE_KEY
+from batchserve.batching.collate import INTERACTION_TYPE_KEY, forward_by_interaction
+from batchserve.batching.fast_path import StagingBuffer, schema_from_spec
 
 _CODES = {None: -1, InteractionType.MODE: 0, InteractionType.RANDOM: 3,
           InteractionType.DETERMINISTIC: 4}
@@ -186,3 +187,40 @@ def test_a_torchrl_transport_reports_no_client_gap():
         stats = server.stats()
     assert stats["requests"] == 3
     assert math.isnan(stats["inference_bound_fraction"])
+
+
+def _staged_stamps(codes: list) -> StagingBuffer:
+    """A staging buffer of a stamped schema whose first rows hold ``codes``
+    (one row per request, or a list per request for a batched one)."""
+    per_row = [c if isinstance(c, list) else [c] for c in codes]
+    spec = TensorDict({"x": torch.zeros(1)})
+    spec.set(INTERACTION_TYPE_KEY, torch.zeros(len(per_row[0]), dtype=torch.int8))
+    buffer = StagingBuffer(schema_from_spec(spec), rows=8, pin=False)
+    stamp = buffer.keys.index(INTERACTION_TYPE_KEY)
+    buffer.columns[stamp][: len(per_row)] = torch.tensor(per_row, dtype=torch.int8)
+    return buffer
+
+
+def test_a_batch_of_one_stamp_reads_as_its_code():
+    assert _staged_stamps([3, 3, 3]).interaction_codes(3) == 3
+    assert _staged_stamps([-1, -1]).interaction_codes(2) == -1  # "no type", signed
+    assert type(_staged_stamps([4]).interaction_codes(1)) is int
+    assert _staged_stamps([0, 0, 7]).interaction_codes(2) == 0  # rows past n are not read
+
+
+def test_a_batch_of_several_stamps_reads_as_each_row_s_code():
+    codes = _staged_stamps([3, 4, 3]).interaction_codes(3)
+    assert isinstance(codes, torch.Tensor) and codes.tolist() == [3, 4, 3]
+    batched = _staged_stamps([[0, 0], [3, 3]]).interaction_codes(2)  # one code per request
+    assert batched.tolist() == [0, 3]
+    with pytest.raises(RuntimeError, match="mix"):
+        _staged_stamps([[0, 3], [3, 3]]).interaction_codes(2)
+
+
+def test_one_code_runs_one_forward_under_its_mode():
+    model = ModeRecorder()
+    batch = TensorDict({"x": torch.zeros(3, 1)}, batch_size=[3])
+    output, forwards = forward_by_interaction(model, batch, _CODES[InteractionType.MODE])
+    assert forwards == [3] and output["mode"].tolist() == [0, 0, 0]
+    output, forwards = forward_by_interaction(model, batch, torch.tensor([3, 4, 3]))
+    assert forwards == [2, 1] and output["mode"].tolist() == [3, 4, 3]
