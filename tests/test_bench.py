@@ -288,6 +288,11 @@ def test_unknown_scenario_and_bad_flags_are_argparse_errors(capsys, tmp_path, mo
     assert code == 2 and "DTYPE:SHAPE" in out.err
     code, out = _exit_code(["--bogus"], capsys)
     assert code == 2
+    for bad in ["x", "-1", "3-1", ","]:
+        code, out = _exit_code(["--cpus", bad], capsys)
+        assert code == 2 and "CPU numbers" in out.err
+    code, out = _exit_code(["--cpus", str(max(os.sched_getaffinity(0)) + 1)], capsys)
+    assert code == 2 and "may run on CPUs" in out.err
 
 
 def test_vs_torchrl_without_torchrl_is_a_one_line_error(capsys, monkeypatch):
@@ -538,6 +543,23 @@ def run_tiny_policy(tmp_path, capsys, *args):
         with open(report.SCHEMA_PATH) as f:
             jsonschema.validate(document, json.load(f))
     return printed, document
+
+
+def test_cpu_lists_read_as_taskset_writes_them():
+    assert cli._cpu_list("0") == {0}
+    assert cli._cpu_list("0-2,5") == {0, 1, 2, 5}
+    assert report.cpu_list({0, 1, 2, 5}) == "0-2,5" and report.cpu_list([3]) == "3"
+
+
+@pytest.mark.timeout(300)
+def test_a_run_confined_to_one_cpu_says_so_and_gives_the_cpus_back(tmp_path, capsys):
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    printed, document = run_tiny_policy(tmp_path, capsys, "--cpus", str(cpu))
+    assert document["machine"]["cpus"] == [cpu]
+    if (os.cpu_count() or 1) > 1:  # the footer names the CPUs when they are not all
+        assert f"run on CPU {cpu};" in printed.out
+    assert os.sched_getaffinity(0) == allowed  # the test process has its CPUs back
 
 
 @pytest.mark.timeout(300)

@@ -8,12 +8,15 @@
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
     batchserve-bench benchmarks/ray --vs torchrl    # Ray actors: RayTransport vs torchrl's
+    batchserve-bench --cpus 0 --vs torchrl          # the whole run confined to CPU 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 
 import torch
@@ -34,6 +37,20 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _cpu_list(text: str) -> set[int]:
+    """CPU numbers as taskset's --cpu-list writes them: ``0``, ``0,2``, ``0-3,6``."""
+    cpus: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, dash, last = part.partition("-")
+            cpus.update(range(int(first), int(last if dash else first) + 1))
+    except ValueError:
+        cpus = set()
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers such as 0 or 0-3,6, got {text!r}")
+    return cpus
 
 
 def _observation(text: str) -> tuple[str, list[int]]:
@@ -98,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the servers' collate_fn: their default or tensordict's maybe_dense_stack")
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch.set_num_threads for the run (default: torch's own)")
+    p.add_argument("--cpus", type=_cpu_list, metavar="LIST",
+                   help="run on these CPUs only (as taskset --cpu-list: 0 or 0-3,6); "
+                        "actor processes and servers inherit it")
     p.add_argument("--json", metavar="PATH",
                    help="write results (schema: batchserve/bench/schema.json)")
     p.add_argument("--plot", metavar="PATH.png", help="write throughput and latency-CDF plots")
@@ -227,9 +247,7 @@ def run(args, parser) -> int:
         for line in notes:
             out.print(line)
     machine = report.machine()
-    out.print(f"[dim]{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']} "
-              f"({machine['torch_threads']} intra-op threads), tensordict {machine['tensordict']}, "
-              f"torchrl {machine['torchrl']}[/dim]")
+    out.print(f"[dim]{report.machine_line(machine)}[/dim]")
     if args.json:
         report.write_json(args.json, report.to_json(results, ["batchserve-bench", *sys.argv[1:]]))
         out.print(f"wrote {args.json}")
@@ -333,8 +351,7 @@ def run_kind(args, parser, found: list[tuple[dict, str]]) -> int:
         failed = failed or bool(module.failures(outcome))
         outcomes.append(outcome)
     machine = report.machine()
-    print(f"{machine['cpu_model']}, {machine['cores']} cores; torch {machine['torch']}, "
-          f"tensordict {machine['tensordict']}")
+    print(report.machine_line(machine))
     if args.json:
         report.write_json(args.json, {"command": ["batchserve-bench", *sys.argv[1:]],
                                       "machine": machine, kind + "s": outcomes})
@@ -347,4 +364,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_plot(parser, args)
     found = kind_scenarios(parser, args)
-    sys.exit(run_kind(args, parser, found) if found else run(args, parser))
+    with confined_to(parser, args.cpus):
+        code = run_kind(args, parser, found) if found else run(args, parser)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def confined_to(parser: argparse.ArgumentParser, cpus: set[int] | None):
+    """Runs the body with every thread of this process on ``cpus`` only
+    (None: as it is), then puts each back. Threads and processes started
+    meanwhile inherit it: the servers, the actors, the forkserver."""
+    if cpus is None:
+        yield
+        return
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        parser.error(f"--cpus: this process may run on CPUs {report.cpu_list(allowed)} only")
+    previous = {tid: os.sched_getaffinity(tid) for tid in _threads()}
+    for tid in previous:
+        os.sched_setaffinity(tid, cpus)
+    try:
+        yield
+    finally:
+        for tid, mask in previous.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:  # the thread has ended
+                pass
+
+
+def _threads() -> list[int]:
+    """This process's thread ids (Linux); the calling thread's elsewhere."""
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]

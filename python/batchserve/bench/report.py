@@ -250,6 +250,7 @@ def machine() -> dict:
     return {
         "cpu_model": cpu,
         "cores": os.cpu_count(),
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -260,6 +261,27 @@ def machine() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_revision": revision,
     }
+
+
+def cpu_list(cpus) -> str:
+    """CPU numbers as taskset writes them: ``0-3,6``."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def machine_line(m: dict) -> str:
+    """The footer of a report: the machine, the CPUs the run had when fewer
+    than all of them (``--cpus``, taskset), and the library versions."""
+    cores = f"{m['cores']} cores"
+    if m.get("cpus") is not None and len(m["cpus"]) < (m["cores"] or 0):
+        cores += f", run on CPU{'s' if len(m['cpus']) > 1 else ''} {cpu_list(m['cpus'])}"
+    return (f"{m['cpu_model']}, {cores}; torch {m['torch']} ({m['torch_threads']} intra-op "
+            f"threads), tensordict {m['tensordict']}, torchrl {m['torchrl']}")
 
 
 def to_json(results: list[tuple[Scenario, dict]], command: list[str]) -> dict:
