@@ -280,8 +280,10 @@ def machine_line(m: dict) -> str:
     cores = f"{m['cores']} cores"
     if m.get("cpus") is not None and len(m["cpus"]) < (m["cores"] or 0):
         cores += f", run on CPU{'s' if len(m['cpus']) > 1 else ''} {cpu_list(m['cpus'])}"
-    return (f"{m['cpu_model']}, {cores}; torch {m['torch']} ({m['torch_threads']} intra-op "
-            f"threads), tensordict {m['tensordict']}, torchrl {m['torchrl']}")
+    threads = m["torch_threads"]
+    return (f"{m['cpu_model']}, {cores}; torch {m['torch']} ({threads} intra-op "
+            f"thread{'' if threads == 1 else 's'}), tensordict {m['tensordict']}, "
+            f"torchrl {m['torchrl']}")
 
 
 def to_json(results: list[tuple[Scenario, dict]], command: list[str]) -> dict:
