@@ -372,11 +372,15 @@ def main(argv: list[str] | None = None) -> None:
 @contextlib.contextmanager
 def confined_to(parser: argparse.ArgumentParser, cpus: set[int] | None):
     """Runs the body with every thread of this process on ``cpus`` only
-    (None: as it is), then puts each back. Threads and processes started
-    meanwhile inherit it: the servers, the actors, the forkserver."""
+    (None: as it is), then puts each back. The threads started meanwhile
+    (servers, actor threads) inherit it; the measured scenarios' actor
+    processes take the run's CPUs themselves (``runner._process_actor``),
+    the other kinds' inherit them from the forkserver the run starts."""
     if cpus is None:
         yield
         return
+    if not hasattr(os, "sched_setaffinity"):
+        parser.error("--cpus needs os.sched_setaffinity (Linux)")
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
         parser.error(f"--cpus: this process may run on CPUs {report.cpu_list(allowed)} only")

@@ -288,11 +288,15 @@ def _forwards_at_full_batch(model: RecordingModel, scenario: Scenario, actors: i
     return model.stop()
 
 
-def _process_actor(client, specs, quota, recording, stop, results, index) -> None:
+def _process_actor(client, specs, quota, recording, stop, results, index, cpus) -> None:
     """One actor process: calls the server until told to stop (or its quota
     is done); reports its latencies, its CPU time and its recorded span.
-    ``specs``: workload.leaf_specs, the leaves of its requests."""
+    ``specs``: workload.leaf_specs, the leaves of its requests; ``cpus``: the
+    CPUs the run has (``--cpus``, taskset), which a forkserver started
+    before the run was confined would not pass on."""
     try:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
         leaves = leaves_of(specs)
         latencies = array("q")
         clock = time.perf_counter_ns
@@ -358,10 +362,12 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
     server = make_server(system, model, transport, scenario)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     processes = [
         ctx.Process(
             target=_process_actor,
-            args=(clients[i], leaf_specs(scenario), quotas[i], recording, stop, results, i),
+            args=(clients[i], leaf_specs(scenario), quotas[i], recording, stop, results, i,
+                  cpus),
             daemon=True,
         )
         for i in range(actors)
