@@ -1,16 +1,23 @@
 """Where the server's time goes, per batch: a per-stage timing breakdown.
 
     python benchmarks/stage_breakdown.py [--actors 1,8,32] [--seconds 2] [--processes]
+    python benchmarks/stage_breakdown.py --scenario benchmarks/policy [--actors 8,32]
 
 Runs the harness's MLP workload (obs float32[64], 64->256->8) with actor
 threads calling a batchserve server (or, with ``--processes``, actor
-processes through a SharedMemoryTransport), and times the server loop's
-stages by wrapping them (so each figure includes a little timing overhead):
+processes through a SharedMemoryTransport), or, with ``--scenario``, a
+thread scenario of ``batchserve-bench`` (its model, requests, client
+wrapping, collate, batching settings and interaction type; ``policy``:
+torchrl's stochastic actor called through ``PolicyClientModule``), and times
+the server loop's stages by wrapping them (so each figure includes a little
+timing overhead):
 
 * ``wait``: ``collect()`` from the call to its return: waking the previous
   batch's callers, waiting for requests (the batching policy) and taking the
   GIL back, which the woken callers hold meanwhile;
 * ``gather``: copying fast-path rows into staging;
+* ``input``: the model's input TensorDict over staging, and the rows'
+  interaction stamps;
 * ``model``: the forward itself (torch releases and retakes the GIL around
   each op, so callers holding it stretch this too);
 * ``hand-back``: output columns and one TensorDict per request (for
@@ -29,6 +36,7 @@ systems with ``batchserve-bench``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import threading
 import time
@@ -41,6 +49,9 @@ from tensordict.nn import TensorDictModule
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from batchserve.batching import batch_source as _batch_source
 from batchserve.batching import fast_path as _fast_path
+from batchserve.bench import scenario as _scenario
+from batchserve.bench import systems as _systems
+from batchserve.bench import workload as _workload
 from batchserve.server import loop as _loop
 
 _clock = time.perf_counter_ns
@@ -48,7 +59,7 @@ _clock = time.perf_counter_ns
 
 class Timings:
     def __init__(self):
-        self.ns = dict.fromkeys(("wait", "gather", "model", "hand-back", "serve"), 0)
+        self.ns = dict.fromkeys(("wait", "gather", "input", "model", "hand-back", "serve"), 0)
         self.batches = 0
         self.inline = 0  # batches served on their caller's thread
 
@@ -88,13 +99,30 @@ def _process_actor(client, counts, index: int, stop) -> None:
         counts[index] += 1
 
 
+def _workload_of(scenario):
+    """The policy, a maker of one actor's callable, a maker of one request,
+    the server's settings and the context the actors run in: the default
+    MLP's, or a thread scenario's (as batchserve-bench runs it)."""
+    if scenario is None:
+        policy = TensorDictModule(
+            nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 8)),
+            in_keys=["observation"],
+            out_keys=["action"],
+        )
+        observation = torch.randn(64)
+        return (policy, lambda transport: transport.client,
+                lambda: TensorDict({"observation": observation}),
+                dict(max_batch_size=64, timeout=0.001), contextlib.nullcontext())
+    leaves = _workload.make_leaves(scenario)
+    return (_workload.make_policy(scenario),
+            lambda transport: _workload.client_factory(scenario, transport),
+            lambda: _workload.request(leaves),
+            _systems.server_kwargs(scenario), _workload.interaction_context(scenario))
+
+
 def run(actors: int, seconds: float, timings: Timings, processes: bool, threads: int,
-        inline_calls: bool) -> None:
-    policy = TensorDictModule(
-        nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 8)),
-        in_keys=["observation"],
-        out_keys=["action"],
-    )
+        inline_calls: bool, scenario=None) -> None:
+    policy, client_factory, new_request, server_kwargs, context = _workload_of(scenario)
     configured = threading.local()
 
     def model(td):
@@ -128,34 +156,35 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
     else:
         transport = ThreadingTransport()
         stop, counts = threading.Event(), [0] * actors
-        observation = torch.randn(64)
+        new_client = client_factory(transport)
 
         def actor(i: int) -> None:
-            client = transport.client()
+            client = new_client()
             while not stop.is_set():
-                client(TensorDict({"observation": observation}))
+                client(new_request())
                 counts[i] += 1
 
         threads_or_processes = [threading.Thread(target=actor, args=(i,)) for i in range(actors)]
-    server = InferenceServer(model, transport, max_batch_size=64, timeout=0.001,
-                             inline_calls=inline_calls).start()
-    for t in threads_or_processes:
-        t.start()
-    while sum(counts) < 1000:  # every actor is up (processes take a while)
-        time.sleep(0.05)
-    time.sleep(0.5)
-    timings.reset()
-    done0, t0 = sum(counts), _clock()
-    time.sleep(seconds)
-    elapsed, done = _clock() - t0, sum(counts) - done0
-    snapshot = dict(timings.ns)
-    batches = max(timings.batches, 1)
-    inline = timings.inline
-    stop.set()
-    for t in threads_or_processes:
-        t.join()
+    server = InferenceServer(model, transport, inline_calls=inline_calls, **server_kwargs).start()
+    with context:  # the interaction type is process-wide: entered once, around the actors
+        for t in threads_or_processes:
+            t.start()
+        while sum(counts) < 1000:  # every actor is up (processes take a while)
+            time.sleep(0.05)
+        time.sleep(0.5)
+        timings.reset()
+        done0, t0 = sum(counts), _clock()
+        time.sleep(seconds)
+        elapsed, done = _clock() - t0, sum(counts) - done0
+        snapshot = dict(timings.ns)
+        batches = max(timings.batches, 1)
+        inline = timings.inline
+        stop.set()
+        for t in threads_or_processes:
+            t.join()
     server.shutdown()
-    other = snapshot["serve"] - snapshot["gather"] - snapshot["model"] - snapshot["hand-back"]
+    other = (snapshot["serve"] - snapshot["gather"] - snapshot["input"] - snapshot["model"]
+             - snapshot["hand-back"])
     print(
         f"{actors:3d} actors: {done / seconds:9,.0f} req/s, mean batch {done / batches:5.1f}, "
         f"{elapsed / batches / 1e3:7.1f} µs per batch:"
@@ -163,6 +192,7 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
     for stage, ns in (
         ("wait", snapshot["wait"]),
         ("gather", snapshot["gather"]),
+        ("input", snapshot["input"]),
         ("model", snapshot["model"]),
         ("hand-back", snapshot["hand-back"]),
         ("other", other),
@@ -182,17 +212,26 @@ def main() -> None:
                         help="actor processes through a SharedMemoryTransport")
     parser.add_argument("--no-inline-calls", action="store_true",
                         help="serve every batch on the server's thread (inline_calls=False)")
+    parser.add_argument("--scenario", metavar="PATH",
+                        help="a thread scenario of batchserve-bench (e.g. benchmarks/policy) "
+                             "instead of the MLP")
     args = parser.parse_args()
+    scenario = None if args.scenario is None else _scenario.load(args.scenario)
+    if scenario is not None and (args.processes or scenario.actors != "threads"
+                                 or scenario.device != "cpu"):
+        parser.error("--scenario takes a thread scenario on the CPU, without --processes")
     torch.set_num_threads(args.torch_threads)
     timings = Timings()
     timings.wrap(_batch_source.NativeBatches, "next_batch", "wait")
     timings.wrap(_loop.WorkerLoop, "serve_batch", "serve", count=True)
     timings.wrap(_fast_path.FastPath, "gather", "gather")
+    timings.wrap(_fast_path.FastPath, "model_input", "input")
+    timings.wrap(_fast_path.StagingBuffer, "interaction_codes", "input")
     timings.wrap(_fast_path.FastPath, "hand_back", "hand-back")
     timings.count_inline()
     for actors in (int(a) for a in args.actors.split(",")):
         run(actors, args.seconds, timings, args.processes, args.torch_threads,
-            not args.no_inline_calls)
+            not args.no_inline_calls, scenario)
 
 
 if __name__ == "__main__":

@@ -734,3 +734,26 @@ def test_the_ray_scenario_runs_every_system(tmp_path, capsys):
     assert "req/s" in out and "fast %" in out
     code, err = _exit_code([str(small), "--obs", "float32:4"], capsys)
     assert code == 2 and "takes only" in err.err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args", [[], ["--scenario", os.path.join(ROOT, "benchmarks", "policy")]])
+def test_the_stage_breakdown_times_every_stage(args):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "stage_breakdown.py"),
+         "--actors", "2", "--seconds", "0.2", *args],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 actors:" in done.stdout
+    for stage in ("wait", "gather", "input", "model", "hand-back", "other"):
+        assert f" {stage} " in done.stdout
+
+
+def test_the_stage_breakdown_takes_thread_scenarios_only():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "stage_breakdown.py"),
+         "--scenario", os.path.join(ROOT, "benchmarks", "processes")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "thread scenario" in done.stderr
