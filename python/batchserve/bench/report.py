@@ -257,6 +257,9 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "tensordict": version("tensordict"),
         "torchrl": version("torchrl"),
+        # tensordict 0.14's TensorDictModule looks pandas up on every output
+        # key; installed, the lookup is a dict hit (docs/api.md).
+        "pandas": version("pandas"),
         "batchserve": version("batchserve"),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_revision": revision,
