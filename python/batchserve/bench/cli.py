@@ -384,9 +384,13 @@ def confined_to(parser: argparse.ArgumentParser, cpus: set[int] | None):
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
         parser.error(f"--cpus: this process may run on CPUs {report.cpu_list(allowed)} only")
-    previous = {tid: os.sched_getaffinity(tid) for tid in _threads()}
-    for tid in previous:
-        os.sched_setaffinity(tid, cpus)
+    previous: dict[int, set[int]] = {}
+    for tid in _threads():
+        try:
+            previous[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            previous.pop(tid, None)
     try:
         yield
     finally:
