@@ -137,23 +137,19 @@ def interaction_context(batch: TensorDictBase):
 def forward_by_interaction(model, batch: TensorDictBase, codes: int | torch.Tensor | None):
     """``model(batch)`` under the interaction types the rows are stamped with.
 
-    ``codes`` is the code every row is stamped with (an int), each row's
-    stamped code (a CPU tensor of shape ``[n]``), or None for unstamped rows
-    (the forward then runs under the ambient mode). Rows that share a code
-    share a forward: the common case, one code for the whole batch, is one
-    forward under its mode; otherwise one forward per code over its rows, the
-    outputs put back in row order (pytorch/rl #4312). Returns the output and
-    the number of rows of each forward.
+    ``codes`` is the code every row is stamped with (an int: the common
+    case, one forward under its mode), each row's stamped code when they
+    differ (a CPU tensor of shape ``[n]``, as
+    ``StagingBuffer.interaction_codes`` reads them: one forward per code over
+    its rows, the outputs put back in row order, pytorch/rl #4312), or None
+    for unstamped rows (the forward then runs under the ambient mode).
+    Returns the output and the number of rows of each forward.
     """
     n = batch.batch_size[0]
     if codes is None:
         return model(batch), [n]
     if type(codes) is int:
         with _mode(codes):
-            return model(batch), [n]
-    first = int(codes[0])
-    if codes.numel() == 1 or bool(codes.eq(first).all()):
-        with _mode(first):
             return model(batch), [n]
     outputs, indices = [], []
     for code in codes.unique().tolist():
