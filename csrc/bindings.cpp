@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/futex.h"
+#include "core/server_stats.h"
 #include "core/shared_slots.h"
 #include "core/slot_echo.h"
 #include "core/weight_banks.h"
@@ -81,10 +82,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("rows", &Batch::rows)
       .def_property_readonly("items", &Batch::items)
       .def_property_readonly("submitted_ns", &Batch::submitted_ns)
-      .def_property_readonly("rows_submitted_ns", &Batch::rows_submitted_ns)
       .def_property_readonly("rows_extras", &Batch::rows_extras)
       .def_property_readonly("callers", &Batch::callers)
-      .def_property_readonly("rows_callers", &Batch::rows_callers)
       .def("gather", &Batch::gather, py::arg("schema_id"), py::arg("columns"),
            py::arg("leaf_bytes"), py::arg("capacity"))
       .def("resolve", &Batch::resolve, py::arg("results"))
@@ -95,7 +94,31 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("prefetched_into", &Batch::prefetched_into)
       .def("fail", &Batch::fail, py::arg("exc"))
       .def("fail_rows", &Batch::fail_rows, py::arg("exc"))
-      .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"));
+      .def("fail_some", &Batch::fail_some, py::arg("indices"), py::arg("exc"))
+      .def("record_rows", &Batch::record_rows, py::arg("stats"), py::arg("dispatch_ns"),
+           py::arg("forward_sizes"), py::arg("inline_call"))
+      .def("record_rows_hand_back", &Batch::record_rows_hand_back, py::arg("stats"));
+
+  py::class_<ServerStatsSnapshot>(m, "ServerStatsSnapshot")
+      .def_readonly("requests", &ServerStatsSnapshot::requests)
+      .def_readonly("fast_path_requests", &ServerStatsSnapshot::fast_path_requests)
+      .def_readonly("inline_requests", &ServerStatsSnapshot::inline_requests)
+      .def_readonly("batches", &ServerStatsSnapshot::batches)
+      .def_readonly("batch_sizes", &ServerStatsSnapshot::batch_sizes)
+      .def_readonly("queue_ms", &ServerStatsSnapshot::queue_ms)
+      .def_readonly("forward_ms", &ServerStatsSnapshot::forward_ms)
+      .def_readonly("server_ms", &ServerStatsSnapshot::server_ms)
+      .def_readonly("client_gap_ms", &ServerStatsSnapshot::client_gap_ms);
+
+  py::class_<ServerStatsCore>(m, "ServerStatsCore")
+      .def(py::init<size_t>(), py::arg("window"))
+      .def("record_batch", &ServerStatsCore::record_batch, py::arg("forward_sizes"),
+           py::arg("forward_ms"), py::arg("fast_path"), py::arg("inline_call"),
+           py::arg("submit_ns"), py::arg("dispatch_ns"))
+      .def("record_hand_back", &ServerStatsCore::record_hand_back, py::arg("submit_ns"),
+           py::arg("callers"), py::arg("end_ns"))
+      .def("snapshot", &ServerStatsCore::snapshot, py::arg("reset") = false)
+      .def("reset", &ServerStatsCore::reset);
 
   py::class_<Ticket>(m, "Ticket")
       .def("set_result", &Ticket::set_result, py::arg("result"))

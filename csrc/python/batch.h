@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/row_copy.h"
+#include "core/server_stats.h"
 #include "core/staging.h"
 #include "core/wake_batching.h"
 #include "python/pyutil.h"
@@ -104,9 +105,32 @@ class Batch {
   }
 
   std::vector<int64_t> submitted_ns() const { return arrivals(requests_); }
-  std::vector<int64_t> rows_submitted_ns() const { return arrivals(rows_); }
   std::vector<uint32_t> callers() const { return senders(requests_); }
-  std::vector<uint32_t> rows_callers() const { return senders(rows_); }
+
+  // Statistics of the fast path's rows, recorded in `stats` in two steps
+  // around their hand-back (which takes them out of the batch): their
+  // forwards (one per entry of `forward_sizes`, sharing the time since
+  // `dispatch_ns`) and queue waits before it, so that a caller holding its
+  // result finds it counted; their server times and callers' gaps after.
+  void record_rows(ServerStatsCore& stats, int64_t dispatch_ns,
+                   const std::vector<size_t>& forward_sizes, bool inline_call) {
+    if (forward_sizes.empty()) return;
+    stamped_submit_ns_.clear();
+    stamped_callers_.clear();
+    for (const Request& r : rows_) {
+      stamped_submit_ns_.push_back(r.submit_ns);
+      stamped_callers_.push_back(r.caller);
+    }
+    const double forward_ms = static_cast<double>(monotonic_ns() - dispatch_ns) * 1e-6 /
+                              static_cast<double>(forward_sizes.size());
+    stats.record_batch(forward_sizes, forward_ms, true, inline_call, stamped_submit_ns_,
+                       dispatch_ns);
+  }
+  void record_rows_hand_back(ServerStatsCore& stats) {
+    stats.record_hand_back(stamped_submit_ns_, stamped_callers_, monotonic_ns());
+    stamped_submit_ns_.clear();
+    stamped_callers_.clear();
+  }
 
   // Moves the requests whose leaves match schema `schema_id` to the fast
   // path, after the rows it already has (taken ahead by the Prefetcher), up
@@ -323,6 +347,9 @@ class Batch {
   std::shared_ptr<DeferredWakes> deferred_;
   uintptr_t prefetched_into_ = 0;
   std::shared_ptr<SlotServer> slots_;  // where requests from slots go back (kept alive)
+  // The rows' stamps between record_rows and record_rows_hand_back.
+  std::vector<int64_t> stamped_submit_ns_;
+  std::vector<uint32_t> stamped_callers_;
 };
 
 // The handle of a request handed out by drain() (the transport protocol

@@ -151,17 +151,9 @@ class NativeBatch:
         return self._batch.submitted_ns
 
     @property
-    def rows_submitted_ns(self) -> list:
-        return self._batch.rows_submitted_ns
-
-    @property
     def callers(self) -> list:
         """Who sent each general-path request (the submitting thread's id)."""
         return self._batch.callers
-
-    @property
-    def rows_callers(self) -> list:
-        return self._batch.rows_callers
 
     @property
     def rows_extras(self) -> list:
@@ -173,6 +165,15 @@ class NativeBatch:
     def prefetched_into(self) -> int:
         """The first staging column the prefetched rows are in (0: none)."""
         return self._batch.prefetched_into
+
+    def record_rows(self, stats, dispatch_ns: int, forward_sizes: list, inline_call: bool) -> None:
+        """Counts the fast path's rows in ``stats`` (a ``_core.ServerStatsCore``)
+        before their hand-back (see ``_core.Batch.record_rows``)."""
+        self._batch.record_rows(stats, dispatch_ns, forward_sizes, inline_call)
+
+    def record_rows_hand_back(self, stats) -> None:
+        """Their server times and callers' gaps, after the hand-back."""
+        self._batch.record_rows_hand_back(stats)
 
     def gather(self, schema_id: int, columns: list, leaf_bytes, capacity: int) -> int:
         """Moves the requests of schema ``schema_id`` into the staging

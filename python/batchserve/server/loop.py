@@ -265,23 +265,29 @@ class WorkerLoop:
         # New weights are taken between batches, as the server takes them
         # (the server is out of its loop while it waits on the gate).
         self._weight_sync.poll()
-        if self._server.collect_stats:
-            self._stats.record_inline()
         self._inline_thread = threading.get_ident()  # a shutdown from the model must not wait
+        # torch.no_grad() as a context costs ~4 µs a call here (its class
+        # machinery, on a path that runs once per call); the function form
+        # of set_grad_enabled does the same switch in ~1.
+        grad = torch.is_grad_enabled()
+        if grad:
+            torch.set_grad_enabled(False)
         try:
-            with torch.no_grad():
-                # No prefetch: no other request is waiting for this batch.
-                self.serve_batch(batch, prefetch=False)
+            # No prefetch: no other request is waiting for this batch.
+            self.serve_batch(batch, prefetch=False, inline=True)
         except Exception as exc:
             self._stats.record_failed_batch()
             batch.fail(exc)
         finally:
+            if grad:
+                torch.set_grad_enabled(True)
             self._inline_thread = None
 
-    def serve_batch(self, batch, prefetch: bool = True) -> None:
+    def serve_batch(self, batch, prefetch: bool = True, inline: bool = False) -> None:
         """Serves one collected batch: its fast-path rows with one forward
         over staging memory (gathering the next batch meanwhile if
-        ``prefetch``), the rest (if any) through ``collate_fn``."""
+        ``prefetch``), the rest (if any) through ``collate_fn``. ``inline``:
+        a lone caller's request, served on its own thread."""
         dispatch_ns = _core.monotonic_ns()
         fast = self._fast
         had_rows = False
@@ -290,7 +296,7 @@ class WorkerLoop:
             if buffer is not None:
                 had_rows = True
                 try:
-                    self._serve_rows(batch, buffer, dispatch_ns, prefetch)
+                    self._serve_rows(batch, buffer, dispatch_ns, prefetch, inline)
                 except Exception as exc:
                     self._stats.record_failed_batch()
                     batch.fail_rows(exc)
@@ -315,11 +321,6 @@ class WorkerLoop:
         graphs = self._graphs
         return graphs if graphs is not None and graphs.captured else self._server.model
 
-    def _queue_ms(self, dispatch_ns: int, submitted_ns) -> list:
-        if not self._server.collect_stats:
-            return []
-        return [(dispatch_ns - s) * 1e-6 for s in submitted_ns if s is not None]
-
     @staticmethod
     def _check_output(output, n: int) -> None:
         if not isinstance(output, TensorDictBase):
@@ -333,14 +334,11 @@ class WorkerLoop:
                 f"a batch of {n} requests; expected a leading dimension of {n}."
             )
 
-    def _serve_rows(self, batch, buffer, dispatch_ns: int, prefetch: bool) -> None:
+    def _serve_rows(self, batch, buffer, dispatch_ns: int, prefetch: bool, inline: bool) -> None:
         """The fast path: the model runs on the staging rows, callers get
         their rows back (see ``batchserve.batching.fast_path``)."""
         server = self._server
         n = batch.rows
-        # Read before the hand-back, which takes the rows out of the batch.
-        submitted_ns = batch.rows_submitted_ns if server.collect_stats else []
-        queue_ms = self._queue_ms(dispatch_ns, submitted_ns)
         fast = self._fast
         with self._versions.model_lock:
             model_input = fast.model_input(buffer, n, batch)
@@ -350,21 +348,14 @@ class WorkerLoop:
             output, forwards = forward_by_interaction(self._policy(), model_input, codes)
             self._check_output(output, n)
             version = self._versions.value
-        if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
-            forward_ms = (_core.monotonic_ns() - dispatch_ns) * 1e-6 / len(forwards)
+        stats = self._stats.core if server.collect_stats else None
+        if stats is not None:  # before the hand-back: a caller with its result sees it counted
             if len(forwards) > 1:  # counted as the general path counts it: a batch per forward
                 self._stats.record_interaction_split()
-            for i, size in enumerate(forwards):
-                self._stats.record_batch(size, queue_ms if i == 0 else [], forward_ms,
-                                         fast_path=True)
-        # Read before the hand-back, which takes the rows.
-        callers = batch.rows_callers if server.collect_stats else ()
+            batch.record_rows(stats, dispatch_ns, forwards, inline)
         fast.hand_back(batch, output, n, buffer, server.policy_version_key, version)
-        if server.collect_stats:
-            end_ns = _core.monotonic_ns()
-            self._stats.record_hand_back(
-                queue_ms, (end_ns - dispatch_ns) * 1e-6, callers, submitted_ns, end_ns
-            )
+        if stats is not None:
+            batch.record_rows_hand_back(stats)
 
     def _serve_items(self, batch, items: list, dispatch_ns: int) -> None:
         """The general path: ``collate_fn``, the model, ``unbind``."""
@@ -422,21 +413,13 @@ class WorkerLoop:
         callers = getattr(batch, "callers", ()) if server.collect_stats else ()
         batch.resolve(results)
         if server.collect_stats:
-            end_ns = _core.monotonic_ns()
-            self._stats.record_hand_back(
-                self._queue_ms(dispatch_ns, submitted_ns),
-                (end_ns - dispatch_ns) * 1e-6,
-                callers,
-                submitted_ns,
-                end_ns,
-            )
+            self._stats.record_hand_back(submitted_ns or (), callers, _core.monotonic_ns())
 
     def _forward(self, items: list, submitted_ns, dispatch_ns: int):
         """``collate_fn``, the model (under the requests' interaction type)
         and the version stamp, for requests that share an interaction type."""
         server = self._server
         n = len(items)
-        queue_ms = self._queue_ms(dispatch_ns, submitted_ns)
         collated = server.collate_fn(items)
         if server.device is not None:
             collated = collated.to(server.device)
@@ -458,7 +441,8 @@ class WorkerLoop:
                     ),
                 )
         if server.collect_stats:  # before the hand-back: a caller with its result sees it counted
-            self._stats.record_batch(n, queue_ms, (_core.monotonic_ns() - dispatch_ns) * 1e-6)
+            self._stats.record_batch(n, (_core.monotonic_ns() - dispatch_ns) * 1e-6,
+                                     submitted_ns or (), dispatch_ns)
         return output
 
 

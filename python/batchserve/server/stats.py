@@ -6,6 +6,8 @@ import collections
 import threading
 import time
 
+from batchserve import _core
+
 
 def percentile(values, q: float) -> float:
     """Nearest-rank percentile (index ``round((n - 1) * q)``), 0.0 when empty."""
@@ -71,45 +73,45 @@ class ServerStats:
             raise ValueError("stats_window_size must be at least 1.")
         self._window_size = window_size
         self._lock = threading.Lock()
+        # Requests, batches and their latencies: recorded in C++, where the
+        # fast path records a batch without a Python object per request.
+        self.core = _core.ServerStatsCore(window_size)
         self.reset()
 
     def reset(self) -> None:
         with self._lock:
             self._clear()
 
-    def _clear(self) -> None:
+    def _clear(self, core: bool = True) -> None:
+        if core:  # (snapshot() resets the core itself, in the same step as it reads it)
+            self.core.reset()
         self._started = time.monotonic()
-        self._requests = 0
-        self._fast_path_requests = 0
-        self._inline_requests = 0
-        self._batches = 0
         self._failed_batches = 0
         self._weight_updates = 0
         self._weight_sync_errors = 0
         self._weight_apply_ms = collections.deque(maxlen=self._window_size)
-        self._histogram: collections.Counter = collections.Counter()
-        self._queue_ms = collections.deque(maxlen=self._window_size)
-        self._forward_ms = collections.deque(maxlen=self._window_size)
-        # (queue_ms list, dispatch-to-hand-back ms) per batch: at most
-        # window_size batches hold at least window_size requests.
-        self._hand_backs = collections.deque(maxlen=self._window_size)
         self._interaction_splits = 0
         self._graphed_rows = 0
         self._padding_rows = 0
         self._bucket_histogram: collections.Counter = collections.Counter()
         self._refusals: collections.Counter = collections.Counter()
-        self._client_gap_ms = collections.deque(maxlen=self._window_size)
-        self._last_result_ns: dict[int, int] = {}  # caller -> its last hand-back
 
-    def record_batch(self, size: int, queue_ms, forward_ms: float, fast_path: bool = False) -> None:
-        with self._lock:
-            self._requests += size
-            if fast_path:
-                self._fast_path_requests += size
-            self._batches += 1
-            self._histogram[size] += 1
-            self._queue_ms.extend(queue_ms)
-            self._forward_ms.append(forward_ms)
+    def record_batch(self, size: int, forward_ms: float, submitted_ns=(),
+                     dispatch_ns: int = 0, fast_path: bool = False) -> None:
+        """One forward over ``size`` requests, submitted at ``submitted_ns``
+        (None: unknown) and dispatched at ``dispatch_ns``. (The fast path
+        records through ``_core.Batch.record_rows``.)"""
+        self.core.record_batch([size], forward_ms, fast_path, False,
+                               [s for s in submitted_ns if s is not None], dispatch_ns)
+
+    def record_hand_back(self, submitted_ns, callers, end_ns: int) -> None:
+        """A batch handed back at ``end_ns``: each request's server time,
+        and each caller's gap since its previous result (``callers``: one per
+        request, 0 or none at all: unknown)."""
+        if not callers:
+            callers = [0] * len(submitted_ns)
+        known = [(s, c) for s, c in zip(submitted_ns, callers) if s is not None]
+        self.core.record_hand_back([s for s, _ in known], [c for _, c in known], end_ns)
 
     def record_refusals(self, reasons: list) -> None:
         """Why each of a batch's general-path requests missed the fast path.
@@ -123,38 +125,12 @@ class ServerStats:
                     reason = OTHER_REFUSALS
                 counts[reason] += 1
 
-    def record_hand_back(
-        self, queue_ms: list, dispatch_to_hand_back_ms: float,
-        callers=(), submitted_ns=(), end_ns: int = 0,
-    ) -> None:
-        """One batch handed back: its requests' queue waits, and the time from
-        its dispatch to the end of its hand-back (``end_ns``), kept per batch
-        and summed at :meth:`snapshot`; with the requests' ``callers`` (0:
-        unknown) and submission times, each caller's gap since its previous
-        result."""
-        with self._lock:
-            self._hand_backs.append((queue_ms, dispatch_to_hand_back_ms))
-            last = self._last_result_ns
-            for caller, submitted in zip(callers, submitted_ns):
-                if not caller or submitted is None:
-                    continue
-                previous = last.get(caller)
-                # A caller with requests in flight at once has no gap to measure.
-                if previous is not None and submitted >= previous:
-                    self._client_gap_ms.append((submitted - previous) * 1e-6)
-                last[caller] = end_ns
-
     def record_padding(self, rows: int, bucket: int) -> None:
         """One graphed forward: `rows` requests padded to `bucket` rows."""
         with self._lock:
             self._graphed_rows += bucket
             self._padding_rows += bucket - rows
             self._bucket_histogram[bucket] += 1
-
-    def record_inline(self) -> None:
-        """One request served on its caller's thread (an inline call)."""
-        with self._lock:
-            self._inline_requests += 1
 
     def record_interaction_split(self) -> None:
         with self._lock:
@@ -182,25 +158,23 @@ class ServerStats:
 
     def snapshot(self, policy_version: int, reset: bool = False) -> dict:
         with self._lock:
+            core = self.core.snapshot(reset)
             elapsed = max(time.monotonic() - self._started, 1e-12)
-            queue_ms = list(self._queue_ms)
-            forward_ms = list(self._forward_ms)
+            queue_ms, forward_ms = core.queue_ms, core.forward_ms
+            server_ms, gap_ms = core.server_ms, core.client_gap_ms
             apply_ms = list(self._weight_apply_ms)
-            server_ms = [
-                wait + handed for waits, handed in self._hand_backs for wait in waits
-            ][-self._window_size :]
-            gap_ms = list(self._client_gap_ms)
             mean_gap = sum(gap_ms) / len(gap_ms) if gap_ms else 0.0
             mean_server = sum(server_ms) / len(server_ms) if server_ms else 0.0
+            requests, batches = core.requests, core.batches
             result = {
-                "requests": self._requests,
-                "fast_path_requests": self._fast_path_requests,
-                "inline_requests": self._inline_requests,
-                "batches": self._batches,
+                "requests": requests,
+                "fast_path_requests": core.fast_path_requests,
+                "inline_requests": core.inline_requests,
+                "batches": batches,
                 "failed_batches": self._failed_batches,
-                "requests_per_s": self._requests / elapsed,
-                "batches_per_s": self._batches / elapsed,
-                "avg_batch_size": self._requests / self._batches if self._batches else 0.0,
+                "requests_per_s": requests / elapsed,
+                "batches_per_s": batches / elapsed,
+                "avg_batch_size": requests / batches if batches else 0.0,
                 "p50_queue_ms": percentile(queue_ms, 0.50),
                 "p95_queue_ms": percentile(queue_ms, 0.95),
                 "p99_queue_ms": percentile(queue_ms, 0.99),
@@ -216,8 +190,8 @@ class ServerStats:
                 if gap_ms and mean_server + mean_gap > 0
                 else float("nan"),
                 "interaction_split_batches": self._interaction_splits,
-                "fast_path_fraction": self._fast_path_requests / self._requests
-                if self._requests
+                "fast_path_fraction": core.fast_path_requests / requests
+                if requests
                 else float("nan"),
                 "fast_path_refusals": dict(self._refusals.most_common()),
                 "padding_rows": self._padding_rows,
@@ -225,7 +199,7 @@ class ServerStats:
                 if self._graphed_rows
                 else float("nan"),
                 "padded_batch_histogram": dict(sorted(self._bucket_histogram.items())),
-                "batch_size_histogram": dict(sorted(self._histogram.items())),
+                "batch_size_histogram": dict(core.batch_sizes),
                 "policy_version": policy_version,
                 "weight_updates": self._weight_updates,
                 "weight_sync_errors": self._weight_sync_errors,
@@ -233,5 +207,5 @@ class ServerStats:
                 "max_weight_apply_ms": max(apply_ms) if apply_ms else float("nan"),
             }
             if reset:
-                self._clear()
+                self._clear(core=False)
         return result
