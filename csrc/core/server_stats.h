@@ -4,7 +4,7 @@
 //
 // They are recorded here, next to the requests' stamps, so that the fast
 // path records a batch with two calls and no Python object per request
-// (Batch::record_rows and Batch::record_hand_back,
+// (Batch::record_rows and Batch::record_rows_hand_back,
 // csrc/python/batch.h): in Python the same bookkeeping was ~10 µs of a lone
 // caller's inline call.
 //

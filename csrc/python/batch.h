@@ -115,12 +115,8 @@ class Batch {
   void record_rows(ServerStatsCore& stats, int64_t dispatch_ns,
                    const std::vector<size_t>& forward_sizes, bool inline_call) {
     if (forward_sizes.empty()) return;
-    stamped_submit_ns_.clear();
-    stamped_callers_.clear();
-    for (const Request& r : rows_) {
-      stamped_submit_ns_.push_back(r.submit_ns);
-      stamped_callers_.push_back(r.caller);
-    }
+    stamped_submit_ns_ = arrivals(rows_);
+    stamped_callers_ = senders(rows_);
     const double forward_ms = static_cast<double>(monotonic_ns() - dispatch_ns) * 1e-6 /
                               static_cast<double>(forward_sizes.size());
     stats.record_batch(forward_sizes, forward_ms, true, inline_call, stamped_submit_ns_,

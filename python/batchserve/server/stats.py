@@ -80,11 +80,12 @@ class ServerStats:
 
     def reset(self) -> None:
         with self._lock:
+            self.core.reset()
             self._clear()
 
-    def _clear(self, core: bool = True) -> None:
-        if core:  # (snapshot() resets the core itself, in the same step as it reads it)
-            self.core.reset()
+    def _clear(self) -> None:
+        """Clears what is kept here (the core is reset by its owner's call:
+        reset(), or snapshot() in the same step as it reads it)."""
         self._started = time.monotonic()
         self._failed_batches = 0
         self._weight_updates = 0
@@ -207,5 +208,5 @@ class ServerStats:
                 "max_weight_apply_ms": max(apply_ms) if apply_ms else float("nan"),
             }
             if reset:
-                self._clear(core=False)
+                self._clear()
         return result
