@@ -22,6 +22,27 @@
 //   bit or the server does, never both) or abandons (CAS kQueued|kTaken→
 //   kAbandoned: whoever ends the request then frees the slot).
 //
+// Wake chains (the cross-process counterpart of wake_batching.h's): when
+// several threads of one client process wait on slots finished in the same
+// batch, the server wakes the first of them only, and each, once back in
+// its own code (holding its GIL), wakes the next; woken at once they would
+// all block on their process's GIL together. A chain never leaves a
+// process: a client process killed mid-chain strands no other process's
+// caller, and no caller waits on another process's GIL. The link is the
+// slot's `wake_link` word, tied to one request by the slot's generation
+// (bumped at each claim, which carries one request):
+//
+//   0             no caller waits in the chain (left, or never entered)
+//   (gen, 1)      a caller waits for request gen's outcome
+//   (gen, t + 2)  the server linked slot t: that caller wakes it on leaving
+//
+// The server links only a (gen, 1) word of the request it just finished
+// (CAS), so a caller that has moved on to its slot's next request is never
+// handed a wake-up it would sit on; the caller leaving swaps 0 in and wakes
+// whatever it took. So exactly one side wakes a linked slot: the caller that
+// took it, or the server, whose link failed because that caller had left.
+// Freeing a slot (a release, a reap of a dead client) swaps 0 in the same way.
+//
 // Dead processes: the owner word holds the client's pid and the slot its
 // start time, so the server can tell a live owner from a dead (or reused)
 // pid. reap_dead_owners() frees the slots of dead clients that the server
@@ -30,7 +51,7 @@
 // reap. Clients detect a dead server the same way, from the header.
 //
 // Nothing here knows about Python; the server side feeds a RequestQueue
-// through SlotIntake, so the batching policy, the gather into staging and the
+// through SlotIntake (slot_intake.h), so the batching policy, the gather into staging and the
 // Prefetcher are the fast path's own.
 #pragma once
 
@@ -56,7 +77,6 @@
 #include "futex.h"
 #include "parking.h"
 #include "process_identity.h"
-#include "request_queue.h"
 #include "row_copy.h"
 #include "shm_segment.h"
 
@@ -82,7 +102,7 @@ struct SlotLayout {
 };
 
 struct SegmentHeader {
-  static constexpr uint64_t kMagic = 0x3130767368736231ULL;  // "1bshsv01"
+  static constexpr uint64_t kMagic = 0x3230767368736231ULL;  // "1bshsv02"
   std::atomic<uint64_t> magic;                               // written last by the creator
   uint64_t total_bytes;
   uint64_t fingerprint;
@@ -104,6 +124,12 @@ struct SegmentHeader {
   alignas(64) EventCount freed{true};  // submitters wait here for a slot
 };
 
+// Every atomic of the segment is one plain word, shared by every process
+// that maps it: none may fall back on a lock private to a process.
+static_assert(std::atomic<uint64_t>::is_always_lock_free &&
+                  std::atomic<uint32_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free");
+
 struct alignas(64) SlotHeader {
   enum State : uint32_t {
     kIdle = 0,
@@ -117,8 +143,18 @@ struct alignas(64) SlotHeader {
   std::atomic<uint32_t> state;
   std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
   int64_t submit_ns;
-  uint32_t error_len;     // encoded exception: error area [0, error_len)
-  EventCount done{true};  // the owner waits here for its result
+  uint32_t error_len;                // encoded exception: error area [0, error_len)
+  std::atomic<uint32_t> generation;  // the request's number (bumped by submit)
+  std::atomic<uint64_t> wake_link;   // the wake chain's link (see above)
+  EventCount done{true};             // the owner waits here for its result
+};
+
+// Who waits on a slot the server is ending: read while the server holds the
+// slot (kTaken: its owner and request cannot change), before finish().
+struct SlotWaiter {
+  uint32_t slot = 0;
+  uint32_t owner = 0;       // the client's pid: chains stay within a process
+  uint32_t generation = 0;  // the request being ended
 };
 
 // Why a client operation did not go through.
@@ -298,6 +334,7 @@ class SharedSlots {
       if (sl.owner.load(std::memory_order_relaxed) == 0 &&
           sl.owner.compare_exchange_strong(expected, me.pid, std::memory_order_acq_rel)) {
         sl.owner_start.store(me.start, std::memory_order_release);
+        sl.generation.fetch_add(1, std::memory_order_relaxed);  // a claim carries one request
         return static_cast<int>(s);
       }
     }
@@ -344,6 +381,24 @@ class SharedSlots {
   // Waits until slot `s` holds its result (kDone or kFailed) or `deadline_ns`.
   bool wait(uint32_t s, int64_t deadline_ns) {
     return park_until(slots_[s].done, [&] { return finished(s); }, deadline_ns);
+  }
+
+  // Client: about to wait for the outcome of slot `s`'s current request
+  // (see wake chains above). False when the word is taken already (another
+  // of the owner's threads waits for the same request): the caller then
+  // waits outside the chain and must not leave it.
+  bool enter_wake_chain(uint32_t s) {
+    SlotHeader& sl = slots_[s];
+    uint64_t idle = 0;
+    return sl.wake_link.compare_exchange_strong(
+        idle, link_word(sl.generation.load(std::memory_order_relaxed), kWaiting),
+        std::memory_order_acq_rel);
+  }
+
+  // Client: done waiting on `s` (entered above); wakes the slot it was
+  // handed, if any.
+  void leave_wake_chain(uint32_t s) {
+    wake_linked(slots_[s].wake_link.exchange(0, std::memory_order_acq_rel));
   }
 
   // Client gives up on its request: true if it was withdrawn before the
@@ -452,6 +507,37 @@ class SharedSlots {
 
   void wake(uint32_t s) { slots_[s].done.notify_all(); }
 
+  // Server: who waits on slot `s`, which it holds (kTaken).
+  SlotWaiter waiter(uint32_t s) const {
+    const SlotHeader& sl = slots_[s];
+    return SlotWaiter{s, sl.owner.load(std::memory_order_acquire),
+                      sl.generation.load(std::memory_order_relaxed)};
+  }
+
+  // Server: wakes the clients of `waiters` (slots it finished, in batch
+  // order): one wake-up per client process, the rest through the chain.
+  // Linked from the back: a slot is linked to only before its own link is
+  // set (after that, the caller before it may wake it at any time).
+  void wake_chained(const SlotWaiter* waiters, size_t count) {
+    struct Chain {
+      uint32_t owner;
+      uint32_t first;  // the earliest slot of the chain linked so far
+    };
+    std::vector<Chain> chains;  // one per client process, latest first
+    for (size_t i = count; i-- > 0;) {
+      const SlotWaiter& w = waiters[i];
+      auto c = std::find_if(chains.begin(), chains.end(),
+                            [&](const Chain& c) { return c.owner == w.owner; });
+      if (c == chains.end()) {
+        chains.push_back(Chain{w.owner, w.slot});
+        continue;
+      }
+      if (!link(w, c->first)) wake(c->first);
+      c->first = w.slot;
+    }
+    for (auto c = chains.rbegin(); c != chains.rend(); ++c) wake(c->first);
+  }
+
   // Server (the taker): frees the slots of clients that died, except those
   // it is serving. Returns how many.
   size_t reap_dead_owners() {
@@ -510,12 +596,31 @@ class SharedSlots {
   }
 
   static constexpr uint32_t kReaping = 0xFFFFFFFFu;  // never a pid (pid_max < 2^22)
+  static constexpr uint32_t kWaiting = 1;            // a wake_link's code: waits, unlinked
+  static uint64_t link_word(uint32_t generation, uint32_t code) {
+    return (uint64_t{generation} << 32) | code;
+  }
+
+  // Server: hands slot `next` to the caller waiting for `w`'s request, to
+  // wake when it leaves. False if no caller waits for that request.
+  bool link(const SlotWaiter& w, uint32_t next) {
+    uint64_t waiting = link_word(w.generation, kWaiting);
+    return slots_[w.slot].wake_link.compare_exchange_strong(
+        waiting, link_word(w.generation, next + 2), std::memory_order_acq_rel);
+  }
+
+  // Wakes the slot a link word taken out of a slot holds, if any.
+  void wake_linked(uint64_t word) {
+    const uint32_t code = static_cast<uint32_t>(word);
+    if (code >= 2 && code - 2 < n_) wake(code - 2);
+  }
   static size_t ready_words(uint32_t n) { return (n + 63) / 64; }
   static uint64_t bit(uint32_t s) { return uint64_t{1} << (s % 64); }
   std::atomic<uint64_t>& ready_word(uint32_t s) const { return ready_[s / 64]; }
 
   void free_slot(uint32_t s) {
     SlotHeader& sl = slots_[s];
+    wake_linked(sl.wake_link.exchange(0, std::memory_order_acq_rel));  // a dead caller's link
     sl.state.store(SlotHeader::kIdle, std::memory_order_release);
     sl.owner_start.store(0, std::memory_order_relaxed);
     sl.owner.store(0, std::memory_order_seq_cst);
@@ -531,74 +636,6 @@ class SharedSlots {
   uint32_t cursor_ = 0;       // the taker's round-robin position (taker only)
   uint32_t creator_pid_ = 0;  // 0: attached, not created
   bool unlinked_ = false;
-};
-
-// ---------------------------------------------------------------------------
-// The server process's intake: submitted slots become Requests of its
-// RequestQueue, each carrying a RowSource over its request rows, so the
-// fast path gathers them straight from shared memory into staging.
-
-class SlotIntake : public RequestIntake {
- public:
-  // How often take() looks for slots of dead clients.
-  static constexpr int64_t kReapIntervalNs = 100'000'000;
-
-  SlotIntake(std::shared_ptr<SharedSlots> slots, uint64_t schema_id)
-      : slots_(std::move(slots)), rows_(slots_->num_slots()) {
-    if (slots_->request_leaves() > RowSource::kMaxLeaves)
-      throw std::invalid_argument("SlotIntake: at most " + std::to_string(RowSource::kMaxLeaves) +
-                                  " request leaves");
-    for (uint32_t s = 0; s < slots_->num_slots(); ++s) {
-      rows_[s].schema_id = schema_id;
-      rows_[s].count = slots_->request_leaves();
-      for (size_t j = 0; j < rows_[s].count; ++j) rows_[s].data[j] = slots_->request_row(s, j);
-    }
-  }
-
-  bool ready() const override { return slots_->any_ready(); }
-  size_t size() const override { return slots_->ready_count(); }
-
-  size_t take(std::vector<Request>& out, size_t max_items) override {
-    const int64_t now = monotonic_ns();
-    if (now >= next_reap_ns_.load(std::memory_order_relaxed)) {
-      next_reap_ns_.store(now + kReapIntervalNs, std::memory_order_relaxed);
-      reaped_ += slots_->reap_dead_owners();
-    }
-    taken_.clear();
-    slots_->take(taken_, max_items);
-    for (uint32_t s : taken_) {
-      Request r;
-      r.submit_ns = slots_->slot(s).submit_ns;
-      r.rows = &rows_[s];
-      r.intake = this;
-      r.slot = s;
-      // A client claims the slot it used last first, so a slot stands for
-      // its actor (the fill estimate, the caller-gap statistic); the top bit
-      // keeps slot callers apart from threads' ids.
-      r.caller = kSlotCallerBit | s;
-      out.push_back(r);
-    }
-    return taken_.size();
-  }
-
-  EventCount& work_event() override { return slots_->header()->work; }
-  int64_t next_take_due_ns() const override {
-    return next_reap_ns_.load(std::memory_order_relaxed);
-  }
-  void close() override { slots_->close(); }
-  void reopen() override { slots_->open_for(self_identity()); }
-
-  SharedSlots& slots() const { return *slots_; }
-  size_t reaped() const { return reaped_; }
-
- private:
-  std::shared_ptr<SharedSlots> slots_;
-  std::vector<RowSource> rows_;
-  std::vector<uint32_t> taken_;
-  // Written by the taker; read by the server's wait (a shutdown may take
-  // from another thread meanwhile).
-  std::atomic<int64_t> next_reap_ns_{0};
-  size_t reaped_ = 0;  // taker only
 };
 
 }  // namespace batchserve

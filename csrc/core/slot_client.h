@@ -70,6 +70,28 @@ struct PendingSlot {
   }
 };
 
+// A caller's turn in its process's wake chain while it waits on slot `s`
+// (csrc/core/shared_slots.h): entered on construction, left on destruction,
+// waking the caller after it. The bindings leave it holding the GIL, so
+// that the next caller is woken while this one runs and then waits for the
+// GIL behind it alone. A turn is made after the slot's claim (which names
+// the request it waits for).
+class SlotWakeTurn {
+ public:
+  SlotWakeTurn(SharedSlots& slots, uint32_t s)
+      : slots_(slots), s_(s), in_(slots.enter_wake_chain(s)) {}
+  ~SlotWakeTurn() {
+    if (in_) slots_.leave_wake_chain(s_);
+  }
+  SlotWakeTurn(const SlotWakeTurn&) = delete;
+  SlotWakeTurn& operator=(const SlotWakeTurn&) = delete;
+
+ private:
+  SharedSlots& slots_;
+  uint32_t s_;
+  bool in_;  // entered: another thread waiting for the same request may hold the turn
+};
+
 // How claiming a slot ended.
 enum class SlotClaim { kOk, kNoFreeSlot, kClosed, kServerDead, kInterrupted };
 
@@ -173,7 +195,10 @@ class SlotRequester {
     SlotOutcome outcome = SlotOutcome::kReady;
     const bool finished = wait_in_slices(
         deadline_ns,
-        [&](int64_t until) { return without_gil([&] { return slots_->wait(s, until); }); },
+        [&](int64_t until) {
+          SlotWakeTurn turn(*slots_, s);  // left once without_gil has returned
+          return without_gil([&] { return slots_->wait(s, until); });
+        },
         [&](bool expired) {
           outcome = after_slice(pending, expired, keep_on_timeout, interrupted);
           return outcome == SlotOutcome::kInFlight && !expired;

@@ -43,13 +43,18 @@ inline void write_error(SharedSlots& slots, uint32_t s, const void* encoded, siz
 // The fast path's hand-back, for requests taken out of their batch (nothing
 // else ends or writes their slots meanwhile): row i of each response column
 // goes to the response rows of slots_of_rows[i], then each request ends
-// (kDone) and its client is woken. No GIL needed; the columns must stay
-// alive and unchanged for the call.
+// (kDone) and its clients are woken (SharedSlots::wake_chained). No GIL
+// needed; the columns must stay alive and unchanged for the call.
 inline void scatter_responses(SharedSlots& slots, const std::vector<uint32_t>& slots_of_rows,
                               const std::vector<const uint8_t*>& columns) {
   slots.write_responses(slots_of_rows, columns);
-  for (uint32_t s : slots_of_rows)
-    if (slots.finish(s, false)) slots.wake(s);
+  std::vector<SlotWaiter> ended;
+  ended.reserve(slots_of_rows.size());
+  for (uint32_t s : slots_of_rows) {
+    const SlotWaiter waiter = slots.waiter(s);  // before finish(): then the slot is the client's
+    if (slots.finish(s, false)) ended.push_back(waiter);
+  }
+  slots.wake_chained(ended.data(), ended.size());
 }
 
 }  // namespace batchserve

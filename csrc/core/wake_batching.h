@@ -19,6 +19,9 @@
 // request at 32 threads. Chained, a caller is woken while the one before
 // it runs, and waits for the GIL behind it alone (~1.2 switches and
 // ~10 µs); the order they get the GIL in is the batch's either way.
+// Clients of shared-memory slots are chained the same way, one chain per
+// client process (SharedSlots::wake_chained; the protocol is in
+// shared_slots.h): a process's thread actors share its GIL just the same.
 //
 // Ownership: a Wake of a Completion holds the request's reference to it,
 // dropped by whoever notifies it (the caller may free it as soon as it has
@@ -26,6 +29,7 @@
 // link holds the reference of the completion it points to.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -36,11 +40,12 @@
 namespace batchserve {
 
 // A caller to wake: a blocking in-process caller (completion), or the client
-// process waiting on slot `slot` of `slots`. Exactly one of the two is set.
+// waiting on slot `waiter.slot` of `slots` (another process). Exactly one of
+// `completion` and `slots` is set.
 struct Wake {
   Completion* completion = nullptr;
   SharedSlots* slots = nullptr;
-  uint32_t slot = 0;
+  SlotWaiter waiter = {};
 };
 
 inline void notify_and_release(Completion* c) noexcept {
@@ -48,12 +53,28 @@ inline void notify_and_release(Completion* c) noexcept {
   c->release();
 }
 
-// Wakes every caller of `to_wake` (the completions' as a chain, in order)
-// and drops the completions' references; leaves `to_wake` empty. No lock
-// or GIL is needed.
+// Wakes the slot clients of `to_wake`, in order, as each segment's
+// chains (SharedSlots::wake_chained).
+inline void wake_slot_clients(const std::vector<Wake>& to_wake) {
+  std::vector<SharedSlots*> segments;  // in practice one: the server's
+  for (const Wake& w : to_wake)
+    if (w.slots != nullptr &&
+        std::find(segments.begin(), segments.end(), w.slots) == segments.end())
+      segments.push_back(w.slots);
+  std::vector<SlotWaiter> waiters;
+  for (SharedSlots* segment : segments) {
+    waiters.clear();
+    for (const Wake& w : to_wake)
+      if (w.slots == segment) waiters.push_back(w.waiter);
+    segment->wake_chained(waiters.data(), waiters.size());
+  }
+}
+
+// Wakes every caller of `to_wake` (the completions' as a chain, in order;
+// the slots' as wake_slot_clients does) and drops the completions'
+// references; leaves `to_wake` empty. No lock or GIL is needed.
 inline void notify_and_release(std::vector<Wake>& to_wake) noexcept {
-  for (const Wake& w : to_wake)  // other processes' clients first, in order
-    if (w.completion == nullptr) w.slots->wake(w.slot);
+  wake_slot_clients(to_wake);  // other processes' clients first
   // Linked from the back: a completion is touched only before it is linked
   // (after that, the caller before it may wake it, and it may be freed).
   Completion* after = nullptr;  // the chain linked so far

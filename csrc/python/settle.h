@@ -56,8 +56,10 @@ inline void drop_watcher(Completion* completion) {
 inline void settle(const Request& r, PyObject* outcome, bool is_error, std::vector<Wake>& to_wake,
                    PyObject* futures, Py_ssize_t index = -1) {
   if (r.intake != nullptr) {
+    SharedSlots& slots = slot_server(r).slots();
+    const SlotWaiter waiter = slots.waiter(r.slot);  // before it ends: then it is the client's
     if (slot_server(r).settle(r.slot, outcome, is_error))
-      to_wake.push_back(Wake{nullptr, &slot_server(r).slots(), r.slot});
+      to_wake.push_back(Wake{nullptr, &slots, waiter});
   } else if (r.completion != nullptr) {
     Py_INCREF(outcome);
     if (!r.completion->finish(outcome, is_error)) {

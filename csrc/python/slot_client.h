@@ -130,6 +130,8 @@ class SlotClient {
     }
     SlotWait submitted;
     {
+      std::optional<SlotWakeTurn> turn;  // left after the GIL is back (declared first)
+      if (and_wait) turn.emplace(slots(), s);
       GilRelease nogil;
       submitted = requester_.submit(s, *rows, and_wait ? slice_end(deadline) : 0);
     }

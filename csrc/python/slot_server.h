@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/shared_slots.h"
+#include "core/slot_intake.h"
 #include "core/slot_responses.h"
 #include "python/pyutil.h"
 

@@ -16,6 +16,7 @@
 
 #include "core/batch_policy.h"
 #include "core/shared_slots.h"
+#include "core/slot_intake.h"
 #include "slot_test_util.h"
 #include "test_util.h"
 

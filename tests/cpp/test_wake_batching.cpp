@@ -2,12 +2,14 @@
 // are published are woken later, each once, and a completion's reference is
 // dropped only after its caller was notified.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "core/slot_client.h"
 #include "core/wake_batching.h"
 #include "slot_test_util.h"
 #include "test_util.h"
@@ -27,16 +29,16 @@ TEST(WakeBatching, DeferCompletionsKeepsSlotsForNowInOrder) {
   Segment seg(4);
   auto* a = new Completion();
   auto* b = new Completion();
-  std::vector<Wake> to_wake{Wake{a}, Wake{nullptr, seg.slots.get(), 2}, Wake{b},
-                            Wake{nullptr, seg.slots.get(), 3}};
+  std::vector<Wake> to_wake{Wake{a}, Wake{nullptr, seg.slots.get(), {2}}, Wake{b},
+                            Wake{nullptr, seg.slots.get(), {3}}};
   std::vector<Wake> deferred;
   batchserve::defer_completions(to_wake, deferred);
   ASSERT_EQ(deferred.size(), 2u);
   EXPECT_EQ(deferred[0].completion, a);
   EXPECT_EQ(deferred[1].completion, b);
   ASSERT_EQ(to_wake.size(), 2u);
-  EXPECT_EQ(to_wake[0].slot, 2u);
-  EXPECT_EQ(to_wake[1].slot, 3u);
+  EXPECT_EQ(to_wake[0].waiter.slot, 2u);
+  EXPECT_EQ(to_wake[1].waiter.slot, 3u);
   notify_and_release(to_wake);
   notify_and_release(deferred);  // drops the requests' references
   EXPECT_TRUE(deferred.empty());
@@ -186,12 +188,200 @@ TEST(WakeBatching, WakesAClientWaitingOnItsSlot) {
   BackgroundCall client([&] { done = seg.slots->wait(s, kNoDeadline); });
   std::vector<uint32_t> taken;
   ASSERT_EQ(seg.slots->take(taken, 1), 1u);
+  const batchserve::SlotWaiter waiter = seg.slots->waiter(s);
   ASSERT_TRUE(seg.slots->finish(s, false));
-  std::vector<Wake> to_wake{Wake{nullptr, seg.slots.get(), s}};
+  std::vector<Wake> to_wake{Wake{nullptr, seg.slots.get(), waiter}};
   notify_and_release(to_wake);
   client.join();
   EXPECT_TRUE(done);
   seg.slots->release(s);
+}
+
+// -- slot wake chains (csrc/core/shared_slots.h) ---------------------------
+
+using batchserve::SharedSlots;
+using batchserve::SlotWaiter;
+
+// Claims slot `s` (free) for this process.
+uint32_t claim(SharedSlots& slots, uint32_t s) {
+  const int got = slots.try_claim(s);
+  EXPECT_EQ(got, static_cast<int>(s));
+  return s;
+}
+
+// Whether slot `s`'s clients were woken between its construction and
+// woken() (called once).
+class WakeWatch {
+ public:
+  WakeWatch(SharedSlots& slots, uint32_t s)
+      : event_(slots.slot(s).done), key_(event_.prepare_wait()) {}
+  bool woken() { return event_.wait(key_, 0); }  // a deadline passed long ago: no sleep
+
+ private:
+  batchserve::EventCount& event_;
+  uint32_t key_;
+};
+
+uint64_t link_of(SharedSlots& slots, uint32_t s) {
+  return slots.slot(s).wake_link.load(std::memory_order_acquire);
+}
+
+// The server links a slot only while its caller waits for the very request
+// it ended; the caller leaving wakes what it was handed, once.
+TEST(SlotWakeChain, LinksOnlyForTheRequestItsCallerWaitsFor) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  const uint32_t a = claim(slots, 0), b = claim(slots, 1);
+  const SlotWaiter wa = slots.waiter(a), wb = slots.waiter(b);
+  EXPECT_EQ(wa.owner, static_cast<uint32_t>(::getpid()));
+  {
+    WakeWatch watch_a(slots, a), watch_b(slots, b);
+    const SlotWaiter batch[] = {wa, wb};
+    slots.wake_chained(batch, 2);  // nobody waits in the chain: both woken now
+    EXPECT_TRUE(watch_a.woken());
+    EXPECT_TRUE(watch_b.woken());
+  }
+  EXPECT_EQ(link_of(slots, a), 0u);
+
+  ASSERT_TRUE(slots.enter_wake_chain(a));
+  EXPECT_FALSE(slots.enter_wake_chain(a));  // a second waiter of the same request
+  {
+    WakeWatch watch_a(slots, a), watch_b(slots, b);
+    const SlotWaiter batch[] = {wa, wb};
+    slots.wake_chained(batch, 2);
+    EXPECT_TRUE(watch_a.woken());   // the chain's first
+    EXPECT_FALSE(watch_b.woken());  // left to a's caller
+  }
+  EXPECT_EQ(link_of(slots, a), (uint64_t{wa.generation} << 32) | (b + 2));
+  {
+    WakeWatch watch_b(slots, b);
+    slots.leave_wake_chain(a);
+    EXPECT_TRUE(watch_b.woken());
+  }
+  EXPECT_EQ(link_of(slots, a), 0u);
+
+  // a's caller moved on to its slot's next request: the server, ending the
+  // old one late, must not hand it b.
+  slots.release(a);
+  claim(slots, a);
+  ASSERT_NE(slots.waiter(a).generation, wa.generation);
+  ASSERT_TRUE(slots.enter_wake_chain(a));
+  const uint64_t waiting = link_of(slots, a);
+  {
+    WakeWatch watch_b(slots, b);
+    const SlotWaiter batch[] = {wa, wb};
+    slots.wake_chained(batch, 2);
+    EXPECT_TRUE(watch_b.woken());
+  }
+  EXPECT_EQ(link_of(slots, a), waiting);
+  slots.leave_wake_chain(a);
+  slots.release(a);
+  slots.release(b);
+}
+
+// One chain per client process: a link never joins two owners' slots, and
+// each process's first slot is woken by the server.
+TEST(SlotWakeChain, ChainsStayWithinAClientProcess) {
+  Segment seg(4);
+  SharedSlots& slots = *seg.slots;
+  for (uint32_t s = 0; s < 3; ++s) {
+    claim(slots, s);
+    ASSERT_TRUE(slots.enter_wake_chain(s));
+  }
+  SlotWaiter w0 = slots.waiter(0), w1 = slots.waiter(1), w2 = slots.waiter(2);
+  w1.owner = w0.owner + 1;  // as if slot 1's client were another process
+  WakeWatch watch0(slots, 0), watch1(slots, 1), watch2(slots, 2);
+  const SlotWaiter batch[] = {w0, w1, w2};
+  slots.wake_chained(batch, 3);
+  EXPECT_TRUE(watch0.woken());
+  EXPECT_TRUE(watch1.woken());
+  EXPECT_FALSE(watch2.woken());
+  EXPECT_EQ(link_of(slots, 0), (uint64_t{w0.generation} << 32) | 4u);  // slot 2
+  EXPECT_EQ(static_cast<uint32_t>(link_of(slots, 1)), 1u);             // still waiting, unlinked
+  for (uint32_t s = 0; s < 3; ++s) {
+    slots.leave_wake_chain(s);
+    slots.release(s);
+  }
+}
+
+// A slot freed while it holds a link (its client died mid-chain and was
+// reaped) passes the wake on.
+TEST(SlotWakeChain, FreeingALinkedSlotWakesTheNext) {
+  Segment seg(2);
+  SharedSlots& slots = *seg.slots;
+  claim(slots, 0);
+  claim(slots, 1);
+  ASSERT_TRUE(slots.enter_wake_chain(0));
+  const SlotWaiter batch[] = {slots.waiter(0), slots.waiter(1)};
+  slots.wake_chained(batch, 2);
+  WakeWatch watch1(slots, 1);
+  slots.release(0);
+  EXPECT_TRUE(watch1.woken());
+  EXPECT_EQ(link_of(slots, 0), 0u);
+  slots.release(1);
+}
+
+// The server's link and the caller's leave race: the linked slot is woken
+// whichever wins (run under TSAN in CI).
+TEST(SlotWakeChain, ALinkedSlotIsWokenWhoeverWins) {
+  Segment seg(2);
+  SharedSlots& slots = *seg.slots;
+  claim(slots, 0);
+  claim(slots, 1);
+  const SlotWaiter batch[] = {slots.waiter(0), slots.waiter(1)};
+  for (int round = 0; round < 10000; ++round) {
+    ASSERT_TRUE(slots.enter_wake_chain(0));
+    WakeWatch watch1(slots, 1);
+    std::thread caller([&] { slots.leave_wake_chain(0); });
+    slots.wake_chained(batch, 2);
+    caller.join();
+    slots.leave_wake_chain(0);  // the link, if the caller left before it was set: none
+    ASSERT_TRUE(watch1.woken()) << "round " << round;
+  }
+  slots.release(0);
+  slots.release(1);
+}
+
+// A batch's clients in one process, woken as a chain: every one wakes and
+// reads its own result, whether it waited in the chain, waited outside it,
+// or found its result before waiting.
+TEST(SlotWakeChain, EveryClientOfAChainWakes) {
+  constexpr uint32_t kClients = 16;
+  Segment seg(kClients);
+  SharedSlots& slots = *seg.slots;
+  for (int round = 0; round < 200; ++round) {
+    std::vector<uint32_t> slot_of(kClients);
+    for (uint32_t i = 0; i < kClients; ++i) {
+      slot_of[i] = claim(slots, i);
+      ASSERT_EQ(slots.submit(i, 0), batchserve::SlotWait::kOk);
+    }
+    std::vector<uint64_t> seen(kClients, ~uint64_t{0});
+    std::vector<std::thread> clients;
+    for (uint32_t i = 0; i < kClients; ++i)
+      clients.emplace_back([&, i] {
+        const uint32_t s = slot_of[i];
+        if (i % 3 == 0) {
+          slots.wait(s, kNoDeadline);  // outside the chain
+        } else {
+          batchserve::SlotWakeTurn turn(slots, s);
+          slots.wait(s, kNoDeadline);
+        }
+        seen[i] = batchserve_test::read_u64(slots.response_row(s, 0));
+        slots.release(s);
+      });
+    std::vector<uint32_t> taken;
+    ASSERT_EQ(slots.take(taken, kClients), kClients);
+    std::vector<SlotWaiter> ended;
+    for (uint32_t s : taken) {
+      batchserve_test::write_u64(slots.response_row(s, 0), 1000u * round + s);
+      ended.push_back(slots.waiter(s));
+      ASSERT_TRUE(slots.finish(s, false));
+    }
+    slots.wake_chained(ended.data(), ended.size());
+    for (auto& t : clients) t.join();
+    for (uint32_t i = 0; i < kClients; ++i)
+      ASSERT_EQ(seen[i], 1000u * round + slot_of[i]) << "round " << round;
+  }
 }
 
 }  // namespace
