@@ -173,17 +173,20 @@ PYBIND11_MODULE(_core, m) {
       .def_static(
           "create",
           [](const std::string& name, uint32_t num_slots, std::vector<size_t> request_leaf_bytes,
-             std::vector<size_t> response_leaf_bytes, size_t error_bytes, uint64_t fingerprint) {
+             std::vector<size_t> response_leaf_bytes, size_t error_bytes, uint64_t fingerprint,
+             bool single_file) {
             SlotLayout layout;
             layout.num_slots = num_slots;
             layout.request_leaf_bytes = std::move(request_leaf_bytes);
             layout.response_leaf_bytes = std::move(response_leaf_bytes);
             layout.error_bytes = error_bytes;
             layout.fingerprint = fingerprint;
+            layout.single_file = single_file;
             return SharedSlots::create(name, layout);
           },
           py::arg("name"), py::arg("num_slots"), py::arg("request_leaf_bytes"),
-          py::arg("response_leaf_bytes"), py::arg("error_bytes"), py::arg("fingerprint"))
+          py::arg("response_leaf_bytes"), py::arg("error_bytes"), py::arg("fingerprint"),
+          py::arg("single_file") = false)
       .def_static("attach", &SharedSlots::attach, py::arg("name"), py::arg("fingerprint"))
       .def_buffer([](SharedSlots& s) {
         return py::buffer_info(s.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
@@ -193,6 +196,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("name", &SharedSlots::name)
       .def_property_readonly("size", &SharedSlots::size)
       .def_property_readonly("num_slots", &SharedSlots::num_slots)
+      .def_property_readonly("single_file", &SharedSlots::single_file)
       .def("request_offset", &SharedSlots::request_offset, py::arg("leaf"))
       .def("response_offset", &SharedSlots::response_offset, py::arg("leaf"))
       .def_property_readonly("closed", &SharedSlots::closed)

@@ -166,8 +166,10 @@ def test_copy_result_false_returns_a_view_of_the_slot():
         assert first["id"].item() == 2  # the view now shows the later result
 
 
-def test_threads_share_one_client():
-    transport = make_transport(num_slots=8)
+@pytest.mark.parametrize("single_file", [False, True])
+def test_threads_share_one_client(single_file):
+    transport = make_transport(num_slots=8, single_file=single_file)
+    assert transport.single_file is single_file
     client = transport.client()
     errors = []
 
@@ -185,6 +187,52 @@ def test_threads_share_one_client():
         for t in threads:
             t.join(60)
     assert not errors
+    assert transport._segment.owned_slots == 0
+
+
+def test_single_file_threads_that_stop_calling_strand_no_one():
+    # Single file, a thread passes the wake-up it was handed at its next call.
+    # Threads that stop calling (one waits on an event, some end, some use
+    # futures) must not strand the others: the server wakes a result not
+    # passed on in time, and an ending thread passes what it holds.
+    transport = make_transport(num_slots=8, single_file=True)
+    client = transport.client()
+    stop = threading.Event()
+    errors = []
+
+    def idler(base):
+        try:
+            for i in range(base, base + 30):
+                check(client(request(i)), i)
+            stop.wait(60)  # alive, holding whatever it was handed last
+        except BaseException as exc:
+            errors.append(exc)
+
+    def worker(base, n, futures):
+        try:
+            for i in range(base, base + n):
+                if futures:
+                    check(client.submit(request(i)).result(timeout=60), i)
+                else:
+                    check(client(request(i)), i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with InferenceServer(double_model, transport, max_batch_size=8):
+        idlers = [threading.Thread(target=idler, args=(100_000 * (t + 1),)) for t in range(2)]
+        workers = [
+            threading.Thread(target=worker, args=(1000 * t, 40 + 40 * t, t % 2 == 1))
+            for t in range(5)
+        ]
+        for t in idlers + workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+        stop.set()
+        for t in idlers:
+            t.join(60)
+    assert not errors
+    assert not any(t.is_alive() for t in idlers + workers)
     assert transport._segment.owned_slots == 0
 
 

@@ -74,8 +74,9 @@ class RequestIntake {
   virtual void close() = 0;              // the queue closed: refuse producers
   virtual void reopen() = 0;
   // When take() next has housekeeping to do even with nothing ready (the
-  // shared-memory slots look for dead clients): a waiting server wakes by
-  // then, so an idle server with a long timeout still does it.
+  // shared-memory slots look for dead clients and wake callers whose
+  // handed-over wake-up is overdue): a waiting server wakes by then, so an
+  // idle server with a long timeout still does it.
   virtual int64_t next_take_due_ns() const { return INT64_MAX; }
 };
 

@@ -1,14 +1,8 @@
 // Shared-memory slots: how actor processes hand requests to a server
 // process and get results back without pipes or pickling.
 //
-// One POSIX shared-memory segment (shm_open + mmap) per transport holds
-//
-//   SegmentHeader  layout, the server's identity, `closed`, two events
-//   SlotHeader[n]  per slot: owner, state (a futex word), arrival, its event
-//   ready bitmap   one bit per slot: "submitted, not yet taken"
-//   request bank   per request leaf: n rows of leaf_bytes (row s = slot s)
-//   response bank  per response leaf: n rows
-//   error area     per slot: a failed request's encoded exception
+// One POSIX shared-memory segment (shm_open + mmap) per transport, laid
+// out as slot_layout.h describes.
 //
 // A slot's life (every arrow one atomic operation, so a process killed
 // anywhere leaves a state the server can recognise and undo):
@@ -22,11 +16,11 @@
 //   bit or the server does, never both) or abandons (CAS kQueued|kTaken→
 //   kAbandoned: whoever ends the request then frees the slot).
 //
-// Wake chains (the cross-process counterpart of wake_batching.h's): when
-// several threads of one client process wait on slots finished in the same
-// batch, the server wakes the first of them only, and each, once back in
-// its own code (holding its GIL), wakes the next; woken at once they would
-// all block on their process's GIL together. A chain never leaves a
+// Wake chains: when several threads of one client process wait on slots
+// finished in the same batch, the server wakes the first of them only, and
+// each passes the wake-up on to the next. Thread actors of one process
+// share its GIL: woken at once they would all block on it together (the
+// convoy in-process chains avoid, wake_batching.h). A chain never leaves a
 // process: a client process killed mid-chain strands no other process's
 // caller, and no caller waits on another process's GIL. The link is the
 // slot's `wake_link` word, tied to one request by the slot's generation
@@ -34,14 +28,38 @@
 //
 //   0             no caller waits in the chain (left, or never entered)
 //   (gen, 1)      a caller waits for request gen's outcome
-//   (gen, t + 2)  the server linked slot t: that caller wakes it on leaving
+//   (gen, t + 2)  the server linked slot t: that caller passes its wake-up on
 //
 // The server links only a (gen, 1) word of the request it just finished
 // (CAS), so a caller that has moved on to its slot's next request is never
-// handed a wake-up it would sit on; the caller leaving swaps 0 in and wakes
-// whatever it took. So exactly one side wakes a linked slot: the caller that
-// took it, or the server, whose link failed because that caller had left.
-// Freeing a slot (a release, a reap of a dead client) swaps 0 in the same way.
+// handed a wake-up it would sit on; the caller leaving swaps 0 in and takes
+// whatever was linked. So exactly one side owns a linked slot's wake-up:
+// the caller that took it, or the server, whose link failed because that
+// caller had left. Freeing a slot (a release, a reap of a dead client)
+// swaps 0 in the same way and wakes what it took.
+//
+// When a caller passes the wake-up on is the segment's choice:
+//
+//   default      as soon as it holds its GIL again: the next is woken while
+//                this one runs and queues for the GIL behind it.
+//   single_file  when it next lets the GIL go to wait (its next call; slot_
+//                client.h, HeldSlotWake), and a batch's chain joins its
+//                process's chain from earlier batches while that one is
+//                still under way: one thread of the process runs its loop
+//                between calls at a time. Woken as soon as the one before
+//                holds the GIL, they all end up running their loops
+//                together, and each GIL-releasing torch call in a loop hands
+//                the GIL to another: at 32 thread actors of a server process
+//                on the 2-core VM that cost ~7 context switches and ~50 µs of
+//                kernel time per request, against ~1 and ~6 µs single file.
+//                The cost: a caller that sleeps or waits between calls with
+//                the GIL released holds up the next. So the server keeps each
+//                wake-up it handed over and wakes the slot itself if its
+//                client has not read the result kHeldWakeLimitNs after the
+//                caller before took the wake-up (the slot's
+//                `wake_held_since`), or, while no caller has taken it yet,
+//                kHandedWakeDeadlineNs per place in its chain after the
+//                hand-back (wake_overdue(), which the server's intake runs).
 //
 // Dead processes: the owner word holds the client's pid and the slot its
 // start time, so the server can tell a live owner from a dead (or reused)
@@ -79,86 +97,13 @@
 #include "process_identity.h"
 #include "row_copy.h"
 #include "shm_segment.h"
+#include "slot_layout.h"
+#include "slot_wake_chains.h"
 
 namespace batchserve {
 
 // ---------------------------------------------------------------------------
 // The segment.
-
-// A segment's leaves per side: the fast path's own limit, so that every
-// request schema a segment holds can be gathered without a fallback.
-constexpr size_t kMaxSlotLeaves = RowSource::kMaxLeaves;
-
-// Bytes of one slot's error area (csrc/core/slot_responses.h): the size the
-// transports create segments with (exported to Python as SLOT_ERROR_BYTES).
-constexpr size_t kSlotErrorBytes = 2048;
-
-struct SlotLayout {
-  uint32_t num_slots = 0;
-  std::vector<size_t> request_leaf_bytes;
-  std::vector<size_t> response_leaf_bytes;
-  size_t error_bytes = kSlotErrorBytes;
-  uint64_t fingerprint = 0;  // of the keys, dtypes and shapes (checked on attach)
-};
-
-struct SegmentHeader {
-  static constexpr uint64_t kMagic = 0x3230767368736231ULL;  // "1bshsv02"
-  std::atomic<uint64_t> magic;                               // written last by the creator
-  uint64_t total_bytes;
-  uint64_t fingerprint;
-  uint32_t num_slots;
-  uint32_t request_leaves;
-  uint32_t response_leaves;
-  uint32_t error_bytes;
-  uint64_t request_leaf_bytes[kMaxSlotLeaves];
-  uint64_t request_offset[kMaxSlotLeaves];
-  uint64_t response_leaf_bytes[kMaxSlotLeaves];
-  uint64_t response_offset[kMaxSlotLeaves];
-  uint64_t slots_offset;
-  uint64_t ready_offset;
-  uint64_t errors_offset;
-  alignas(64) std::atomic<uint32_t> closed;  // the server shut down
-  std::atomic<uint32_t> server_pid;          // 0: no server has started
-  std::atomic<uint64_t> server_start;
-  alignas(64) EventCount work{true};   // the server sleeps here
-  alignas(64) EventCount freed{true};  // submitters wait here for a slot
-};
-
-// Every atomic of the segment is one plain word, shared by every process
-// that maps it: none may fall back on a lock private to a process.
-static_assert(std::atomic<uint64_t>::is_always_lock_free &&
-                  std::atomic<uint32_t>::is_always_lock_free,
-              "shared-memory atomics must be lock-free");
-
-struct alignas(64) SlotHeader {
-  enum State : uint32_t {
-    kIdle = 0,
-    kQueued = 1,
-    kTaken = 2,
-    kDone = 3,
-    kFailed = 4,
-    kAbandoned = 5
-  };
-  std::atomic<uint32_t> owner;  // pid of the client holding it, 0: free
-  std::atomic<uint32_t> state;
-  std::atomic<uint64_t> owner_start;  // the owner's start time (0: not yet written)
-  int64_t submit_ns;
-  uint32_t error_len;                // encoded exception: error area [0, error_len)
-  std::atomic<uint32_t> generation;  // the request's number (bumped by submit)
-  std::atomic<uint64_t> wake_link;   // the wake chain's link (see above)
-  EventCount done{true};             // the owner waits here for its result
-};
-
-// Who waits on a slot the server is ending: read while the server holds the
-// slot (kTaken: its owner and request cannot change), before finish().
-struct SlotWaiter {
-  uint32_t slot = 0;
-  uint32_t owner = 0;       // the client's pid: chains stay within a process
-  uint32_t generation = 0;  // the request being ended
-};
-
-// Why a client operation did not go through.
-enum class SlotWait { kOk, kTimedOut, kClosed, kServerDead };
 
 // One process's mapping of a segment. The creator unlinks the name; the
 // memory lives until the last process unmaps it.
@@ -213,6 +158,7 @@ class SharedSlots {
     h->request_leaves = static_cast<uint32_t>(layout.request_leaf_bytes.size());
     h->response_leaves = static_cast<uint32_t>(layout.response_leaf_bytes.size());
     h->error_bytes = static_cast<uint32_t>(layout.error_bytes);
+    h->single_file = layout.single_file ? 1 : 0;
     for (size_t j = 0; j < layout.request_leaf_bytes.size(); ++j) {
       h->request_leaf_bytes[j] = layout.request_leaf_bytes[j];
       h->request_offset[j] = request_offset[j];
@@ -287,6 +233,7 @@ class SharedSlots {
     return base_ + header()->errors_offset + size_t{s} * header()->error_bytes;
   }
   size_t error_bytes() const { return header()->error_bytes; }
+  bool single_file() const { return header()->single_file != 0; }
 
   // -- liveness ------------------------------------------------------------
 
@@ -335,6 +282,7 @@ class SharedSlots {
           sl.owner.compare_exchange_strong(expected, me.pid, std::memory_order_acq_rel)) {
         sl.owner_start.store(me.start, std::memory_order_release);
         sl.generation.fetch_add(1, std::memory_order_relaxed);  // a claim carries one request
+        sl.wake_held_since.store(0, std::memory_order_relaxed);
         return static_cast<int>(s);
       }
     }
@@ -391,14 +339,17 @@ class SharedSlots {
     SlotHeader& sl = slots_[s];
     uint64_t idle = 0;
     return sl.wake_link.compare_exchange_strong(
-        idle, link_word(sl.generation.load(std::memory_order_relaxed), kWaiting),
+        idle, wake_link_word(sl.generation.load(std::memory_order_relaxed), kWakeLinkWaiting),
         std::memory_order_acq_rel);
   }
 
-  // Client: done waiting on `s` (entered above); wakes the slot it was
-  // handed, if any.
-  void leave_wake_chain(uint32_t s) {
-    wake_linked(slots_[s].wake_link.exchange(0, std::memory_order_acq_rel));
+  // Client: done waiting on `s` (entered above). The slot whose wake-up it
+  // was handed (to pass on with wake()), or -1.
+  int leave_wake_chain(uint32_t s) {
+    const int next = linked_slot(slots_[s].wake_link.exchange(0, std::memory_order_acq_rel), n_);
+    if (next >= 0 && single_file())
+      slots_[next].wake_held_since.store(monotonic_ns(), std::memory_order_release);
+    return next;
   }
 
   // Client gives up on its request: true if it was withdrawn before the
@@ -515,28 +466,15 @@ class SharedSlots {
   }
 
   // Server: wakes the clients of `waiters` (slots it finished, in batch
-  // order): one wake-up per client process, the rest through the chain.
-  // Linked from the back: a slot is linked to only before its own link is
-  // set (after that, the caller before it may wake it at any time).
+  // order) as one chain per client process (slot_wake_chains.h).
   void wake_chained(const SlotWaiter* waiters, size_t count) {
-    struct Chain {
-      uint32_t owner;
-      uint32_t first;  // the earliest slot of the chain linked so far
-    };
-    std::vector<Chain> chains;  // one per client process, latest first
-    for (size_t i = count; i-- > 0;) {
-      const SlotWaiter& w = waiters[i];
-      auto c = std::find_if(chains.begin(), chains.end(),
-                            [&](const Chain& c) { return c.owner == w.owner; });
-      if (c == chains.end()) {
-        chains.push_back(Chain{w.owner, w.slot});
-        continue;
-      }
-      if (!link(w, c->first)) wake(c->first);
-      c->first = w.slot;
-    }
-    for (auto c = chains.rbegin(); c != chains.rend(); ++c) wake(c->first);
+    chains_.wake(slots_, single_file(), waiters, count);
   }
+
+  // Server, single file: wakes the slots whose handed-over wake-up is
+  // overdue (SlotWakeChains::wake_overdue); when it next has one to look at.
+  void wake_overdue(int64_t now_ns) { chains_.wake_overdue(slots_, now_ns); }
+  int64_t handed_due_ns() const { return chains_.due_ns(); }
 
   // Server (the taker): frees the slots of clients that died, except those
   // it is serving. Returns how many.
@@ -596,31 +534,14 @@ class SharedSlots {
   }
 
   static constexpr uint32_t kReaping = 0xFFFFFFFFu;  // never a pid (pid_max < 2^22)
-  static constexpr uint32_t kWaiting = 1;            // a wake_link's code: waits, unlinked
-  static uint64_t link_word(uint32_t generation, uint32_t code) {
-    return (uint64_t{generation} << 32) | code;
-  }
-
-  // Server: hands slot `next` to the caller waiting for `w`'s request, to
-  // wake when it leaves. False if no caller waits for that request.
-  bool link(const SlotWaiter& w, uint32_t next) {
-    uint64_t waiting = link_word(w.generation, kWaiting);
-    return slots_[w.slot].wake_link.compare_exchange_strong(
-        waiting, link_word(w.generation, next + 2), std::memory_order_acq_rel);
-  }
-
-  // Wakes the slot a link word taken out of a slot holds, if any.
-  void wake_linked(uint64_t word) {
-    const uint32_t code = static_cast<uint32_t>(word);
-    if (code >= 2 && code - 2 < n_) wake(code - 2);
-  }
   static size_t ready_words(uint32_t n) { return (n + 63) / 64; }
   static uint64_t bit(uint32_t s) { return uint64_t{1} << (s % 64); }
   std::atomic<uint64_t>& ready_word(uint32_t s) const { return ready_[s / 64]; }
 
   void free_slot(uint32_t s) {
     SlotHeader& sl = slots_[s];
-    wake_linked(sl.wake_link.exchange(0, std::memory_order_acq_rel));  // a dead caller's link
+    const int linked = linked_slot(sl.wake_link.exchange(0, std::memory_order_acq_rel), n_);
+    if (linked >= 0) wake(static_cast<uint32_t>(linked));  // e.g. a dead caller's
     sl.state.store(SlotHeader::kIdle, std::memory_order_release);
     sl.owner_start.store(0, std::memory_order_relaxed);
     sl.owner.store(0, std::memory_order_seq_cst);
@@ -634,6 +555,7 @@ class SharedSlots {
   SlotHeader* slots_ = nullptr;
   std::atomic<uint64_t>* ready_ = nullptr;
   uint32_t cursor_ = 0;       // the taker's round-robin position (taker only)
+  SlotWakeChains chains_;     // the server's wake chains (whoever ends requests)
   uint32_t creator_pid_ = 0;  // 0: attached, not created
   bool unlinked_ = false;
 };

@@ -70,24 +70,70 @@ struct PendingSlot {
   }
 };
 
-// A caller's turn in its process's wake chain while it waits on slot `s`
-// (csrc/core/shared_slots.h): entered on construction, left on destruction,
-// waking the caller after it. The bindings leave it holding the GIL, so
-// that the next caller is woken while this one runs and then waits for the
-// GIL behind it alone. A turn is made after the slot's claim (which names
-// the request it waits for).
+// Single file (csrc/core/shared_slots.h): the wake-up a client thread was
+// handed in its wake chain, held until it next lets its GIL go to wait: the
+// next caller then finds the GIL free instead of queuing for it while this
+// one runs its loop. pass() is called at the start of every GIL-free stretch of
+// a call (SlotRequester::submit, each slice of a wait); a thread that ends
+// passes what it holds, and the server wakes a slot whose handed wake-up is
+// overdue (SharedSlots::wake_overdue), so none waits long for a caller
+// that does not call again.
+class HeldSlotWake {
+ public:
+  // Holds the wake-up of slot `slot` of `slots` (-1: none), after passing on
+  // the one held before.
+  static void hold(const std::shared_ptr<SharedSlots>& slots, int slot) {
+    if (slot < 0) return;
+    Held& h = held();
+    h.pass();
+    h.slots = slots;
+    h.slot = slot;
+  }
+
+  // Wakes the held slot, if any. No GIL needed.
+  static void pass() { held().pass(); }
+
+ private:
+  struct Held {
+    std::shared_ptr<SharedSlots> slots;  // keeps the mapping for the wake
+    int slot = -1;
+    void pass() {
+      if (slot < 0) return;
+      slots->wake(static_cast<uint32_t>(slot));
+      slot = -1;
+      slots.reset();
+    }
+    ~Held() { pass(); }  // the thread ends
+  };
+  static Held& held() {
+    thread_local Held h;
+    return h;
+  }
+};
+
+// A caller's turn in its process's wake chain while it waits on slot `s`:
+// entered on construction; on destruction it leaves and passes on the
+// wake-up it was handed: at once (the bindings leave it holding the GIL),
+// or, single file, at its next call (HeldSlotWake). A turn is made after
+// the slot's claim (which names the request it waits for).
 class SlotWakeTurn {
  public:
-  SlotWakeTurn(SharedSlots& slots, uint32_t s)
-      : slots_(slots), s_(s), in_(slots.enter_wake_chain(s)) {}
+  SlotWakeTurn(const std::shared_ptr<SharedSlots>& slots, uint32_t s)
+      : slots_(slots), s_(s), in_(slots->enter_wake_chain(s)) {}
   ~SlotWakeTurn() {
-    if (in_) slots_.leave_wake_chain(s_);
+    if (!in_) return;
+    const int next = slots_->leave_wake_chain(s_);
+    if (slots_->single_file()) {
+      HeldSlotWake::hold(slots_, next);
+    } else if (next >= 0) {
+      slots_->wake(static_cast<uint32_t>(next));
+    }
   }
   SlotWakeTurn(const SlotWakeTurn&) = delete;
   SlotWakeTurn& operator=(const SlotWakeTurn&) = delete;
 
  private:
-  SharedSlots& slots_;
+  const std::shared_ptr<SharedSlots>& slots_;
   uint32_t s_;
   bool in_;  // entered: another thread waiting for the same request may hold the turn
 };
@@ -155,12 +201,14 @@ class SlotRequester {
     return SlotClaim::kOk;
   }
 
-  // No GIL needed. Copies `rows` (one leaf per request leaf of the segment)
-  // into claimed slot `s` and submits it; then, if `first_wait_until` is
+  // No GIL needed. Passes on the wake-up this thread holds, copies `rows`
+  // (one leaf per request leaf of the segment) into claimed slot `s` and
+  // submits it; then, if `first_wait_until` is
   // not 0, waits for the outcome until then (the first slice of a blocking
   // call, in the same GIL-free stretch). kClosed: the server shut down, and
   // the slot was given back.
   SlotWait submit(uint32_t s, const RowSource& rows, int64_t first_wait_until) {
+    HeldSlotWake::pass();
     if (rows.count != slots_->request_leaves())
       throw std::invalid_argument("SlotRequester::submit: " + std::to_string(rows.count) +
                                   " leaves for a segment of " +
@@ -196,8 +244,11 @@ class SlotRequester {
     const bool finished = wait_in_slices(
         deadline_ns,
         [&](int64_t until) {
-          SlotWakeTurn turn(*slots_, s);  // left once without_gil has returned
-          return without_gil([&] { return slots_->wait(s, until); });
+          SlotWakeTurn turn(slots_, s);  // left once without_gil has returned
+          return without_gil([&] {
+            HeldSlotWake::pass();
+            return slots_->wait(s, until);
+          });
         },
         [&](bool expired) {
           outcome = after_slice(pending, expired, keep_on_timeout, interrupted);

@@ -4,6 +4,7 @@
 // straight from shared memory into staging.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -45,6 +46,7 @@ class SlotIntake : public RequestIntake {
       next_reap_ns_.store(now + kReapIntervalNs, std::memory_order_relaxed);
       reaped_ += slots_->reap_dead_owners();
     }
+    slots_->wake_overdue(now);
     taken_.clear();
     slots_->take(taken_, max_items);
     for (uint32_t s : taken_) {
@@ -63,8 +65,9 @@ class SlotIntake : public RequestIntake {
   }
 
   EventCount& work_event() override { return slots_->header()->work; }
+  // The next reap, or a handed-over wake-up falling due (wake_overdue).
   int64_t next_take_due_ns() const override {
-    return next_reap_ns_.load(std::memory_order_relaxed);
+    return std::min(next_reap_ns_.load(std::memory_order_relaxed), slots_->handed_due_ns());
   }
   void close() override { slots_->close(); }
   void reopen() override { slots_->open_for(self_identity()); }

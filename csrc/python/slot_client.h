@@ -131,7 +131,7 @@ class SlotClient {
     SlotWait submitted;
     {
       std::optional<SlotWakeTurn> turn;  // left after the GIL is back (declared first)
-      if (and_wait) turn.emplace(slots(), s);
+      if (and_wait) turn.emplace(requester_.shared_slots(), s);
       GilRelease nogil;
       submitted = requester_.submit(s, *rows, and_wait ? slice_end(deadline) : 0);
     }

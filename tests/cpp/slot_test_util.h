@@ -17,16 +17,18 @@ namespace batchserve_test {
 
 // A segment of `n` slots, an 8-byte request leaf and response leaves of
 // `response_leaf_bytes` (one of 8 bytes unless told), unlinked when the test
-// ends.
+// ends; `single_file`: its wake chains' mode (csrc/core/shared_slots.h).
 struct Segment {
   explicit Segment(uint32_t n, uint64_t fingerprint = 7,
-                   std::vector<size_t> response_leaf_bytes = {8}, size_t error_bytes = 64) {
+                   std::vector<size_t> response_leaf_bytes = {8}, size_t error_bytes = 64,
+                   bool single_file = false) {
     batchserve::SlotLayout layout;
     layout.num_slots = n;
     layout.request_leaf_bytes = {8};
     layout.response_leaf_bytes = std::move(response_leaf_bytes);
     layout.error_bytes = error_bytes;
     layout.fingerprint = fingerprint;
+    layout.single_file = single_file;
     name = unique_name();
     slots = batchserve::SharedSlots::create(name, layout);
   }

@@ -222,6 +222,11 @@ class WakeWatch {
   uint32_t key_;
 };
 
+// A single-file segment of `n` slots.
+struct SingleFile : Segment {
+  explicit SingleFile(uint32_t n) : Segment(n, 7, {8}, 64, true) {}
+};
+
 uint64_t link_of(SharedSlots& slots, uint32_t s) {
   return slots.slot(s).wake_link.load(std::memory_order_acquire);
 }
@@ -253,12 +258,9 @@ TEST(SlotWakeChain, LinksOnlyForTheRequestItsCallerWaitsFor) {
     EXPECT_FALSE(watch_b.woken());  // left to a's caller
   }
   EXPECT_EQ(link_of(slots, a), (uint64_t{wa.generation} << 32) | (b + 2));
-  {
-    WakeWatch watch_b(slots, b);
-    slots.leave_wake_chain(a);
-    EXPECT_TRUE(watch_b.woken());
-  }
+  EXPECT_EQ(slots.leave_wake_chain(a), static_cast<int>(b));  // the caller's to pass on
   EXPECT_EQ(link_of(slots, a), 0u);
+  EXPECT_EQ(slots.leave_wake_chain(a), -1);
 
   // a's caller moved on to its slot's next request: the server, ending the
   // old one late, must not hand it b.
@@ -274,7 +276,7 @@ TEST(SlotWakeChain, LinksOnlyForTheRequestItsCallerWaitsFor) {
     EXPECT_TRUE(watch_b.woken());
   }
   EXPECT_EQ(link_of(slots, a), waiting);
-  slots.leave_wake_chain(a);
+  EXPECT_EQ(slots.leave_wake_chain(a), -1);
   slots.release(a);
   slots.release(b);
 }
@@ -298,10 +300,10 @@ TEST(SlotWakeChain, ChainsStayWithinAClientProcess) {
   EXPECT_FALSE(watch2.woken());
   EXPECT_EQ(link_of(slots, 0), (uint64_t{w0.generation} << 32) | 4u);  // slot 2
   EXPECT_EQ(static_cast<uint32_t>(link_of(slots, 1)), 1u);             // still waiting, unlinked
-  for (uint32_t s = 0; s < 3; ++s) {
-    slots.leave_wake_chain(s);
-    slots.release(s);
-  }
+  EXPECT_EQ(slots.leave_wake_chain(0), 2);
+  EXPECT_EQ(slots.leave_wake_chain(1), -1);
+  EXPECT_EQ(slots.leave_wake_chain(2), -1);
+  for (uint32_t s = 0; s < 3; ++s) slots.release(s);
 }
 
 // A slot freed while it holds a link (its client died mid-chain and was
@@ -321,8 +323,8 @@ TEST(SlotWakeChain, FreeingALinkedSlotWakesTheNext) {
   slots.release(1);
 }
 
-// The server's link and the caller's leave race: the linked slot is woken
-// whichever wins (run under TSAN in CI).
+// The server's link and the caller's leave race: exactly one of them owns
+// the linked slot's wake-up (run under TSAN in CI).
 TEST(SlotWakeChain, ALinkedSlotIsWokenWhoeverWins) {
   Segment seg(2);
   SharedSlots& slots = *seg.slots;
@@ -332,11 +334,17 @@ TEST(SlotWakeChain, ALinkedSlotIsWokenWhoeverWins) {
   for (int round = 0; round < 10000; ++round) {
     ASSERT_TRUE(slots.enter_wake_chain(0));
     WakeWatch watch1(slots, 1);
-    std::thread caller([&] { slots.leave_wake_chain(0); });
+    std::atomic<int> taken{-1};
+    std::thread caller([&] { taken.store(slots.leave_wake_chain(0)); });
     slots.wake_chained(batch, 2);
     caller.join();
-    slots.leave_wake_chain(0);  // the link, if the caller left before it was set: none
-    ASSERT_TRUE(watch1.woken()) << "round " << round;
+    ASSERT_EQ(slots.leave_wake_chain(0), -1);  // nothing was linked after the caller left
+    if (taken.load() == 1) {
+      ASSERT_FALSE(watch1.woken()) << "round " << round;  // the caller's to wake, not the server's
+    } else {
+      ASSERT_EQ(taken.load(), -1);
+      ASSERT_TRUE(watch1.woken()) << "round " << round;
+    }
   }
   slots.release(0);
   slots.release(1);
@@ -344,44 +352,261 @@ TEST(SlotWakeChain, ALinkedSlotIsWokenWhoeverWins) {
 
 // A batch's clients in one process, woken as a chain: every one wakes and
 // reads its own result, whether it waited in the chain, waited outside it,
-// or found its result before waiting.
+// or found its result before waiting; in either mode (single file, each
+// thread passes the wake-up it holds when it ends).
 TEST(SlotWakeChain, EveryClientOfAChainWakes) {
   constexpr uint32_t kClients = 16;
-  Segment seg(kClients);
-  SharedSlots& slots = *seg.slots;
-  for (int round = 0; round < 200; ++round) {
-    std::vector<uint32_t> slot_of(kClients);
-    for (uint32_t i = 0; i < kClients; ++i) {
-      slot_of[i] = claim(slots, i);
-      ASSERT_EQ(slots.submit(i, 0), batchserve::SlotWait::kOk);
+  for (const bool single_file : {false, true}) {
+    Segment seg(kClients, 7, {8}, 64, single_file);
+    SharedSlots& slots = *seg.slots;
+    for (int round = 0; round < 200; ++round) {
+      std::vector<uint32_t> slot_of(kClients);
+      for (uint32_t i = 0; i < kClients; ++i) {
+        slot_of[i] = claim(slots, i);
+        ASSERT_EQ(slots.submit(i, 0), batchserve::SlotWait::kOk);
+      }
+      std::vector<uint64_t> seen(kClients, ~uint64_t{0});
+      std::vector<std::thread> clients;
+      for (uint32_t i = 0; i < kClients; ++i)
+        clients.emplace_back([&, i] {
+          const uint32_t s = slot_of[i];
+          if (i % 3 == 0) {
+            slots.wait(s, kNoDeadline);  // outside the chain
+          } else {
+            batchserve::SlotWakeTurn turn(seg.slots, s);
+            slots.wait(s, kNoDeadline);
+          }
+          seen[i] = batchserve_test::read_u64(slots.response_row(s, 0));
+          slots.release(s);
+        });
+      std::vector<uint32_t> taken;
+      ASSERT_EQ(slots.take(taken, kClients), kClients);
+      std::vector<SlotWaiter> ended;
+      for (uint32_t s : taken) {
+        batchserve_test::write_u64(slots.response_row(s, 0), 1000u * round + s);
+        ended.push_back(slots.waiter(s));
+        ASSERT_TRUE(slots.finish(s, false));
+      }
+      slots.wake_chained(ended.data(), ended.size());
+      for (auto& t : clients) t.join();
+      for (uint32_t i = 0; i < kClients; ++i)
+        ASSERT_EQ(seen[i], 1000u * round + slot_of[i])
+            << "round " << round << (single_file ? ", single file" : "");
     }
-    std::vector<uint64_t> seen(kClients, ~uint64_t{0});
-    std::vector<std::thread> clients;
-    for (uint32_t i = 0; i < kClients; ++i)
-      clients.emplace_back([&, i] {
-        const uint32_t s = slot_of[i];
-        if (i % 3 == 0) {
-          slots.wait(s, kNoDeadline);  // outside the chain
-        } else {
-          batchserve::SlotWakeTurn turn(slots, s);
-          slots.wait(s, kNoDeadline);
-        }
-        seen[i] = batchserve_test::read_u64(slots.response_row(s, 0));
-        slots.release(s);
-      });
-    std::vector<uint32_t> taken;
-    ASSERT_EQ(slots.take(taken, kClients), kClients);
-    std::vector<SlotWaiter> ended;
-    for (uint32_t s : taken) {
-      batchserve_test::write_u64(slots.response_row(s, 0), 1000u * round + s);
-      ended.push_back(slots.waiter(s));
-      ASSERT_TRUE(slots.finish(s, false));
-    }
-    slots.wake_chained(ended.data(), ended.size());
-    for (auto& t : clients) t.join();
-    for (uint32_t i = 0; i < kClients; ++i)
-      ASSERT_EQ(seen[i], 1000u * round + slot_of[i]) << "round " << round;
   }
+}
+
+// A wake-up a client was handed is held until its thread next lets the
+// GIL go in a call (here: submits again) or ends.
+TEST(SlotWakeChain, SingleFileAHeldWakeUpIsPassedAtTheNextCallOrWhenTheThreadEnds) {
+  SingleFile seg(4);
+  batchserve::SlotRequester client(seg.slots);
+  SharedSlots& slots = *seg.slots;
+  claim(slots, 3);                      // the slot whose wake-up is handed over
+  auto handed_over = [&](uint32_t s) {  // s's caller waits in the chain (its turn)
+    const SlotWaiter batch[] = {slots.waiter(s), slots.waiter(3)};
+    slots.wake_chained(batch, 2);
+  };
+  WakeWatch watch(slots, 3);
+  BackgroundCall ends([&] {
+    const uint64_t value = 1;
+    const uint32_t s = batchserve_test::submit(client, value);
+    {
+      batchserve::SlotWakeTurn turn(seg.slots, s);
+      handed_over(s);
+    }
+  });
+  ends.join();
+  EXPECT_TRUE(watch.woken());  // passed as the thread ended
+
+  WakeWatch watch_early(slots, 3), watch_again(slots, 3);
+  bool woken_before_next_call = true;
+  BackgroundCall calls_again([&] {
+    const uint64_t value = 2;
+    const uint32_t s = batchserve_test::submit(client, value);
+    {
+      batchserve::SlotWakeTurn turn(seg.slots, s);
+      handed_over(s);
+    }
+    woken_before_next_call = watch_early.woken();
+    batchserve_test::submit(client, value);  // passes it on
+  });
+  calls_again.join();
+  EXPECT_FALSE(woken_before_next_call);
+  EXPECT_TRUE(watch_again.woken());
+}
+
+// A handed-over wake-up the caller before does not pass on: the server
+// wakes the slot a limit after that caller took it, or, while nobody has
+// taken it, a deadline per place after the hand-back; not once its result
+// was read.
+TEST(SlotWakeChain, SingleFileTheServerWakesAnOverdueHandedSlot) {
+  constexpr int64_t kHeld = batchserve::SlotWakeChains::kHeldWakeLimitNs;
+  constexpr int64_t kPlace = batchserve::SlotWakeChains::kHandedWakeDeadlineNs;
+  static_assert(kHeld < kPlace, "a taken wake-up falls due before an untaken one");
+  SingleFile seg(3);
+  SharedSlots& slots = *seg.slots;
+  auto served = [&](uint32_t s) {  // s: submitted, taken and ended
+    claim(slots, s);
+    EXPECT_EQ(slots.submit(s, 0), batchserve::SlotWait::kOk);
+    std::vector<uint32_t> taken;
+    EXPECT_EQ(slots.take(taken, 1), 1u);
+    const SlotWaiter w = slots.waiter(s);
+    EXPECT_TRUE(slots.finish(s, false));
+    return w;
+  };
+  claim(slots, 0);
+  ASSERT_TRUE(slots.enter_wake_chain(0));
+  const SlotWaiter batch[] = {slots.waiter(0), served(1)};
+  EXPECT_EQ(slots.handed_due_ns(), kNoDeadline);
+  const int64_t before = batchserve::monotonic_ns();
+  slots.wake_chained(batch, 2);
+  const int64_t after = batchserve::monotonic_ns();
+  // Untaken: the server looks again a limit later (it may be taken
+  // meanwhile, and then falls due a limit after that).
+  EXPECT_GE(slots.handed_due_ns(), before + kHeld);
+  EXPECT_LE(slots.handed_due_ns(), after + kHeld);
+  {
+    WakeWatch watch(slots, 1);
+    slots.wake_overdue(batchserve::monotonic_ns());  // (the clock only moves on)
+    EXPECT_FALSE(watch.woken());
+  }
+  // Taken by slot 0's caller: due a limit after that.
+  EXPECT_EQ(slots.leave_wake_chain(0), 1);
+  const int64_t held = slots.slot(1).wake_held_since.load();
+  ASSERT_GE(held, after);
+  EXPECT_LE(slots.handed_due_ns(), held + kHeld);  // the server looks by then
+  {
+    WakeWatch watch(slots, 1);
+    slots.wake_overdue(held + kHeld - 1);
+    EXPECT_FALSE(watch.woken());
+  }
+  {
+    WakeWatch watch(slots, 1);
+    slots.wake_overdue(held + kHeld);
+    EXPECT_TRUE(watch.woken());
+  }
+  EXPECT_EQ(slots.handed_due_ns(), kNoDeadline);
+
+  // Untaken past its place's deadline: woken.
+  ASSERT_TRUE(slots.enter_wake_chain(0));
+  const SlotWaiter second[] = {slots.waiter(0), served(2)};
+  slots.wake_chained(second, 2);
+  {
+    WakeWatch watch(slots, 2);
+    slots.wake_overdue(batchserve::monotonic_ns() + kPlace);
+    EXPECT_TRUE(watch.woken());
+  }
+  EXPECT_EQ(slots.leave_wake_chain(0), 2);  // the late pass: a spurious wake, harmless
+
+  // Read before it fell due: not woken again.
+  ASSERT_TRUE(slots.enter_wake_chain(0));
+  slots.wake_chained(second, 2);
+  slots.release(2);
+  {
+    WakeWatch watch(slots, 2);
+    slots.wake_overdue(batchserve::monotonic_ns() + kPlace);
+    EXPECT_FALSE(watch.woken());
+  }
+  EXPECT_EQ(slots.leave_wake_chain(0), 2);  // a spurious wake of a freed slot, harmless
+  slots.release(0);
+  slots.release(1);
+}
+
+// The k-th slot after a chain's first, while nobody has taken its
+// wake-up, falls due k deadlines after the hand-back: a long chain is not
+// woken early by the server.
+TEST(SlotWakeChain, SingleFileLaterPlacesInAChainFallDueLater) {
+  constexpr int64_t kPlace = batchserve::SlotWakeChains::kHandedWakeDeadlineNs;
+  SingleFile seg(3);
+  SharedSlots& slots = *seg.slots;
+  for (uint32_t s = 0; s < 3; ++s) {
+    claim(slots, s);
+    ASSERT_EQ(slots.submit(s, 0), batchserve::SlotWait::kOk);
+  }
+  std::vector<uint32_t> taken;
+  ASSERT_EQ(slots.take(taken, 3), 3u);
+  std::vector<SlotWaiter> ended;
+  for (uint32_t s = 0; s < 3; ++s) {
+    ended.push_back(slots.waiter(s));
+    ASSERT_TRUE(slots.finish(s, false));
+  }
+  ASSERT_TRUE(slots.enter_wake_chain(0));
+  ASSERT_TRUE(slots.enter_wake_chain(1));
+  const int64_t before = batchserve::monotonic_ns();
+  slots.wake_chained(ended.data(), ended.size());
+  const int64_t after = batchserve::monotonic_ns();
+  ASSERT_LT(after - before, kPlace);  // else the places below overlap
+  {
+    WakeWatch watch1(slots, 1), watch2(slots, 2);
+    slots.wake_overdue(after + kPlace);
+    EXPECT_TRUE(watch1.woken());
+    EXPECT_FALSE(watch2.woken());  // one place further: not yet due
+  }
+  {
+    WakeWatch watch2(slots, 2);
+    slots.wake_overdue(after + 2 * kPlace);
+    EXPECT_TRUE(watch2.woken());
+  }
+  EXPECT_EQ(slots.handed_due_ns(), kNoDeadline);
+  EXPECT_EQ(slots.leave_wake_chain(0), 1);
+  EXPECT_EQ(slots.leave_wake_chain(1), 2);
+  for (uint32_t s = 0; s < 3; ++s) slots.release(s);
+}
+
+// A batch's chain is appended to its process's chain from an earlier batch
+// while that chain's last caller still waits; else its first slot is woken.
+TEST(SlotWakeChain, SingleFileAChainUnderWayTakesTheNextBatchsSlots) {
+  SingleFile seg(4);
+  SharedSlots& slots = *seg.slots;
+  for (uint32_t s = 0; s < 4; ++s) {
+    claim(slots, s);
+    ASSERT_TRUE(slots.enter_wake_chain(s));
+  }
+  const SlotWaiter first_batch[] = {slots.waiter(0), slots.waiter(1)};
+  const SlotWaiter second_batch[] = {slots.waiter(2)};
+  const SlotWaiter third_batch[] = {slots.waiter(3)};
+  slots.wake_chained(first_batch, 2);
+  {
+    WakeWatch watch2(slots, 2);
+    slots.wake_chained(second_batch, 1);
+    EXPECT_FALSE(watch2.woken());  // handed to slot 1's caller, who still waits
+  }
+  EXPECT_EQ(slots.leave_wake_chain(0), 1);
+  EXPECT_EQ(slots.leave_wake_chain(1), 2);
+  EXPECT_EQ(slots.leave_wake_chain(2), -1);  // slot 2 ends its process's chain: it left
+  {
+    WakeWatch watch3(slots, 3);
+    slots.wake_chained(third_batch, 1);
+    EXPECT_TRUE(watch3.woken());  // no chain under way: woken by the server
+  }
+  EXPECT_EQ(slots.leave_wake_chain(3), -1);
+  for (uint32_t s = 0; s < 4; ++s) slots.release(s);
+}
+
+// By default a caller passes the wake-up it was handed as its turn ends
+// (the bindings: once it holds the GIL again), and the server keeps no
+// chain across batches.
+TEST(SlotWakeChain, ByDefaultAWakeUpIsPassedAsTheTurnEnds) {
+  Segment seg(3);
+  SharedSlots& slots = *seg.slots;
+  ASSERT_FALSE(slots.single_file());
+  claim(slots, 2);
+  const uint64_t value = 1;
+  batchserve::SlotRequester client(seg.slots);
+  const uint32_t s = batchserve_test::submit(client, value);
+  {
+    WakeWatch watch(slots, 2);
+    {
+      batchserve::SlotWakeTurn turn(seg.slots, s);
+      const SlotWaiter batch[] = {slots.waiter(s), slots.waiter(2)};
+      slots.wake_chained(batch, 2);
+    }
+    EXPECT_TRUE(watch.woken());
+  }
+  EXPECT_EQ(slots.handed_due_ns(), kNoDeadline);  // nothing handed over to watch
+  slots.release(s);
+  slots.release(2);
 }
 
 }  // namespace
