@@ -40,8 +40,8 @@ class SlotWakeChains {
   // actor's loop between two calls at 32 threads on the 2-core VM (~15-60
   // µs): a chain woken early brings back the GIL contention it avoids, and
   // that feeds itself (measured with the policy workload: 150 µs let it
-  // collapse to 5.7 k req/s in one run of two, 300 µs cost a quarter, 500
-  // µs held 15-21 k). A caller that sleeps or waits between calls with the
+  // collapse to 5.7 k req/s in one run of three, 300 µs cost a quarter, 500
+  // µs held 14-21 k over five). A caller that sleeps or waits between calls with the
   // GIL released delays the next by up to this.
   static constexpr int64_t kHeldWakeLimitNs = 500'000;
   // The bound on a slot whose wake-up no caller has taken yet (the callers
