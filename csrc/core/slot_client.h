@@ -74,7 +74,8 @@ struct PendingSlot {
 // handed in its wake chain, held until it next lets its GIL go to wait: the
 // next caller then finds the GIL free instead of queuing for it while this
 // one runs its loop. pass() is called at the start of every GIL-free stretch of
-// a call (SlotRequester::submit, each slice of a wait); a thread that ends
+// a call (SlotRequester::submit, each slice of a wait for a free slot or for
+// an outcome); a thread that ends
 // passes what it holds, and the server wakes a slot whose handed wake-up is
 // overdue (SharedSlots::wake_overdue), so none waits long for a caller
 // that does not call again.
@@ -180,6 +181,7 @@ class SlotRequester {
           deadline_ns,
           [&](int64_t until) {
             w = without_gil([&] {
+              HeldSlotWake::pass();  // the slot it waits for may be the next caller's
               return slots_->claim(hint_.load(std::memory_order_relaxed), until, claimed);
             });
             return w != SlotWait::kTimedOut;

@@ -209,6 +209,14 @@ uint32_t claim(SharedSlots& slots, uint32_t s) {
   return s;
 }
 
+// Claims slots 0 .. count-1, each with its caller waiting in the chain.
+void claim_waiting_in_chain(SharedSlots& slots, uint32_t count) {
+  for (uint32_t s = 0; s < count; ++s) {
+    claim(slots, s);
+    ASSERT_TRUE(slots.enter_wake_chain(s));
+  }
+}
+
 // Whether slot `s`'s clients were woken between its construction and
 // woken() (called once).
 class WakeWatch {
@@ -286,10 +294,7 @@ TEST(SlotWakeChain, LinksOnlyForTheRequestItsCallerWaitsFor) {
 TEST(SlotWakeChain, ChainsStayWithinAClientProcess) {
   Segment seg(4);
   SharedSlots& slots = *seg.slots;
-  for (uint32_t s = 0; s < 3; ++s) {
-    claim(slots, s);
-    ASSERT_TRUE(slots.enter_wake_chain(s));
-  }
+  claim_waiting_in_chain(slots, 3);
   SlotWaiter w0 = slots.waiter(0), w1 = slots.waiter(1), w2 = slots.waiter(2);
   w1.owner = w0.owner + 1;  // as if slot 1's client were another process
   WakeWatch watch0(slots, 0), watch1(slots, 1), watch2(slots, 2);
@@ -436,6 +441,37 @@ TEST(SlotWakeChain, SingleFileAHeldWakeUpIsPassedAtTheNextCallOrWhenTheThreadEnd
   EXPECT_TRUE(watch_again.woken());
 }
 
+// A thread that holds a wake-up and then waits for a free slot passes it
+// on first: the slot it waits for may be the one the next caller frees.
+TEST(SlotWakeChain, SingleFileAHeldWakeUpIsPassedBeforeWaitingForASlot) {
+  SingleFile seg(2);
+  SharedSlots& slots = *seg.slots;
+  batchserve::SlotRequester client(seg.slots);
+  claim(slots, 1);  // the next caller's: the one whose wake-up is handed over
+  batchserve::EventCount& next_done = slots.slot(1).done;
+  const uint32_t key = next_done.prepare_wait();
+  bool claimed = false;
+  BackgroundCall holder([&] {
+    const uint64_t value = 1;
+    const uint32_t s = batchserve_test::submit(client, value);  // slot 0
+    {
+      batchserve::SlotWakeTurn turn(seg.slots, s);
+      const SlotWaiter batch[] = {slots.waiter(s), slots.waiter(1)};
+      slots.wake_chained(batch, 2);
+    }
+    uint32_t again = 0;  // both slots held: waits until slot 1 is freed
+    claimed = client.claim(kNoDeadline, batchserve_test::without_gil,
+                           batchserve_test::never_interrupted, again) == batchserve::SlotClaim::kOk;
+    slots.release(s);
+    slots.release(again);
+  });
+  // Woken while the holder waits for a slot (a hang guard, not a timing).
+  EXPECT_TRUE(next_done.wait(key, batchserve::deadline_after(30.0)));
+  slots.release(1);
+  holder.join();
+  EXPECT_TRUE(claimed);
+}
+
 // A handed-over wake-up the caller before does not pass on: the server
 // wakes the slot a limit after that caller took it, or, while nobody has
 // taken it, a deadline per place after the hand-back; not once its result
@@ -559,10 +595,7 @@ TEST(SlotWakeChain, SingleFileLaterPlacesInAChainFallDueLater) {
 TEST(SlotWakeChain, SingleFileAChainUnderWayTakesTheNextBatchsSlots) {
   SingleFile seg(4);
   SharedSlots& slots = *seg.slots;
-  for (uint32_t s = 0; s < 4; ++s) {
-    claim(slots, s);
-    ASSERT_TRUE(slots.enter_wake_chain(s));
-  }
+  claim_waiting_in_chain(slots, 4);
   const SlotWaiter first_batch[] = {slots.waiter(0), slots.waiter(1)};
   const SlotWaiter second_batch[] = {slots.waiter(2)};
   const SlotWaiter third_batch[] = {slots.waiter(3)};
