@@ -421,6 +421,63 @@ def test_request_count_runs_measure_exactly_that_many():
         scenario.Scenario(actor_counts=[8], requests=4).validate()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("system, single_file", [
+    ("batchserve", False), ("batchserve", True), ("torchrl", False),
+])
+def test_a_process_server_serves_thread_actors_and_records_its_forwards(system, single_file):
+    """server "process": each system's ProcessInferenceServer, thread actors
+    on its SharedMemoryTransport; the forwards are recorded in the child
+    (shared memory) and its CPU time is counted."""
+    if system == "torchrl":
+        pytest.importorskip("torchrl")
+    scen = scenario.Scenario(
+        server="process", single_file=single_file, actor_counts=[3], hidden=[16],
+        requests=60, warmup=0.05, rounds=1, torch_threads=1,
+    ).validate()
+    m = measure(system, scen, 3, 0)
+    assert m.requests == 60 and len(m.latencies_ns) == 60
+    forwards = sum(m.batch_sizes.values())
+    assert forwards >= 1 and len(m.forward_ns) == forwards
+    assert all(1 <= size <= 3 for size in m.batch_sizes)
+    assert m.cpu_s > 0
+    if system == "batchserve":
+        assert m.fast_path is not None and m.fast_path["fast_path_requests"] > 0
+
+
+def test_the_shared_forward_record_is_written_in_another_process():
+    """What a process server's RecordingModel writes in its child, the
+    parent reads; nothing is kept outside the window."""
+    record = workload.SharedForwardRecord(max_batch_size=4, capacity=3)
+    ctx = multiprocessing.get_context("spawn")
+    record.start()
+    child = ctx.Process(target=_record_forwards, args=(record, [(2, 10), (9, 20), (1, 30),
+                                                                (3, 40)]))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    sizes, forward_ns = record.stop()
+    assert sizes == {1: 1, 2: 1, 3: 1, 4: 1}  # 9 counts as the largest size
+    assert forward_ns == [10, 20, 30]  # past capacity: in the histogram only
+    record.add(2, 50)
+    record.start()
+    assert record.stop() == ({}, [])
+
+
+def _record_forwards(record, forwards):
+    for size, ns in forwards:
+        record.add(size, ns)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"server": "fiber"}, "server must be one of"),
+    ({"single_file": True}, "needs process actors or server 'process'"),
+])
+def test_bad_server_fields_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        scenario.Scenario(**fields).validate()
+
+
 def test_flags_override_scenario_fields(tmp_path):
     path = tmp_path / "counted.toml"
     path.write_text('name = "counted_threads"\nrequests = 5000\nactor_counts = [2]\n')
@@ -433,6 +490,11 @@ def test_flags_override_scenario_fields(tmp_path):
         parser, parser.parse_args([str(path), "--actors", "processes", "--obs", "uint8:3x84x84"])
     )
     assert chosen.name == "counted_processes" and chosen.observation_shape == [3, 84, 84]
+    (chosen,) = cli.resolve_scenarios(
+        parser, parser.parse_args([str(path), "--server", "process", "--single-file"]))
+    assert (chosen.server, chosen.single_file, chosen.actors) == ("process", True, "threads")
+    (chosen,) = cli.resolve_scenarios(parser, parser.parse_args([str(path)]))
+    assert (chosen.server, chosen.single_file) == ("thread", False)
 
 
 def test_an_image_workload_carries_both_leaves_through_the_fast_path(tmp_path):

@@ -4,6 +4,7 @@
     batchserve-bench --quick                        # ~10 s
     batchserve-bench benchmarks/atari_threads --vs torchrl --json out.json --plot out.png
     batchserve-bench benchmarks/policy --vs torchrl  # stochastic actor via PolicyClientModule
+    batchserve-bench benchmarks/server_process --vs torchrl  # thread actors, server in a process
     batchserve-bench --actors threads --num-actors 1,4,16 --obs uint8:3x84x84 --model conv
     batchserve-bench benchmarks/soak                # 1 M requests: lost/misrouted, RSS, stalls
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the null server: the same actors answered at once, no "
                    "server and no model; their limit, and each system's share of it")
     p.add_argument("--actors", choices=["threads", "processes"])
+    p.add_argument("--server", choices=list(scenarios.SERVERS),
+                   help="where each system's server runs: in this process (thread) or in "
+                   "its ProcessInferenceServer (process; actors call through its "
+                   "SharedMemoryTransport)")
+    p.add_argument("--single-file", action="store_true", default=None,
+                   help="batchserve's SharedMemoryTransport(single_file=True): a client "
+                   "process's threads take turns between calls")
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
                    help="observation, e.g. float32:64 or uint8:3x84x84")
@@ -142,7 +150,8 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
     if args.quick:
         overrides.update(scenarios.QUICK)
     for flag, field in [
-        ("actors", "actors"), ("num_actors", "actor_counts"), ("model", "model"),
+        ("actors", "actors"), ("server", "server"), ("single_file", "single_file"),
+        ("num_actors", "actor_counts"), ("model", "model"),
         ("hidden", "hidden"), ("actions", "actions"), ("max_batch_size", "max_batch_size"),
         ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
         ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),

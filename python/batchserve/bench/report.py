@@ -159,6 +159,10 @@ def describe(scenario: Scenario) -> str:
     text = (f"{scenario.name}: {scenario.actors}, obs {scenario.observation_dtype}"
             f"{list(scenario.observation_shape)}, model {scenario.model}, "
             f"max_batch_size {scenario.max_batch_size}, timeout {scenario.timeout * 1e3:g} ms")
+    if scenario.server != "thread":
+        text += f", server {scenario.server}"
+    if scenario.single_file:
+        text += ", single file"
     if scenario.client != "direct":
         text += f", client {scenario.client}"
     if scenario.interaction_type is not None:

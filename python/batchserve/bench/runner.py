@@ -4,7 +4,9 @@ Latency is taken at the caller with perf_counter_ns around each call; only
 calls that complete while recording is on count. Warm-up runs first and is
 excluded. Batch sizes and forward times come from a wrapper around the
 model (only batches served inside the window), so every system is measured
-the same way. A server that stops, an actor that fails, or a run that
+the same way; a process server's wrapper, in its child, records into shared
+memory the parent reads. CPU time counts the measuring process, the actor
+processes and a server process. A server that stops, an actor that fails, or a run that
 overstays its deadline ends the measurement with a BenchError; actor
 processes are always terminated.
 
@@ -47,7 +49,9 @@ from batchserve.bench.workload import (
     leaves_of,
     make_leaves,
     make_policy,
+    recording_model,
     request,
+    wrap_client,
 )
 
 # Hang guards, generous: on a loaded 2-core machine 32 processes start slowly.
@@ -109,6 +113,34 @@ def requests_per_actor(scenario: Scenario, actors: int) -> list[int | None]:
         return [None] * actors
     base, extra = divmod(scenario.requests, actors)
     return [base + (1 if i < extra else 0) for i in range(actors)]
+
+
+def _mp_context():
+    """Actor and server processes: forkserver, with torch and this module
+    loaded once in the server that forks them."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tensordict", "batchserve.bench.runner"])
+    return ctx
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """CPU time (user + system) another process has used so far (Linux
+    /proc; 0 where unavailable)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _server_pid(server) -> int | None:
+    """The pid of a ProcessInferenceServer's child (batchserve's and
+    torchrl's both keep it as ``_process``), None for a thread server."""
+    process = getattr(server, "_process", None)
+    return process.pid if process is not None else None
 
 
 def _warm_up(scenario: Scenario, check) -> None:
@@ -185,10 +217,19 @@ def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None
 
 
 def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
-    model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
-    transport = make_transport(system, scenario, policy=model.policy)
-    server = make_server(system, model, transport, scenario)
-    new_client = client_factory(scenario, transport)
+    model = recording_model(scenario)
+    ctx = _mp_context() if scenario.server == "process" else None
+    transport = make_transport(system, scenario, mp_context=ctx, actors=actors,
+                               policy=model.policy)
+    server = make_server(system, model, transport, scenario, mp_context=ctx)
+    if scenario.server == "process" and system != NULL:
+        # Made before the server starts: torchrl's shared-memory clients
+        # register with the transport its child inherits.
+        made = [transport.client() for _ in range(actors)]
+        made.reverse()
+        new_client = lambda: wrap_client(scenario, made.pop())  # noqa: E731
+    else:
+        new_client = client_factory(scenario, transport)
     leaves = make_leaves(scenario)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
@@ -240,13 +281,16 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         _warm_up(scenario, check)
         server.stats(reset=True)
         start_stats = server.stats()
-        rss = _RssPeak()
+        server_pid = _server_pid(server)
+        rss = _RssPeak([server_pid] if server_pid else ())
         model.start()
-        cpu0, t0 = time.process_time(), time.perf_counter_ns()
+        cpu0 = time.process_time() + _process_cpu_s(server_pid)
+        t0 = time.perf_counter_ns()
         recording.set()
         _window(scenario, lambda: all(finished), check, rss, tick)
         recording.clear()
-        t1, cpu = time.perf_counter_ns(), time.process_time() - cpu0
+        t1 = time.perf_counter_ns()
+        cpu = time.process_time() + _process_cpu_s(server_pid) - cpu0
         batch_sizes, forward_ns = model.stop()
         check()
         stats = server.stats()
@@ -353,13 +397,12 @@ class _Inbox:
 
 
 def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "tensordict", "batchserve.bench.runner"])
-    model = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
+    ctx = _mp_context()
+    model = recording_model(scenario)
     transport = make_transport(system, scenario, mp_context=ctx, actors=actors,
                                policy=model.policy)
     clients = [transport.client() for _ in range(actors)]
-    server = make_server(system, model, transport, scenario)
+    server = make_server(system, model, transport, scenario, mp_context=ctx)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -391,13 +434,16 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         _warm_up(scenario, check)
         server.stats(reset=True)
         start_stats = server.stats()
-        rss = _RssPeak(p.pid for p in processes)
+        server_pid = _server_pid(server)
+        rss = _RssPeak([p.pid for p in processes] + ([server_pid] if server_pid else []))
         model.start()
-        cpu0, t0 = time.process_time(), time.perf_counter_ns()
+        cpu0 = time.process_time() + _process_cpu_s(server_pid)
+        t0 = time.perf_counter_ns()
         recording.set()
         _window(scenario, lambda: len(inbox.done) == actors, check, rss, tick)  # check() polls
         recording.clear()
-        t1, cpu = time.perf_counter_ns(), time.process_time() - cpu0
+        t1 = time.perf_counter_ns()
+        cpu = time.process_time() + _process_cpu_s(server_pid) - cpu0
         batch_sizes, forward_ns = model.stop()
         stop.set()
         inbox.wait("done", actors, _STOP_TIMEOUT_S + _START_TIMEOUT_S, check)

@@ -5,6 +5,16 @@ command-line flags override any of its fields. Fields:
 
     name            label in tables and JSON
     actors          "threads" or "processes"
+    server          where each system's server runs: "thread" (its
+                    InferenceServer, in the parent; thread actors reach it
+                    through its ThreadingTransport) or "process" (its
+                    ProcessInferenceServer: the policy is built in a child
+                    process and every actor, thread or process, calls through
+                    the system's SharedMemoryTransport)
+    single_file     batchserve's SharedMemoryTransport(single_file=True): a
+                    client process's threads take turns between their calls
+                    (see docs/shared_memory.md); needs a shared-memory
+                    transport (process actors or a process server)
     actor_counts    the sweep, e.g. [1, 8, 32]
     observation     {shape = [64], dtype = "float32"}
     image           {shape = [3, 84, 84], dtype = "uint8"}: requests also
@@ -61,6 +71,7 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "uint8", "int64", "int32"
 MODELS = ("mlp", "conv", "obs_conv", "policy")
 CLIENTS = ("direct", "policy_client")
 COLLATES = ("default", "maybe_dense_stack")
+SERVERS = ("thread", "process")
 # tensordict.nn.InteractionType's values (not imported here: loading a
 # scenario stays cheap).
 INTERACTION_TYPES = ("random", "mode", "mean", "median", "deterministic")
@@ -70,6 +81,8 @@ INTERACTION_TYPES = ("random", "mode", "mean", "median", "deterministic")
 class Scenario:
     name: str = "mlp_threads"
     actors: str = "threads"
+    server: str = "thread"
+    single_file: bool = False
     actor_counts: list[int] = field(default_factory=lambda: [1, 8, 32])
     observation_shape: list[int] = field(default_factory=lambda: [64])
     observation_dtype: str = "float32"
@@ -95,6 +108,11 @@ class Scenario:
     def validate(self) -> Scenario:
         if self.actors not in ("threads", "processes"):
             raise ValueError(f"actors must be 'threads' or 'processes', not {self.actors!r}")
+        if self.server not in SERVERS:
+            raise ValueError(f"server must be one of {', '.join(SERVERS)}, not {self.server!r}")
+        if self.single_file and not self.shared_memory:
+            raise ValueError("single_file is a SharedMemoryTransport setting: it needs process "
+                             "actors or server 'process'")
         if not self.actor_counts or any(int(n) < 1 for n in self.actor_counts):
             raise ValueError("actor_counts must be positive integers")
         if self.observation_dtype not in DTYPES:
@@ -154,6 +172,12 @@ class Scenario:
                 f"({max(self.actor_counts)}): every actor makes at least one"
             )
         return self
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether the systems serve through their SharedMemoryTransport:
+        actors in processes, or a server in one."""
+        return self.actors == "processes" or self.server == "process"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

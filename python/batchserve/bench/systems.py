@@ -3,16 +3,21 @@
 Thread actors use each system's ThreadingTransport. Process actors use each
 system's SharedMemoryTransport; with --vs torchrl a process scenario also
 runs torchrl's server on its MPTransport ("torchrl-mp"), the transport
-torchrl users reach for first. Every system gets the same model, the same
-collate_fn (the scenario's ``collate``) and the same client wrapping (its
-``client``, see ``batchserve.bench.workload.make_client``). With --limit
-the "null" system runs too: the same actors against a server that costs
-nothing (``batchserve.bench.null_server``; for process actors an echo
-through the shared-memory slots), their limit.
+torchrl users reach for first. With the scenario's ``server = "process"``
+each system serves from its ProcessInferenceServer (the policy built in the
+child by a factory, see ``batchserve.bench.workload.served_policy``) and
+every actor, thread or process, calls through its SharedMemoryTransport.
+Every system gets the same model, the same collate_fn (the scenario's
+``collate``) and the same client wrapping (its ``client``, see
+``batchserve.bench.workload.make_client``). With --limit the "null" system
+runs too: the same actors against a server that costs nothing
+(``batchserve.bench.null_server``; for process actors an echo through the
+shared-memory slots), their limit.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from batchserve.bench.scenario import Scenario
@@ -111,12 +116,13 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
         from batchserve.bench.null_server import NullTransport
 
         return NullTransport(one_response(scenario, policy))
-    if scenario.actors == "processes":
+    if scenario.shared_memory:
         request, response, num_slots = slot_specs(scenario, actors, policy)
         if system in ("batchserve", NULL):  # the null server: an echo through the slots
             import batchserve
 
-            return batchserve.SharedMemoryTransport(request, response, num_slots=num_slots)
+            return batchserve.SharedMemoryTransport(request, response, num_slots=num_slots,
+                                                    single_file=scenario.single_file)
         require_torchrl("--vs torchrl")
         from torchrl.modules.inference_server import MPTransport, SharedMemoryTransport
 
@@ -133,13 +139,30 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
     return ThreadingTransport()
 
 
-def make_server(system: str, model, transport, scenario: Scenario):
+def make_server(system: str, model, transport, scenario: Scenario, mp_context=None):
+    """The system's server (not started). ``model``: the RecordingModel the
+    scenario's forwards are recorded by; a process server builds its own in
+    the child, recording into the parent's ``model.record``."""
     if system == NULL:
         from batchserve.bench.null_server import EchoServer, NullServer
 
         if scenario.actors == "processes":
             return EchoServer(transport, one_response(scenario, model.policy))
         return NullServer()
+    if scenario.server == "process":
+        from batchserve.bench.workload import served_policy
+
+        factory = functools.partial(served_policy, scenario, model.record)
+        kwargs = dict(policy_factory=factory, transport=transport, mp_context=mp_context,
+                      **server_kwargs(scenario, system))
+        if system == "batchserve":
+            import batchserve
+
+            return batchserve.ProcessInferenceServer(**kwargs)
+        require_torchrl("--vs torchrl")
+        from torchrl.modules.inference_server import ProcessInferenceServer
+
+        return ProcessInferenceServer(**kwargs)
     if system == "batchserve":
         import batchserve
 

@@ -156,10 +156,90 @@ def make_policy(scenario: Scenario):
     return factory()
 
 
+class ForwardRecord:
+    """What a RecordingModel records in its window: a histogram of batch
+    sizes and every forward's time, under a lock (a server may run its
+    forwards on more than one thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = False
+        self._sizes: dict[int, int] = {}
+        self._forward_ns: list[int] = []
+
+    def start(self) -> None:
+        with self._lock:
+            self._sizes, self._forward_ns = {}, []
+            self._active = True
+
+    def add(self, batch_size: int, forward_ns: int) -> None:
+        with self._lock:
+            if self._active:
+                self._sizes[batch_size] = self._sizes.get(batch_size, 0) + 1
+                self._forward_ns.append(forward_ns)
+
+    def stop(self) -> tuple[dict[int, int], list[int]]:
+        with self._lock:
+            self._active = False
+            return dict(self._sizes), list(self._forward_ns)
+
+
+class SharedForwardRecord:
+    """A ForwardRecord in shared memory, for a policy served in a child
+    process (a ProcessInferenceServer's): the child's RecordingModel writes,
+    the parent opens and closes the window and reads. Pickled to the child
+    with the policy factory (torch shares the tensors' memory). One writer:
+    each server runs its forwards on one thread. A forward that ends while
+    the parent closes the window may be left out; forwards past
+    ``capacity`` count in the histogram only."""
+
+    def __init__(self, max_batch_size: int, capacity: int = 1 << 18):
+        # [window open, forwards recorded]; numpy views (set per process,
+        # not pickled) keep a record's cost to a few hundred ns per forward.
+        self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._sizes = torch.zeros(max_batch_size + 1, dtype=torch.int64).share_memory_()
+        self._forward_ns = torch.zeros(capacity, dtype=torch.int64).share_memory_()
+        self._views = None
+
+    def __getstate__(self):
+        return {"_state": self._state, "_sizes": self._sizes, "_forward_ns": self._forward_ns}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _views=None)
+
+    def _arrays(self):
+        if self._views is None:
+            self._views = (self._state.numpy(), self._sizes.numpy(), self._forward_ns.numpy())
+        return self._views
+
+    def start(self) -> None:
+        state, sizes, _ = self._arrays()
+        sizes[:] = 0
+        state[1] = 0
+        state[0] = 1
+
+    def add(self, batch_size: int, forward_ns: int) -> None:
+        state, sizes, forward = self._arrays()
+        if state[0]:
+            sizes[min(batch_size, len(sizes) - 1)] += 1
+            count = int(state[1])
+            if count < len(forward):
+                forward[count] = forward_ns
+                state[1] = count + 1
+
+    def stop(self) -> tuple[dict[int, int], list[int]]:
+        state, sizes, forward = self._arrays()
+        state[0] = 0
+        histogram = {size: int(n) for size, n in enumerate(sizes) if n}
+        return histogram, forward[: int(state[1])].tolist()
+
+
 class RecordingModel:
     """Wraps the policy to record what each server really ran: batch sizes
     and forward times, measured the same way for every system, and only
-    while a measurement window is open (between start() and stop()).
+    while a measurement window is open (between start() and stop()), into
+    ``record`` (a ForwardRecord; a SharedForwardRecord for a policy served
+    in another process, see :func:`served_policy`).
 
     ``threads`` (the scenario's torch_threads) is applied in the thread that
     runs the forward, on its first call, whichever system's server that
@@ -168,26 +248,20 @@ class RecordingModel:
     OpenMP workers spin between forwards on the cores the actors need.
     """
 
-    def __init__(self, policy, device: str = "cpu", threads: int | None = None):
+    def __init__(self, policy, device: str = "cpu", threads: int | None = None,
+                 record: ForwardRecord | SharedForwardRecord | None = None):
         self.policy = policy
+        self.record = record if record is not None else ForwardRecord()
         self._threads = threads
         self._configured = threading.local()
         self._synchronize = torch.device(device).type == "cuda"
-        self._lock = threading.Lock()
-        self._active = False
-        self.batch_sizes: dict[int, int] = {}
-        self.forward_ns: list[int] = []
 
     def start(self) -> None:
-        with self._lock:
-            self.batch_sizes, self.forward_ns = {}, []
-            self._active = True
+        self.record.start()
 
     def stop(self) -> tuple[dict[int, int], list[int]]:
         """Closes the window; returns (batch-size histogram, forward times)."""
-        with self._lock:
-            self._active = False
-            return dict(self.batch_sizes), list(self.forward_ns)
+        return self.record.stop()
 
     def __call__(self, td):
         if self._threads is not None and not getattr(self._configured, "done", False):
@@ -197,18 +271,28 @@ class RecordingModel:
         out = self.policy(td)
         if self._synchronize:  # time the kernels, not their launch
             torch.cuda.synchronize()
-        elapsed = time.perf_counter_ns() - t0
-        n = td.batch_size[0] if td.batch_dims else 1
-        with self._lock:
-            if self._active:
-                self.batch_sizes[n] = self.batch_sizes.get(n, 0) + 1
-                self.forward_ns.append(elapsed)
+        self.record.add(td.batch_size[0] if td.batch_dims else 1, time.perf_counter_ns() - t0)
         return out
 
     def to(self, device):
         if hasattr(self.policy, "to"):
             self.policy.to(device)
         return self
+
+
+def recording_model(scenario: Scenario) -> RecordingModel:
+    """The scenario's policy, recorded. For a process server the record is
+    shared: the child builds its own RecordingModel around the same record
+    (:func:`served_policy`), and this one in the parent only opens and
+    closes the window (and gives the transports their specs)."""
+    record = SharedForwardRecord(scenario.max_batch_size) if scenario.server == "process" else None
+    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record)
+
+
+def served_policy(scenario: Scenario, record: SharedForwardRecord) -> RecordingModel:
+    """A ProcessInferenceServer's policy_factory (with functools.partial):
+    the scenario's policy in the child, recording into the parent's record."""
+    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record)
 
 
 def request(leaves: dict[str, torch.Tensor]) -> TensorDict:
@@ -225,20 +309,31 @@ def interaction_context(scenario: Scenario):
     return set_interaction_type(InteractionType(scenario.interaction_type))
 
 
-def client_factory(scenario: Scenario, transport):
-    """A function making one actor's callable: the transport's client, or
-    (client "policy_client") torchrl's PolicyClientModule around it, built
-    as torchrl's AsyncBatchedCollector builds its clients: the interaction
-    type passed explicitly, so every request carries it (the int8 scalar
-    "_torchrl_inference_interaction_type"; -1 when the scenario sets none).
-    Call it in the caller's thread; torchrl is imported here, up front."""
+def wrap_client(scenario: Scenario, client):
+    """One actor's callable around a transport's client: the client itself,
+    or (client "policy_client") torchrl's PolicyClientModule around it,
+    built as torchrl's AsyncBatchedCollector builds its clients: the
+    interaction type passed explicitly, so every request carries it (the
+    int8 scalar "_torchrl_inference_interaction_type"; -1 when the scenario
+    sets none)."""
     if scenario.client == "direct":
-        return transport.client
+        return client
     from torchrl.modules.inference_server import PolicyClientModule
 
     mode = (InteractionType(scenario.interaction_type)
             if scenario.interaction_type is not None else None)
-    return lambda: PolicyClientModule(transport.client(), interaction_type=mode)
+    return PolicyClientModule(client, interaction_type=mode)
+
+
+def client_factory(scenario: Scenario, transport):
+    """A function making one actor's callable (:func:`wrap_client` of a new
+    client of the transport). Call it in the caller's thread; torchrl is
+    imported here, up front."""
+    if scenario.client == "direct":
+        return transport.client
+    import torchrl.modules.inference_server  # noqa: F401  (now, not in the actors' threads)
+
+    return lambda: wrap_client(scenario, transport.client())
 
 
 def make_client(scenario: Scenario, transport):
