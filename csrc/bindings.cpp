@@ -136,7 +136,8 @@ PYBIND11_MODULE(_core, m) {
       .def("exception", &bindings::PendingResult::exception, py::arg("timeout") = py::none());
 
   py::class_<bindings::RequestQueue>(m, "RequestQueue")
-      .def(py::init<size_t>(), py::arg("capacity"))
+      .def(py::init<size_t, bool>(), py::arg("capacity"), py::arg("single_file") = false)
+      .def_property_readonly("single_file", &bindings::RequestQueue::single_file)
       .def("call", &bindings::RequestQueue::call, py::arg("item"), py::arg("timeout") = py::none())
       .def("submit_pending", &bindings::RequestQueue::submit_pending, py::arg("item"),
            py::arg("block") = true, py::arg("timeout") = py::none())

@@ -42,6 +42,11 @@ struct BatchPolicy {
   int64_t idle_wait_ns = -1;  // how long an idle collection waits (step 1); < 0: timeout_ns
 };
 
+// collect_batch's idle housekeeping when its owner has none.
+struct NoIdleTick {
+  int64_t operator()() const noexcept { return kNoDeadline; }
+};
+
 // How long collect_batch may wait past min_batch_size for the batch to
 // fill: up to `target` requests, for at most `budget_ns` after the start of
 // the wait or the latest arrival. The default asks for nothing.
@@ -141,31 +146,41 @@ inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPoli
 // and fill phases run then. Returns with an empty batch when no request came within
 // `idle_wait` (or by the time the queue's intake has housekeeping due, see
 // RequestIntake::next_take_due_ns), when the queue is closed, or when the
-// settings changed while it
-// waited for a first request. While it collects toward min_batch_size it
+// settings changed while it waited for a first request. `idle_tick()` runs
+// first and again whenever the time it
+// returned (kNoDeadline: none) comes first: its owner's housekeeping while
+// the server is idle (single file: waking overdue handed wake-ups), without
+// leaving this wait. While it collects toward min_batch_size it
 // follows settings changes: the deadline is always the oldest request's
 // arrival plus the current timeout.
 inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
                               std::vector<Request>& batch, std::vector<Request>& dropped,
                               const FillHint& hint);
 
+template <typename IdleTick = NoIdleTick>
 inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& settings,
                                  std::vector<Request>& batch, std::vector<Request>& dropped,
-                                 const FillHint& hint = FillHint{}) {
+                                 const FillHint& hint = FillHint{}, IdleTick&& idle_tick = {}) {
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
   const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.idle_wait_ns);
+  int64_t tick_at = idle_tick();
 
   while (batch.empty()) {
     if (queue.closed()) return {};
     detail::take_ready(queue, policy.max_batch_size, batch, dropped);
     if (!batch.empty()) break;
-    if (!queue.wait_for_work(idle_deadline, seen)) {
+    if (!queue.wait_for_work(std::min(idle_deadline, tick_at), seen)) {
       // Timed out, closed or interrupted. A request that landed meanwhile
       // is collected like any other: toward min_batch_size, not alone.
       detail::take_ready(queue, policy.max_batch_size, batch, dropped);
-      if (batch.empty()) return {};
-      break;
+      if (!batch.empty()) break;
+      const int64_t now = monotonic_ns();
+      if (now >= tick_at && now < idle_deadline && !queue.closed() && queue.interrupts() == seen) {
+        tick_at = idle_tick();
+        continue;
+      }
+      return {};
     }
   }
 

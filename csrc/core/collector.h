@@ -124,11 +124,13 @@ class RequestCollector {
   // `before_wait` runs once the server's state is settled, before it waits:
   // the bindings wake the previous batch's callers there, so that a caller
   // coming straight back finds the server idle (and may go inline).
+  // `idle_tick` is collect_batch's: the bindings' single-file housekeeping.
   CollectedBatch wait_for_batch(std::vector<Request> carried) {
-    return wait_for_batch(std::move(carried), [] {});
+    return wait_for_batch(std::move(carried), [] {}, NoIdleTick{});
   }
-  template <typename BeforeWait>
-  CollectedBatch wait_for_batch(std::vector<Request> carried, BeforeWait&& before_wait) {
+  template <typename BeforeWait, typename IdleTick>
+  CollectedBatch wait_for_batch(std::vector<Request> carried, BeforeWait&& before_wait,
+                                IdleTick&& idle_tick) {
     CollectedBatch out;
     Prefetcher::Taken taken = finish_prefetch();
     out.prefetched_ = taken.rows.size();
@@ -143,7 +145,8 @@ class RequestCollector {
     const int64_t idle_since = idle ? monotonic_ns() : 0;
     if (idle) gate_.server_idle();  // a caller alone may serve itself meanwhile
     before_wait();
-    out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint());
+    out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint(),
+                                      std::forward<IdleTick>(idle_tick));
     if (idle) gate_.server_wake();  // after that caller is done
     if (idle && !batch.empty()) out.idle_gap_ns_ = detail::oldest_arrival(batch) - idle_since;
     return out;

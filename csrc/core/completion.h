@@ -31,6 +31,11 @@
 // (CAS); the caller leaving swaps `this` in and wakes whatever it took. So
 // exactly one side wakes a linked completion: the caller that took it, or
 // the server, whose link failed because the caller had left.
+//
+// Single file (single_file.h): a server may keep a third reference
+// (retain()) to a completion whose wake-up it handed to the caller before,
+// to wake it itself if that caller holds the wake-up too long; the holder
+// stamps when it took it (mark_held()).
 #pragma once
 
 #include <atomic>
@@ -50,7 +55,8 @@ class Completion {
     kAbandoned = 4,
   };
 
-  // Created with two references: the caller's and the request's.
+  // Created with two references: the caller's and the request's (and a
+  // third while a single-file server keeps it: retain()).
   Completion() = default;
   Completion(const Completion&) = delete;
   Completion& operator=(const Completion&) = delete;
@@ -83,6 +89,9 @@ class Completion {
   }
 
   void notify() noexcept { done_.notify_all(); }
+
+  // The event its caller parks on (to watch for a notify(): a test's view).
+  EventCount& done_event() noexcept { return done_; }
 
   // Caller: waits until kDone (or kWithdrawn: a future cancelled by another
   // of its caller's threads) or the deadline. Returns true when ended.
@@ -146,9 +155,20 @@ class Completion {
     return next == this ? nullptr : next;
   }
 
+  // Whether a caller waits in the chain (entered and not left; see above).
+  bool in_chain() const noexcept { return next_.load(std::memory_order_acquire) != this; }
+
+  // Single file: the caller before stamps when it took this completion's
+  // wake-up to hold (monotonic ns; 0: not taken).
+  void mark_held(int64_t now_ns) noexcept { held_since_.store(now_ns, std::memory_order_release); }
+  int64_t held_since() const noexcept { return held_since_.load(std::memory_order_acquire); }
+
   // Valid after state() == kDone was observed by the caller.
   void* outcome() const noexcept { return outcome_; }
   bool is_error() const noexcept { return is_error_; }
+
+  // Takes one more reference (a single-file server's).
+  void retain() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
 
   // Drops one reference; deletes the completion with the last one.
   void release() noexcept {
@@ -164,7 +184,14 @@ class Completion {
   bool is_error_ = false;
   std::atomic<void*> watcher_{nullptr};
   std::atomic<Completion*> next_{this};  // the wake chain's link (see above)
+  std::atomic<int64_t> held_since_{0};   // single file (see above)
   EventCount done_;
 };
+
+// Wakes the caller waiting on `c` and drops the reference the waker held.
+inline void notify_and_release(Completion* c) noexcept {
+  c->notify();
+  c->release();
+}
 
 }  // namespace batchserve

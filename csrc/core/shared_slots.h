@@ -55,7 +55,7 @@
 //                The cost: a caller that sleeps or waits between calls with
 //                the GIL released holds up the next. So the server keeps each
 //                wake-up it handed over and wakes the slot itself if its
-//                client has not read the result kHeldWakeLimitNs after the
+//                client has not read the result kHeldWakeLimitNs (single_file.h) after the
 //                caller before took the wake-up (the slot's
 //                `wake_held_since`), or, while no caller has taken it yet,
 //                kHandedWakeDeadlineNs per place in its chain after the

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "futex.h"
+#include "single_file.h"
 #include "slot_layout.h"
 
 namespace batchserve {
@@ -35,21 +36,6 @@ inline int linked_slot(uint64_t word, uint32_t n) {
 
 class SlotWakeChains {
  public:
-  // Single file: how long a caller may hold the wake-up it took before the
-  // server wakes the slot itself (wake_overdue). Several times a thread
-  // actor's loop between two calls at 32 threads on the 2-core VM (~15-60
-  // µs): a chain woken early brings back the GIL contention it avoids, and
-  // that feeds itself (measured with the policy workload: 150 µs let it
-  // collapse to 5.7 k req/s in one run of three, 300 µs cost a quarter, 500
-  // µs held 14-21 k over five). A caller that sleeps or waits between calls with the
-  // GIL released delays the next by up to this.
-  static constexpr int64_t kHeldWakeLimitNs = 500'000;
-  // The bound on a slot whose wake-up no caller has taken yet (the callers
-  // before it in its chain are still waking, each within the limit above):
-  // the k-th slot after a chain's first falls due k times this after the
-  // hand-back.
-  static constexpr int64_t kHandedWakeDeadlineNs = 2 * kHeldWakeLimitNs;
-
   // Wakes the clients of `waiters` (slots of `slots` the server finished,
   // in batch order) as one chain per client process. Single file, a process
   // whose chain from an earlier batch is still under way (its last caller
@@ -102,7 +88,8 @@ class SlotWakeChains {
         continue;
       }
       // Not taken yet: it may be taken any moment, and fall due a limit later.
-      next_due = std::min(next_due, held != 0 ? due : std::min(due, now_ns + kHeldWakeLimitNs));
+      next_due = std::min(
+          next_due, held != 0 ? due : std::min(due, add_saturating(now_ns, kHeldWakeLimitNs)));
       handed_[kept++] = h;
     }
     handed_.resize(kept);

@@ -22,6 +22,8 @@
 // Clients of shared-memory slots are chained the same way, one chain per
 // client process (SharedSlots::wake_chained; the protocol is in
 // shared_slots.h): a process's thread actors share its GIL just the same.
+// Single file (single_file.h), a caller passes the wake-up on at its next
+// call instead, and the server keeps what it handed on (HandedWakes).
 //
 // Ownership: a Wake of a Completion holds the request's reference to it,
 // dropped by whoever notifies it (the caller may free it as soon as it has
@@ -36,6 +38,7 @@
 
 #include "completion.h"
 #include "shared_slots.h"
+#include "single_file.h"
 
 namespace batchserve {
 
@@ -47,11 +50,6 @@ struct Wake {
   SharedSlots* slots = nullptr;
   SlotWaiter waiter = {};
 };
-
-inline void notify_and_release(Completion* c) noexcept {
-  c->notify();
-  c->release();
-}
 
 // Wakes the slot clients of `to_wake`, in order, as each segment's
 // chains (SharedSlots::wake_chained).
@@ -72,14 +70,21 @@ inline void wake_slot_clients(const std::vector<Wake>& to_wake) {
 
 // Wakes every caller of `to_wake` (the completions' as a chain, in order;
 // the slots' as wake_slot_clients does) and drops the completions'
-// references; leaves `to_wake` empty. No lock or GIL is needed.
-inline void notify_and_release(std::vector<Wake>& to_wake) noexcept {
+// references; leaves `to_wake` empty. No lock or GIL is needed. Single file,
+// `handed` keeps every completion linked behind another, to wake it itself
+// if it is not woken in time (single_file.h).
+inline void notify_and_release(std::vector<Wake>& to_wake, HandedWakes* handed = nullptr) {
   wake_slot_clients(to_wake);  // other processes' clients first
+  size_t place = 0;            // the chain's places, counted from the back
+  if (handed != nullptr)
+    for (const Wake& w : to_wake) place += w.completion != nullptr;
+  const int64_t now = handed != nullptr ? monotonic_ns() : 0;
   // Linked from the back: a completion is touched only before it is linked
   // (after that, the caller before it may wake it, and it may be freed).
   Completion* after = nullptr;  // the chain linked so far
   for (auto w = to_wake.rbegin(); w != to_wake.rend(); ++w) {
     if (w->completion == nullptr) continue;
+    if (handed != nullptr && --place > 0) handed->hand_over(w->completion, place, now);
     if (after != nullptr && !w->completion->link_next(after)) notify_and_release(after);
     after = w->completion;
   }
@@ -89,18 +94,29 @@ inline void notify_and_release(std::vector<Wake>& to_wake) noexcept {
 
 // A caller's turn in its batch's wake chain while it waits on `c`: entered
 // on construction, left on destruction (with the GIL held: see above),
-// waking the caller after it. The completion must outlive it.
+// passing on the wake-up of the caller after it: at once, or, single file,
+// at this thread's next call (HeldWake). The completion must outlive it.
 class WakeChainTurn {
  public:
-  explicit WakeChainTurn(Completion* c) noexcept : c_(c) { c_->enter_chain(); }
+  explicit WakeChainTurn(Completion* c, bool single_file = false) noexcept
+      : c_(c), single_file_(single_file) {
+    c_->enter_chain();
+  }
   ~WakeChainTurn() {
-    if (Completion* next = c_->leave_chain()) notify_and_release(next);
+    Completion* next = c_->leave_chain();
+    if (next == nullptr) return;
+    if (single_file_) {
+      HeldWake::hold(next);
+    } else {
+      notify_and_release(next);
+    }
   }
   WakeChainTurn(const WakeChainTurn&) = delete;
   WakeChainTurn& operator=(const WakeChainTurn&) = delete;
 
  private:
   Completion* c_;
+  bool single_file_;
 };
 
 // Moves the completions' wake-ups of `to_wake` onto `deferred` (woken

@@ -85,6 +85,7 @@ class PendingResult {
           deadline,
           [&](int64_t until) {
             GilRelease nogil;
+            HeldWake::pass();  // single file: the next caller's turn
             return completion_->wait_until(until, 0);
           },
           [&](bool expired) { return !expired && !(interrupted = signalled()); });

@@ -45,7 +45,10 @@ inline uint32_t this_caller() {
 
 class RequestQueue {
  public:
-  explicit RequestQueue(size_t capacity) : collector_(capacity) {}
+  // `single_file`: blocking callers pass their chain's wake-up on at their
+  // next call (csrc/core/single_file.h).
+  explicit RequestQueue(size_t capacity, bool single_file = false)
+      : collector_(capacity), single_file_(single_file) {}
   // GIL held (Python frees the queue). Requests still here end with an
   // error rather than never (a QueuedFuture's callbacks run).
   ~RequestQueue() {
@@ -72,6 +75,7 @@ class RequestQueue {
         deadline,
         [&](int64_t until) {
           GilRelease nogil;
+          HeldWake::pass();
           result = queue().push(r, until);
           return result != PushResult::kTimedOut;
         },
@@ -103,11 +107,12 @@ class RequestQueue {
     bool interrupted = false;
     bool done = false;
     {
-      WakeChainTurn turn(completion);  // left with the GIL held, before any release
+      WakeChainTurn turn(completion, single_file_);  // left with the GIL held, before any release
       done = wait_in_slices(
           deadline,
           [&](int64_t until) {
             GilRelease nogil;
+            HeldWake::pass();  // single file: the next caller's turn
             if (pushed != PushResult::kOk) {
               pushed = queue().push(request, until);
               if (pushed == PushResult::kClosed) return true;  // ends the wait: see below
@@ -148,6 +153,7 @@ class RequestQueue {
   // a batch of one, through the server's runner (its WorkerLoop), with the
   // server kept out meanwhile. GIL held throughout: no hand-off at all.
   py::object call_inline(const py::object& item, OwnedRows rows) {
+    HeldWake::pass();  // this thread runs a forward now: the next caller's turn
     struct EndInline {
       RequestCollector& collector;
       ~EndInline() { collector.end_inline(); }
@@ -343,10 +349,14 @@ class RequestQueue {
       auto wake = [&] {  // once: in wait_for_batch, or here if it threw first
         if (woken) return;
         woken = true;
-        notify_and_release(to_wake);
+        notify_and_release(to_wake, handed());
+      };
+      // Single file: wakes the handed wake-ups that fell due while idle.
+      auto idle_tick = [this] {
+        return single_file_ ? handed_.wake_overdue(monotonic_ns()) : kNoDeadline;
       };
       try {
-        collected = collector_.wait_for_batch(std::move(carried), wake);
+        collected = collector_.wait_for_batch(std::move(carried), wake, idle_tick);
       } catch (...) {
         wake();
         throw;
@@ -396,7 +406,14 @@ class RequestQueue {
 
   // Wakes the callers whose results are published (see DeferredWakes) now
   // rather than at the next collect().
-  void wake_resolved() { flush(*deferred_); }
+  void wake_resolved() {
+    if (deferred_->empty()) return;
+    std::vector<Wake> to_wake = deferred_->take();
+    GilRelease nogil;
+    notify_and_release(to_wake, handed());
+  }
+
+  bool single_file() const { return single_file_; }
 
   // How long the server spins for work before it sleeps now (SpinBudget).
   int64_t server_spin_ns() const { return queue().server_spin_ns(); }
@@ -445,6 +462,8 @@ class RequestQueue {
     completion->release();
   }
 
+  HandedWakes* handed() { return single_file_ ? &handed_ : nullptr; }
+
   OwnedRows match(PyObject* item, bool own_copy) {
     if (!schema_) return nullptr;
     std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
@@ -457,6 +476,8 @@ class RequestQueue {
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
   py::object inline_runner_;                  // GIL held to read or change (None: no inline calls)
   uint64_t last_schema_id_ = 0;
+  const bool single_file_;
+  HandedWakes handed_;  // single file: wake-ups handed on to callers (any server thread)
 };
 
 }  // namespace bindings

@@ -122,6 +122,30 @@ TEST(CollectBatch, AnIdleWaitOfItsOwnBoundsTheWaitForAFirstRequest) {
   EXPECT_TRUE(batch.empty());
 }
 
+// The idle tick runs before the first wait and again whenever the time it
+// returned comes, without ending the wait for a request: here its third run
+// brings the request the wait ends with (the idle wait, a minute, is never
+// reached).
+TEST(CollectBatch, AnIdleTickRunsWhenItsTimeComesWithinTheWait) {
+  RequestQueue q(16);
+  BatchPolicy policy = make_policy(8, 1, 1 * kMs);
+  policy.idle_wait_ns = 60'000 * kMs;
+  BatchSettings settings;
+  settings.store(policy, q);
+  int ticks = 0;
+  auto tick = [&] {
+    if (++ticks == 3) {
+      EXPECT_EQ(q.push(make_request(7), 0), PushResult::kOk);
+      return kNoDeadline;
+    }
+    return monotonic_ns() + 1 * kMs;
+  };
+  std::vector<Request> batch, dropped;
+  collect_batch(q, settings, batch, dropped, {}, tick);
+  EXPECT_EQ(ticks, 3);
+  EXPECT_EQ(ids(batch), std::vector<uint64_t>{7});
+}
+
 TEST(BatchSettings, AnIdleWaitUnsetIsTheTimeout) {
   RequestQueue q(4);
   BatchSettings settings;

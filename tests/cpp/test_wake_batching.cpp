@@ -477,8 +477,8 @@ TEST(SlotWakeChain, SingleFileAHeldWakeUpIsPassedBeforeWaitingForASlot) {
 // taken it, a deadline per place after the hand-back; not once its result
 // was read.
 TEST(SlotWakeChain, SingleFileTheServerWakesAnOverdueHandedSlot) {
-  constexpr int64_t kHeld = batchserve::SlotWakeChains::kHeldWakeLimitNs;
-  constexpr int64_t kPlace = batchserve::SlotWakeChains::kHandedWakeDeadlineNs;
+  constexpr int64_t kHeld = batchserve::kHeldWakeLimitNs;
+  constexpr int64_t kPlace = batchserve::kHandedWakeDeadlineNs;
   static_assert(kHeld < kPlace, "a taken wake-up falls due before an untaken one");
   SingleFile seg(3);
   SharedSlots& slots = *seg.slots;
@@ -504,7 +504,7 @@ TEST(SlotWakeChain, SingleFileTheServerWakesAnOverdueHandedSlot) {
   EXPECT_LE(slots.handed_due_ns(), after + kHeld);
   {
     WakeWatch watch(slots, 1);
-    slots.wake_overdue(batchserve::monotonic_ns());  // (the clock only moves on)
+    slots.wake_overdue(before);  // not "now": a loaded machine may be a deadline past the hand-back
     EXPECT_FALSE(watch.woken());
   }
   // Taken by slot 0's caller: due a limit after that.
@@ -553,7 +553,7 @@ TEST(SlotWakeChain, SingleFileTheServerWakesAnOverdueHandedSlot) {
 // wake-up, falls due k deadlines after the hand-back: a long chain is not
 // woken early by the server.
 TEST(SlotWakeChain, SingleFileLaterPlacesInAChainFallDueLater) {
-  constexpr int64_t kPlace = batchserve::SlotWakeChains::kHandedWakeDeadlineNs;
+  constexpr int64_t kPlace = batchserve::kHandedWakeDeadlineNs;
   SingleFile seg(3);
   SharedSlots& slots = *seg.slots;
   for (uint32_t s = 0; s < 3; ++s) {
@@ -572,7 +572,9 @@ TEST(SlotWakeChain, SingleFileLaterPlacesInAChainFallDueLater) {
   const int64_t before = batchserve::monotonic_ns();
   slots.wake_chained(ended.data(), ended.size());
   const int64_t after = batchserve::monotonic_ns();
-  ASSERT_LT(after - before, kPlace);  // else the places below overlap
+  // A stall of a whole deadline around one call (a loaded machine) makes
+  // the places below overlap: nothing to check then.
+  if (after - before >= kPlace) GTEST_SKIP() << "stalled " << after - before << " ns";
   {
     WakeWatch watch1(slots, 1), watch2(slots, 2);
     slots.wake_overdue(after + kPlace);

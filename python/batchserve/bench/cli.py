@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its ProcessInferenceServer (process; actors call through its "
                    "SharedMemoryTransport)")
     p.add_argument("--single-file", action="store_true", default=None,
-                   help="batchserve's SharedMemoryTransport(single_file=True): a client "
-                   "process's threads take turns between calls")
+                   help="batchserve's transport with single_file=True: actor threads "
+                   "take turns between calls")
     p.add_argument("--num-actors", type=_int_list, metavar="N,N,...", help="actor-count sweep")
     p.add_argument("--obs", type=_observation, metavar="DTYPE:SHAPE",
                    help="observation, e.g. float32:64 or uint8:3x84x84")

@@ -11,10 +11,10 @@ command-line flags override any of its fields. Fields:
                     ProcessInferenceServer: the policy is built in a child
                     process and every actor, thread or process, calls through
                     the system's SharedMemoryTransport)
-    single_file     batchserve's SharedMemoryTransport(single_file=True): a
-                    client process's threads take turns between their calls
-                    (see docs/shared_memory.md); needs a shared-memory
-                    transport (process actors or a process server)
+    single_file     batchserve's transport with single_file=True (its
+                    ThreadingTransport or SharedMemoryTransport): an actor
+                    thread passes its batch's wake-up on at its next call,
+                    so the threads take turns between calls (docs/api.md)
     actor_counts    the sweep, e.g. [1, 8, 32]
     observation     {shape = [64], dtype = "float32"}
     image           {shape = [3, 84, 84], dtype = "uint8"}: requests also
@@ -110,9 +110,6 @@ class Scenario:
             raise ValueError(f"actors must be 'threads' or 'processes', not {self.actors!r}")
         if self.server not in SERVERS:
             raise ValueError(f"server must be one of {', '.join(SERVERS)}, not {self.server!r}")
-        if self.single_file and not self.shared_memory:
-            raise ValueError("single_file is a SharedMemoryTransport setting: it needs process "
-                             "actors or server 'process'")
         if not self.actor_counts or any(int(n) < 1 for n in self.actor_counts):
             raise ValueError("actor_counts must be positive integers")
         if self.observation_dtype not in DTYPES:

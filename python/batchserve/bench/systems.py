@@ -132,7 +132,7 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
     if system == "batchserve":
         import batchserve
 
-        return batchserve.ThreadingTransport()
+        return batchserve.ThreadingTransport(single_file=scenario.single_file)
     require_torchrl("--vs torchrl")
     from torchrl.modules.inference_server import ThreadingTransport
 
