@@ -145,7 +145,11 @@ def test_collector_requests_take_the_fast_path():
     # The first request of each schema (a reset observation, then one with
     # the previous action) teaches it on the general path; the rest are fast.
     assert stats["fast_path_fraction"] > 0.8, stats["fast_path_refusals"]
-    assert sorted(set(batches[-1]["env_index"].tolist())) == list(range(NUM_ENVS))
+    # Every environment was stepped. Which ones a given batch holds depends
+    # on how the threads were scheduled (under load the last batch held
+    # frames of two of the three), so the run as a whole is what is checked.
+    stepped = torch.cat([batch["env_index"].reshape(-1) for batch in batches])
+    assert sorted(set(stepped.tolist())) == list(range(NUM_ENVS))
 
 
 class _ModeAction(nn.Module):

@@ -147,12 +147,11 @@ inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPoli
 // `idle_wait` (or by the time the queue's intake has housekeeping due, see
 // RequestIntake::next_take_due_ns), when the queue is closed, or when the
 // settings changed while it waited for a first request. `idle_tick()` runs
-// first and again whenever the time it
-// returned (kNoDeadline: none) comes first: its owner's housekeeping while
-// the server is idle (single file: waking overdue handed wake-ups), without
-// leaving this wait. While it collects toward min_batch_size it
-// follows settings changes: the deadline is always the oldest request's
-// arrival plus the current timeout.
+// first, and again whenever the time it returned (kNoDeadline: none) comes
+// before a request: its owner's housekeeping (single file: waking overdue
+// handed wake-ups) without leaving this wait. While it collects toward
+// min_batch_size it follows settings changes: the deadline is always the
+// oldest request's arrival plus the current timeout.
 inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
                               std::vector<Request>& batch, std::vector<Request>& dropped,
                               const FillHint& hint);
