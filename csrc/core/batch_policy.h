@@ -12,14 +12,20 @@
 //     than `hint.target` are taken (the callers expected back soon), keep
 //     collecting while they keep coming: until `hint.budget_ns` passes with
 //     no new request (counted from the start of this step, then from the
-//     latest request's arrival), and never past step 3's deadline. Actors
-//     that each wait for their own result come back one after another after
-//     a hand-back; without this step the server takes the first of them
-//     alone and the batches of a steady run settle at about half the
-//     actors. A budget for the whole step instead of per arrival settled
-//     there too when the actors' own work is slow (thread actors take the
-//     GIL in turn: 8 torchrl policy clients, ~60 µs each, came back over
-//     ~400 µs and batches held 5-6 of 8).
+//     latest request's arrival), and never past `timeout` after the later
+//     of the oldest taken request's arrival and the start of this
+//     collection (when the server was free to serve it; torchrl's server
+//     counts its wait from its drain too). Actors that each wait for their
+//     own result come back one after another after a hand-back; without
+//     this step the server takes the first of them alone and the batches of
+//     a steady run settle at about half the actors. Counted from arrival
+//     alone, the cap kept the actors that came during a forward longer than
+//     `timeout` from waiting for the ones it served, and the two groups took
+//     turns in half batches (a 1.5 ms forward, 8 threads: batches of 4.3).
+//     A budget for the whole step instead of per arrival settled there too
+//     when the actors' own work is slow (thread actors take the GIL in
+//     turn: 8 torchrl policy clients, ~60 µs each, came back over ~400 µs
+//     and batches held 5-6 of 8).
 //
 // Requests whose callers withdrew (timed out before batching) are not
 // counted; they go to `dropped` so the owner can release what they hold.
@@ -154,15 +160,16 @@ inline int64_t queue_deadline(const std::vector<Request>& batch, const BatchPoli
 // oldest request's arrival plus the current timeout.
 inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
                               std::vector<Request>& batch, std::vector<Request>& dropped,
-                              const FillHint& hint);
+                              const FillHint& hint, int64_t collect_start_ns);
 
 template <typename IdleTick = NoIdleTick>
 inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& settings,
                                  std::vector<Request>& batch, std::vector<Request>& dropped,
                                  const FillHint& hint = FillHint{}, IdleTick&& idle_tick = {}) {
+  const int64_t collect_start = monotonic_ns();
   uint32_t seen = queue.interrupts();
   BatchPolicy policy = settings.load();
-  const int64_t idle_deadline = add_saturating(monotonic_ns(), policy.idle_wait_ns);
+  const int64_t idle_deadline = add_saturating(collect_start, policy.idle_wait_ns);
   int64_t tick_at = idle_tick();
 
   while (batch.empty()) {
@@ -194,13 +201,13 @@ inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& setti
       detail::take_ready(queue, policy.max_batch_size - batch.size(), batch, dropped);
     if (!ready && monotonic_ns() >= deadline) return {};
   }
-  return fill_batch(queue, settings, batch, dropped, hint);
+  return fill_batch(queue, settings, batch, dropped, hint, collect_start);
 }
 
 // Step 4 (see the top of this file), once min_batch_size is reached.
 inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings,
                               std::vector<Request>& batch, std::vector<Request>& dropped,
-                              const FillHint& hint) {
+                              const FillHint& hint, int64_t collect_start_ns) {
   FillOutcome out;
   if (hint.budget_ns <= 0) return out;
   const int64_t start = monotonic_ns();
@@ -215,8 +222,10 @@ inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings
       break;
     }
     out.waited = true;
-    // Never past the queue deadline: no request waits longer than timeout.
-    const int64_t queue_end = detail::queue_deadline(batch, policy);
+    // Never past `timeout` after the oldest request could be served (see
+    // step 4 above): its arrival, or the start of this collection.
+    const int64_t queue_end = add_saturating(
+        std::max(detail::oldest_arrival(batch), collect_start_ns), policy.timeout_ns);
     const int64_t deadline = std::min(add_saturating(latest, hint.budget_ns), queue_end);
     // A wait that ends early (a settings change, the intake's housekeeping)
     // is not a miss: only the deadline ends the step short of the target.
@@ -227,7 +236,7 @@ inline FillOutcome fill_batch(RequestQueue& queue, const BatchSettings& settings
     out.gained += batch.size() - before;
     const int64_t now = monotonic_ns();
     // Past the deadline: done, unless a request came meanwhile and the
-    // queue deadline still allows waiting on from its arrival.
+    // cap still allows waiting on from its arrival.
     if (!ready && now >= deadline && (batch.size() == before || now >= queue_end)) {
       out.reached = batch.size() >= target;
       break;
