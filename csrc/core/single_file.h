@@ -49,6 +49,24 @@ constexpr int64_t kHeldWakeLimitNs = 500'000;
 // hand-back.
 constexpr int64_t kHandedWakeDeadlineNs = 2 * kHeldWakeLimitNs;
 
+// When a handed wake-up falls due: at its place's deadline `place_due_ns`,
+// or kHeldWakeLimitNs after the caller before took it (`held_since_ns`, 0:
+// not taken yet), whichever comes first. Both servers' rule (HandedWakes
+// below, slot_wake_chains.h).
+inline int64_t handed_wake_due(int64_t place_due_ns, int64_t held_since_ns) {
+  return held_since_ns != 0
+             ? std::min(place_due_ns, add_saturating(held_since_ns, kHeldWakeLimitNs))
+             : place_due_ns;
+}
+
+// When a server must look again at a handed wake-up due at `due_ns` (not
+// yet, at `now_ns`): then, or, while no caller has taken it, a limit from
+// now if sooner (it may be taken any moment, and then falls due a limit
+// after that).
+inline int64_t handed_wake_next_look(int64_t due_ns, int64_t held_since_ns, int64_t now_ns) {
+  return held_since_ns != 0 ? due_ns : std::min(due_ns, add_saturating(now_ns, kHeldWakeLimitNs));
+}
+
 // An in-process caller thread's held wake-up: the completion of the caller
 // after it in its chain (with the reference its link carried), woken at
 // the thread's next GIL-free stretch of a call (pass(): the bindings call it
@@ -121,14 +139,12 @@ class HandedWakes {
         continue;
       }
       const int64_t held = c->held_since();
-      const int64_t due =
-          held != 0 ? std::min(h.due_ns, add_saturating(held, kHeldWakeLimitNs)) : h.due_ns;
+      const int64_t due = handed_wake_due(h.due_ns, held);
       if (due <= now_ns) {
         notify_and_release(c);
         continue;
       }
-      next_due = std::min(
-          next_due, held != 0 ? due : std::min(due, add_saturating(now_ns, kHeldWakeLimitNs)));
+      next_due = std::min(next_due, handed_wake_next_look(due, held, now_ns));
       handed_[kept++] = h;
     }
     handed_.resize(kept);

@@ -81,15 +81,12 @@ class SlotWakeChains {
     for (const HandedWake& h : handed_) {
       SlotHeader& slot = slots[h.waiter.slot];
       const int64_t held = slot.wake_held_since.load(std::memory_order_acquire);
-      const int64_t due =
-          held != 0 ? std::min(h.due_ns, add_saturating(held, kHeldWakeLimitNs)) : h.due_ns;
+      const int64_t due = handed_wake_due(h.due_ns, held);
       if (due <= now_ns) {
         if (unread(slot, h.waiter)) slot.done.notify_all();
         continue;
       }
-      // Not taken yet: it may be taken any moment, and fall due a limit later.
-      next_due = std::min(
-          next_due, held != 0 ? due : std::min(due, add_saturating(now_ns, kHeldWakeLimitNs)));
+      next_due = std::min(next_due, handed_wake_next_look(due, held, now_ns));
       handed_[kept++] = h;
     }
     handed_.resize(kept);
@@ -150,7 +147,7 @@ class SlotWakeChains {
     int64_t earliest = due_ns_.load(std::memory_order_relaxed);
     auto handed = [&](const SlotWaiter& w, int64_t due) {
       handed_.push_back(HandedWake{w, due});
-      earliest = std::min(earliest, std::min(due, now + kHeldWakeLimitNs));  // see wake_overdue
+      earliest = std::min(earliest, handed_wake_next_look(due, 0, now));  // not taken yet
     };
     for (auto c = chains.rbegin(); c != chains.rend(); ++c) {
       auto tail = std::find_if(tails_.begin(), tails_.end(),

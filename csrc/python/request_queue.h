@@ -406,12 +406,7 @@ class RequestQueue {
 
   // Wakes the callers whose results are published (see DeferredWakes) now
   // rather than at the next collect().
-  void wake_resolved() {
-    if (deferred_->empty()) return;
-    std::vector<Wake> to_wake = deferred_->take();
-    GilRelease nogil;
-    notify_and_release(to_wake, handed());
-  }
+  void wake_resolved() { flush(*deferred_, handed()); }
 
   bool single_file() const { return single_file_; }
 

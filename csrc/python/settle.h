@@ -89,19 +89,20 @@ inline void fail_futures_now(const py::list& futures, PyObject* exc) {
 }
 
 // GIL held on entry and exit; wakes callers without it (see
-// csrc/core/wake_batching.h).
-inline void wake_and_release(std::vector<Wake>& to_wake) {
+// csrc/core/wake_batching.h; `handed`: a single-file server's, which keeps
+// what it hands on).
+inline void wake_and_release(std::vector<Wake>& to_wake, HandedWakes* handed = nullptr) {
   if (to_wake.empty()) return;
   GilRelease nogil;
-  notify_and_release(to_wake);
+  notify_and_release(to_wake, handed);
 }
 
 // GIL held on entry and exit. Wakes the callers `deferred` holds (results
 // the server published but left unwoken, to be woken at its next collect).
-inline void flush(DeferredWakes& deferred) {
+inline void flush(DeferredWakes& deferred, HandedWakes* handed = nullptr) {
   if (deferred.empty()) return;
   std::vector<Wake> to_wake = deferred.take();
-  wake_and_release(to_wake);
+  wake_and_release(to_wake, handed);
 }
 
 // GIL held. Drops a request that will never be served (withdrawn by its

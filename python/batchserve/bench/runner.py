@@ -136,6 +136,11 @@ def _process_cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+def _cpu_s(server_pid: int | None) -> float:
+    """CPU time used so far by this process and the server process, if any."""
+    return time.process_time() + _process_cpu_s(server_pid)
+
+
 def _server_pid(server) -> int | None:
     """The pid of a ProcessInferenceServer's child (batchserve's and
     torchrl's both keep it as ``_process``), None for a thread server."""
@@ -225,9 +230,8 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     if scenario.server == "process" and system != NULL:
         # Made before the server starts: torchrl's shared-memory clients
         # register with the transport its child inherits.
-        made = [transport.client() for _ in range(actors)]
-        made.reverse()
-        new_client = lambda: wrap_client(scenario, made.pop())  # noqa: E731
+        made = iter([transport.client() for _ in range(actors)])
+        new_client = lambda: wrap_client(scenario, next(made))  # noqa: E731
     else:
         new_client = client_factory(scenario, transport)
     leaves = make_leaves(scenario)
@@ -284,13 +288,13 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         server_pid = _server_pid(server)
         rss = _RssPeak([server_pid] if server_pid else ())
         model.start()
-        cpu0 = time.process_time() + _process_cpu_s(server_pid)
+        cpu0 = _cpu_s(server_pid)
         t0 = time.perf_counter_ns()
         recording.set()
         _window(scenario, lambda: all(finished), check, rss, tick)
         recording.clear()
         t1 = time.perf_counter_ns()
-        cpu = time.process_time() + _process_cpu_s(server_pid) - cpu0
+        cpu = _cpu_s(server_pid) - cpu0
         batch_sizes, forward_ns = model.stop()
         check()
         stats = server.stats()
@@ -437,13 +441,13 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         server_pid = _server_pid(server)
         rss = _RssPeak([p.pid for p in processes] + ([server_pid] if server_pid else []))
         model.start()
-        cpu0 = time.process_time() + _process_cpu_s(server_pid)
+        cpu0 = _cpu_s(server_pid)
         t0 = time.perf_counter_ns()
         recording.set()
         _window(scenario, lambda: len(inbox.done) == actors, check, rss, tick)  # check() polls
         recording.clear()
         t1 = time.perf_counter_ns()
-        cpu = time.process_time() + _process_cpu_s(server_pid) - cpu0
+        cpu = _cpu_s(server_pid) - cpu0
         batch_sizes, forward_ns = model.stop()
         stop.set()
         inbox.wait("done", actors, _STOP_TIMEOUT_S + _START_TIMEOUT_S, check)
