@@ -652,14 +652,16 @@ def test_the_null_server_gives_the_actors_limit(tmp_path, capsys):
     gives the limit and each server's share of it."""
     pytest.importorskip("torchrl")
     printed, document = run_tiny_policy(tmp_path, capsys, "--num-actors", "2", "--limit")
-    assert "of limit" in printed.out and "limit at 2 actors" in printed.out
+    assert "of limit" in printed.out
+    assert "limit at 2 actors (null)" in printed.out and "limit at 2 actors (echo)" in printed.out
     (result,) = document["scenarios"]
     rows = {r["system"]: r for r in result["results"]}
-    assert set(rows) == {"bare", "batchserve", "null"}
-    null = rows["null"]
-    assert null["requests"] == 40 and null["requests_per_s"] > 0
-    assert null["batch_size_histogram"] == {"2": 64}  # the forwards timed at 2 actors' batch
-    assert null["forward_ms_p50"] > 0 and null["fast_path_fraction"] is None
+    assert set(rows) == {"bare", "batchserve", "null", "echo"}
+    for limit in ("null", "echo"):  # the echo: through batchserve's queue, no model
+        row = rows[limit]
+        assert row["requests"] == 40 and row["requests_per_s"] > 0
+        assert row["batch_size_histogram"] == {"2": 64}  # the forwards timed at 2 actors' batch
+        assert row["forward_ms_p50"] > 0 and row["fast_path_fraction"] is None
 
 
 def test_the_limit_counts_the_actors_and_the_model():
@@ -674,8 +676,83 @@ def test_the_limit_counts_the_actors_and_the_model():
     }
     assert report.limit_rps(rows[("null", 10)]) == pytest.approx(1e6 / 110)
     (line,) = report.limit_lines(rows)
-    assert "limit at 10 actors: 9,091 req/s" in line
+    assert "limit at 10 actors (null): 9,091 req/s" in line
     assert "= 9.09× torchrl" in line and "batchserve reaches 50% of it" in line
+    assert report._of_limit(rows, rows[("batchserve", 10)]) == pytest.approx(0.5)
+
+
+def test_a_server_is_read_against_the_echo_where_it_ran():
+    """With the echo's row (the hand-off counted) beside the null server's,
+    the limits line up by actor count and a server's share is of the echo."""
+    rows = {
+        ("null", 10): {"system": "null", "actors": 10, "requests_per_s": 100_000.0,
+                       "batch_size_mean": 10.0, "forward_ms_p50": 1.0},
+        ("echo", 10): {"system": "echo", "actors": 10, "requests_per_s": 10_000.0,
+                       "batch_size_mean": 10.0, "forward_ms_p50": 1.0},
+        ("batchserve", 10): {"system": "batchserve", "actors": 10, "requests_per_s": 2_500.0},
+    }
+    assert report.limit_rps(rows[("echo", 10)]) == pytest.approx(1e6 / 200)
+    echo_line, null_line = report.limit_lines(rows)
+    assert echo_line.startswith("limit at 10 actors (echo): 5,000 req/s (with the hand-off")
+    assert "batchserve reaches 50% of it" in echo_line
+    assert null_line.startswith("limit at 10 actors (null)")
+    assert report._of_limit(rows, rows[("batchserve", 10)]) == pytest.approx(0.5)
+    assert report._of_limit(rows, rows[("echo", 10)]) is None
+
+
+def test_the_echo_runs_for_thread_actors_only():
+    threads = scenario.Scenario(actor_counts=[2]).validate()
+    processes = scenario.Scenario(actors="processes", actor_counts=[2]).validate()
+    assert systems.systems_for(threads, False, limit=True) == ["batchserve", "null", "echo"]
+    assert systems.systems_for(processes, False, limit=True) == ["batchserve", "null"]
+    assert systems.systems_for(threads, False) == ["batchserve"]
+
+
+@pytest.mark.timeout(120)
+def test_the_queue_echo_answers_every_caller_through_the_queue():
+    """QueueEcho serves a ThreadingTransport's callers with its one
+    response, in full batches of all of them (and inline for a lone one):
+    blocking calls and futures, fast-path and general requests; stopped,
+    the queue refuses new requests."""
+    import threading
+
+    from tensordict import TensorDict
+
+    import batchserve
+    from batchserve.bench.null_server import QueueEcho
+
+    transport = batchserve.ThreadingTransport()
+    response = TensorDict({"action": torch.ones(3)})
+    echo = QueueEcho(transport, response, batch_size=4, max_batch_size=64,
+                     idle_wait=0.1).start()
+    answers, errors = [], []
+
+    def actor() -> None:
+        try:
+            client = transport.client()
+            for _ in range(25):
+                answers.append(client(TensorDict({"observation": torch.zeros(4)})))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=actor) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and len(answers) == 100
+        assert all(a is response for a in answers)
+        assert transport.request_spec is not None  # learned from the first request
+        client = transport.client()
+        other = TensorDict({"observation": torch.zeros(7)})  # not the schema: general path
+        assert client(other) is response  # alone: served once the full-batch wait ends
+        assert client.submit(other).result(timeout=30) is response
+    finally:
+        echo.shutdown(timeout=30)
+    assert not echo.is_alive
+    with pytest.raises(Exception, match="shut down|closed"):
+        transport.client()(TensorDict({"observation": torch.zeros(4)}))
 
 
 def test_null_clients_answer_at_once_and_travel_to_processes():

@@ -15,6 +15,7 @@ import numpy as np
 from batchserve.bench import metrics
 from batchserve.bench.runner import Measurement
 from batchserve.bench.scenario import Scenario
+from batchserve.bench.systems import LIMITS
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema.json")
@@ -74,7 +75,7 @@ def overhead_us(rows: dict) -> dict[str, float]:
     return {
         system: row["latency_us"]["p50"] - bare["latency_us"]["p50"]
         for (system, actors), row in sorted(rows.items())
-        if system not in ("bare", "null") and actors == 1  # null: no model, no overhead
+        if system not in ("bare", *LIMITS) and actors == 1  # the limits: no model, no overhead
     }
 
 
@@ -118,24 +119,39 @@ def limit_rps(null_row: dict) -> float | None:
     return 1.0 / per_request_s
 
 
+def _limit_row(rows: dict, actors: int) -> dict | None:
+    """The row a server's share of the limit is read against at ``actors``:
+    the echo (the round trip to a server thread counted) if it ran, else
+    the null server."""
+    return rows.get(("echo", actors)) or rows.get(("null", actors))
+
+
 def _of_limit(rows: dict, row: dict) -> float | None:
     """A server row's req/s over the limit at its actor count."""
-    null = rows.get(("null", row["actors"]))
-    limit = limit_rps(null) if null and row["system"] not in ("bare", "null") else None
+    if row["system"] in ("bare", *LIMITS):
+        return None
+    limit_row = _limit_row(rows, row["actors"])
+    limit = limit_rps(limit_row) if limit_row else None
     return row["requests_per_s"] / limit if limit else None
 
 
+_LIMIT_NAMES = {
+    "null": "the actors against the null server",
+    "echo": "with the hand-off: the actors against an echo through batchserve's queue",
+}
+
+
 def limit_lines(rows: dict) -> list[str]:
-    """Per actor count run with the null server: the limit (limit_rps) and
-    what it is made of, as a multiple of torchrl's req/s, so a target ratio
-    can be read against what is possible."""
+    """Per actor count run with a limit system (null, echo): the limit
+    (limit_rps) and what it is made of, as a multiple of torchrl's req/s,
+    so a target ratio can be read against what is possible."""
     lines = []
-    for (system, actors), row in sorted(rows.items(), key=lambda item: item[0][1]):
-        limit = limit_rps(row) if system == "null" else None
+    for (system, actors), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+        limit = limit_rps(row) if system in LIMITS else None
         if limit is None:
             continue
-        text = (f"limit at {actors} actors: {limit:,.0f} req/s (the actors against the "
-                f"null server {row['requests_per_s']:,.0f} req/s; model "
+        text = (f"limit at {actors} actors ({system}): {limit:,.0f} req/s "
+                f"({_LIMIT_NAMES[system]} {row['requests_per_s']:,.0f} req/s; model "
                 f"{_fmt(row['forward_ms_p50'], 3)} ms per batch of "
                 f"{_fmt(row['batch_size_mean'], 0)})")
         ref = rows.get(("torchrl", actors))
@@ -143,7 +159,7 @@ def limit_lines(rows: dict) -> list[str]:
             text += f" = {limit / ref['requests_per_s']:.2f}× torchrl"
         ours = rows.get(("batchserve", actors))
         if ours:
-            text += f"; batchserve reaches {_of_limit(rows, ours):.0%} of it"
+            text += f"; batchserve reaches {ours['requests_per_s'] / limit:.0%} of it"
         lines.append(text)
     return lines
 
@@ -186,10 +202,10 @@ def table(scenario: Scenario, rows: dict):
         ("p99 vs torchrl", "right"),
     ]:
         t.add_column(name, justify=justify)
-    with_limit = any(system == "null" for system, _ in rows)
+    with_limit = any(system in LIMITS for system, _ in rows)
     if with_limit:
         t.add_column("of limit", justify="right")
-    order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3, "null": 4}
+    order = {"bare": 0, "batchserve": 1, "torchrl": 2, "torchrl-mp": 3, "null": 4, "echo": 5}
     for key in sorted(rows, key=lambda k: (k[1] if k[0] != "bare" else 0, order.get(k[0], 9))):
         row = rows[key]
         lat = row["latency_us"]
@@ -325,7 +341,7 @@ def plot(path: str, results: list[tuple[Scenario, dict]]) -> None:
 
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
     for (scenario, rows), (ax_tp, ax_cdf) in zip(results, axes):
-        systems = sorted({s for s, _ in rows if s not in ("bare", "null")})  # null: off the scale
+        systems = sorted({s for s, _ in rows if s not in ("bare", *LIMITS)})  # off the scale
         for system in systems:
             counts = sorted(a for s, a in rows if s == system)
             ax_tp.plot(counts, [rows[(system, a)]["requests_per_s"] for a in counts],

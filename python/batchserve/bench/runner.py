@@ -35,6 +35,7 @@ from tensordict import TensorDict
 from batchserve.bench.metrics import fast_path_summary
 from batchserve.bench.scenario import Scenario
 from batchserve.bench.systems import (
+    LIMITS,
     NULL,
     BenchError,
     make_server,
@@ -226,7 +227,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
     ctx = _mp_context() if scenario.server == "process" else None
     transport = make_transport(system, scenario, mp_context=ctx, actors=actors,
                                policy=model.policy)
-    server = make_server(system, model, transport, scenario, mp_context=ctx)
+    server = make_server(system, model, transport, scenario, mp_context=ctx, actors=actors)
     if scenario.server == "process" and system != NULL:
         # Made before the server starts: torchrl's shared-memory clients
         # register with the transport its child inherits.
@@ -305,7 +306,7 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()))
         server.shutdown()
-    if system == NULL:  # with the actors stopped: they would slow it
+    if system in LIMITS:  # with the actors stopped: they would slow it
         batch_sizes, forward_ns = _forwards_at_full_batch(model, scenario, actors)
     if scenario.requests is not None:
         t1 = max(end_ns)  # the last request, not the next poll of the window
@@ -463,7 +464,7 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
         for p in processes:
             p.join(_STOP_TIMEOUT_S)
         server.shutdown()
-    if system == NULL:  # with the actors stopped: they would slow it
+    if system in LIMITS:  # with the actors stopped: they would slow it
         batch_sizes, forward_ns = _forwards_at_full_batch(model, scenario, actors)
     done = [inbox.done[i] for i in sorted(inbox.done)]
     if scenario.requests is not None:  # the children's own span, not the polling

@@ -12,7 +12,10 @@ Every system gets the same model, the same collate_fn (the scenario's
 ``batchserve.bench.workload.make_client``). With --limit the "null" system
 runs too: the same actors against a server that costs nothing
 (``batchserve.bench.null_server``; for process actors an echo through the
-shared-memory slots), their limit.
+shared-memory slots), their limit. Thread actors also run the "echo"
+system: a server that costs nothing but the hand-off, an echo through
+batchserve's queue (or its slots, with a server process), their limit with
+the round trip to a server thread counted.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def server_kwargs(scenario: Scenario, system: str = "batchserve") -> dict:
 
 
 NULL = "null"
+ECHO = "echo"
+LIMITS = (NULL, ECHO)  # the systems that run no model: the limits
 
 
 def systems_for(scenario: Scenario, vs_torchrl: bool, limit: bool = False) -> list[str]:
@@ -79,6 +84,8 @@ def systems_for(scenario: Scenario, vs_torchrl: bool, limit: bool = False) -> li
             systems.append("torchrl-mp")
     if limit:
         systems.append(NULL)
+        if scenario.actors == "threads":  # process actors' null is an echo already
+            systems.append(ECHO)
     return systems
 
 
@@ -118,7 +125,7 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
         return NullTransport(one_response(scenario, policy))
     if scenario.shared_memory:
         request, response, num_slots = slot_specs(scenario, actors, policy)
-        if system in ("batchserve", NULL):  # the null server: an echo through the slots
+        if system in ("batchserve", *LIMITS):  # the null server: an echo through the slots
             import batchserve
 
             return batchserve.SharedMemoryTransport(request, response, num_slots=num_slots,
@@ -129,7 +136,7 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
         if system == "torchrl-mp":
             return MPTransport(ctx=mp_context)
         return SharedMemoryTransport(request, response, num_slots=num_slots, ctx=mp_context)
-    if system == "batchserve":
+    if system in ("batchserve", ECHO):
         import batchserve
 
         return batchserve.ThreadingTransport(single_file=scenario.single_file)
@@ -139,16 +146,28 @@ def make_transport(system: str, scenario: Scenario, mp_context=None, actors: int
     return ThreadingTransport()
 
 
-def make_server(system: str, model, transport, scenario: Scenario, mp_context=None):
+def make_server(system: str, model, transport, scenario: Scenario, mp_context=None,
+                actors: int = 1):
     """The system's server (not started). ``model``: the RecordingModel the
     scenario's forwards are recorded by; a process server builds its own in
-    the child, recording into the parent's ``model.record``."""
+    the child, recording into the parent's ``model.record``. ``actors``:
+    how many will call (the echo serves them in batches of all of them)."""
     if system == NULL:
         from batchserve.bench.null_server import EchoServer, NullServer
 
         if scenario.actors == "processes":
             return EchoServer(transport, one_response(scenario, model.policy))
         return NullServer()
+    if system == ECHO:
+        from batchserve.bench.null_server import EchoServer, QueueEcho
+
+        response = one_response(scenario, model.policy)
+        if scenario.shared_memory:
+            return EchoServer(transport, response)
+        from batchserve.server.server import IDLE_WAIT_S
+
+        return QueueEcho(transport, response, min(actors, scenario.max_batch_size),
+                         scenario.max_batch_size, IDLE_WAIT_S)
     if scenario.server == "process":
         from batchserve.bench.workload import served_policy
 
