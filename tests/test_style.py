@@ -26,7 +26,8 @@ def _tool(name: str) -> str:
 
 
 def _cpp_sources() -> list[str]:
-    patterns = ("csrc/**/*.h", "csrc/**/*.cpp", "tests/cpp/*.h", "tests/cpp/*.cpp")
+    patterns = ("csrc/**/*.h", "csrc/**/*.cpp", "tests/cpp/*.h", "tests/cpp/*.cpp",
+                "benchmarks/*.cpp")
     return sorted({f for p in patterns for f in glob.glob(os.path.join(ROOT, p), recursive=True)})
 
 
