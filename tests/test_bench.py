@@ -700,11 +700,13 @@ def test_a_server_is_read_against_the_echo_where_it_ran():
     assert report._of_limit(rows, rows[("echo", 10)]) is None
 
 
-def test_the_echo_runs_for_thread_actors_only():
+def test_the_echo_runs_for_thread_actors_of_an_in_process_server_only():
     threads = scenario.Scenario(actor_counts=[2]).validate()
     processes = scenario.Scenario(actors="processes", actor_counts=[2]).validate()
+    server_process = scenario.Scenario(actor_counts=[2], server="process").validate()
     assert systems.systems_for(threads, False, limit=True) == ["batchserve", "null", "echo"]
     assert systems.systems_for(processes, False, limit=True) == ["batchserve", "null"]
+    assert systems.systems_for(server_process, False, limit=True) == ["batchserve", "null"]
     assert systems.systems_for(threads, False) == ["batchserve"]
 
 
