@@ -96,6 +96,15 @@ def schema_of(td) -> RequestSchema | None:
     return None if leaves is None else RequestSchema(*leaves)
 
 
+def learn_schema(transport, item) -> None:
+    """Makes the schema of ``item`` (a request) ``transport``'s fast-path
+    schema, learned (not strict), if it fits the fast path and is not the
+    schema already."""
+    schema = schema_of(item)
+    if schema is not None and schema != transport.request_spec:
+        transport.set_request_schema(schema, strict=False)
+
+
 def spec_leaves(spec, argname: str, max_leaves: int | None = None, *, nested: bool = False):
     """The keys, dtypes, shapes and TensorDict device (None or the CPU) of a
     spec: a TensorDict describing one request or response, with 1 to
@@ -315,9 +324,7 @@ class FastPath:
         coming (``had_rows``) or the schema was given by ``request_spec``."""
         if had_rows or self._transport.schema_strict or not items:
             return
-        schema = schema_of(items[0])
-        if schema is not None and schema != self._transport.request_spec:
-            self._transport.set_request_schema(schema, strict=False)
+        learn_schema(self._transport, items[0])
 
     def refusal(self, item) -> str:
         """Why ``item``, served on the general path, did not take the fast

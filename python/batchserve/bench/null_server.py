@@ -36,7 +36,7 @@ from tensordict import TensorDictBase
 
 from batchserve import _core
 from batchserve.batching import native
-from batchserve.batching.fast_path import schema_of
+from batchserve.batching.fast_path import learn_schema
 
 
 class Answered:
@@ -188,9 +188,7 @@ class QueueEcho(NullServer):
                 if batch is None:
                     continue
                 if self._transport.request_spec is None and batch.items:
-                    schema = schema_of(batch.items[0])
-                    if schema is not None:
-                        self._transport.set_request_schema(schema, strict=False)
+                    learn_schema(self._transport, batch.items[0])
                 batch.resolve([response] * len(batch))
         finally:
             queue.set_inline_runner(None)
