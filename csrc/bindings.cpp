@@ -117,6 +117,14 @@ PYBIND11_MODULE(_core, m) {
            py::arg("submit_ns"), py::arg("dispatch_ns"))
       .def("record_hand_back", &ServerStatsCore::record_hand_back, py::arg("submit_ns"),
            py::arg("callers"), py::arg("end_ns"))
+      .def(
+          "record_inline_call",
+          [](ServerStatsCore& stats, int64_t submit_ns, int64_t dispatch_ns) {
+            stats.record_one(submit_ns, dispatch_ns, monotonic_ns(), bindings::this_caller());
+          },
+          py::arg("submit_ns"), py::arg("dispatch_ns"),
+          "A lone caller's fast-path request served on its own thread (the calling "
+          "thread, its caller), dispatched at dispatch_ns and ended now.")
       .def("snapshot", &ServerStatsCore::snapshot, py::arg("reset") = false)
       .def("reset", &ServerStatsCore::reset);
 
@@ -155,7 +163,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("extra_keys") = std::vector<py::object>{})
       .def_property_readonly("schema_strict", &bindings::RequestQueue::schema_strict)
       .def_property_readonly("server_spin_ns", &bindings::RequestQueue::server_spin_ns)
-      .def("set_inline_runner", &bindings::RequestQueue::set_inline_runner, py::arg("runner"))
+      .def("set_inline_runner", &bindings::RequestQueue::set_inline_runner, py::arg("runner"),
+           py::arg("serve_one") = py::none())
       .def_property_readonly("inline_runner_set", &bindings::RequestQueue::inline_runner_set)
       .def("interrupt", &bindings::RequestQueue::interrupt)
       .def("attach_server", &bindings::RequestQueue::attach_server)

@@ -105,15 +105,22 @@ class ServerStatsCore {
     if (callers.size() != submit_ns.size())
       throw std::invalid_argument("record_hand_back: one caller per submission expected");
     std::lock_guard<std::mutex> lock(mu_);
-    for (size_t i = 0; i < submit_ns.size(); ++i) {
-      server_ms_.push(ms_between(submit_ns[i], end_ns));
-      if (callers[i] == 0) continue;
-      auto [last, first_seen] = last_result_ns_.try_emplace(callers[i], end_ns);
-      // A caller with requests in flight at once has no gap to measure.
-      if (!first_seen && submit_ns[i] >= last->second)
-        client_gap_ms_.push(ms_between(last->second, submit_ns[i]));
-      last->second = end_ns;
-    }
+    for (size_t i = 0; i < submit_ns.size(); ++i) record_result(submit_ns[i], end_ns, callers[i]);
+  }
+
+  // One fast-path request served inline, alone (record_batch and
+  // record_hand_back of a batch of one, under one lock): submitted at
+  // `submit_ns` by `caller`, dispatched at `dispatch_ns`, ended at `end_ns`.
+  void record_one(int64_t submit_ns, int64_t dispatch_ns, int64_t end_ns, uint32_t caller) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++requests_;
+    ++fast_path_requests_;
+    ++inline_requests_;
+    ++batches_;
+    ++batch_sizes_[1];
+    forward_ms_.push(ms_between(dispatch_ns, end_ns));
+    queue_ms_.push(ms_between(submit_ns, dispatch_ns));
+    record_result(submit_ns, end_ns, caller);
   }
 
   // The figures so far; then cleared if `reset`.
@@ -146,6 +153,17 @@ class ServerStatsCore {
 
   static double ms_between(int64_t from_ns, int64_t to_ns) {
     return static_cast<double>(to_ns - from_ns) * 1e-6;
+  }
+
+  // mu_ held. A request's server time and its caller's gap.
+  void record_result(int64_t submit_ns, int64_t end_ns, uint32_t caller) {
+    server_ms_.push(ms_between(submit_ns, end_ns));
+    if (caller == 0) return;
+    auto [last, first_seen] = last_result_ns_.try_emplace(caller, end_ns);
+    // A caller with requests in flight at once has no gap to measure.
+    if (!first_seen && submit_ns >= last->second)
+      client_gap_ms_.push(ms_between(last->second, submit_ns));
+    last->second = end_ns;
   }
 
   void clear() {

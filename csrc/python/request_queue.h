@@ -87,12 +87,13 @@ class RequestQueue {
   // released, return it or raise the server's exception.
   py::object call(const py::object& item, std::optional<double> timeout_s) {
     const int64_t deadline = deadline_from(timeout_s);
-    OwnedRows rows = match(item.ptr(), false);
+    OwnedRows rows = match(item.ptr(), false, RawBytes::kDeferred);
     // No inline call under a timeout: the caller could not leave its own
     // forward when it passes.
     if (rows && !timeout_s && inline_runner_ && !queue().closed() &&
         collector_.try_inline(this_caller()))
       return call_inline(item, std::move(rows));
+    settle_raw_bytes(rows);  // the server reads the rows' bytes
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
     const Request request{item.ptr(), completion, submit_ns, rows.get(), nullptr, 0, this_caller()};
@@ -149,15 +150,24 @@ class RequestQueue {
     return take_outcome(completion);
   }
 
-  // The inline call (see InlineGate): the caller serves its own request,
-  // a batch of one, through the server's runner (its WorkerLoop), with the
-  // server kept out meanwhile. GIL held throughout: no hand-off at all.
+  // The inline call (see InlineGate): the caller serves its own request
+  // through the server's WorkerLoop, with the server kept out meanwhile.
+  // GIL held throughout: no hand-off at all. `serve_one` takes it without
+  // staging (python/batchserve/batching/lone_request.py); what it declines
+  // is served as a batch of one by `runner`.
   py::object call_inline(const py::object& item, OwnedRows rows) {
     HeldWake::pass();  // this thread runs a forward now: the next caller's turn
     struct EndInline {
       RequestCollector& collector;
       ~EndInline() { collector.end_inline(); }
     } end_inline{collector_};
+    if (serve_one_) {
+      const int64_t submit_ns = monotonic_ns();
+      const py::object serve_one = serve_one_;  // set_inline_runner may run meanwhile
+      py::object result = serve_one(item, leaves_of(*rows), rows->schema_id, submit_ns);
+      if (!result.is_none()) return result;
+    }
+    settle_raw_bytes(rows);  // the batch of one reads the rows' bytes
     auto* completion = new Completion();
     Py_INCREF(item.ptr());
     std::vector<Request> one{
@@ -191,9 +201,14 @@ class RequestQueue {
 
   // Serves callers' requests inline while the server is idle (see
   // InlineGate): `runner(batch)` serves a _core.Batch of one on the calling
-  // thread, or None to stop.
-  void set_inline_runner(const py::object& runner) {
+  // thread, or None to stop. `serve_one(item, leaves, schema_id, submit_ns)`,
+  // when given, is offered each request first: its fast-path leaves (a
+  // tuple, in schema order) and the schema they matched; it returns the
+  // caller's result, raises the caller's error, or returns None to leave the
+  // request to `runner`.
+  void set_inline_runner(const py::object& runner, const py::object& serve_one) {
     inline_runner_ = runner.is_none() ? py::object() : runner;
+    serve_one_ = runner.is_none() || serve_one.is_none() ? py::object() : serve_one;
   }
   bool inline_runner_set() const { return static_cast<bool>(inline_runner_); }
   // Wakes a server waiting for work (it returns from collect() with no
@@ -459,10 +474,10 @@ class RequestQueue {
 
   HandedWakes* handed() { return single_file_ ? &handed_ : nullptr; }
 
-  OwnedRows match(PyObject* item, bool own_copy) {
+  OwnedRows match(PyObject* item, bool own_copy, RawBytes raw_bytes = RawBytes::kChecked) {
     if (!schema_) return nullptr;
     std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
-    return match_schema(item, *schema, own_copy);
+    return match_schema(item, *schema, own_copy, raw_bytes);
   }
 
   std::shared_ptr<SlotServer> slots_;  // the intake of the queue, if any (outlives the prefetcher)
@@ -470,6 +485,7 @@ class RequestQueue {
   std::shared_ptr<DeferredWakes> deferred_ = std::make_shared<DeferredWakes>();
   std::shared_ptr<const FastSchema> schema_;  // GIL held to read or change
   py::object inline_runner_;                  // GIL held to read or change (None: no inline calls)
+  py::object serve_one_;                      // GIL held to read or change (None: runner only)
   uint64_t last_schema_id_ = 0;
   const bool single_file_;
   HandedWakes handed_;  // single file: wake-ups handed on to callers (any server thread)

@@ -63,6 +63,15 @@ inline void free_rows(const RowSource* p) {
   delete rows;
 }
 
+// GIL held. The tensors a fast request's leaves are read from (the
+// caller's own, for a blocking call), in schema order.
+inline py::tuple leaves_of(const RequestRows& rows) {
+  py::tuple leaves(rows.count);
+  for (size_t j = 0; j < rows.count; ++j)
+    leaves[j] = py::reinterpret_borrow<py::object>(rows.tensors[j]);
+  return leaves;
+}
+
 struct RowsDeleter {
   void operator()(RequestRows* rows) const { free_rows(rows); }
 };
@@ -107,6 +116,20 @@ inline bool plain_layout(PyObject* v) {
   const TorchRefs& t = torch_refs();
   return attr(v, t.s_layout).ptr() == t.strided &&
          call_method(v, t.s_is_contiguous).ptr() == Py_True && !negated_view(v);
+}
+
+// GIL held. Completes `rows` matched with RawBytes::kDeferred: each leaf's
+// data pointer, or, when a leaf's bytes are not its values (see
+// plain_layout), drops them (the request then takes the general path).
+inline void settle_raw_bytes(OwnedRows& rows) {
+  if (!rows) return;
+  for (size_t j = 0; j < rows->count; ++j) {
+    if (!plain_layout(rows->tensors[j])) {
+      rows.reset();
+      return;
+    }
+    rows->data[j] = data_ptr(rows->tensors[j]);
+  }
 }
 
 // GIL held. Whether `leaves` (a TensorDict's dict of leaves) holds one of
@@ -317,6 +340,15 @@ inline PyObject* lookup_leaf(PyObject* leaves, PyObject* key) {
   return v;
 }
 
+// Whether match_schema checks that the leaves can be read as raw bytes
+// (plain_layout) and takes their data pointers, as staging and a
+// submission's copy need, or leaves that to settle_raw_bytes. An inline call
+// defers it: its leaves go through torch ops, and the checks cost ~3 µs a
+// call after a forward has cooled the caches (torch._C._dispatch_keys alone
+// ~2 µs, and it slows the next forward about as much; measured on the 2-core
+// VM). A declined inline call settles them before its batch of one.
+enum class RawBytes { kChecked, kDeferred };
+
 // GIL held. The request's leaves when `item` matches `schema`; null when it
 // does not (it then takes the general path). Against a strict schema
 // (request_spec=), a TensorDict with a missing key raises KeyError and one
@@ -327,8 +359,10 @@ inline PyObject* lookup_leaf(PyObject* leaves, PyObject* key) {
 // which serves them correctly. With `own_copy` the leaves' bytes are copied
 // (a submit() caller goes on and may resize or refill its tensors); a
 // blocking caller's own tensors are read in place while it waits.
-inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy) {
+inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own_copy,
+                              RawBytes raw_bytes = RawBytes::kChecked) {
   const TorchRefs& t = torch_refs();
+  const bool checks_raw = raw_bytes == RawBytes::kChecked || own_copy;
   if (Py_TYPE(item) != reinterpret_cast<PyTypeObject*>(t.tensordict_type)) return nullptr;
   if (!same_batch_size(item, schema)) return nullptr;
   py::object leaves = attr(item, t.s_tensordict);
@@ -399,7 +433,7 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
                            " is not on the CPU; requests matching request_spec carry CPU "
                            "tensors (the server moves the batch to its device)");
     }
-    if (!plain_layout(v)) return nullptr;
+    if (checks_raw && !plain_layout(v)) return nullptr;
     tensors[j] = v;
   }
   for (size_t j = 0; j < n; ++j) {
@@ -416,7 +450,7 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
     } else {
       Py_INCREF(tensor);
       rows->tensors[j] = tensor;
-      rows->data[j] = data_ptr(tensor);
+      rows->data[j] = checks_raw ? data_ptr(tensor) : nullptr;
     }
     rows->count = j + 1;  // owned from here on, released with `rows`
   }

@@ -62,6 +62,32 @@ TEST(ServerStatsCore, ServerTimesAndCallerGaps) {
   EXPECT_EQ(s.client_gap_ms, (std::vector<double>{2.0}));
 }
 
+TEST(ServerStatsCore, OneInlineRequestIsABatchOfOneAndItsHandBack) {
+  ServerStatsCore stats(16);
+  // Caller 3: submitted at 1 ms, dispatched at 2 ms, ended at 5 ms; back at
+  // 6 ms and ended at 8 ms. Recorded as record_batch and record_hand_back
+  // of a batch of one would record it.
+  stats.record_one(1 * kMs, 2 * kMs, 5 * kMs, 3);
+  stats.record_one(6 * kMs, 6 * kMs, 8 * kMs, 3);
+  ServerStatsCore batched(16);
+  batched.record_batch({1}, 3.0, true, true, {1 * kMs}, 2 * kMs);
+  batched.record_hand_back({1 * kMs}, {3}, 5 * kMs);
+  batched.record_batch({1}, 2.0, true, true, {6 * kMs}, 6 * kMs);
+  batched.record_hand_back({6 * kMs}, {3}, 8 * kMs);
+  const ServerStatsSnapshot s = stats.snapshot(false);
+  const ServerStatsSnapshot b = batched.snapshot(false);
+  EXPECT_EQ(s.requests, 2u);
+  EXPECT_EQ(s.fast_path_requests, b.fast_path_requests);
+  EXPECT_EQ(s.inline_requests, b.inline_requests);
+  EXPECT_EQ(s.batches, b.batches);
+  EXPECT_EQ(s.batch_sizes, b.batch_sizes);
+  EXPECT_EQ(s.forward_ms, b.forward_ms);
+  EXPECT_EQ(s.queue_ms, b.queue_ms);
+  EXPECT_EQ(s.server_ms, b.server_ms);
+  EXPECT_EQ(s.client_gap_ms, (std::vector<double>{1.0}));
+  EXPECT_EQ(s.client_gap_ms, b.client_gap_ms);
+}
+
 TEST(ServerStatsCore, HandBackNeedsOneCallerPerRequest) {
   ServerStatsCore stats(4);
   EXPECT_THROW(stats.record_hand_back({1, 2}, {1}, 3), std::invalid_argument);

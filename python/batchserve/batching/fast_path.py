@@ -269,12 +269,18 @@ class StagingBuffer:
     def clone_if_owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it lies in this buffer's memory (the
         next batches overwrite that)."""
-        if tensor.is_cpu:
-            start = tensor.data_ptr()
-            for base, end in self._spans:
-                if base <= start < end:
-                    return tensor.clone()
-        return tensor
+        return clone_if_within(tensor, self._spans)
+
+
+def clone_if_within(tensor: torch.Tensor, spans) -> torch.Tensor:
+    """``tensor``, or a copy of it if it starts in one of ``spans`` (CPU
+    memory as ``[start, end)`` addresses)."""
+    if tensor.is_cpu:
+        start = tensor.data_ptr()
+        for base, end in spans:
+            if base <= start < end:
+                return tensor.clone()
+    return tensor
 
 
 class FastPath:

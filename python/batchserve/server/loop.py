@@ -16,6 +16,7 @@ import threading
 import weakref
 
 import torch
+from tensordict import TensorDict
 from tensordict.base import TensorDictBase
 
 from batchserve import _core
@@ -29,6 +30,7 @@ from batchserve.batching.collate import (
     stacks_requests,
 )
 from batchserve.batching.fast_path import FastPath
+from batchserve.batching.lone_request import LoneRequests
 from batchserve.server.lifecycle import (
     SHUTDOWN_MESSAGE,
     ServerRun,
@@ -66,6 +68,7 @@ class WorkerLoop:
         self._fast: FastPath | None = None
         self._fast_off = ""  # why this run has no fast path (stats' refusals)
         self._inline = False  # whether this run serves inline calls (see serve_inline)
+        self._lone: LoneRequests | None = None  # the schema serve_one serves
         self._inline_thread: int | None = None  # the thread serving one now, if any
 
     def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
@@ -191,7 +194,10 @@ class WorkerLoop:
         if queue is not None:
             queue.attach_server()  # busy until its first idle wait (see InlineGate)
             # Ours, or none: an earlier server's must not serve our callers.
-            queue.set_inline_runner(_inline_runner(self, run) if self._inline else None)
+            if self._inline:
+                queue.set_inline_runner(*_inline_runners(self, run))
+            else:
+                queue.set_inline_runner(None)
         try:
             with torch.no_grad():
                 error = self._serve(run) or error
@@ -283,6 +289,57 @@ class WorkerLoop:
                 torch.set_grad_enabled(True)
             self._inline_thread = None
 
+    def serve_one(self, run: ServerRun, item, leaves: tuple, schema_id: int,
+                  submitted_ns: int):
+        """Serves an inline call without staging (see
+        ``batchserve.batching.lone_request``): ``item`` is the caller's
+        TensorDict, ``leaves`` its tensors in the order of schema
+        ``schema_id``, which they matched at ``submitted_ns``. Returns the
+        caller's result, or None to serve it as a batch of one
+        (:meth:`serve_inline`). Raises what the caller gets instead: the
+        model's error, a ServerClosedError once the server stops."""
+        lone = self._lone
+        if lone is None or lone.schema_id != schema_id:
+            if self._transport.schema_id != schema_id:
+                return None  # replaced since it matched: the batch path ungathers it
+            lone = self._lone = LoneRequests(schema_id, self._transport.request_spec,
+                                             self._transport.result_keys)
+        if not lone.served:
+            return None
+        code = None if lone.stamp is None else lone.interaction_code(leaves)
+        if code == -2:
+            return None
+        if self._stopping(run):
+            raise _core.ServerClosedError(SHUTDOWN_MESSAGE)
+        # New weights between calls, as the server takes them between batches.
+        self._weight_sync.poll()
+        server = self._server
+        self._inline_thread = threading.get_ident()  # a shutdown from the model must not wait
+        grad = torch.is_grad_enabled()  # (see serve_inline)
+        if grad:
+            torch.set_grad_enabled(False)
+        try:
+            dispatch_ns = _core.monotonic_ns()
+            model_input = lone.model_input(leaves, server.device)
+            with self._versions.model_lock:  # (inline calls have no captured graphs)
+                output = (server.model(model_input) if code is None
+                          else forward_by_interaction(server.model, model_input, code)[0])
+                self._check_output(output, 1)
+                version = self._versions.value
+            if server.output_device is not None:
+                output = output.to(server.output_device)
+            result = lone.result(output, leaves, server.policy_version_key, version)
+            if server.collect_stats:
+                self._stats.core.record_inline_call(submitted_ns, dispatch_ns)
+            return result
+        except Exception:
+            self._stats.record_failed_batch()
+            raise
+        finally:
+            if grad:
+                torch.set_grad_enabled(True)
+            self._inline_thread = None
+
     def serve_batch(self, batch, prefetch: bool = True, inline: bool = False) -> None:
         """Serves one collected batch: its fast-path rows with one forward
         over staging memory (gathering the next batch meanwhile if
@@ -323,6 +380,10 @@ class WorkerLoop:
 
     @staticmethod
     def _check_output(output, n: int) -> None:
+        if type(output) is TensorDict:  # the usual output, without the ABC's isinstance (~1 µs)
+            size = output.batch_size
+            if size and size[0] == n:
+                return
         if not isinstance(output, TensorDictBase):
             raise TypeError(
                 f"The model returned {type(output).__name__}; expected a "
@@ -446,11 +507,12 @@ class WorkerLoop:
         return output
 
 
-def _inline_runner(loop: WorkerLoop, run: ServerRun):
-    """The queue's inline runner for ``run`` (``RequestQueue.set_inline_runner``):
-    serves a ``_core.Batch`` of one through ``loop``. It holds the loop
-    weakly: the queue must not keep the server alive (the queue is C++, so
-    the cycle would be invisible to Python's collector)."""
+def _inline_runners(loop: WorkerLoop, run: ServerRun):
+    """The queue's inline runners for ``run`` (``RequestQueue.set_inline_runner``):
+    ``serve_one`` through ``loop``, and the runner of what it declines, which
+    serves a ``_core.Batch`` of one. They hold the loop weakly: the queue
+    must not keep the server alive (the queue is C++, so the cycle would be
+    invisible to Python's collector)."""
     loop_ref = weakref.ref(loop)
 
     def run_inline(core_batch) -> None:
@@ -461,4 +523,10 @@ def _inline_runner(loop: WorkerLoop, run: ServerRun):
             return
         served_by.serve_inline(run, batch)
 
-    return run_inline
+    def serve_one(item, leaves, schema_id, submitted_ns):
+        served_by = loop_ref()
+        if served_by is None:
+            return None  # run_inline fails it
+        return served_by.serve_one(run, item, leaves, schema_id, submitted_ns)
+
+    return run_inline, serve_one
