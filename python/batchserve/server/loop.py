@@ -320,14 +320,17 @@ class WorkerLoop:
             torch.set_grad_enabled(False)
         try:
             dispatch_ns = _core.monotonic_ns()
-            model_input = lone.model_input(leaves, server.device)
+            # The devices of this run's fast path (fixed at start(), as the
+            # staged rows' are; inline calls were allowed for them).
+            fast = self._fast
+            model_input = lone.model_input(leaves, fast.device)
             with self._versions.model_lock:  # (inline calls have no captured graphs)
                 output = (server.model(model_input) if code is None
                           else forward_by_interaction(server.model, model_input, code)[0])
                 self._check_output(output, 1)
                 version = self._versions.value
-            if server.output_device is not None:
-                output = output.to(server.output_device)
+            if fast.output_device is not None:
+                output = output.to(fast.output_device)
             result = lone.result(output, leaves, server.policy_version_key, version)
             if server.collect_stats:
                 self._stats.core.record_inline_call(submitted_ns, dispatch_ns)
