@@ -20,6 +20,11 @@ The result is the one the staged path hands back:
 A request this plan does not take (non-tensor metadata, which the staged
 path stacks; an interaction-type stamp of more than one element, which may
 mix types) is served as a batch of one by the staged path instead.
+
+One difference remains: the model reads the caller's own tensors, as with
+torchrl's ``lazy_stack`` collation, where the staged path gives it a copy.
+A model that writes into its input in place writes into the caller's
+tensors here.
 """
 
 from __future__ import annotations
