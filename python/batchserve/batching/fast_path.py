@@ -272,6 +272,15 @@ class StagingBuffer:
         return clone_if_within(tensor, self._spans)
 
 
+def stamp_version(output: TensorDictBase, version_key, version: int) -> None:
+    """Sets ``version`` under ``version_key`` (None: none) in every row of
+    ``output``, a new long tensor on its device, as the general path stamps
+    it: a TensorDict whose entries are not flat tensor columns."""
+    if version_key is not None:
+        output.set(version_key, torch.full(output.batch_size, version, dtype=torch.long,
+                                           device=output.device))
+
+
 def clone_if_within(tensor: torch.Tensor, spans) -> torch.Tensor:
     """``tensor``, or a copy of it if it starts in one of ``spans`` (CPU
     memory as ``[start, end)`` addresses)."""
@@ -441,9 +450,7 @@ class FastPath:
             output = output.apply(buffer.clone_if_owned)  # nothing may point into staging
             if self._to_pinned_host:
                 output = output.to(self.output_device)
-            if version_key is not None:  # as the general path stamps it
-                output.set(version_key, torch.full(output.batch_size, version, dtype=torch.long,
-                                                   device=output.device))
+            stamp_version(output, version_key, version)
             batch.resolve_rows_with(output.unbind(0))
             return
         keys, values, device = columns

@@ -33,7 +33,12 @@ import torch
 from tensordict import TensorDict
 
 from batchserve.batching.collate import INTERACTION_TYPE_KEY
-from batchserve.batching.fast_path import RequestSchema, clone_if_within, tensordict_of
+from batchserve.batching.fast_path import (
+    RequestSchema,
+    clone_if_within,
+    stamp_version,
+    tensordict_of,
+)
 from batchserve.batching.native import new_tensordict
 
 # Version stamps made at once (see LoneRequests._version_stamp).
@@ -73,12 +78,12 @@ class LoneRequests:
         self._stamp_key = (None, None)  # the (version, device) of the stamps below
         self._stamps = iter(())  # the version stamps left for the next calls
 
-    def interaction_code(self, leaves: tuple) -> int:
+    def interaction_code(self, leaves: tuple) -> int | None:
         """The interaction-type code a stamped request (see :attr:`stamp`)
-        carries, or -2 when its stamp has several elements (served staged:
+        carries, or None when its stamp has several elements (served staged:
         they may mix types)."""
         stamp = leaves[self.stamp]
-        return int(stamp) if stamp.numel() == 1 else -2
+        return int(stamp) if stamp.numel() == 1 else None
 
     def model_input(self, leaves: tuple, device: torch.device | None) -> TensorDict:
         """The model's batch of one: the request's leaves (in schema order)
@@ -108,9 +113,7 @@ class LoneRequests:
         # TensorDict's own steps, as the staged path takes them.
         spans = _spans(leaves)
         output = output.apply(lambda tensor: clone_if_within(tensor, spans))
-        if version_key is not None:
-            output.set(version_key, torch.full(output.batch_size, version, dtype=torch.long,
-                                               device=output.device))
+        stamp_version(output, version_key, version)
         return output[0]
 
     def _version_stamp(self, version: int, device) -> torch.Tensor:
