@@ -104,7 +104,8 @@ class BatchSettings {
 namespace detail {
 
 // Moves up to `room` requests from the queue into `batch`; withdrawn ones go
-// to `dropped` and do not count.
+// to `dropped` and do not count. Ones their callers claimed (completion.h)
+// are the callers': only the queue's reference to the completion is dropped.
 inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& batch,
                        std::vector<Request>& dropped) {
   while (room > 0) {
@@ -114,7 +115,11 @@ inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& b
     for (size_t i = start; i < batch.size(); ++i) {
       const Request r = batch[i];
       if (r.completion != nullptr && !r.completion->take()) {
-        dropped.push_back(r);
+        if (r.completion->claimed_by_caller()) {
+          r.completion->release();
+        } else {
+          dropped.push_back(r);
+        }
       } else {
         batch[kept++] = r;
       }

@@ -181,10 +181,11 @@ class RequestCollector {
   // Caller (serialised with complete() by the owner): true if `caller` may
   // serve its request itself now, inline: the server waits idle on an
   // empty queue and `caller` is the only caller the fill estimate knows
-  // (a batch of one is what the server would serve). Then end_inline()
-  // once its request is served.
-  bool try_inline(uint32_t caller) {
-    if (queue_.size() != 0 || !fill_.sole_caller(caller)) return false;
+  // (a batch of one is what the server would serve). `own_queued` (0 or 1):
+  // the caller's own submitted request may still be in the queue, for it to
+  // claim (Completion::claim). Then end_inline() once its request is served.
+  bool try_inline(uint32_t caller, size_t own_queued = 0) {
+    if (queue_.size() > own_queued || !fill_.sole_caller(caller)) return false;
     if (!gate_.try_borrow()) return false;
     fill_.note_caller(caller);
     return true;

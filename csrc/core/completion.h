@@ -11,6 +11,14 @@
 //   kWithdrawn         kAbandoned      (caller timed out: the server drops the
 //                                       request, or discards its result)
 //   kQueued ──finish()──► kDone        (failed before batching, e.g. shutdown)
+//   kQueued ──claim()──► kClaimed ──finish()──► kDone   (served by its caller)
+//
+// A claim: the caller of a submitted request serves it itself, inline (see
+// inline_gate.h), while the request still sits in the queue. Its copy in the
+// queue is then the server's to skip: a take() that fails on a claimed
+// request (claimed_by_caller()) drops only the queue's reference to the
+// completion, since the request's other references (its input, its rows)
+// went to the caller with the claim.
 //
 // Every transition is a CAS, so the caller's timeout and the server's result
 // can race safely: whichever CAS wins decides. The result pointer is written
@@ -53,6 +61,7 @@ class Completion {
     kDone = 2,
     kWithdrawn = 3,
     kAbandoned = 4,
+    kClaimed = 5,
   };
 
   // Created with two references: the caller's and the request's (and a
@@ -73,14 +82,29 @@ class Completion {
     return state_.compare_exchange_strong(expected, kTaken, std::memory_order_acq_rel);
   }
 
-  // Server: publishes the outcome (an opaque pointer owned by the bindings).
+  // Caller: claims its own queued request, to serve it itself (see above).
+  // False if the server took it first, or it ended (withdrawn, failed).
+  bool claim() noexcept {
+    uint32_t expected = kQueued;
+    return state_.compare_exchange_strong(expected, kClaimed, std::memory_order_acq_rel);
+  }
+
+  // Server, after a take() of a request still in the queue failed: whether
+  // its caller claimed it (kClaimed, or kDone once served: nothing but a
+  // claim ends a request in the queue) rather than withdrew it.
+  bool claimed_by_caller() const noexcept {
+    const State s = state();
+    return s == kClaimed || s == kDone;
+  }
+
+  // Server (or a claiming caller): publishes the outcome (an opaque pointer owned by the bindings).
   // False when the caller already gave up: the outcome was not stored and
   // still belongs to the server. Does not wake the caller; call notify().
   bool finish(void* outcome, bool is_error) noexcept {
     outcome_ = outcome;
     is_error_ = is_error;
     uint32_t expected = state_.load(std::memory_order_relaxed);
-    while (expected == kQueued || expected == kTaken) {
+    while (expected == kQueued || expected == kTaken || expected == kClaimed) {
       // seq_cst: ordered before the take_watcher() that follows it.
       if (state_.compare_exchange_weak(expected, kDone, std::memory_order_seq_cst)) return true;
     }

@@ -26,6 +26,10 @@
 // wait, which keeps callers out only while it is the queue's one server;
 // beside an attached one it would let a caller borrow while it serves.
 //
+// A caller that submitted its request (a future) borrows the same way when
+// it waits for the result, and claims its request in the queue
+// (Completion::claim) before the server takes it.
+//
 // All transitions take one mutex: the server's happen once per idle wait,
 // the caller's try_borrow never blocks (try_lock).
 #pragma once

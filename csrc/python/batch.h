@@ -379,12 +379,7 @@ class Ticket {
   void end(const py::object& outcome, bool is_error) {
     if (done_) return;
     done_ = true;
-    std::vector<Wake> to_wake;
-    py::list to_notify;
-    settle(request_, outcome.ptr(), is_error, to_wake, to_notify.ptr());
-    wake_and_release(to_wake);
-    for (const py::handle future : to_notify)  // a callback's Exception is logged by the future
-      future.attr(is_error ? "set_exception" : "set_result")(outcome);
+    end_request_now(request_, outcome, is_error);
   }
 
   Request request_;                    // owns no Python reference (drain handed them out)

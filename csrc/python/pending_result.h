@@ -10,17 +10,41 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <memory>
 #include <optional>
 
 #include "core/completion.h"
 #include "core/sliced_wait.h"
 #include "core/wake_batching.h"
 #include "python/pyutil.h"
+#include "python/schema.h"
 
 namespace batchserve {
 namespace bindings {
 
 namespace py = pybind11;
+
+// Where the caller of a submitted request may serve it itself (the queue's
+// bindings, RequestQueue::serve_claimed): when it waits for the result while
+// the server is idle, as a blocking caller goes inline (inline_gate.h).
+class ClaimDesk {
+ public:
+  // GIL held. Claims the queued request of `completion` (its input `item`
+  // and `rows`, submitted at `submit_ns`: the request's own references,
+  // borrowed until the claim succeeds) and serves it on this thread. True
+  // when it did (the completion ended); false when it may not (the server
+  // busy or about to take it, another caller active): then the server
+  // serves it. Raises what interrupted the caller's forward (Ctrl-C).
+  virtual bool serve_claimed(Completion* completion, PyObject* item, RequestRows* rows,
+                             int64_t submit_ns) = 0;
+
+ protected:
+  ~ClaimDesk() = default;
+};
+
+// The desk a PendingResult may claim at: null once the queue is gone.
+using ClaimRoute = std::shared_ptr<ClaimDesk*>;
 
 // The watcher a dropped PendingResult leaves on a request still in flight:
 // the request is served all the same (as a dropped Future's is), and the
@@ -47,6 +71,15 @@ class PendingResult {
       drop_outcome();
     }
     completion_->release();
+  }
+
+  // Its caller may claim the request (ClaimDesk) while it is queued: the
+  // request's input and rows (borrowed: dereferenced only once claimed).
+  void allow_claim(ClaimRoute route, PyObject* item, RequestRows* rows, int64_t submit_ns) {
+    claim_route_ = std::move(route);
+    claim_item_ = item;
+    claim_rows_ = rows;
+    claim_submit_ns_ = submit_ns;
   }
 
   Completion::State state() const { return completion_->state(); }
@@ -76,6 +109,11 @@ class PendingResult {
   // Returns whether it ended.
   bool wait(std::optional<double> timeout_s) {
     if (completion_->ended()) return true;
+    // Served by this thread, as a blocking call goes inline; not under a
+    // timeout (the caller could not leave its own forward when it passes).
+    if (!timeout_s && claim_route_ && *claim_route_ != nullptr &&
+        (*claim_route_)->serve_claimed(completion_, claim_item_, claim_rows_, claim_submit_ns_))
+      return true;
     const int64_t deadline = deadline_from(timeout_s);
     bool interrupted = false;
     bool ended = false;
@@ -141,6 +179,10 @@ class PendingResult {
   }
 
   Completion* completion_;
+  ClaimRoute claim_route_;  // unset: the request may not be claimed
+  PyObject* claim_item_ = nullptr;
+  RequestRows* claim_rows_ = nullptr;
+  int64_t claim_submit_ns_ = 0;
 };
 
 }  // namespace bindings

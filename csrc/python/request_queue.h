@@ -43,7 +43,7 @@ inline uint32_t this_caller() {
   return id;
 }
 
-class RequestQueue {
+class RequestQueue final : public ClaimDesk {
  public:
   // `single_file`: blocking callers pass their chain's wake-up on at their
   // next call (csrc/core/single_file.h).
@@ -52,6 +52,7 @@ class RequestQueue {
   // GIL held (Python frees the queue). Requests still here end with an
   // error rather than never (a QueuedFuture's callbacks run).
   ~RequestQueue() {
+    *claim_route_ = nullptr;  // futures that outlive the queue claim nothing
     try {
       auto err = py::reinterpret_steal<py::object>(
           new_runtime_error("batchserve: the request queue was destroyed"));
@@ -157,46 +158,81 @@ class RequestQueue {
   // is served as a batch of one by `runner`.
   py::object call_inline(const py::object& item, OwnedRows rows) {
     HeldWake::pass();  // this thread runs a forward now: the next caller's turn
-    struct EndInline {
-      RequestCollector& collector;
-      ~EndInline() { collector.end_inline(); }
-    } end_inline{collector_};
+    EndInline end_inline{collector_};
     if (serve_one_) {
       const int64_t submit_ns = monotonic_ns();
       const py::object serve_one = serve_one_;  // set_inline_runner may run meanwhile
-      py::object result = serve_one(item, leaves_of(*rows), rows->schema_id, submit_ns);
+      py::object result = serve_one(item, leaves_of(*rows), rows->schema_id, submit_ns, false);
       if (!result.is_none()) return result;
     }
     settle_raw_bytes(rows);  // the batch of one reads the rows' bytes
     auto* completion = new Completion();
     Py_INCREF(item.ptr());
-    std::vector<Request> one{
-        Request{item.ptr(), completion, monotonic_ns(), rows.release(), nullptr, 0, this_caller()}};
-    // Its result is settled into `own` and never woken: this thread is the
-    // one that would wait.
-    auto own = std::make_shared<DeferredWakes>();
-    auto batch = std::make_unique<Batch>(std::vector<Request>{}, std::move(one), own, 0, slots_);
-    Batch* served = batch.get();
-    const py::object runner = inline_runner_;  // set_inline_runner may run meanwhile
-    std::optional<py::error_already_set> raised;
-    {
-      const py::object handle = py::cast(std::move(batch));
-      try {
-        runner(handle);
-      } catch (py::error_already_set& e) {
-        raised = std::move(e);  // the request is failed below, then this is raised
-      }
-      if (served->size() != 0) {  // a runner that neither served nor failed it
-        const py::object err = py::reinterpret_steal<py::object>(
-            new_runtime_error("batchserve: the inline call was not served"));
-        served->fail(err);
-      }
-    }
-    std::vector<Wake> settled = own->take();
-    notify_and_release(settled);  // drops the request's reference; no one waits
+    std::optional<py::error_already_set> raised = serve_batch_of_one(
+        Request{item.ptr(), completion, monotonic_ns(), rows.release(), nullptr, 0, this_caller()});
     if (!raised) return take_outcome(completion);
     discard_outcome(completion);
     throw std::move(*raised);  // KeyboardInterrupt... in the caller's own forward
+  }
+
+  // ClaimDesk: the caller of a submitted request, waiting for its result,
+  // serves it inline as a blocking caller would (the same conditions: the
+  // server idle, no other caller known), from the bytes copied at
+  // submission. It claims the request in the queue (Completion::claim), so
+  // the server skips it there, and ends it as the server would: the
+  // completion, other threads waiting on it, the future's callbacks. Those
+  // run once the server may serve again: a callback may call the server.
+  bool serve_claimed(Completion* completion, PyObject* item, RequestRows* rows,
+                     int64_t submit_ns) override {
+    if (!inline_runner_ || queue().closed() || !collector_.try_inline(this_caller(), 1))
+      return false;
+    const Request request{item, completion, submit_ns, rows, nullptr, 0, this_caller()};
+    py::object outcome;  // unset: the batch of one ended the request
+    bool is_error = false;
+    std::optional<py::error_already_set> raised;
+    py::object watcher;  // the future to notify, held back until the server may serve
+    {
+      EndInline end_inline{collector_};
+      if (!completion->claim()) return false;  // the server took it first, or it ended
+      HeldWake::pass();                        // (see call_inline)
+      // The request's references to its input and rows are this caller's
+      // now; its copy in the queue keeps its reference to the completion,
+      // and the end of the request drops another: this one.
+      completion->retain();
+      void* w = completion->take_watcher();
+      if (w != nullptr && w != kOrphaned)
+        watcher = py::reinterpret_steal<py::object>(static_cast<PyObject*>(w));
+      if (serve_one_) {
+        OwnedRows owned_rows(rows);
+        auto owned_item = py::reinterpret_steal<py::object>(item);
+        const py::object serve_one = serve_one_;  // set_inline_runner may run meanwhile
+        try {
+          outcome =
+              serve_one(owned_item, leaves_of(*owned_rows), owned_rows->schema_id, submit_ns, true);
+        } catch (py::error_already_set& e) {
+          // The model's error ends the request, as the server's would; what
+          // is no Exception (Ctrl-C in the caller's forward) is raised too.
+          outcome = e.value();
+          is_error = true;
+          if (!e.matches(PyExc_Exception)) raised = std::move(e);
+        }
+        if (outcome.is_none() && !is_error) {
+          outcome = py::object();
+          owned_item.release();  // declined: the batch of one owns them
+          owned_rows.release();
+        }
+      }
+      if (!outcome) raised = serve_batch_of_one(request);
+    }
+    if (outcome) end_request_now(request, outcome, is_error);
+    if (watcher) {
+      const bool failed = completion->is_error();
+      const auto ended =
+          py::reinterpret_borrow<py::object>(static_cast<PyObject*>(completion->outcome()));
+      watcher.attr(failed ? "set_exception" : "set_result")(ended);
+    }
+    if (raised) throw std::move(*raised);
+    return true;
   }
 
   // Serves callers' requests inline while the server is idle (see
@@ -233,6 +269,9 @@ class RequestQueue {
     PushResult pushed;
     const bool uninterrupted = push_checking_signals(request, deadline, pushed);
     if (uninterrupted && pushed == PushResult::kOk) {
+      // Its caller may serve it itself when it waits (serve_claimed).
+      if (rows && inline_runner_)
+        pending->allow_claim(claim_route_, item.ptr(), rows.get(), request.submit_ns);
       rows.release();  // the request owns them now
       return pending;
     }
@@ -400,6 +439,16 @@ class RequestQueue {
       ++total;
       release_python_refs(r);
     };
+    // A request its caller claimed is the caller's (only the queue's
+    // reference to the completion is left here); checked with the GIL held,
+    // as claims are made, so none is claimed between the check and the fail.
+    auto fail_queued = [&](const Request& r) {
+      if (r.completion != nullptr && r.completion->claimed_by_caller()) {
+        r.completion->release();
+        return;
+      }
+      fail(r);
+    };
     Prefetcher::Taken taken;
     {
       GilRelease nogil;
@@ -412,7 +461,7 @@ class RequestQueue {
     wake_and_release(to_wake);
     std::vector<Request> pending;
     while (queue().pop_many(pending, 1024) > 0) {
-      for (const Request& r : pending) fail(r);
+      for (const Request& r : pending) fail_queued(r);
       pending.clear();
       wake_and_release(to_wake);
     }
@@ -474,6 +523,42 @@ class RequestQueue {
 
   HandedWakes* handed() { return single_file_ ? &handed_ : nullptr; }
 
+  // Ends a borrow of the inline gate (try_inline) when it leaves scope.
+  struct EndInline {
+    RequestCollector& collector;
+    ~EndInline() { collector.end_inline(); }
+  };
+
+  // GIL held, the inline gate borrowed. Serves `request` (its references
+  // owned) as a batch of one through the inline runner, on this thread: the
+  // batch ends its completion, never woken (this thread would be the one
+  // waiting), and drops the completion reference the request holds. Returns
+  // what the runner raised (the request ended with it), if anything.
+  std::optional<py::error_already_set> serve_batch_of_one(const Request& request) {
+    auto own = std::make_shared<DeferredWakes>();
+    auto batch = std::make_unique<Batch>(std::vector<Request>{}, std::vector<Request>{request}, own,
+                                         0, slots_);
+    Batch* served = batch.get();
+    const py::object runner = inline_runner_;  // set_inline_runner may run meanwhile
+    std::optional<py::error_already_set> raised;
+    {
+      const py::object handle = py::cast(std::move(batch));
+      try {
+        runner(handle);
+      } catch (py::error_already_set& e) {
+        raised = std::move(e);  // the request is failed below, then this is returned
+      }
+      if (served->size() != 0) {  // a runner that neither served nor failed it
+        const py::object err = py::reinterpret_steal<py::object>(
+            new_runtime_error("batchserve: the inline call was not served"));
+        served->fail(err);
+      }
+    }
+    std::vector<Wake> settled = own->take();
+    notify_and_release(settled);  // drops the request's reference; no one waits
+    return raised;
+  }
+
   OwnedRows match(PyObject* item, bool own_copy, RawBytes raw_bytes = RawBytes::kChecked) {
     if (!schema_) return nullptr;
     std::shared_ptr<const FastSchema> schema = schema_;  // set_schema may run in a callback
@@ -488,6 +573,7 @@ class RequestQueue {
   py::object serve_one_;                      // GIL held to read or change (None: runner only)
   uint64_t last_schema_id_ = 0;
   const bool single_file_;
+  ClaimRoute claim_route_ = std::make_shared<ClaimDesk*>(this);  // (see serve_claimed)
   HandedWakes handed_;  // single file: wake-ups handed on to callers (any server thread)
 };
 

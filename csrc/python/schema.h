@@ -42,7 +42,7 @@ struct FastSchema {
 
 // A fast request's leaves, in schema order: the data pointers the C++ core
 // copies from (RowSource) and owned references to what holds those bytes
-// (the caller's tensors, or a bytes copy of them made at submission), so
+// (the caller's tensors, or a bytearray copy of them made at submission), so
 // that a caller that replaces a key of its TensorDict cannot free memory the
 // server is about to read.
 struct RequestRows : RowSource {
@@ -439,14 +439,16 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
   for (size_t j = 0; j < n; ++j) {
     PyObject* tensor = tensors[j];
     if (own_copy) {
-      // The leaf's bytes, copied into a bytes object: no torch call, which
+      // The leaf's bytes, copied into a bytearray: no torch call, which
       // would release the GIL (tensor.clone() does) and, with many actor
-      // threads, hand it to another thread and wait to get it back.
-      PyObject* copy = PyBytes_FromStringAndSize(static_cast<const char*>(data_ptr(tensor)),
-                                                 static_cast<Py_ssize_t>(schema.leaf_bytes[j]));
+      // threads, hand it to another thread and wait to get it back. (A
+      // bytearray: a caller that claims its request reads it through
+      // torch.frombuffer, which wants a writable buffer.)
+      PyObject* copy = PyByteArray_FromStringAndSize(static_cast<const char*>(data_ptr(tensor)),
+                                                     static_cast<Py_ssize_t>(schema.leaf_bytes[j]));
       if (copy == nullptr) throw py::error_already_set();
       rows->tensors[j] = copy;
-      rows->data[j] = PyBytes_AS_STRING(copy);
+      rows->data[j] = PyByteArray_AS_STRING(copy);
     } else {
       Py_INCREF(tensor);
       rows->tensors[j] = tensor;

@@ -97,6 +97,19 @@ inline void wake_and_release(std::vector<Wake>& to_wake, HandedWakes* handed = n
   notify_and_release(to_wake, handed);
 }
 
+// GIL held. Ends `r` at once with `outcome` (settle), wakes its caller,
+// drops the completion reference the request holds, and notifies its
+// QueuedFuture's callbacks and waiters, as Future.set_result would. A
+// callback's Exception is logged by the future; a BaseException propagates.
+inline void end_request_now(const Request& r, const py::object& outcome, bool is_error) {
+  std::vector<Wake> to_wake;
+  py::list to_notify;
+  settle(r, outcome.ptr(), is_error, to_wake, to_notify.ptr());
+  wake_and_release(to_wake);
+  for (const py::handle future : to_notify)
+    future.attr(is_error ? "set_exception" : "set_result")(outcome);
+}
+
 // GIL held on entry and exit. Wakes the callers `deferred` holds (results
 // the server published but left unwoken, to be woken at its next collect).
 inline void flush(DeferredWakes& deferred, HandedWakes* handed = nullptr) {

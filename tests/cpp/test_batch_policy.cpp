@@ -325,6 +325,30 @@ TEST(CollectBatch, WithdrawnRequestsAreDroppedAndNotCounted) {
   release_both(withdrawn);
 }
 
+// A request its caller claimed is the caller's: the collection skips it
+// and drops only the queue's reference to its completion (ASan: neither a
+// leak nor a second release).
+TEST(CollectBatch, ClaimedRequestsAreSkippedAndOnlyTheirCompletionReleased) {
+  RequestQueue q(16);
+  auto* claimed = new Completion();
+  auto* served = new Completion();
+  ASSERT_TRUE(claimed->claim());
+  ASSERT_EQ(q.push(make_request(0), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(1, claimed), 0), PushResult::kOk);
+  ASSERT_EQ(q.push(make_request(2, served), 0), PushResult::kOk);
+  int value = 0;
+  ASSERT_TRUE(served->claim());
+  ASSERT_TRUE(served->finish(&value, false));  // claimed and ended before the collection
+
+  std::vector<Request> batch, dropped;
+  collect(q, make_policy(8, 1, 10 * kMs), batch, dropped);
+  EXPECT_EQ(ids(batch), (std::vector<uint64_t>{0}));
+  EXPECT_TRUE(dropped.empty());
+  EXPECT_EQ(q.size(), 0u);
+  claimed->release();  // the callers' references: the last ones
+  served->release();
+}
+
 TEST(CollectBatch, WithdrawnRequestsDoNotCountTowardsMin) {
   RequestQueue q(16);
   constexpr int64_t kTimeout = 50 * kMs;

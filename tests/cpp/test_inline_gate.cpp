@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -18,9 +19,11 @@ namespace {
 using batchserve::BatchPolicy;
 using batchserve::CollectedBatch;
 using batchserve::InlineGate;
+using batchserve::kNoDeadline;
 using batchserve::PushResult;
 using batchserve::RequestCollector;
 using batchserve_test::BackgroundCall;
+using batchserve_test::interrupt_until_returned;
 using batchserve_test::kMs;
 using batchserve_test::make_request;
 
@@ -160,6 +163,83 @@ TEST(RequestCollector, InlineOnlyWhileTheServerWaitsIdleForTheOnlyCaller) {
   ASSERT_EQ(c.queue().push(make_request(1), 0), PushResult::kOk);
   EXPECT_FALSE(c.try_inline(7));  // a request is waiting for the server
   c.detach_server();
+}
+
+// A caller that submitted a request (a future) and then waits for it may
+// claim it while the server idles: the request may then still sit in the
+// queue. Caller and server race for each request (the claim against the
+// server's take); every request is served exactly once, by one side, the
+// two sides never at once, and the server drops only its reference to a
+// claimed request's completion (TSan, ASan). `gil` stands for the GIL the
+// bindings hold around try_inline and complete().
+TEST(RequestCollector, ACallerClaimsItsQueuedRequestOrTheServerServesIt) {
+  constexpr int kRequests = 3000;
+  RequestCollector c(64);
+  c.configure(one_ms_policy());
+  c.attach_server();
+  serve_alone(c, 7, batchserve::FillEstimator::kSoloBatchesBeforeInline);
+  std::mutex gil;
+  std::atomic<bool> serving{false};
+  std::atomic<bool> overlap{false};
+  std::atomic<bool> stop{false};
+  std::atomic<int> served_by_server{0};
+  static int result = 0;
+  auto serve = [&](batchserve::Completion* completion) {
+    if (serving.exchange(true)) overlap = true;
+    std::this_thread::yield();  // the model runs
+    serving = false;
+    EXPECT_TRUE(completion->finish(&result, false));
+  };
+  BackgroundCall server([&] {
+    while (!stop.load()) {
+      CollectedBatch batch = c.wait_for_batch(c.take_carried());
+      {
+        std::lock_guard<std::mutex> lock(gil);
+        c.complete(batch);
+      }
+      // Served without the GIL (a model releases it), as the caller does below.
+      for (const std::vector<batchserve::Request>* part : {&batch.rows, &batch.others})
+        for (const batchserve::Request& r : *part) {
+          serve(r.completion);
+          r.completion->notify();
+          r.completion->release();
+          ++served_by_server;
+        }
+      for (const batchserve::Request& r : batch.dropped) r.completion->release();
+      EXPECT_TRUE(batch.dropped.empty());  // nothing is withdrawn here
+    }
+  });
+  int claimed = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    auto* completion = new batchserve::Completion();
+    batchserve::Request r = make_request(static_cast<uint64_t>(i), completion);
+    r.caller = 7;
+    ASSERT_EQ(c.queue().push(r, 0), PushResult::kOk);
+    std::unique_lock<std::mutex> lock(gil);
+    if (c.try_inline(7, 1)) {
+      const bool claim = completion->claim();
+      lock.unlock();
+      if (claim) {
+        serve(completion);
+        ++claimed;
+      }
+      c.end_inline();
+    } else {
+      lock.unlock();
+    }
+    ASSERT_TRUE(completion->wait_until(kNoDeadline, 0));
+    EXPECT_EQ(completion->state(), batchserve::Completion::kDone);
+    EXPECT_EQ(completion->outcome(), &result);
+    completion->release();
+  }
+  stop = true;
+  c.queue().interrupt();
+  interrupt_until_returned(c.queue(), server);
+  server.join();
+  c.detach_server();
+  EXPECT_FALSE(overlap.load());
+  EXPECT_EQ(claimed + served_by_server.load(), kRequests);
+  std::printf("claimed %d, served by the server %d\n", claimed, served_by_server.load());
 }
 
 TEST(RequestCollector, NoInlineForAnUnknownCaller) {

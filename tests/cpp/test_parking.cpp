@@ -451,6 +451,72 @@ TEST(Completion, TakeFinishGiveUpRaceHasExactlyOneWinner) {
   std::printf("outcomes: withdrawn %d, abandoned %d, done %d\n", withdrawn, abandoned, done);
 }
 
+// A caller claims its own request only while it is queued; the server's
+// take then fails and sees the claim (not a withdrawal), before and after
+// the caller ended it.
+TEST(Completion, ClaimOnlyWhileQueued) {
+  auto* c = new Completion();
+  ASSERT_TRUE(c->claim());
+  EXPECT_EQ(c->state(), Completion::kClaimed);
+  EXPECT_FALSE(c->ended());
+  EXPECT_FALSE(c->claim());     // once
+  EXPECT_FALSE(c->take());      // the server skips it
+  EXPECT_FALSE(c->withdraw());  // running: too late to cancel
+  EXPECT_TRUE(c->claimed_by_caller());
+  int value = 5;
+  EXPECT_TRUE(c->finish(&value, false));  // the caller ends it
+  EXPECT_EQ(c->state(), Completion::kDone);
+  EXPECT_EQ(c->outcome(), &value);
+  EXPECT_TRUE(c->claimed_by_caller());  // still the caller's, seen from the queue
+  release_both(c);
+
+  auto* taken = new Completion();
+  ASSERT_TRUE(taken->take());
+  EXPECT_FALSE(taken->claim());  // the server has it
+  release_both(taken);
+
+  auto* withdrawn = new Completion();
+  ASSERT_TRUE(withdrawn->withdraw());
+  EXPECT_FALSE(withdrawn->claim());
+  EXPECT_FALSE(withdrawn->take());
+  EXPECT_FALSE(withdrawn->claimed_by_caller());  // dropped as withdrawn
+  release_both(withdrawn);
+}
+
+// The server's take and the caller's claim race: exactly one wins, and the
+// loser's view agrees (a failed take sees the claim).
+TEST(Completion, ClaimTakeRaceHasExactlyOneWinner) {
+  constexpr int kRounds = 10000;
+  int claimed = 0, taken = 0, inconsistent = 0;
+  run_rounds(
+      kRounds,
+      [&](Completion* c, int round) {
+        stagger(round);
+        int bits = c->take() ? 1 : 0;
+        if (bits == 0 && !c->claimed_by_caller()) bits = -1;  // a claim must show
+        c->release();
+        return bits;
+      },
+      [&](Completion* c, int round) {
+        stagger(round * 3 + 1);
+        const bool won = c->claim();
+        if (won) {
+          static int value = 0;
+          c->finish(&value, false);
+        }
+        c->release();
+        return won ? 1 : 0;
+      },
+      [&](int server_took, int caller_claimed, int) {
+        if (server_took < 0 || server_took + caller_claimed != 1) ++inconsistent;
+        claimed += caller_claimed;
+        taken += server_took > 0 ? 1 : 0;
+      });
+  EXPECT_EQ(inconsistent, 0);
+  EXPECT_EQ(claimed + taken, kRounds);
+  std::printf("outcomes: claimed %d, taken %d\n", claimed, taken);
+}
+
 }  // namespace
 
 TEST(Completion, WithdrawOnlyWhileQueuedAndWakesWaiters) {

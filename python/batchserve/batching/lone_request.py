@@ -25,9 +25,16 @@ One difference remains: the model reads the caller's own tensors, as with
 torchrl's ``lazy_stack`` collation, where the staged path gives it a copy.
 A model that writes into its input in place writes into the caller's
 tensors here.
+
+A submitted request its caller claims while it waits for the result (see
+``RequestQueue::serve_claimed``) is served the same way, from the bytes
+copied at submission (:meth:`LoneRequests.copied_leaves`): the caller may
+have refilled its tensors since.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from tensordict import TensorDict
@@ -58,7 +65,8 @@ class LoneRequests:
     """
 
     __slots__ = ("schema_id", "served", "stamp", "_model_keys", "_flat", "_leaf_index",
-                 "_leaf_rows", "_device", "_result_keys", "_stamp_key", "_stamps")
+                 "_leaf_rows", "_device", "_result_keys", "_stamp_key", "_stamps", "_layouts",
+                 "_stamp_leaves")
 
     def __init__(self, schema_id: int, schema: RequestSchema, result_keys):
         self.schema_id = schema_id
@@ -77,6 +85,35 @@ class LoneRequests:
         self._result_keys = result_keys
         self._stamp_key = (None, None)  # the (version, device) of the stamps below
         self._stamps = iter(())  # the version stamps left for the next calls
+        # Per leaf: its dtype, and its shape when frombuffer's 1-d tensor
+        # needs a view (None: it is the leaf as is; an empty leaf: no bytes).
+        self._layouts = tuple(
+            (dtype, None if len(shape) == 1 and shape.numel() > 0 else shape)
+            for dtype, shape in zip(schema.dtypes, schema.shapes))
+        # A one-element stamp's leaf per interaction code (the model never
+        # sees the stamp: only its code is read).
+        self._stamp_leaves = {}
+
+    def copied_leaves(self, copies: tuple) -> tuple:
+        """A submitted request's leaves (in schema order) as tensors over the
+        bytes its submission copied (``bytearray`` objects, kept alive by the
+        tensors)."""
+        leaves = []
+        for j, (copy, (dtype, shape)) in enumerate(zip(copies, self._layouts)):
+            if j == self.stamp and len(copy) == dtype.itemsize and not dtype.is_floating_point:
+                # ~5 us of frombuffer and view saved; read as torch would.
+                code = int.from_bytes(copy, sys.byteorder, signed=dtype.is_signed)
+                leaf = self._stamp_leaves.get(code)
+                if leaf is None:
+                    leaf = self._stamp_leaves[code] = torch.tensor(code, dtype=dtype).view(shape)
+                leaves.append(leaf)
+            elif shape is None:
+                leaves.append(torch.frombuffer(copy, dtype=dtype))
+            elif shape.numel() == 0:
+                leaves.append(torch.empty(shape, dtype=dtype))
+            else:
+                leaves.append(torch.frombuffer(copy, dtype=dtype).view(shape))
+        return tuple(leaves)
 
     def interaction_code(self, leaves: tuple) -> int | None:
         """The interaction-type code a stamped request (see :attr:`stamp`)

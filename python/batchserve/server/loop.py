@@ -290,11 +290,12 @@ class WorkerLoop:
             self._inline_thread = None
 
     def serve_one(self, run: ServerRun, item, leaves: tuple, schema_id: int,
-                  submitted_ns: int):
+                  submitted_ns: int, copied: bool = False):
         """Serves an inline call without staging (see
         ``batchserve.batching.lone_request``): ``item`` is the caller's
         TensorDict, ``leaves`` its tensors in the order of schema
-        ``schema_id``, which they matched at ``submitted_ns``. Returns the
+        ``schema_id``, which they matched at ``submitted_ns`` (``copied``:
+        the bytes its submission copied of them instead). Returns the
         caller's result, or None to serve it as a batch of one
         (:meth:`serve_inline`). Raises what the caller gets instead: the
         model's error, a ServerClosedError once the server stops."""
@@ -306,6 +307,8 @@ class WorkerLoop:
                                              self._transport.result_keys)
         if not lone.served:
             return None
+        if copied:
+            leaves = lone.copied_leaves(leaves)
         code = None
         if lone.stamp is not None:
             code = lone.interaction_code(leaves)
@@ -530,10 +533,10 @@ def _inline_runners(loop: WorkerLoop, run: ServerRun):
             return
         served_by.serve_inline(run, batch)
 
-    def serve_one(item, leaves, schema_id, submitted_ns):
+    def serve_one(item, leaves, schema_id, submitted_ns, copied):
         served_by = loop_ref()
         if served_by is None:
             return None  # run_inline fails it
-        return served_by.serve_one(run, item, leaves, schema_id, submitted_ns)
+        return served_by.serve_one(run, item, leaves, schema_id, submitted_ns, copied)
 
     return run_inline, serve_one

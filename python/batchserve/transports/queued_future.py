@@ -37,7 +37,8 @@ _LOGGER = logging.getLogger("concurrent.futures")
 
 # _core.PendingResult.state (csrc/core/completion.h: Completion::State) as a
 # Future's state. kAbandoned never shows: only a dropped future leaves it.
-_STATES = (PENDING, RUNNING, FINISHED, CANCELLED_AND_NOTIFIED, FINISHED)
+# kClaimed: its caller is serving it (see QueuedFuture.result).
+_STATES = (PENDING, RUNNING, FINISHED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING)
 
 
 class QueuedFuture(Future):
@@ -82,7 +83,12 @@ class QueuedFuture(Future):
 
     def result(self, timeout: float | None = None):
         """The result; raises ``TimeoutError`` (the request stays in flight),
-        ``CancelledError``, or the server's exception."""
+        ``CancelledError``, or the server's exception.
+
+        Without a timeout, on the submitting thread, a lone caller whose
+        request the idle server has not taken yet serves it itself, inline
+        (``docs/fast_path.md``: inline calls); its callbacks then run on
+        this thread."""
         return self._pending.result(timeout)
 
     def exception(self, timeout: float | None = None):
