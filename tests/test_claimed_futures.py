@@ -172,7 +172,10 @@ def test_other_waiters_of_a_claimed_future_get_its_result(claims):
 
         def with_a_second_waiter(i):
             future = client.submit(request(i))
-            waiter = threading.Thread(target=lambda: seen.append(future.result(timeout=60)))
+            # Waits as concurrent.futures.wait does (a waiter on the future's
+            # condition): a result(timeout) here would wake the server at once.
+            waiter = threading.Thread(
+                target=lambda: seen.append(wait([future], timeout=60).done.pop().result()))
             waiter.start()
             future.waiter = waiter
             return future
@@ -264,3 +267,43 @@ def test_policy_client_module_at_one_actor_is_served_by_its_caller(claims):
             want = policy(request(i).unsqueeze(0))["action"][0]
         assert torch.allclose(result["action"], want)
         assert server.stats()["fast_path_requests"] > 0
+
+
+@pytest.mark.parametrize("wait_by", ["callback", "futures_wait", "done_polling", "timeout",
+                                     "other_thread", "dropped"])
+def test_a_future_nobody_claims_is_served_all_the_same(claims, wait_by):
+    """Once its caller claims its requests, a submission no longer wakes the
+    idle server (a quiet push): the server wakes by itself within the
+    batching timeout, and a caller that waits without claiming (a timeout,
+    another thread, polling done()) wakes it at once."""
+    transport = ThreadingTransport()
+    with InferenceServer(passthrough, transport, timeout=0.001) as server:
+        client = transport.client()
+        next_claimed(claims, lambda f: f.result(), lambda i: client.submit(request(i)))
+        future = client.submit(request(3))
+        if wait_by == "callback":
+            ended = threading.Event()
+            future.add_done_callback(lambda _: ended.set())
+            assert ended.wait(timeout=60)
+        elif wait_by == "futures_wait":
+            done, _ = wait([future], timeout=60)
+            assert done == {future}
+        elif wait_by == "done_polling":
+            ended = threading.Event()
+            while not future.done():
+                ended.wait(0.0001)
+        elif wait_by == "timeout":
+            future.result(timeout=60)
+        elif wait_by == "other_thread":
+            waiter = threading.Thread(target=future.result)
+            waiter.start()
+            waiter.join(timeout=60)
+            assert not waiter.is_alive()
+        else:
+            served = server.stats()["requests"]
+            del future
+            while server.stats()["requests"] == served:  # served, its result dropped
+                threading.Event().wait(0.001)
+            future = None
+        if future is not None:
+            assert torch.equal(future.result(timeout=60)["action"], expected(3))

@@ -181,7 +181,7 @@ inline FillOutcome collect_batch(RequestQueue& queue, const BatchSettings& setti
     if (queue.closed()) return {};
     detail::take_ready(queue, policy.max_batch_size, batch, dropped);
     if (!batch.empty()) break;
-    if (!queue.wait_for_work(std::min(idle_deadline, tick_at), seen)) {
+    if (!queue.wait_for_work(std::min(idle_deadline, tick_at), seen, true)) {
       // Timed out, closed or interrupted. A request that landed meanwhile
       // is collected like any other: toward min_batch_size, not alone.
       detail::take_ready(queue, policy.max_batch_size, batch, dropped);

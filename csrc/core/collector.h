@@ -34,6 +34,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -72,6 +73,15 @@ struct CollectedBatch {
 
 class RequestCollector {
  public:
+  // The quiet bound (request_queue.h) is the batching timeout, at most this:
+  // a request pushed quietly and never claimed waits no longer than a
+  // request may wait for its batch to fill.
+  static constexpr int64_t kMaxQuietBoundNs = 1'000'000;
+  // Below this timeout, no quiet pushes (the server would tick too often).
+  static constexpr int64_t kMinQuietBoundNs = 200'000;
+  // How long after the last claim the idle server keeps ticking.
+  static constexpr int64_t kClaimsRecentNs = 100'000'000;
+
   // The cores the server and its callers share (those this process may run
   // on), for the spin budget.
   static size_t cores() {
@@ -87,7 +97,11 @@ class RequestCollector {
   const RequestQueue& queue() const { return queue_; }
 
   // Any thread: a server sleeping in wait_for_batch applies it at once.
-  void configure(const BatchPolicy& policy) { settings_.store(policy, queue_); }
+  void configure(const BatchPolicy& policy) {
+    queue_.set_quiet_bound_ns(
+        policy.timeout_ns < kMinQuietBoundNs ? 0 : std::min(policy.timeout_ns, kMaxQuietBoundNs));
+    settings_.store(policy, queue_);
+  }
   BatchPolicy policy() const { return settings_.load(); }
 
   // Starts gathering the next batch into `staging` while the model runs on
@@ -145,8 +159,18 @@ class RequestCollector {
     const int64_t idle_since = idle ? monotonic_ns() : 0;
     if (idle) gate_.server_idle();  // a caller alone may serve itself meanwhile
     before_wait();
-    out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint(),
-                                      std::forward<IdleTick>(idle_tick));
+    // While callers claim their requests, they push them quietly (not
+    // waking this server; request_queue.h): it wakes by itself within the
+    // quiet bound, to serve a request nobody claimed.
+    auto tick = [this, &idle_tick] {
+      const int64_t at = idle_tick();
+      const int64_t now = monotonic_ns();
+      const int64_t bound = queue_.quiet_bound_ns();
+      if (bound <= 0 || now - last_claim_ns_.load(std::memory_order_relaxed) > kClaimsRecentNs)
+        return at;
+      return std::min(at, add_saturating(now, bound));
+    };
+    out.fill_outcome_ = collect_batch(queue_, settings_, batch, out.dropped, fill_.hint(), tick);
     if (idle) gate_.server_wake();  // after that caller is done
     if (idle && !batch.empty()) out.idle_gap_ns_ = detail::oldest_arrival(batch) - idle_since;
     return out;
@@ -188,9 +212,14 @@ class RequestCollector {
     if (queue_.size() > own_queued || !fill_.sole_caller(caller)) return false;
     if (!gate_.try_borrow()) return false;
     fill_.note_caller(caller);
+    if (own_queued != 0) last_claim_ns_.store(monotonic_ns(), std::memory_order_relaxed);
     return true;
   }
   void end_inline() { gate_.end_borrow(); }
+
+  // Caller (serialised with complete() by the owner): whether `caller` is
+  // the only caller the fill estimate knows, alone in its last batches.
+  bool sole_caller(uint32_t caller) const { return fill_.sole_caller(caller); }
 
   // Server thread, after each batch: learns the gap it waited (if it did)
   // and sets the spin of its next wait (see SpinBudget).
@@ -202,11 +231,14 @@ class RequestCollector {
  private:
   RequestQueue queue_;
   BatchSettings settings_;
-  std::mutex prefetch_mutex_;      // start() and finish() of prefetcher_, never at once
-  std::vector<Request> carried_;   // taken beyond a lowered max_batch_size
-  SpinBudget spin_;                // serialised by the owner (see Threads)
-  FillEstimator fill_;             // observe(): in complete(), serialised by the owner
-  InlineGate gate_;                // the server's idle waits against inline callers
+  std::mutex prefetch_mutex_;     // start() and finish() of prefetcher_, never at once
+  std::vector<Request> carried_;  // taken beyond a lowered max_batch_size
+  SpinBudget spin_;               // serialised by the owner (see Threads)
+  FillEstimator fill_;            // observe(): in complete(), serialised by the owner
+  InlineGate gate_;               // the server's idle waits against inline callers
+  // When a caller last borrowed to claim its request: the server ticks at
+  // the quiet bound while that was at most kClaimsRecentNs ago.
+  std::atomic<int64_t> last_claim_ns_{INT64_MIN / 2};
   Prefetcher prefetcher_{queue_};  // last: its helper thread uses queue_
 };
 

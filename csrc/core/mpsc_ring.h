@@ -82,6 +82,16 @@ class MpscRing {
     return true;
   }
 
+  // Consumer thread only. Pops the element published at head only if
+  // `wanted(element)`; returns whether it did.
+  template <typename Pred>
+  bool try_pop_if(Pred&& wanted, T& out) noexcept {
+    const uint64_t pos = head_.load(std::memory_order_relaxed);
+    const Cell& cell = cells_[pos & mask_];
+    if (cell.seq.load(std::memory_order_acquire) != pos + 1 || !wanted(cell.value)) return false;
+    return try_pop(out);
+  }
+
   // Consumer thread only: is an element published at head?
   bool ready() const noexcept {
     const uint64_t pos = head_.load(std::memory_order_relaxed);

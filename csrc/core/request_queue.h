@@ -16,6 +16,18 @@
 // drain the ring from another thread without breaking the single-consumer
 // rule of the ring.
 //
+// Quiet pushes: a push normally wakes a sleeping server (a futex wake, ~15
+// us of the pusher's time on the 2-core VM, and the woken server's run on
+// the other core). A push may skip it (push(..., quiet = true)) when every
+// server asleep is idle (waiting for a first request, not for a batch to
+// fill) and wakes within quiet_bound_ns() anyway (its deadline is that
+// close: the collector's ticks while a caller claims its requests, see
+// collector.h), so the request is seen within that bound. A server about to
+// sleep longer counts itself in long_sleepers_ first and then looks for
+// work (the park's re-check); a quiet pusher publishes and then reads the
+// count (both seq_cst): either the pusher sees the sleeper and wakes it, or
+// the sleeper sees the request.
+//
 // Requests may also come from an intake (RequestIntake): a source the
 // consumer takes from after the ring, such as the shared-memory slots that
 // actor processes fill (csrc/core/shared_slots.h). The server then sleeps on the
@@ -29,6 +41,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "completion.h"
@@ -94,7 +107,7 @@ class RequestQueue {
   // Any thread. Blocks while the ring is full until `deadline_ns`
   // (0: do not block), and always returns by then (kTimedOut) if no room
   // came. Never pushes after close().
-  PushResult push(const Request& request, int64_t deadline_ns) {
+  PushResult push(const Request& request, int64_t deadline_ns, bool quiet = false) {
     pushers_.fetch_add(1, std::memory_order_seq_cst);
     PushResult result = PushResult::kOk;
     for (;;) {
@@ -120,7 +133,7 @@ class RequestQueue {
     }
     // Notify before leaving pushers_: once close() has seen pushers_ == 0,
     // no producer touches the queue any more.
-    if (result == PushResult::kOk) work_->notify_all();
+    if (result == PushResult::kOk && (!quiet || long_sleeper())) work_->notify_all();
     pushers_.fetch_sub(1, std::memory_order_seq_cst);
     return result;
   }
@@ -130,6 +143,20 @@ class RequestQueue {
     std::lock_guard<std::mutex> lock(consumer_mutex_);
     return pop_locked(out);
   }
+
+  // Any thread, as a consumer: pops the request at the head only if
+  // `wanted(request)` (a caller taking back its own request, see
+  // Completion::claim).
+  template <typename Pred>
+  bool pop_if(Pred&& wanted, Request& out) {
+    std::lock_guard<std::mutex> lock(consumer_mutex_);
+    if (!ring_.try_pop_if(std::forward<Pred>(wanted), out)) return false;
+    not_full_.notify_all();
+    return true;
+  }
+
+  // Wakes a server waiting for work, as a push does (after a quiet push).
+  void announce() { work_->notify_all(); }
 
   // Consumer. Pops up to `max_items` published requests onto `out`.
   size_t pop_many(std::vector<Request>& out, size_t max_items) {
@@ -155,8 +182,21 @@ class RequestQueue {
   // Server side: sleeps until a request is published, the queue is closed,
   // interrupt() is called after `seen_interrupts` was read from
   // interrupts(), or the deadline passes. True if a request is ready.
-  bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts) {
+  // `idle`: a wait for a first request, which a quiet push may leave to end
+  // by itself (see above); any other (a batch waiting to fill) is woken.
+  bool wait_for_work(int64_t deadline_ns, uint32_t seen_interrupts, bool idle = false) {
     if (intake_ != nullptr) deadline_ns = std::min(deadline_ns, intake_->next_take_due_ns());
+    // Past the quiet bound: a quiet push must wake this wait (see above).
+    // Counted before the park's last look for work.
+    const bool long_sleep =
+        !idle || deadline_ns - monotonic_ns() > quiet_bound_ns_.load(std::memory_order_relaxed);
+    if (long_sleep) long_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    struct LeaveLongSleep {
+      std::atomic<uint32_t>* count;
+      ~LeaveLongSleep() {
+        if (count != nullptr) count->fetch_sub(1, std::memory_order_seq_cst);
+      }
+    } leave{long_sleep ? &long_sleepers_ : nullptr};
     spin_for_then_park(
         *work_,
         [this, seen_interrupts] {
@@ -195,6 +235,14 @@ class RequestQueue {
     closed_.store(false, std::memory_order_seq_cst);
   }
 
+  // How soon every sleeping server wakes by itself for a quiet push to skip
+  // the wake-up (see above; 0: never skipped).
+  void set_quiet_bound_ns(int64_t ns) { quiet_bound_ns_.store(ns, std::memory_order_relaxed); }
+  int64_t quiet_bound_ns() const { return quiet_bound_ns_.load(std::memory_order_relaxed); }
+
+  // Servers asleep past the quiet bound now (a quiet push wakes them).
+  uint32_t long_sleepers() const { return long_sleepers_.load(std::memory_order_acquire); }
+
   // How long the server spins for work before it sleeps (0: sleep at once).
   void set_server_spin_ns(int64_t ns) {
     server_spin_ns_.store(ns > 0 ? ns : 0, std::memory_order_relaxed);
@@ -208,6 +256,12 @@ class RequestQueue {
 
  private:
   bool has_space() const { return ring_.size_approx() < ring_.capacity(); }
+
+  // A quiet pusher, after publishing: must it wake a sleeper?
+  bool long_sleeper() const {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return long_sleepers_.load(std::memory_order_seq_cst) != 0;
+  }
   bool has_work() const { return ring_.ready() || (intake_ != nullptr && intake_->ready()); }
 
   bool pop_locked(Request& out) {
@@ -226,6 +280,8 @@ class RequestQueue {
   std::atomic<uint32_t> pushers_{0};
   std::atomic<uint32_t> interrupts_{0};
   std::atomic<int64_t> server_spin_ns_{0};
+  std::atomic<int64_t> quiet_bound_ns_{0};
+  std::atomic<uint32_t> long_sleepers_{0};  // servers in a wait past the quiet bound
 };
 
 }  // namespace batchserve

@@ -39,6 +39,10 @@ class ClaimDesk {
   virtual bool serve_claimed(Completion* completion, PyObject* item, RequestRows* rows,
                              int64_t submit_ns) = 0;
 
+  // Wakes the server for a request pushed quietly (RequestQueue::push) that
+  // its caller waits for without claiming it.
+  virtual void announce() = 0;
+
  protected:
   ~ClaimDesk() = default;
 };
@@ -75,17 +79,25 @@ class PendingResult {
 
   // Its caller may claim the request (ClaimDesk) while it is queued: the
   // request's input and rows (borrowed: dereferenced only once claimed).
-  void allow_claim(ClaimRoute route, PyObject* item, RequestRows* rows, int64_t submit_ns) {
+  // `quiet`: it was pushed without waking the server.
+  void allow_claim(ClaimRoute route, PyObject* item, RequestRows* rows, int64_t submit_ns,
+                   bool quiet) {
     claim_route_ = std::move(route);
     claim_item_ = item;
     claim_rows_ = rows;
     claim_submit_ns_ = submit_ns;
+    quiet_ = quiet;
   }
 
   Completion::State state() const { return completion_->state(); }
 
-  // Ended: served (a result or an exception) or withdrawn.
-  bool done() const { return completion_->ended(); }
+  // Ended: served (a result or an exception) or withdrawn. A caller polling
+  // a request pushed quietly wakes the server for it.
+  bool done() {
+    if (completion_->ended()) return true;
+    announce();
+    return false;
+  }
 
   // Withdraws the request if the server has not taken it; True if it is
   // (now or already) withdrawn.
@@ -114,6 +126,7 @@ class PendingResult {
     if (!timeout_s && claim_route_ && *claim_route_ != nullptr &&
         (*claim_route_)->serve_claimed(completion_, claim_item_, claim_rows_, claim_submit_ns_))
       return true;
+    announce();  // waited for without a claim: the server serves it now
     const int64_t deadline = deadline_from(timeout_s);
     bool interrupted = false;
     bool ended = false;
@@ -178,8 +191,16 @@ class PendingResult {
     if (completion_->state() == Completion::kDone) Py_XDECREF(outcome());
   }
 
+  // Wakes the server once for a request pushed quietly.
+  void announce() {
+    if (!quiet_) return;
+    quiet_ = false;
+    if (*claim_route_ != nullptr) (*claim_route_)->announce();
+  }
+
   Completion* completion_;
   ClaimRoute claim_route_;  // unset: the request may not be claimed
+  bool quiet_ = false;      // pushed without waking the server (see announce)
   PyObject* claim_item_ = nullptr;
   RequestRows* claim_rows_ = nullptr;
   int64_t claim_submit_ns_ = 0;

@@ -68,8 +68,9 @@ class RequestQueue final : public ClaimDesk {
   // GIL held. Pushes `r`, waiting for room until `deadline` with the GIL
   // released, in slices so that a signal (Ctrl-C) is seen. Returns false
   // when a signal handler raised (the Python error is set).
-  bool push_checking_signals(const Request& r, int64_t deadline, PushResult& result) {
-    result = queue().push(r, 0);  // first without giving up the GIL
+  bool push_checking_signals(const Request& r, int64_t deadline, PushResult& result,
+                             bool quiet = false) {
+    result = queue().push(r, 0, quiet);  // first without giving up the GIL
     if (result != PushResult::kTimedOut || monotonic_ns() >= deadline) return true;
     bool interrupted = false;
     wait_in_slices(
@@ -77,7 +78,7 @@ class RequestQueue final : public ClaimDesk {
         [&](int64_t until) {
           GilRelease nogil;
           HeldWake::pass();
-          result = queue().push(r, until);
+          result = queue().push(r, until, quiet);
           return result != PushResult::kTimedOut;
         },
         [&](bool expired) { return !expired && !(interrupted = signalled()); });
@@ -194,7 +195,13 @@ class RequestQueue final : public ClaimDesk {
     {
       EndInline end_inline{collector_};
       if (!completion->claim()) return false;  // the server took it first, or it ended
-      HeldWake::pass();                        // (see call_inline)
+      // Taken back from the queue, its reference there dropped: a server
+      // left asleep (a quiet push) never sees it. Else it skips it there.
+      Request queued;
+      if (queue().pop_if([completion](const Request& r) { return r.completion == completion; },
+                         queued))
+        completion->release();
+      HeldWake::pass();  // (see call_inline)
       // The request's references to its input and rows are this caller's
       // now; its copy in the queue keeps its reference to the completion,
       // and the end of the request drops another: this one.
@@ -235,6 +242,8 @@ class RequestQueue final : public ClaimDesk {
     return true;
   }
 
+  void announce() override { queue().announce(); }
+
   // Serves callers' requests inline while the server is idle (see
   // InlineGate): `runner(batch)` serves a _core.Batch of one on the calling
   // thread, or None to stop. `serve_one(item, leaves, schema_id, submit_ns)`,
@@ -267,11 +276,16 @@ class RequestQueue final : public ClaimDesk {
                           nullptr,    0,          this_caller()};
     Py_INCREF(item.ptr());
     PushResult pushed;
-    const bool uninterrupted = push_checking_signals(request, deadline, pushed);
+    // Its caller may serve it itself when it waits (serve_claimed). A lone
+    // caller's is pushed quietly: an idle server is left asleep where it
+    // wakes by itself soon enough (core/request_queue.h).
+    const bool claimable = rows && inline_runner_;
+    const bool quiet =
+        claimable && queue().quiet_bound_ns() > 0 && collector_.sole_caller(this_caller());
+    const bool uninterrupted = push_checking_signals(request, deadline, pushed, quiet);
     if (uninterrupted && pushed == PushResult::kOk) {
-      // Its caller may serve it itself when it waits (serve_claimed).
-      if (rows && inline_runner_)
-        pending->allow_claim(claim_route_, item.ptr(), rows.get(), request.submit_ns);
+      if (claimable)
+        pending->allow_claim(claim_route_, item.ptr(), rows.get(), request.submit_ns, quiet);
       rows.release();  // the request owns them now
       return pending;
     }

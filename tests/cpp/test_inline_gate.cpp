@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <mutex>
 #include <thread>
@@ -25,6 +26,7 @@ using batchserve::RequestCollector;
 using batchserve_test::BackgroundCall;
 using batchserve_test::interrupt_until_returned;
 using batchserve_test::kMs;
+using batchserve_test::kSec;
 using batchserve_test::make_request;
 
 TEST(InlineGate, BorrowsOnlyWhileEveryServerIsIdle) {
@@ -240,6 +242,51 @@ TEST(RequestCollector, ACallerClaimsItsQueuedRequestOrTheServerServesIt) {
   EXPECT_FALSE(overlap.load());
   EXPECT_EQ(claimed + served_by_server.load(), kRequests);
   std::printf("claimed %d, served by the server %d\n", claimed, served_by_server.load());
+}
+
+// Once a caller claimed, the idle server sleeps no longer than the quiet
+// bound at a time: a request pushed quietly (no wake-up) and never claimed
+// is found all the same. Before the claim it sleeps out its idle wait (an
+// hour here), which a quiet push must then wake.
+TEST(RequestCollector, AfterAClaimTheIdleServerFindsAQuietRequestByItself) {
+  RequestCollector c(64);
+  BatchPolicy policy = one_ms_policy();
+  policy.idle_wait_ns = 3600 * kSec;
+  c.configure(policy);
+  c.attach_server();
+  serve_alone(c, 7, batchserve::FillEstimator::kSoloBatchesBeforeInline);
+  std::atomic<bool> served{false};
+  BackgroundCall server([&] {
+    while (!served.load()) {
+      CollectedBatch batch = c.wait_for_batch(c.take_carried());
+      c.complete(batch);
+      if (batch.size() == 1) served = true;  // an interrupted wait returns none
+    }
+  });
+  batchserve_test::poll_until([&] { return c.queue().long_sleepers() == 1; });
+  ASSERT_EQ(c.queue().long_sleepers(), 1u);
+  // Claim, then have the server choose its next wait after the claim
+  // (interrupt); again if a stalled machine let the claim grow old.
+  bool ticking = false;
+  for (int round = 0; round < 50 && !ticking; ++round) {
+    bool borrowed = false;
+    for (int attempt = 0; attempt < 100000 && !borrowed; ++attempt) {
+      borrowed = c.try_inline(7, 1);
+      if (!borrowed) std::this_thread::yield();
+    }
+    ASSERT_TRUE(borrowed);
+    c.end_inline();
+    c.queue().interrupt();
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // it ticks meanwhile
+    ticking = c.queue().long_sleepers() == 0;
+  }
+  ASSERT_TRUE(ticking);
+  batchserve::Request r = make_request(1);
+  r.caller = 7;
+  ASSERT_EQ(c.queue().push(r, 0, true), PushResult::kOk);  // no wake-up
+  server.join();
+  EXPECT_TRUE(served.load());
+  c.detach_server();
 }
 
 TEST(RequestCollector, NoInlineForAnUnknownCaller) {

@@ -233,6 +233,90 @@ TEST(RequestQueue, PushWakesWaitForWork) {
   EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
 }
 
+// A quiet push wakes a server asleep past the quiet bound, as any push.
+TEST(RequestQueue, QuietPushWakesALongSleeper) {
+  RequestQueue q(4);
+  q.set_quiet_bound_ns(kMs);
+  bool ready = false;
+  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  pause_briefly();  // let it park
+  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
+  server.join();
+  EXPECT_TRUE(ready);
+  EXPECT_LT(server.elapsed_ns(), kLongWait);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+}
+
+// An idle server asleep within the quiet bound is left to wake by itself:
+// it finds the request at its deadline, not before.
+TEST(RequestQueue, QuietPushLeavesAShortIdleSleeperToWakeByItself) {
+  RequestQueue q(4);
+  q.set_quiet_bound_ns(kLongWait);
+  const int64_t deadline = monotonic_ns() + 200 * kMs;
+  bool ready = false;
+  BackgroundCall server([&] { ready = q.wait_for_work(deadline, q.interrupts(), true); });
+  pause_briefly();  // let it park
+  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
+  server.join();
+  EXPECT_TRUE(ready);
+  EXPECT_GE(server.returned_at_ns(), deadline);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+}
+
+// A server waiting for its batch to fill (not idle) is woken by a quiet
+// push, however close its deadline: the request may complete the batch.
+TEST(RequestQueue, QuietPushWakesAServerWaitingForItsBatchToFill) {
+  RequestQueue q(4);
+  q.set_quiet_bound_ns(kLongWait);
+  bool ready = false;
+  BackgroundCall server(
+      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait / 2, q.interrupts(), false); });
+  pause_briefly();  // let it park
+  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
+  server.join();
+  EXPECT_TRUE(ready);
+  EXPECT_LT(server.elapsed_ns(), kLongWait / 2);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+}
+
+// Quiet pushes against a server that sleeps without a deadline between
+// them: none is lost (a lost wake-up hangs here; ctest's timeout fails it).
+// The pushers read the sleeper count as the sleeper reads the ring (TSan).
+TEST(RequestQueue, QuietPushesNeverLeaveALongSleeperAsleep) {
+  constexpr uint64_t kRequests = 20000;
+  RequestQueue q(64);
+  q.set_quiet_bound_ns(kMs);
+  BackgroundCall server([&] {
+    uint64_t popped = 0;
+    batchserve::Request r;
+    while (popped < kRequests) {
+      if (q.try_pop(r)) {
+        ++popped;
+      } else {
+        q.wait_for_work(kNoDeadline);
+      }
+    }
+  });
+  for (uint64_t i = 0; i < kRequests; ++i) {
+    while (q.push(make_request(i), 0, true) != PushResult::kOk) std::this_thread::yield();
+    if (i % 64 == 0) std::this_thread::yield();  // let the server catch up and sleep
+  }
+  server.join();
+  EXPECT_EQ(q.size(), 0u);
+}
+
+// pop_if takes the head only when it is the wanted request.
+TEST(RequestQueue, PopIfTakesOnlyTheWantedHead) {
+  RequestQueue q(4);
+  ASSERT_TRUE(push_ids(q, 2));
+  batchserve::Request r;
+  EXPECT_FALSE(q.pop_if([](const batchserve::Request& x) { return id_of(x) == 1; }, r));
+  EXPECT_TRUE(q.pop_if([](const batchserve::Request& x) { return id_of(x) == 0; }, r));
+  EXPECT_EQ(id_of(r), 0u);
+  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{1}));
+  EXPECT_FALSE(q.pop_if([](const batchserve::Request&) { return true; }, r));
+}
+
 TEST(RequestQueue, CloseWakesWaitForWork) {
   RequestQueue q(4);
   bool ready = true;
