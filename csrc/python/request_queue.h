@@ -203,8 +203,8 @@ class RequestQueue final : public ClaimDesk {
         completion->release();
       HeldWake::pass();  // (see call_inline)
       // The request's references to its input and rows are this caller's
-      // now; its copy in the queue keeps its reference to the completion,
-      // and the end of the request drops another: this one.
+      // now. The end of the request drops a reference to the completion:
+      // this one (a copy still in the queue keeps its own, see take_ready).
       completion->retain();
       void* w = completion->take_watcher();
       if (w != nullptr && w != kOrphaned)

@@ -221,30 +221,35 @@ TEST(RequestQueue, WaitForWorkTimesOut) {
   EXPECT_TRUE(times_out(50 * kMs, [&](int64_t deadline) { return q.wait_for_work(deadline); }));
 }
 
-TEST(RequestQueue, PushWakesWaitForWork) {
-  RequestQueue q(4);
+// Pushes request 7 (quietly or not) while a server waits by `wait()`: what
+// the wait returned, and when.
+struct WaitedPush {
+  bool ready;
+  int64_t elapsed_ns;
+  int64_t returned_at_ns;
+};
+template <typename Wait>
+WaitedPush push_while_waiting(RequestQueue& q, Wait wait, bool quiet) {
   bool ready = false;
-  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
+  BackgroundCall server([&] { ready = wait(); });
   pause_briefly();  // let it park
-  ASSERT_EQ(q.push(make_request(7), 0), PushResult::kOk);
+  EXPECT_EQ(q.push(make_request(7), 0, quiet), PushResult::kOk);
   server.join();
-  EXPECT_TRUE(ready);
-  EXPECT_LT(server.elapsed_ns(), kLongWait);
   EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+  return {ready, server.elapsed_ns(), server.returned_at_ns()};
 }
 
-// A quiet push wakes a server asleep past the quiet bound, as any push.
-TEST(RequestQueue, QuietPushWakesALongSleeper) {
-  RequestQueue q(4);
-  q.set_quiet_bound_ns(kMs);
-  bool ready = false;
-  BackgroundCall server([&] { ready = q.wait_for_work(monotonic_ns() + kLongWait); });
-  pause_briefly();  // let it park
-  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
-  server.join();
-  EXPECT_TRUE(ready);
-  EXPECT_LT(server.elapsed_ns(), kLongWait);
-  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+// A push wakes the server; a quiet one too when it sleeps past the quiet
+// bound.
+TEST(RequestQueue, PushWakesWaitForWork) {
+  for (const bool quiet : {false, true}) {
+    RequestQueue q(4);
+    q.set_quiet_bound_ns(kMs);
+    const WaitedPush w =
+        push_while_waiting(q, [&] { return q.wait_for_work(monotonic_ns() + kLongWait); }, quiet);
+    EXPECT_TRUE(w.ready);
+    EXPECT_LT(w.elapsed_ns, kLongWait);
+  }
 }
 
 // An idle server asleep within the quiet bound is left to wake by itself:
@@ -253,14 +258,10 @@ TEST(RequestQueue, QuietPushLeavesAShortIdleSleeperToWakeByItself) {
   RequestQueue q(4);
   q.set_quiet_bound_ns(kLongWait);
   const int64_t deadline = monotonic_ns() + 200 * kMs;
-  bool ready = false;
-  BackgroundCall server([&] { ready = q.wait_for_work(deadline, q.interrupts(), true); });
-  pause_briefly();  // let it park
-  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
-  server.join();
-  EXPECT_TRUE(ready);
-  EXPECT_GE(server.returned_at_ns(), deadline);
-  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+  const WaitedPush w =
+      push_while_waiting(q, [&] { return q.wait_for_work(deadline, q.interrupts(), true); }, true);
+  EXPECT_TRUE(w.ready);
+  EXPECT_GE(w.returned_at_ns, deadline);
 }
 
 // A server waiting for its batch to fill (not idle) is woken by a quiet
@@ -268,15 +269,11 @@ TEST(RequestQueue, QuietPushLeavesAShortIdleSleeperToWakeByItself) {
 TEST(RequestQueue, QuietPushWakesAServerWaitingForItsBatchToFill) {
   RequestQueue q(4);
   q.set_quiet_bound_ns(kLongWait);
-  bool ready = false;
-  BackgroundCall server(
-      [&] { ready = q.wait_for_work(monotonic_ns() + kLongWait / 2, q.interrupts(), false); });
-  pause_briefly();  // let it park
-  ASSERT_EQ(q.push(make_request(7), 0, true), PushResult::kOk);
-  server.join();
-  EXPECT_TRUE(ready);
-  EXPECT_LT(server.elapsed_ns(), kLongWait / 2);
-  EXPECT_EQ(drain_ids(q), (std::vector<uint64_t>{7}));
+  const WaitedPush w = push_while_waiting(
+      q, [&] { return q.wait_for_work(monotonic_ns() + kLongWait / 2, q.interrupts(), false); },
+      true);
+  EXPECT_TRUE(w.ready);
+  EXPECT_LT(w.elapsed_ns, kLongWait / 2);
 }
 
 // Quiet pushes against a server that sleeps without a deadline between
