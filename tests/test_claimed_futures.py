@@ -138,9 +138,10 @@ def test_callbacks_of_a_claimed_future_run_once_and_may_call_the_server(claims):
             return future
 
         _, future, result = next_claimed(claims, lambda f: f.result(), add_callback)
-        assert calls[-1][0] is future
-        assert torch.equal(calls[-1][1]["action"], expected(100))
-        assert len(calls) == len({id(done) for done, _ in calls})  # once per future
+        # (An earlier future's callback may still be running on the server's thread.)
+        mine = [nested for done, nested in calls if done is future]
+        assert len(mine) == 1  # once
+        assert torch.equal(mine[0]["action"], expected(100))
         assert torch.equal(future.result()["action"], result["action"])
 
 

@@ -96,7 +96,8 @@ class QueuedFuture(Future):
 
     def add_done_callback(self, fn) -> None:
         """Calls ``fn(self)`` once the request ended: on the thread that ends
-        it (the server's), or now when it already has."""
+        it (the server's, or the caller's when it served its request itself,
+        see :meth:`result`), or now when it already has."""
         with self._lock:
             if self._callbacks is not None and self._watch():
                 self._callbacks.append(fn)
