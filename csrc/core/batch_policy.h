@@ -115,11 +115,7 @@ inline void take_ready(RequestQueue& queue, size_t room, std::vector<Request>& b
     for (size_t i = start; i < batch.size(); ++i) {
       const Request r = batch[i];
       if (r.completion != nullptr && !r.completion->take()) {
-        if (r.completion->claimed_by_caller()) {
-          r.completion->release();
-        } else {
-          dropped.push_back(r);
-        }
+        if (!release_if_claimed(r)) dropped.push_back(r);
       } else {
         batch[kept++] = r;
       }

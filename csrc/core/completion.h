@@ -97,9 +97,10 @@ class Completion {
     return s == kClaimed || s == kDone;
   }
 
-  // Server (or a claiming caller): publishes the outcome (an opaque pointer owned by the bindings).
-  // False when the caller already gave up: the outcome was not stored and
-  // still belongs to the server. Does not wake the caller; call notify().
+  // Server (or a claiming caller): publishes the outcome (an opaque pointer
+  // owned by the bindings). False when the caller already gave up: the
+  // outcome was not stored and still belongs to the server. Does not wake
+  // the caller; call notify().
   bool finish(void* outcome, bool is_error) noexcept {
     outcome_ = outcome;
     is_error_ = is_error;

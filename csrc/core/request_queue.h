@@ -74,6 +74,15 @@ inline constexpr uint32_t kSlotCallerBit = 0x8000'0000u;
 static_assert(std::is_trivially_copyable<Request>::value,
               "a Request travels through the ring as plain words");
 
+// A request taken from the queue that its caller claimed (Completion::claim)
+// is the caller's, its input and rows included: drops only the queue's
+// reference to its completion. True if it was claimed.
+inline bool release_if_claimed(const Request& r) {
+  if (r.completion == nullptr || !r.completion->claimed_by_caller()) return false;
+  r.completion->release();
+  return true;
+}
+
 // Requests that reach the consumer other than through push(). Taking is
 // called with the queue's consumer lock held (one taker at a time).
 class RequestIntake {

@@ -87,14 +87,7 @@ class ServerStatsCore {
   void record_batch(const std::vector<size_t>& forward_sizes, double forward_ms, bool fast_path,
                     bool inline_call, const std::vector<int64_t>& submit_ns, int64_t dispatch_ns) {
     std::lock_guard<std::mutex> lock(mu_);
-    for (size_t size : forward_sizes) {
-      requests_ += size;
-      if (fast_path) fast_path_requests_ += size;
-      if (inline_call) inline_requests_ += size;
-      ++batches_;
-      ++batch_sizes_[size];
-      forward_ms_.push(forward_ms);
-    }
+    for (size_t size : forward_sizes) record_forward(size, forward_ms, fast_path, inline_call);
     for (int64_t s : submit_ns) queue_ms_.push(ms_between(s, dispatch_ns));
   }
 
@@ -113,12 +106,7 @@ class ServerStatsCore {
   // `submit_ns` by `caller`, dispatched at `dispatch_ns`, ended at `end_ns`.
   void record_one(int64_t submit_ns, int64_t dispatch_ns, int64_t end_ns, uint32_t caller) {
     std::lock_guard<std::mutex> lock(mu_);
-    ++requests_;
-    ++fast_path_requests_;
-    ++inline_requests_;
-    ++batches_;
-    ++batch_sizes_[1];
-    forward_ms_.push(ms_between(dispatch_ns, end_ns));
+    record_forward(1, ms_between(dispatch_ns, end_ns), true, true);
     queue_ms_.push(ms_between(submit_ns, dispatch_ns));
     record_result(submit_ns, end_ns, caller);
   }
@@ -153,6 +141,16 @@ class ServerStatsCore {
 
   static double ms_between(int64_t from_ns, int64_t to_ns) {
     return static_cast<double>(to_ns - from_ns) * 1e-6;
+  }
+
+  // mu_ held. One forward of `size` requests, taking `forward_ms`.
+  void record_forward(size_t size, double forward_ms, bool fast_path, bool inline_call) {
+    requests_ += size;
+    if (fast_path) fast_path_requests_ += size;
+    if (inline_call) inline_requests_ += size;
+    ++batches_;
+    ++batch_sizes_[size];
+    forward_ms_.push(forward_ms);
   }
 
   // mu_ held. A request's server time and its caller's gap.

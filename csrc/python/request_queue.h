@@ -92,9 +92,7 @@ class RequestQueue final : public ClaimDesk {
     OwnedRows rows = match(item.ptr(), false, RawBytes::kDeferred);
     // No inline call under a timeout: the caller could not leave its own
     // forward when it passes.
-    if (rows && !timeout_s && inline_runner_ && !queue().closed() &&
-        collector_.try_inline(this_caller()))
-      return call_inline(item, std::move(rows));
+    if (rows && !timeout_s && try_inline(0)) return call_inline(item, std::move(rows));
     settle_raw_bytes(rows);  // the server reads the rows' bytes
     auto* completion = new Completion();
     const int64_t submit_ns = monotonic_ns();
@@ -185,13 +183,12 @@ class RequestQueue final : public ClaimDesk {
   // run once the server may serve again: a callback may call the server.
   bool serve_claimed(Completion* completion, PyObject* item, RequestRows* rows,
                      int64_t submit_ns) override {
-    if (!inline_runner_ || queue().closed() || !collector_.try_inline(this_caller(), 1))
-      return false;
+    if (!try_inline(1)) return false;
     const Request request{item, completion, submit_ns, rows, nullptr, 0, this_caller()};
     py::object outcome;  // unset: the batch of one ended the request
     bool is_error = false;
     std::optional<py::error_already_set> raised;
-    py::object watcher;  // the future to notify, held back until the server may serve
+    py::object watcher;  // a batch of one's future, held back until the server may serve
     {
       EndInline end_inline{collector_};
       if (!completion->claim()) return false;  // the server took it first, or it ended
@@ -206,9 +203,6 @@ class RequestQueue final : public ClaimDesk {
       // now. The end of the request drops a reference to the completion:
       // this one (a copy still in the queue keeps its own, see take_ready).
       completion->retain();
-      void* w = completion->take_watcher();
-      if (w != nullptr && w != kOrphaned)
-        watcher = py::reinterpret_steal<py::object>(static_cast<PyObject*>(w));
       if (serve_one_) {
         OwnedRows owned_rows(rows);
         auto owned_item = py::reinterpret_steal<py::object>(item);
@@ -229,15 +223,21 @@ class RequestQueue final : public ClaimDesk {
           owned_rows.release();
         }
       }
-      if (!outcome) raised = serve_batch_of_one(request);
+      if (!outcome) {
+        // The batch ends the request within the borrow: its future is
+        // notified after it, here below.
+        void* w = completion->take_watcher();
+        if (w != nullptr && w != kOrphaned)
+          watcher = py::reinterpret_steal<py::object>(static_cast<PyObject*>(w));
+        raised = serve_batch_of_one(request);
+      }
     }
-    if (outcome) end_request_now(request, outcome, is_error);
-    if (watcher) {
-      const bool failed = completion->is_error();
-      const auto ended =
-          py::reinterpret_borrow<py::object>(static_cast<PyObject*>(completion->outcome()));
-      watcher.attr(failed ? "set_exception" : "set_result")(ended);
-    }
+    if (outcome) end_request_now(request, outcome, is_error);  // the borrow ended
+    if (watcher)
+      notify_future(
+          watcher,
+          py::reinterpret_borrow<py::object>(static_cast<PyObject*>(completion->outcome())),
+          completion->is_error());
     if (raised) throw std::move(*raised);
     return true;
   }
@@ -453,16 +453,6 @@ class RequestQueue final : public ClaimDesk {
       ++total;
       release_python_refs(r);
     };
-    // A request its caller claimed is the caller's (only the queue's
-    // reference to the completion is left here); checked with the GIL held,
-    // as claims are made, so none is claimed between the check and the fail.
-    auto fail_queued = [&](const Request& r) {
-      if (r.completion != nullptr && r.completion->claimed_by_caller()) {
-        r.completion->release();
-        return;
-      }
-      fail(r);
-    };
     Prefetcher::Taken taken;
     {
       GilRelease nogil;
@@ -475,7 +465,10 @@ class RequestQueue final : public ClaimDesk {
     wake_and_release(to_wake);
     std::vector<Request> pending;
     while (queue().pop_many(pending, 1024) > 0) {
-      for (const Request& r : pending) fail_queued(r);
+      // A claimed request is its caller's: checked with the GIL held, as
+      // claims are made, so none is claimed between the check and the fail.
+      for (const Request& r : pending)
+        if (!release_if_claimed(r)) fail(r);
       pending.clear();
       wake_and_release(to_wake);
     }
@@ -536,6 +529,14 @@ class RequestQueue final : public ClaimDesk {
   }
 
   HandedWakes* handed() { return single_file_ ? &handed_ : nullptr; }
+
+  // Whether this thread may serve its request inline now (then end_inline()
+  // once served): inline calls are on, the queue open, and the collector
+  // lets it in (RequestCollector::try_inline; `own_queued`: its own
+  // submitted request may still be queued).
+  bool try_inline(size_t own_queued) {
+    return inline_runner_ && !queue().closed() && collector_.try_inline(this_caller(), own_queued);
+  }
 
   // Ends a borrow of the inline gate (try_inline) when it leaves scope.
   struct EndInline {

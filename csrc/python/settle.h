@@ -97,17 +97,23 @@ inline void wake_and_release(std::vector<Wake>& to_wake, HandedWakes* handed = n
   notify_and_release(to_wake, handed);
 }
 
+// GIL held. Has the QueuedFuture `future` run its callbacks and wake its
+// waiters for an outcome already in its completion, as Future.set_result
+// (set_exception) would. A callback's Exception is logged by the future; a
+// BaseException propagates.
+inline void notify_future(py::handle future, const py::object& outcome, bool is_error) {
+  future.attr(is_error ? "set_exception" : "set_result")(outcome);
+}
+
 // GIL held. Ends `r` at once with `outcome` (settle), wakes its caller,
 // drops the completion reference the request holds, and notifies its
-// QueuedFuture's callbacks and waiters, as Future.set_result would. A
-// callback's Exception is logged by the future; a BaseException propagates.
+// QueuedFuture (notify_future).
 inline void end_request_now(const Request& r, const py::object& outcome, bool is_error) {
   std::vector<Wake> to_wake;
   py::list to_notify;
   settle(r, outcome.ptr(), is_error, to_wake, to_notify.ptr());
   wake_and_release(to_wake);
-  for (const py::handle future : to_notify)
-    future.attr(is_error ? "set_exception" : "set_result")(outcome);
+  for (const py::handle future : to_notify) notify_future(future, outcome, is_error);
 }
 
 // GIL held on entry and exit. Wakes the callers `deferred` holds (results
