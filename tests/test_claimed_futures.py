@@ -8,6 +8,7 @@ ones about claims repeat until a claim happened."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from concurrent.futures import wait
 
@@ -169,28 +170,34 @@ def test_other_waiters_of_a_claimed_future_get_its_result(claims):
     transport = ThreadingTransport()
     with InferenceServer(passthrough, transport):
         client = transport.client()
-        seen = []
+        futures, seen = queue.Queue(), queue.Queue()
 
-        def with_a_second_waiter(i):
-            future = client.submit(request(i))
+        def second_waiter():
             # Waits as concurrent.futures.wait does (a waiter on the future's
             # condition): a result(timeout) here would wake the server at once.
-            waiter = threading.Thread(
-                target=lambda: seen.append(wait([future], timeout=60).done.pop().result()))
-            waiter.start()
-            future.waiter = waiter
-            return future
+            while (future := futures.get()) is not None:
+                seen.put(wait([future], timeout=60).done.pop().result())
 
-        def result_and_join(future):
-            result = future.result()
-            future.waiter.join(timeout=60)
-            assert not future.waiter.is_alive()
-            return result
+        # Started once, before the submissions: a thread started after one
+        # can take long enough (a loaded machine) for the idle server's tick
+        # to find the request before its caller claims it.
+        waiter = threading.Thread(target=second_waiter)
+        waiter.start()
+        try:
+            def with_a_second_waiter(i):
+                future = client.submit(request(i))
+                futures.put(future)
+                return future
 
-        i, future, result = next_claimed(claims, result_and_join, with_a_second_waiter)
-        assert seen[-1] is result
-        done, _ = wait([future], timeout=0)
-        assert done == {future}
+            _, future, (result, second) = next_claimed(
+                claims, lambda f: (f.result(), seen.get(timeout=60)), with_a_second_waiter)
+            assert second is result
+            done, _ = wait([future], timeout=0)
+            assert done == {future}
+        finally:
+            futures.put(None)
+            waiter.join(timeout=60)
+        assert not waiter.is_alive()
 
 
 def test_requests_with_metadata_are_claimed_through_a_batch_of_one():
