@@ -21,6 +21,7 @@ from batchserve.bench import (  # noqa: E402
     cli,
     metrics,
     report,
+    runner,
     scenario,
     schedule,
     systems,
@@ -421,6 +422,18 @@ def test_request_count_runs_measure_exactly_that_many():
         scenario.Scenario(actor_counts=[8], requests=4).validate()
 
 
+def test_the_interleaved_overhead_measures_both_kinds_in_whole_blocks():
+    scen = scenario.Scenario(actor_counts=[1], hidden=[16], requests=200, warmup=0.0,
+                             rounds=1).validate()
+    result = runner.measure_overhead("batchserve", scen)
+    assert result["calls"] == 2 * runner.OVERHEAD_BLOCK  # whole blocks, at least 200
+    assert 0 < result["bare_p50_us"] and 0 < result["p50_us"]
+    assert result["overhead_us"] == pytest.approx(result["p50_us"] - result["bare_p50_us"])
+    processes = dataclasses.replace(scen, actors="processes")
+    with pytest.raises(BenchError, match="thread actors"):
+        runner.measure_overhead("batchserve", processes)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("system, single_file", [
     ("batchserve", False), ("batchserve", True), ("torchrl", False),
@@ -579,6 +592,12 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
         assert sizes and 1 <= min(sizes) and max(sizes) <= max_batch_size
         assert r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
     assert set(result["overhead_us"]) == {"batchserve"}
+    (interleaved,) = result["overhead_interleaved"].values()
+    assert set(result["overhead_interleaved"]) == {"batchserve"}
+    assert interleaved["calls"] >= runner.OVERHEAD_BLOCK
+    assert interleaved["overhead_us"] == pytest.approx(
+        interleaved["p50_us"] - interleaved["bare_p50_us"])
+    assert "overhead per call at 1 actor, interleaved (batchserve" in done.stdout
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

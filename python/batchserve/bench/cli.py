@@ -24,7 +24,7 @@ import torch
 
 from batchserve.bench import INSTALL_HINT, missing_modules, report
 from batchserve.bench import scenario as scenarios
-from batchserve.bench.runner import measure, measure_bare
+from batchserve.bench.runner import measure, measure_bare, measure_overhead
 from batchserve.bench.schedule import interleave
 from batchserve.bench.systems import BenchError, systems_for, torchrl_available
 
@@ -224,7 +224,11 @@ def run(args, parser) -> int:
                 torch.set_num_threads(scen.torch_threads or default_threads)
                 slots = interleave(list(scen.actor_counts),
                                    systems_for(scen, vs_torchrl, args.limit), scen.rounds)
-                overall = progress.add_task(f"{scen.name}", total=len(slots) + 1, note="")
+                # The one-actor overhead, interleaved with the bare call (thread actors).
+                paired = (systems_for(scen, vs_torchrl)
+                          if scen.actors == "threads" and 1 in scen.actor_counts else [])
+                overall = progress.add_task(f"{scen.name}", total=len(slots) + len(paired) + 1,
+                                            note="")
                 measurements = []
                 current = progress.add_task("bare model(td)", total=1.0, note="")
                 measurements.append(measure_bare(
@@ -241,17 +245,28 @@ def run(args, parser) -> int:
                     progress.update(overall, advance=1,
                                     note=f"last: {m.requests / max(m.seconds, 1e-9):,.0f} req/s")
                     measurements.append(m)
-                results.append((scen, report.aggregate(measurements)))
+                interleaved = {}
+                for system in paired:
+                    current = progress.add_task(f"{system} · 1 {scen.actors} · overhead, "
+                                                "interleaved with the bare call", total=1.0,
+                                                note="")
+                    interleaved[system] = measure_overhead(
+                        system, scen, tick=lambda f, t=current: progress.update(t, completed=f))
+                    progress.remove_task(current)
+                    progress.advance(overall)
+                results.append((scen, report.aggregate(measurements), interleaved))
     except BenchError as exc:
         err.print(f"batchserve-bench: error: {exc}")
         return 1
     except KeyboardInterrupt:
         err.print("batchserve-bench: interrupted")
         return 130
-    for scen, rows in results:
+    for scen, rows, interleaved in results:
         out.print(report.table(scen, rows))
         for system, overhead in report.overhead_us(rows).items():
             out.print(f"overhead per call at 1 actor ({system} p50 − bare p50): {overhead:.1f} µs")
+        for line in report.interleaved_lines(interleaved):
+            out.print(line)
         notes = report.refusal_lines(rows) + report.inline_lines(rows) + report.limit_lines(rows)
         for line in notes:
             out.print(line)

@@ -13,11 +13,11 @@ from importlib import metadata
 import numpy as np
 
 from batchserve.bench import metrics
-from batchserve.bench.runner import Measurement
+from batchserve.bench.runner import OVERHEAD_BLOCK, Measurement
 from batchserve.bench.scenario import Scenario
 from batchserve.bench.systems import LIMITS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema.json")
 
 
@@ -77,6 +77,17 @@ def overhead_us(rows: dict) -> dict[str, float]:
         for (system, actors), row in sorted(rows.items())
         if system not in ("bare", *LIMITS) and actors == 1  # the limits: no model, no overhead
     }
+
+
+def interleaved_lines(interleaved: dict) -> list[str]:
+    """One line per system whose one-actor overhead was measured
+    interleaved with the bare call (``runner.measure_overhead``)."""
+    return [
+        f"overhead per call at 1 actor, interleaved ({system} p50 − bare p50 over the same "
+        f"{r['calls']:,} calls each, in alternated blocks of {OVERHEAD_BLOCK}): "
+        f"{r['overhead_us']:.1f} µs ({system} {r['p50_us']:.1f} µs, bare {r['bare_p50_us']:.1f} µs)"
+        for system, r in interleaved.items()
+    ]
 
 
 def refusal_lines(rows: dict) -> list[str]:
@@ -309,8 +320,9 @@ def machine_line(m: dict) -> str:
             f"torchrl {m['torchrl']}")
 
 
-def to_json(results: list[tuple[Scenario, dict]], command: list[str]) -> dict:
-    """The document --json writes; its schema is batchserve/bench/schema.json."""
+def to_json(results: list[tuple[Scenario, dict, dict]], command: list[str]) -> dict:
+    """The document --json writes; its schema is batchserve/bench/schema.json.
+    ``results``: per scenario, its rows and its interleaved overheads."""
     return {
         "schema_version": SCHEMA_VERSION,
         "command": command,
@@ -319,9 +331,10 @@ def to_json(results: list[tuple[Scenario, dict]], command: list[str]) -> dict:
             {
                 "scenario": scenario.to_json(),
                 "overhead_us": overhead_us(rows),
+                "overhead_interleaved": interleaved,
                 "results": [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))],
             }
-            for scenario, rows in results
+            for scenario, rows, interleaved in results
         ],
     }
 
@@ -332,7 +345,7 @@ def write_json(path: str, document: dict) -> None:
         f.write("\n")
 
 
-def plot(path: str, results: list[tuple[Scenario, dict]]) -> None:
+def plot(path: str, results: list[tuple[Scenario, dict, dict]]) -> None:
     """Throughput vs actors, and latency CDFs at the largest actor count."""
     import matplotlib
 
@@ -340,7 +353,7 @@ def plot(path: str, results: list[tuple[Scenario, dict]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.5 * len(results)), squeeze=False)
-    for (scenario, rows), (ax_tp, ax_cdf) in zip(results, axes):
+    for (scenario, rows, _), (ax_tp, ax_cdf) in zip(results, axes):
         systems = sorted({s for s, _ in rows if s not in ("bare", *LIMITS)})  # off the scale
         for system in systems:
             counts = sorted(a for s, a in rows if s == system)

@@ -222,7 +222,9 @@ def measure(system: str, scenario: Scenario, actors: int, round_: int, tick=None
     return m
 
 
-def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
+def _thread_server(system, scenario, actors):
+    """A (not yet started) server of ``system`` for ``actors`` actor threads:
+    its recording model, the server, and a factory of one actor's client."""
     model = recording_model(scenario)
     ctx = _mp_context() if scenario.server == "process" else None
     transport = make_transport(system, scenario, mp_context=ctx, actors=actors,
@@ -235,6 +237,11 @@ def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
         new_client = lambda: wrap_client(scenario, next(made))  # noqa: E731
     else:
         new_client = client_factory(scenario, transport)
+    return model, server, new_client
+
+
+def _measure_threads(system, scenario, actors, round_, tick) -> Measurement:
+    model, server, new_client = _thread_server(system, scenario, actors)
     leaves = make_leaves(scenario)
     quotas = requests_per_actor(scenario, actors)
     recording, stop, failed = threading.Event(), threading.Event(), threading.Event()
@@ -480,21 +487,21 @@ def _measure_processes(system, scenario, actors, round_, tick) -> Measurement:
                    (start_stats, stats), cpu + sum(d[1] for d in done), rss)
 
 
-def measure_bare(scenario: Scenario, tick=None) -> Measurement:
-    """model(td) at batch size 1 in a loop, one thread: the floor. On a
-    GPU it includes what the server's hand-back does too: the output's copy
-    to the CPU, waited for. It runs under the scenario's interaction type,
-    as the servers' forwards do."""
-    policy = make_policy(scenario)
+def bare_call(policy, scenario: Scenario):
+    """An actor calling ``policy`` itself: ``make()`` builds the TensorDict
+    of batch size [1] it would build (not timed, as no actor's request to a
+    server is), ``call(td)`` runs the model on it; on a GPU ``call`` also
+    copies the input to the device and the output back, waited for, as the
+    server's path does."""
     on_device = scenario.device != "cpu"
     if on_device:
         policy.to(scenario.device)
     leaves = {key: leaf.unsqueeze(0) for key, leaf in make_leaves(scenario).items()}
-    latencies = array("q")
-    clock = time.perf_counter_ns
 
-    def call():
-        td = TensorDict(dict(leaves), batch_size=[1])
+    def make():
+        return TensorDict(dict(leaves), batch_size=[1])
+
+    def call(td):
         if on_device:
             td = td.to(scenario.device)
         out = policy(td)
@@ -503,15 +510,27 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
             torch.cuda.synchronize()
         return out
 
+    return make, call
+
+
+def measure_bare(scenario: Scenario, tick=None) -> Measurement:
+    """model(td) at batch size 1 in a loop, one thread: the floor (see
+    :func:`bare_call`). It runs under the scenario's interaction type, as
+    the servers' forwards do."""
+    make, call = bare_call(make_policy(scenario), scenario)
+    latencies = array("q")
+    clock = time.perf_counter_ns
+
     with torch.no_grad(), interaction_context(scenario):
         end = time.perf_counter() + scenario.warmup
         while time.perf_counter() < end:
-            call()
+            call(make())
         cpu0, t0 = time.process_time(), time.perf_counter()
         limit = scenario.requests
         while True:
+            td = make()
             s = clock()
-            call()
+            call(td)
             latencies.append(clock() - s)
             elapsed = time.perf_counter() - t0
             if limit is not None:
@@ -533,3 +552,75 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
         batch_sizes={1: len(samples)},
         cpu_s=cpu,
     )
+
+
+# Calls per block of the interleaved overhead measurement: long enough for
+# each path to run hot (as in its own loop), short enough (~10-70 ms here)
+# that the machine's speed, which drifts by up to 2x within seconds on the
+# project's VM, is the same for both.
+OVERHEAD_BLOCK = 128
+
+
+def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
+    """One actor thread's overhead with ``system``: blocks of
+    :data:`OVERHEAD_BLOCK` bare calls of the model the server serves (see
+    :func:`bare_call`) and blocks of calls through the system's client,
+    alternated for the scenario's ``duration`` (after its ``warmup``), or
+    until each kind has ``requests`` calls, in whole blocks. The
+    p50 of each over the same seconds, and their difference: unlike the
+    difference of the bare row's p50 and the one-actor row's, measured
+    seconds or minutes apart, it does not take the machine's drift for
+    overhead. Thread actors only."""
+    if scenario.actors != "threads":
+        raise BenchError("the interleaved overhead is measured for thread actors")
+    if scenario.client == "policy_client":
+        require_torchrl("client 'policy_client' (torchrl's PolicyClientModule)")
+    model, server, new_client = _thread_server(system, scenario, 1)
+    make, bare = bare_call(model.policy, scenario)
+    leaves = make_leaves(scenario)
+    clock = time.perf_counter_ns
+    times = {"bare": array("q"), system: array("q")}
+
+    def bare_block(record) -> None:
+        with torch.no_grad():
+            for _ in range(OVERHEAD_BLOCK):
+                td = make()
+                s = clock()
+                bare(td)
+                record(clock() - s)
+
+    def served_block(record) -> None:
+        for _ in range(OVERHEAD_BLOCK):
+            td = request(leaves)
+            s = clock()
+            client(td)
+            record(clock() - s)
+
+    with interaction_context(scenario):
+        server.start()
+        try:
+            client = new_client()
+            end = time.perf_counter() + scenario.warmup
+            while time.perf_counter() < end:
+                bare_block(lambda ns: None)
+                served_block(lambda ns: None)
+            t0 = time.perf_counter()
+            limit = scenario.requests
+            while True:
+                elapsed = time.perf_counter() - t0
+                done = (elapsed / scenario.duration if limit is None
+                        else len(times[system]) / limit)
+                if done >= 1.0:
+                    break
+                if tick:
+                    tick(done)
+                bare_block(times["bare"].append)
+                served_block(times[system].append)
+                if not server.is_alive:
+                    raise BenchError(f"the {system} server stopped during the run")
+        finally:
+            server.shutdown()
+    p50 = {name: float(np.median(np.frombuffer(t, dtype=np.int64))) / 1e3
+           for name, t in times.items()}
+    return {"bare_p50_us": p50["bare"], "p50_us": p50[system],
+            "overhead_us": p50[system] - p50["bare"], "calls": len(times[system])}
