@@ -374,6 +374,14 @@ def test_a_dying_torchrl_server_is_reported_not_waited_for(bench_support_on_path
         measure("torchrl", scen, 2, 0)
 
 
+def test_a_failing_overhead_measurement_is_reported_not_waited_for(bench_support_on_path):
+    scen = scenario.Scenario(
+        actor_counts=[1], model="failing_policy:make", duration=5.0, warmup=0.0, rounds=1,
+    ).validate()
+    with pytest.raises(BenchError, match="exploded"):
+        runner.measure_overhead("batchserve", scen)
+
+
 @pytest.mark.timeout(300)
 def test_the_null_server_of_process_actors_answers_through_the_slots():
     """Process actors' null server is the C++ echo on a SharedMemoryTransport

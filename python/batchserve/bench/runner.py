@@ -559,6 +559,9 @@ def measure_bare(scenario: Scenario, tick=None) -> Measurement:
 # that the machine's speed, which drifts by up to 2x within seconds on the
 # project's VM, is the same for both.
 OVERHEAD_BLOCK = 128
+# How often the measurement's main thread looks at its actor thread (each
+# look takes the GIL the actor needs: rarely).
+_OVERHEAD_POLL_S = 0.1
 
 
 def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
@@ -589,35 +592,53 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 bare(td)
                 record(clock() - s)
 
-    def served_block(record) -> None:
+    def served_block(client, record) -> None:
         for _ in range(OVERHEAD_BLOCK):
             td = request(leaves)
             s = clock()
             client(td)
             record(clock() - s)
 
-    with interaction_context(scenario):
-        server.start()
+    limit = scenario.requests
+    progress = [0.0]  # the measured share done, for tick()
+    errors: list[BaseException] = []
+
+    def actor() -> None:  # a daemon thread: a stuck call cannot hang the harness
         try:
             client = new_client()
             end = time.perf_counter() + scenario.warmup
             while time.perf_counter() < end:
                 bare_block(lambda ns: None)
-                served_block(lambda ns: None)
+                served_block(client, lambda ns: None)
             t0 = time.perf_counter()
-            limit = scenario.requests
             while True:
                 elapsed = time.perf_counter() - t0
-                done = (elapsed / scenario.duration if limit is None
-                        else len(times[system]) / limit)
-                if done >= 1.0:
-                    break
-                if tick:
-                    tick(done)
+                progress[0] = (elapsed / scenario.duration if limit is None
+                               else len(times[system]) / limit)
+                if progress[0] >= 1.0:
+                    return
                 bare_block(times["bare"].append)
-                served_block(times[system].append)
+                served_block(client, times[system].append)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with interaction_context(scenario):
+        server.start()
+        try:
+            thread = threading.Thread(target=actor, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + scenario.warmup + _START_TIMEOUT_S + (
+                scenario.duration if limit is None else _requests_deadline_s(scenario))
+            while thread.is_alive():
+                thread.join(_OVERHEAD_POLL_S)
+                if tick:
+                    tick(min(progress[0], 1.0))
                 if not server.is_alive:
                     raise BenchError(f"the {system} server stopped during the run")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the {system} overhead measurement did not finish in time")
+            if errors:
+                raise BenchError(f"the overhead measurement failed: {errors[0]!r}") from errors[0]
         finally:
             server.shutdown()
     p50 = {name: float(np.median(np.frombuffer(t, dtype=np.int64))) / 1e3
