@@ -627,8 +627,9 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
         try:
             thread = threading.Thread(target=actor, daemon=True)
             thread.start()
-            deadline = time.monotonic() + scenario.warmup + _START_TIMEOUT_S + (
-                scenario.duration if limit is None else _requests_deadline_s(scenario))
+            deadline = time.monotonic() + scenario.warmup + (
+                _START_TIMEOUT_S + scenario.duration if limit is None
+                else _requests_deadline_s(scenario))  # (which counts _START_TIMEOUT_S)
             while thread.is_alive():
                 thread.join(_OVERHEAD_POLL_S)
                 if tick:
