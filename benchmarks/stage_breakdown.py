@@ -29,6 +29,27 @@ server idles, see docs/fast_path.md) are counted and timed in the same
 stages, on the caller's thread; the server's ``wait`` then spans them.
 ``--no-inline-calls`` serves every batch on the server's thread.
 
+``--one-caller`` instead takes one caller's call apart (the harness's
+main job, or ``--scenario``'s model and requests, called plainly): one
+thread times, per round, one call of each of these in turn (a rotating
+order, so the machine's drift and the order's cache effects fall on all
+alike), each with its request built outside the clock:
+
+* ``bare``: ``model(td)`` on a TensorDict of batch size [1], as the
+  harness's bare row (grad off outside the clock);
+* ``floor``: the steps any server handing back a row takes, in their
+  cheapest form: the caller's leaves unsqueezed into a batch of one, the
+  forward, the output's row with the caller's own memory copied (a
+  ``TensorDictModule`` passes its input through), one TensorDict of it;
+* ``rows``: batchserve's version of those steps (``LoneRequests``: the
+  same, plus the policy-version stamp and the checks);
+* ``serve_one``: the server's inline runner (``WorkerLoop.serve_one``:
+  the grad switch, the model lock, weight sync's poll, the statistics);
+* ``client``: ``client(td)``: the C++ side around it (the schema match,
+  the inline gate, the call into Python).
+
+Each line's step is its p50 minus the line above's.
+
 It is a diagnostic for the figures in docs/benchmarks.md, not a benchmark: compare
 systems with ``batchserve-bench``.
 """
@@ -49,6 +70,8 @@ from tensordict.nn import TensorDictModule
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from batchserve.batching import batch_source as _batch_source
 from batchserve.batching import fast_path as _fast_path
+from batchserve.batching import native as _native
+from batchserve.bench import runner as _runner
 from batchserve.bench import scenario as _scenario
 from batchserve.bench import systems as _systems
 from batchserve.bench import workload as _workload
@@ -202,6 +225,97 @@ def run(actors: int, seconds: float, timings: Timings, processes: bool, threads:
         print(f"      ({inline:,} of {batches:,} batches served inline, on the caller's thread)")
 
 
+def one_caller(scenario, rounds: int) -> None:
+    """Takes one caller's call apart (see the module's docstring)."""
+    scenario = scenario or _scenario.HEADLINE
+    policy = _workload.make_policy(scenario)
+    make, bare_call = _runner.bare_call(policy, scenario)
+    leaves = _workload.make_leaves(scenario)
+    server = InferenceServer(policy, ThreadingTransport(), **_systems.server_kwargs(scenario))
+    server.start()
+    client = server.client()
+    with _workload.interaction_context(scenario):
+        for _ in range(100):  # the schema is learned and the inline runner made
+            client(_workload.request(leaves))
+        loop, run = server._loop, server._run
+        lone = loop._lone
+        if lone is None or not lone.served or lone.stamp is not None or not lone._flat:
+            server.shutdown()
+            raise SystemExit("--one-caller: this scenario's requests are not served by "
+                             "LoneRequests, or not flat (an interaction stamp, metadata, "
+                             "nested keys)")
+        keys = server._transport.request_spec.keys
+        index = {key: j for j, key in enumerate(keys)}
+        one, empty = torch.Size([1]), torch.Size([])
+        version_key = server.policy_version_key
+
+        def ordered(td):
+            return tuple(td.get(key) for key in keys)
+
+        def floor(row_leaves):
+            model_input = _native.new_tensordict(
+                zip(keys, [leaf.unsqueeze(0) for leaf in row_leaves]), one, None)
+            output = policy(model_input)
+            row = {}
+            for key, value in output._tensordict.items():
+                j = index.get(key)
+                row[key] = (row_leaves[j].clone() if j is not None and value._base is row_leaves[j]
+                            else value[0])
+            return _native.new_tensordict(row, empty, output.device)
+
+        def rows(row_leaves):
+            output = policy(lone.model_input(row_leaves, None))
+            return lone.result(output, row_leaves, version_key, 0)
+
+        def timed(call, prepare, grad: bool):
+            def one_call() -> int:
+                argument = prepare()
+                torch.set_grad_enabled(grad)
+                t0 = _clock()
+                call(argument)
+                elapsed = _clock() - t0
+                torch.set_grad_enabled(True)
+                return elapsed
+            return one_call
+
+        def serve_one(td_and_leaves):
+            td, row_leaves = td_and_leaves
+            return loop.serve_one(run, td, row_leaves, lone.schema_id, 0)
+
+        def request_and_leaves():
+            td = _workload.request(leaves)
+            return td, ordered(td)
+
+        def request_leaves():
+            return ordered(_workload.request(leaves))
+
+        steps = [
+            ("bare", timed(bare_call, make, False), "model(td), batch size [1]"),
+            ("floor", timed(floor, request_leaves, False), "the row steps any server takes"),
+            ("rows", timed(rows, request_leaves, False), "batchserve's row steps (LoneRequests)"),
+            ("serve_one", timed(serve_one, request_and_leaves, True),
+             "the inline runner around them"),
+            ("client", timed(client, lambda: _workload.request(leaves), True),
+             "client(td): the C++ match, gate and call"),
+        ]
+        times = [[] for _ in steps]
+        for i in range(rounds + rounds // 10):  # the first tenth warms up, unrecorded
+            for k in range(len(steps)):
+                j = (i + k) % len(steps)
+                elapsed = steps[j][1]()
+                if i >= rounds // 10:
+                    times[j].append(elapsed)
+        inline = server.stats()["inline_requests"]
+    server.shutdown()
+    p50 = [sorted(t)[len(t) // 2] / 1e3 for t in times]
+    print(f"one caller ({scenario.name}), {rounds:,} calls of each in turn, p50:")
+    for j, (name, _, what) in enumerate(steps):
+        step = "" if j == 0 else f"{p50[j] - p50[j - 1]:+7.1f} µs"
+        print(f"  {name:10s} {p50[j]:8.1f} µs {step:>11s}  {what}")
+    print(f"  overhead (client - bare) {p50[-1] - p50[0]:.1f} µs; the floor's steps "
+          f"{p50[1] - p50[0]:.1f} µs; {inline:,} client calls were inline")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", default="1,8,32")
@@ -212,6 +326,9 @@ def main() -> None:
                         help="actor processes through a SharedMemoryTransport")
     parser.add_argument("--no-inline-calls", action="store_true",
                         help="serve every batch on the server's thread (inline_calls=False)")
+    parser.add_argument("--one-caller", type=int, metavar="ROUNDS", nargs="?", const=20000,
+                        help="take one caller's call apart instead, over ROUNDS calls of each "
+                             "step (default 20000)")
     parser.add_argument("--scenario", metavar="PATH",
                         help="a thread scenario of batchserve-bench (e.g. benchmarks/policy) "
                              "instead of the MLP")
@@ -221,6 +338,12 @@ def main() -> None:
                                  or scenario.device != "cpu"):
         parser.error("--scenario takes a thread scenario on the CPU, without --processes")
     torch.set_num_threads(args.torch_threads)
+    if args.one_caller is not None:
+        if scenario is not None and scenario.client != "direct":
+            parser.error("--one-caller calls the scenario's model plainly: "
+                         "take a scenario without a client wrapper")
+        one_caller(scenario, args.one_caller)
+        return
     timings = Timings()
     timings.wrap(_batch_source.NativeBatches, "next_batch", "wait")
     timings.wrap(_loop.WorkerLoop, "serve_batch", "serve", count=True)

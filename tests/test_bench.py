@@ -914,6 +914,28 @@ def test_the_stage_breakdown_times_every_stage(args):
         assert f" {stage} " in done.stdout
 
 
+@pytest.mark.timeout(300)
+def test_the_stage_breakdown_takes_one_callers_call_apart():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "stage_breakdown.py"),
+         "--one-caller", "200", "--torch-threads", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("one caller (mlp_threads), 200 calls of each in turn")
+    steps = [line.split()[0] for line in lines[1:6]]
+    assert steps == ["bare", "floor", "rows", "serve_one", "client"]
+    assert "overhead (client - bare)" in lines[6]
+    # A scenario whose actors call through a wrapper is not called plainly.
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "stage_breakdown.py"),
+         "--one-caller", "10", "--scenario", os.path.join(ROOT, "benchmarks", "policy")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "without a client wrapper" in done.stderr
+
+
 def test_the_stage_breakdown_takes_thread_scenarios_only():
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "stage_breakdown.py"),

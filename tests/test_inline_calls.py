@@ -18,16 +18,18 @@ MAX_CALLS = 2000
 
 
 class ThreadRecorder(torch.nn.Module):
-    """Doubles the observation into "action" and records the thread of each
-    forward; raises `fail` (once) when set."""
+    """Doubles the observation into "action" and records the thread and the
+    grad mode of each forward; raises `fail` (once) when set."""
 
     def __init__(self):
         super().__init__()
         self.threads: list[int] = []
+        self.grad_modes: list[bool] = []
         self.fail: BaseException | None = None
 
     def forward(self, td):
         self.threads.append(threading.get_ident())
+        self.grad_modes.append(torch.is_grad_enabled())
         if self.fail is not None:
             exc, self.fail = self.fail, None
             raise exc
@@ -118,6 +120,29 @@ def test_an_inline_forward_that_raises_fails_that_call_only(inline_served):
     result = client(obs(2))
     torch.testing.assert_close(result["action"], torch.full((3,), 4.0))
     assert server.stats()["failed_batches"] == 1
+
+
+@pytest.mark.parametrize("caller_grad", [True, False], ids=["grad_enabled", "no_grad"])
+def test_an_inline_forward_runs_without_grad_and_leaves_the_callers_mode(inline_served,
+                                                                         caller_grad):
+    """As on the server's thread, the model runs with grad off; the
+    caller's grad mode is as it was after the call, after a failed one too."""
+    model, server, client = inline_served
+    me = threading.get_ident()
+    with torch.set_grad_enabled(caller_grad):
+        for i in range(MAX_CALLS):
+            client(obs(i))
+            assert torch.is_grad_enabled() is caller_grad
+            if model.threads[-1] == me:
+                break
+        else:
+            pytest.fail("no call was served inline")
+        assert model.grad_modes[-1] is False
+        model.fail = ValueError("bad forward")
+        with pytest.raises(ValueError, match="bad forward"):
+            client(obs(1))
+        assert torch.is_grad_enabled() is caller_grad
+    assert not any(model.grad_modes)  # no forward, wherever it ran, had grad on
 
 
 def test_a_keyboard_interrupt_in_an_inline_forward_reaches_the_caller(inline_served):

@@ -41,6 +41,11 @@ from batchserve.server.lifecycle import (
 
 _log = logging.getLogger("batchserve")
 
+# The switch torch.set_grad_enabled(mode) makes, without the instance of
+# that class it builds per call: ~0.5 µs less per switch, two switches per
+# inline call (measured with benchmarks/stage_breakdown.py --one-caller).
+_set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
+
 
 class WorkerLoop:
     """The body of one server's worker thread.
@@ -273,11 +278,11 @@ class WorkerLoop:
         self._weight_sync.poll()
         self._inline_thread = threading.get_ident()  # a shutdown from the model must not wait
         # torch.no_grad() as a context costs ~4 µs a call here (its class
-        # machinery, on a path that runs once per call); the function form
-        # of set_grad_enabled does the same switch in ~1.
+        # machinery, on a path that runs once per call); torch's own switch
+        # does the same in well under 1.
         grad = torch.is_grad_enabled()
         if grad:
-            torch.set_grad_enabled(False)
+            _set_grad_enabled(False)
         try:
             # No prefetch: no other request is waiting for this batch.
             self.serve_batch(batch, prefetch=False, inline=True)
@@ -286,7 +291,7 @@ class WorkerLoop:
             batch.fail(exc)
         finally:
             if grad:
-                torch.set_grad_enabled(True)
+                _set_grad_enabled(True)
             self._inline_thread = None
 
     def serve_one(self, run: ServerRun, item, leaves: tuple, schema_id: int,
@@ -324,7 +329,7 @@ class WorkerLoop:
         # shared wrapper (one more call and a closure) cost ~1 µs a call.
         grad = torch.is_grad_enabled()  # (see serve_inline)
         if grad:
-            torch.set_grad_enabled(False)
+            _set_grad_enabled(False)
         try:
             dispatch_ns = _core.monotonic_ns()
             # The devices of this run's fast path (fixed at start(), as the
@@ -347,7 +352,7 @@ class WorkerLoop:
             raise
         finally:
             if grad:
-                torch.set_grad_enabled(True)
+                _set_grad_enabled(True)
             self._inline_thread = None
 
     def serve_batch(self, batch, prefetch: bool = True, inline: bool = False) -> None:
