@@ -10,10 +10,12 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 
 pytest.importorskip("rich", reason="the bench extra is not installed")
 
@@ -490,6 +492,38 @@ def _record_forwards(record, forwards):
         record.add(size, ns)
 
 
+def test_server_nice_is_set_in_the_forward_thread_of_every_system():
+    """The scenario's server_nice reaches each system's forward thread the
+    same way: the RecordingModel sets it there, on the first forward."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice = min(own + 2, 19)  # raising one's nice value needs no privilege
+    scen = scenario.Scenario(actors="processes", server_nice=nice).validate()
+    model = workload.recording_model(scen)
+    seen = []
+
+    def forward() -> None:
+        model(TensorDict({"observation": torch.zeros(2, 64)}, batch_size=[2]))
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    thread.join()
+    assert seen == [nice]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
+    assert report.describe(scen).endswith(f", server nice {nice}")
+
+
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [({"actors": "processes", "server_nice": 20}, ValueError, "from -20 to 19"),
+     ({"actors": "processes", "server_nice": True}, TypeError, "server_nice"),
+     ({"server_nice": -5}, ValueError, "process actors or a server process")],
+)
+def test_bad_server_nice_is_rejected(fields, error, message):
+    with pytest.raises(error, match=message):
+        scenario.Scenario(**fields).validate()
+
+
 def test_a_bad_server_is_rejected():
     with pytest.raises(ValueError, match="server must be one of"):
         scenario.Scenario(server="fiber").validate()
@@ -511,7 +545,10 @@ def test_flags_override_scenario_fields(tmp_path):
         parser, parser.parse_args([str(path), "--server", "process", "--single-file"]))
     assert (chosen.server, chosen.single_file, chosen.actors) == ("process", True, "threads")
     (chosen,) = cli.resolve_scenarios(parser, parser.parse_args([str(path)]))
-    assert (chosen.server, chosen.single_file) == ("thread", False)
+    assert (chosen.server, chosen.single_file, chosen.server_nice) == ("thread", False, None)
+    (chosen,) = cli.resolve_scenarios(
+        parser, parser.parse_args([str(path), "--actors", "processes", "--server-nice", "-10"]))
+    assert chosen.server_nice == -10
 
 
 def test_an_image_workload_carries_both_leaves_through_the_fast_path(tmp_path):

@@ -7,6 +7,7 @@ place). Transport selectors are resolved by
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,21 @@ def seconds(name: str, value) -> float:
     value = float(value)
     if not value >= 0:
         raise ValueError(f"{name} must be a non-negative number of seconds.")
+    return value
+
+
+def nice_value(name: str, value) -> int | None:
+    """``value`` as a Linux nice value (-20 to 19), or None (TypeError or
+    ValueError naming ``name`` otherwise; ValueError off Linux, where a
+    thread has no nice value of its own)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (a nice value) or None; got {value!r}.")
+    if not -20 <= value <= 19:
+        raise ValueError(f"{name} must be a nice value from -20 to 19; got {value}.")
+    if not sys.platform.startswith("linux"):
+        raise ValueError(f"{name} is supported on Linux only (a nice value per thread).")
     return value
 
 

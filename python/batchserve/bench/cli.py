@@ -10,6 +10,7 @@
     batchserve-bench benchmarks/weight_sync --vs torchrl  # weight updates at 10 Hz under load
     batchserve-bench benchmarks/ray --vs torchrl    # Ray actors: RayTransport vs torchrl's
     batchserve-bench --cpus 0 --vs torchrl          # the whole run confined to CPU 0
+    batchserve-bench benchmarks/processes --vs torchrl --server-nice -10  # servers before actors
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the servers' collate_fn: their default or tensordict's maybe_dense_stack")
     p.add_argument("--torch-threads", type=int, metavar="N",
                    help="torch.set_num_threads for the run (default: torch's own)")
+    p.add_argument("--server-nice", type=int, metavar="N",
+                   help="the nice value of every system's forward thread (process actors or "
+                        "--server process; below 0 needs CAP_SYS_NICE): its precedence over "
+                        "the actors")
     p.add_argument("--cpus", type=_cpu_list, metavar="LIST",
                    help="run on these CPUs only (as taskset --cpu-list: 0 or 0-3,6); "
                         "actor processes and servers inherit it")
@@ -155,7 +160,8 @@ def resolve_scenarios(parser: argparse.ArgumentParser, args) -> list[scenarios.S
         ("hidden", "hidden"), ("actions", "actions"), ("max_batch_size", "max_batch_size"),
         ("min_batch_size", "min_batch_size"), ("timeout", "timeout"), ("device", "device"),
         ("duration", "duration"), ("warmup", "warmup"), ("rounds", "rounds"),
-        ("torch_threads", "torch_threads"), ("client", "client"), ("collate", "collate"),
+        ("torch_threads", "torch_threads"), ("server_nice", "server_nice"),
+        ("client", "client"), ("collate", "collate"),
         ("static_batch_size", "static_batch_size"),
     ]:
         if getattr(args, flag) is not None:

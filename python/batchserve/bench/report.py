@@ -196,6 +196,8 @@ def describe(scenario: Scenario) -> str:
         text += f", interaction {scenario.interaction_type}"
     if scenario.collate != "default":
         text += f", collate {scenario.collate}"
+    if scenario.server_nice is not None:
+        text += f", server nice {scenario.server_nice}"
     return text
 
 

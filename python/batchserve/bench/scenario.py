@@ -52,6 +52,11 @@ command-line flags override any of its fields. Fields:
                     in the thread that runs each server's forward (default:
                     torch's own); on a small machine intra-op threads of the
                     server's forward compete with the actors for the cores
+    server_nice     the nice value of the thread that runs each server's
+                    forward (Linux), set on its first forward, every
+                    system's alike (default: left as it is); for process
+                    actors or a server process only (with thread actors a
+                    lone caller's forward may run on its own thread)
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ import importlib.resources
 import os
 import pathlib
 from dataclasses import dataclass, field
+
+from batchserve.config import nice_value
 
 try:
     import tomllib
@@ -100,6 +107,7 @@ class Scenario:
     warmup: float = 0.5
     rounds: int = 2
     torch_threads: int | None = None
+    server_nice: int | None = None
     client: str = "direct"
     interaction_type: str | None = None
     collate: str = "default"
@@ -163,6 +171,12 @@ class Scenario:
             )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be at least 1")
+        if self.server_nice is not None:
+            nice_value("server_nice", self.server_nice)
+            if not self.shared_memory:
+                raise ValueError(
+                    "server_nice is for process actors or a server process: with thread "
+                    "actors a lone caller's forward may run on its own thread")
         if self.requests is not None and self.requests < max(self.actor_counts):
             raise ValueError(
                 "requests must be at least the largest actor count "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import threading
 import time
 
@@ -246,13 +247,17 @@ class RecordingModel:
     thread belongs to: torch's intra-op setting is per thread, so setting it
     in the main thread leaves a server thread with torch's default, whose
     OpenMP workers spin between forwards on the cores the actors need.
+    ``nice`` (the scenario's server_nice) is that thread's nice value, set
+    there too, so that every system's server gets it the same way.
     """
 
     def __init__(self, policy, device: str = "cpu", threads: int | None = None,
-                 record: ForwardRecord | SharedForwardRecord | None = None):
+                 record: ForwardRecord | SharedForwardRecord | None = None,
+                 nice: int | None = None):
         self.policy = policy
         self.record = record if record is not None else ForwardRecord()
         self._threads = threads
+        self._nice = nice
         self._configured = threading.local()
         self._synchronize = torch.device(device).type == "cuda"
 
@@ -264,8 +269,11 @@ class RecordingModel:
         return self.record.stop()
 
     def __call__(self, td):
-        if self._threads is not None and not getattr(self._configured, "done", False):
-            torch.set_num_threads(self._threads)
+        if not getattr(self._configured, "done", False):
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
+            if self._nice is not None:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
             self._configured.done = True
         t0 = time.perf_counter_ns()
         out = self.policy(td)
@@ -286,13 +294,15 @@ def recording_model(scenario: Scenario) -> RecordingModel:
     (:func:`served_policy`), and this one in the parent only opens and
     closes the window (and gives the transports their specs)."""
     record = SharedForwardRecord(scenario.max_batch_size) if scenario.server == "process" else None
-    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record)
+    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record,
+                          scenario.server_nice)
 
 
 def served_policy(scenario: Scenario, record: SharedForwardRecord) -> RecordingModel:
     """A ProcessInferenceServer's policy_factory (with functools.partial):
     the scenario's policy in the child, recording into the parent's record."""
-    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record)
+    return RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads, record,
+                          scenario.server_nice)
 
 
 def request(leaves: dict[str, torch.Tensor]) -> TensorDict:

@@ -63,12 +63,14 @@ def closed_error(message: str, cause: BaseException) -> BaseException:
 class ServerRun:
     """One start()..shutdown() of the worker thread."""
 
-    __slots__ = ("stop", "ready", "lock", "start_returned", "startup_error", "inflight")
+    __slots__ = ("stop", "ready", "lock", "start_returned", "startup_error", "startup_step",
+                 "inflight")
 
     def __init__(self):
         self.stop = threading.Event()
-        self.ready = threading.Event()  # weight-sync set-up finished
+        self.ready = threading.Event()  # the worker's set-up finished
         self.lock = threading.Lock()  # start() and a late set-up failure
         self.start_returned = False
         self.startup_error: BaseException | None = None
+        self.startup_step = ""  # what raised startup_error: worker_nice, weight_sync set-up
         self.inflight = None  # the batch being served, for a timed-out shutdown

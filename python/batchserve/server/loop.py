@@ -12,6 +12,7 @@ they may change while it serves.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 
@@ -79,7 +80,7 @@ class WorkerLoop:
     def start(self, setup_timeout: float | None) -> tuple[ServerRun, threading.Thread]:
         """Starts a run: records it on the transport, opens the batch source
         and starts the worker thread, then waits up to ``setup_timeout`` for
-        its weight-sync set-up.
+        its set-up (its nice value, weight sync).
 
         Raises:
             RuntimeError: the set-up failed by then (nothing is left running).
@@ -125,7 +126,7 @@ class WorkerLoop:
         if startup_error is not None:
             worker.join()
             raise RuntimeError(
-                f"InferenceServer failed to start: weight_sync set-up raised {startup_error!r}"
+                f"InferenceServer failed to start: {run.startup_step} raised {startup_error!r}"
             ) from startup_error
         return run, worker
 
@@ -180,17 +181,22 @@ class WorkerLoop:
         # (measured: the policy workload's CPU per request up by half).
         if torch.get_num_threads() == 1:
             torch.set_num_threads(1)
+        step = "worker_nice"
         try:
+            nice = self._server.worker_nice
+            if nice is not None:  # this thread's own (a Linux thread id names one thread)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            step = "weight_sync set-up"
             self._weight_sync.set_up()
         except BaseException as exc:
             with run.lock:
-                run.startup_error = exc
+                run.startup_error, run.startup_step = exc, step
                 reported = not run.start_returned  # start() raises it
             run.ready.set()
             if not reported:
-                _log.error("batchserve: weight_sync set-up failed: %r", exc)
+                _log.error("batchserve: %s failed: %r", step, exc)
                 self._stop_serving(
-                    run, closed_error(f"InferenceServer weight_sync set-up failed: {exc!r}", exc)
+                    run, closed_error(f"InferenceServer {step} failed: {exc!r}", exc)
                 )
             return
         run.ready.set()

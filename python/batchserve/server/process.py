@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tensordict.base import TensorDictBase
 
-from batchserve.config import ServerSettings
+from batchserve.config import ServerSettings, nice_value
 from batchserve.server.static_batches import check_static_batch_size
 from batchserve.transports.base import InferenceTransport, transport_kind
 from batchserve.transports.exception_codec import decode_exception, encode_exception
@@ -195,8 +195,8 @@ class ProcessInferenceServer:
         max_batch_size, min_batch_size, timeout, collate_fn, device,
         policy_device, output_device, collect_stats, stats_window_size,
         weight_sync, weight_sync_model_id, server_config, device_config,
-        policy_version, policy_version_key, static_batch_size: as for
-            :class:`~batchserve.InferenceServer`, which runs in the child.
+        policy_version, policy_version_key, static_batch_size, worker_nice: as
+            for :class:`~batchserve.InferenceServer`, which runs in the child.
         shutdown_event (multiprocessing Event, optional): setting it stops the
             server (the child finishes its forward, fails what waits, exits).
         mp_context: multiprocessing context or start-method name. Defaults to
@@ -245,6 +245,7 @@ class ProcessInferenceServer:
         shutdown_event=None,
         mp_context: str | mp.context.BaseContext | None = None,
         startup_timeout: float = 300.0,
+        worker_nice: int | None = None,
     ) -> None:
         if not callable(policy_factory):
             raise TypeError(f"policy_factory must be callable; got {policy_factory!r}.")
@@ -305,6 +306,7 @@ class ProcessInferenceServer:
             "weight_sync_model_id": weight_sync_model_id,
             "policy_version": policy_version,
             "policy_version_key": policy_version_key,
+            "worker_nice": nice_value("worker_nice", worker_nice),
         }
         if static_batch_size is not None:
             self._server_kwargs["static_batch_size"] = static_batch_size

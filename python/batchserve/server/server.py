@@ -23,6 +23,7 @@ from batchserve.config import (
     BatchingSetting,
     ServerSettings,
     as_device,
+    nice_value,
     positive_int,
     seconds,
 )
@@ -148,6 +149,17 @@ class InferenceServer(metaclass=ServerDeployment):
             only for a model on the CPU without ``static_batch_size``.
             ``False`` keeps every forward on the server's thread (a model
             bound to it). Default: ``True``.
+        worker_nice (int, optional): the nice value the server's worker
+            thread runs at (Linux, where each thread has its own; threads it
+            starts inherit it). With more actor processes than cores, every
+            actor the server wakes takes a core from it at once, while the
+            server is the thread all their requests wait for; a value below
+            the actors' (``-10``) gives it precedence (see
+            ``docs/benchmarks.md``, "The server's priority"). Going below the
+            process's own value takes ``CAP_SYS_NICE`` or an ``RLIMIT_NICE``
+            that allows it: ``start()`` raises when the system refuses.
+            Inline calls run on their caller's thread, at its priority.
+            Default: ``None``, the thread's as it is.
 
     Requests of one fixed schema with the default ``collate_fn`` take the
     fast path: copied without the GIL into staging memory, one forward over
@@ -198,6 +210,7 @@ class InferenceServer(metaclass=ServerDeployment):
         device_config=None,
         request_spec=None,
         inline_calls: bool = True,
+        worker_nice: int | None = None,
     ):
         # The deployment keywords were resolved by ServerDeployment (they stay
         # in the signature for help() and type checkers); a subclass built
@@ -241,6 +254,7 @@ class InferenceServer(metaclass=ServerDeployment):
         self.policy_version_key = policy_version_key
         self.collect_stats = settings.collect_stats
         self.inline_calls = bool(inline_calls)
+        self.worker_nice = nice_value("worker_nice", worker_nice)
         self._stats = ServerStats(settings.stats_window_size)
         self._versions = PolicyVersion(policy_version, self._stats)
         self._batches = batches_for(served)
