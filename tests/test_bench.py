@@ -445,6 +445,21 @@ def test_the_interleaved_overhead_measures_both_kinds_in_whole_blocks():
 
 
 @pytest.mark.timeout(300)
+def test_server_nice_never_reaches_the_actor_measuring_the_overhead(monkeypatch):
+    """Thread actors of a server process: only the child's forward thread
+    gets server_nice, not the actor thread that runs the bare calls here."""
+    set_here = []
+    monkeypatch.setattr(os, "setpriority", lambda *args: set_here.append(args))
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    scen = scenario.Scenario(server="process", actor_counts=[1], hidden=[16], requests=100,
+                             warmup=0.0, rounds=1, torch_threads=1,
+                             server_nice=min(own + 1, 19)).validate()
+    result = runner.measure_overhead("batchserve", scen)
+    assert result["calls"] == runner.OVERHEAD_BLOCK
+    assert set_here == []
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("system, single_file", [
     ("batchserve", False), ("batchserve", True), ("torchrl", False),
 ])

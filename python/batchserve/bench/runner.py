@@ -582,7 +582,10 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     if scenario.client == "policy_client":
         require_torchrl("client 'policy_client' (torchrl's PolicyClientModule)")
     model, server, new_client = _thread_server(system, scenario, 1)
-    make, bare = bare_call(model, scenario)  # the served wrapper (see measure_bare)
+    # The servers' wrapper (see measure_bare), without the scenario's
+    # server_nice: these calls run on the actor's thread.
+    make, bare = bare_call(RecordingModel(model.policy, scenario.device, scenario.torch_threads),
+                           scenario)
     leaves = make_leaves(scenario)
     clock = time.perf_counter_ns
     times = {"bare": array("q"), system: array("q")}
