@@ -35,8 +35,9 @@ thread times, per round, one call of each of these in turn (a rotating
 order, so the machine's drift and the order's cache effects fall on all
 alike), each with its request built outside the clock:
 
-* ``bare``: ``model(td)`` on a TensorDict of batch size [1], as the
-  harness's bare row (grad off outside the clock);
+* ``bare``: the plain ``model(td)`` on a TensorDict of batch size [1]
+  (grad off outside the clock; the harness's bare row runs it inside its
+  recording wrapper, ~1 µs more);
 * ``floor``: the steps any server handing back a row takes, in their
   cheapest form: the caller's leaves unsqueezed into a batch of one, the
   forward, the output's row with the caller's own memory copied (a

@@ -511,9 +511,13 @@ def test_server_nice_is_set_in_the_forward_thread_of_every_system():
     """The scenario's server_nice reaches each system's forward thread the
     same way: the RecordingModel sets it there, on the first forward."""
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    nice = min(own + 2, 19)  # raising one's nice value needs no privilege
+    if own > 17:
+        pytest.skip(f"this process runs at nice {own}: no room above it")
+    nice = own + 2  # raising one's nice value needs no privilege
     scen = scenario.Scenario(actors="processes", server_nice=nice).validate()
     model = workload.recording_model(scen)
+    model(TensorDict({"observation": torch.zeros(2, 64)}, batch_size=[2]))  # the main thread's
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # are the harness's
     seen = []
 
     def forward() -> None:

@@ -7,7 +7,9 @@ place). Transport selectors are resolved by
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,13 @@ def nice_value(name: str, value) -> int | None:
     if not sys.platform.startswith("linux"):
         raise ValueError(f"{name} is supported on Linux only (a nice value per thread).")
     return value
+
+
+def set_thread_nice(value: int) -> None:
+    """Sets the calling thread's own nice value (Linux: a thread id names
+    one thread). Raises what ``os.setpriority`` raises (PermissionError
+    below the process's value without CAP_SYS_NICE or RLIMIT_NICE)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
 
 
 def as_device(device) -> torch.device | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import threading
 import time
 
@@ -21,6 +20,7 @@ from tensordict.nn import (
 )
 
 from batchserve.bench.scenario import Scenario
+from batchserve.config import set_thread_nice
 
 
 def make_leaf(shape, dtype: str) -> torch.Tensor:
@@ -248,7 +248,10 @@ class RecordingModel:
     in the main thread leaves a server thread with torch's default, whose
     OpenMP workers spin between forwards on the cores the actors need.
     ``nice`` (the scenario's server_nice) is that thread's nice value, set
-    there too, so that every system's server gets it the same way.
+    there too, so that every system's server gets it the same way; never on
+    the main thread, whose forwards are the harness's own (the null row's
+    timed forwards, a CUDA graph's capture) and whose nice value the actors
+    started later would inherit.
     """
 
     def __init__(self, policy, device: str = "cpu", threads: int | None = None,
@@ -272,8 +275,8 @@ class RecordingModel:
         if not getattr(self._configured, "done", False):
             if self._threads is not None:
                 torch.set_num_threads(self._threads)
-            if self._nice is not None:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            if self._nice is not None and threading.current_thread() is not threading.main_thread():
+                set_thread_nice(self._nice)
             self._configured.done = True
         t0 = time.perf_counter_ns()
         out = self.policy(td)

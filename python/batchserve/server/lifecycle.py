@@ -63,11 +63,12 @@ def closed_error(message: str, cause: BaseException) -> BaseException:
 class ServerRun:
     """One start()..shutdown() of the worker thread."""
 
-    __slots__ = ("stop", "ready", "lock", "start_returned", "startup_error", "startup_step",
-                 "inflight")
+    __slots__ = ("stop", "prepared", "ready", "lock", "start_returned", "startup_error",
+                 "startup_step", "inflight")
 
     def __init__(self):
         self.stop = threading.Event()
+        self.prepared = threading.Event()  # the worker's own settings applied (worker_nice)
         self.ready = threading.Event()  # the worker's set-up finished
         self.lock = threading.Lock()  # start() and a late set-up failure
         self.start_returned = False

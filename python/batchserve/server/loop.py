@@ -12,7 +12,6 @@ they may change while it serves.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 
@@ -32,6 +31,7 @@ from batchserve.batching.collate import (
 )
 from batchserve.batching.fast_path import FastPath
 from batchserve.batching.lone_request import LoneRequests
+from batchserve.config import set_thread_nice
 from batchserve.server.lifecycle import (
     SHUTDOWN_MESSAGE,
     ServerRun,
@@ -119,12 +119,15 @@ class WorkerLoop:
             target=self.main, args=(run,), daemon=True, name="batchserve-worker"
         )
         worker.start()
+        run.prepared.wait()  # worker_nice applied or refused: start() raises the refusal
         run.ready.wait(setup_timeout)
         with run.lock:
             run.start_returned = True
             startup_error = run.startup_error
         if startup_error is not None:
             worker.join()
+            # Served by no run of ours: shutdown() then fails what waits.
+            self._transport.serve_with(previous_run)
             raise RuntimeError(
                 f"InferenceServer failed to start: {run.startup_step} raised {startup_error!r}"
             ) from startup_error
@@ -183,9 +186,12 @@ class WorkerLoop:
             torch.set_num_threads(1)
         step = "worker_nice"
         try:
-            nice = self._server.worker_nice
-            if nice is not None:  # this thread's own (a Linux thread id names one thread)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            try:
+                nice = self._server.worker_nice
+                if nice is not None:
+                    set_thread_nice(nice)
+            finally:
+                run.prepared.set()
             step = "weight_sync set-up"
             self._weight_sync.set_up()
         except BaseException as exc:

@@ -150,8 +150,8 @@ class InferenceServer(metaclass=ServerDeployment):
             ``False`` keeps every forward on the server's thread (a model
             bound to it). Default: ``True``.
         worker_nice (int, optional): the nice value the server's worker
-            thread runs at (Linux, where each thread has its own; threads it
-            starts inherit it). With more actor processes than cores, every
+            thread runs at (Linux, where each thread has its own), set when
+            it starts. With more actor processes than cores, every
             actor the server wakes takes a core from it at once, while the
             server is the thread all their requests wait for; a value below
             the actors' (``-10``) gives it precedence (see
