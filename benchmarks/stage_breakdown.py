@@ -72,6 +72,7 @@ from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTranspor
 from batchserve.batching import batch_source as _batch_source
 from batchserve.batching import fast_path as _fast_path
 from batchserve.batching import native as _native
+from batchserve.bench import metrics as _metrics
 from batchserve.bench import runner as _runner
 from batchserve.bench import scenario as _scenario
 from batchserve.bench import systems as _systems
@@ -312,7 +313,7 @@ def one_caller(scenario, rounds: int) -> None:
                     times[j].append(elapsed)
         inline = server.stats()["inline_requests"] - inline0 - direct[0]
     server.shutdown()
-    p50 = [sorted(t)[len(t) // 2] / 1e3 for t in times]
+    p50 = [_metrics.nearest_rank(sorted(t), 0.5) / 1e3 for t in times]  # as the harness's
     print(f"one caller ({scenario.name}), {rounds:,} calls of each in turn, p50:")
     for j, (name, _, what) in enumerate(steps):
         step = "" if j == 0 else f"{p50[j] - p50[j - 1]:+7.1f} µs"

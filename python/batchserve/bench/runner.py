@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from batchserve.bench.metrics import fast_path_summary
+from batchserve.bench.metrics import fast_path_summary, nearest_rank
 from batchserve.bench.scenario import Scenario
 from batchserve.bench.systems import (
     LIMITS,
@@ -513,14 +513,19 @@ def bare_call(policy, scenario: Scenario):
     return make, call
 
 
+def _bare_model(policy, scenario: Scenario) -> RecordingModel:
+    """``policy`` inside the wrapper every server's forward runs in (~1 µs
+    a call, so that the overhead figures do not count the harness's own
+    recording), without the scenario's server_nice: bare calls run on the
+    harness's own threads."""
+    return RecordingModel(policy, scenario.device, scenario.torch_threads)
+
+
 def measure_bare(scenario: Scenario, tick=None) -> Measurement:
     """model(td) at batch size 1 in a loop, one thread: the floor (see
     :func:`bare_call`). It runs under the scenario's interaction type, as
     the servers' forwards do."""
-    # Through the wrapper every server's forward runs in (~1 µs a call), so
-    # that the overhead figures do not count the harness's own recording.
-    policy = RecordingModel(make_policy(scenario), scenario.device, scenario.torch_threads)
-    make, call = bare_call(policy, scenario)
+    make, call = bare_call(_bare_model(make_policy(scenario), scenario), scenario)
     latencies = array("q")
     clock = time.perf_counter_ns
 
@@ -582,10 +587,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     if scenario.client == "policy_client":
         require_torchrl("client 'policy_client' (torchrl's PolicyClientModule)")
     model, server, new_client = _thread_server(system, scenario, 1)
-    # The servers' wrapper (see measure_bare), without the scenario's
-    # server_nice: these calls run on the actor's thread.
-    make, bare = bare_call(RecordingModel(model.policy, scenario.device, scenario.torch_threads),
-                           scenario)
+    make, bare = bare_call(_bare_model(model.policy, scenario), scenario)
     leaves = make_leaves(scenario)
     clock = time.perf_counter_ns
     times = {"bare": array("q"), system: array("q")}
@@ -648,7 +650,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 raise BenchError(f"the overhead measurement failed: {errors[0]!r}") from errors[0]
         finally:
             server.shutdown()
-    p50 = {name: float(np.median(np.frombuffer(t, dtype=np.int64))) / 1e3
-           for name, t in times.items()}
+    p50 = {name: nearest_rank(np.sort(np.frombuffer(t, dtype=np.int64)), 0.5) / 1e3
+           for name, t in times.items()}  # as the table's p50s are taken
     return {"bare_p50_us": p50["bare"], "p50_us": p50[system],
             "overhead_us": p50[system] - p50["bare"], "calls": len(times[system])}
