@@ -41,7 +41,9 @@ alike), each with its request built outside the clock:
 * ``floor``: the steps any server handing back a row takes, in their
   cheapest form: the caller's leaves unsqueezed into a batch of one, the
   forward, the output's row with the caller's own memory copied (a
-  ``TensorDictModule`` passes its input through), one TensorDict of it;
+  ``TensorDictModule`` passes its input through), one TensorDict of it
+  (``batchserve.bench.runner.floor_call``, which the harness's interleaved
+  overhead measures too);
 * ``rows``: batchserve's version of those steps (``LoneRequests``: the
   same, plus the policy-version stamp and the checks);
 * ``serve_one``: the server's inline runner (``WorkerLoop.serve_one``:
@@ -71,7 +73,6 @@ from tensordict.nn import TensorDictModule
 from batchserve import InferenceServer, SharedMemoryTransport, ThreadingTransport
 from batchserve.batching import batch_source as _batch_source
 from batchserve.batching import fast_path as _fast_path
-from batchserve.batching import native as _native
 from batchserve.bench import metrics as _metrics
 from batchserve.bench import runner as _runner
 from batchserve.bench import scenario as _scenario
@@ -247,23 +248,11 @@ def one_caller(scenario, rounds: int) -> None:
                              "LoneRequests, or not flat (an interaction stamp, metadata, "
                              "nested keys)")
         keys = server._transport.request_spec.keys
-        index = {key: j for j, key in enumerate(keys)}
-        one, empty = torch.Size([1]), torch.Size([])
         version_key = server.policy_version_key
+        floor = _runner.floor_call(policy, scenario)
 
         def ordered(td):
             return tuple(td.get(key) for key in keys)
-
-        def floor(row_leaves):
-            model_input = _native.new_tensordict(
-                zip(keys, [leaf.unsqueeze(0) for leaf in row_leaves]), one, None)
-            output = policy(model_input)
-            row = {}
-            for key, value in output._tensordict.items():
-                j = index.get(key)
-                row[key] = (row_leaves[j].clone() if j is not None and value._base is row_leaves[j]
-                            else value[0])
-            return _native.new_tensordict(row, empty, output.device)
 
         def rows(row_leaves):
             output = policy(lone.model_input(row_leaves, None))
@@ -296,7 +285,8 @@ def one_caller(scenario, rounds: int) -> None:
 
         steps = [
             ("bare", timed(bare_call, make, False), "model(td), batch size [1]"),
-            ("floor", timed(floor, request_leaves, False), "the row steps any server takes"),
+            ("floor", timed(floor, lambda: _workload.request(leaves), False),
+             "the row steps any server takes"),
             ("rows", timed(rows, request_leaves, False), "batchserve's row steps (LoneRequests)"),
             ("serve_one", timed(serve_one, request_and_leaves, True),
              "the inline runner around them"),

@@ -119,12 +119,13 @@ PYBIND11_MODULE(_core, m) {
            py::arg("callers"), py::arg("end_ns"))
       .def(
           "record_inline_call",
-          [](ServerStatsCore& stats, int64_t submit_ns, int64_t dispatch_ns) {
-            stats.record_one(submit_ns, dispatch_ns, monotonic_ns(), bindings::this_caller());
+          [](ServerStatsCore& stats, int64_t submit_ns) {
+            // Dispatched as submitted: an inline call waits in no queue.
+            stats.record_one(submit_ns, submit_ns, monotonic_ns(), bindings::this_caller());
           },
-          py::arg("submit_ns"), py::arg("dispatch_ns"),
+          py::arg("submit_ns"),
           "A lone caller's fast-path request served on its own thread (the calling "
-          "thread, its caller), dispatched at dispatch_ns and ended now.")
+          "thread, its caller), matched at submit_ns and ended now.")
       .def("snapshot", &ServerStatsCore::snapshot, py::arg("reset") = false)
       .def("reset", &ServerStatsCore::reset);
 
@@ -147,6 +148,14 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<size_t, bool>(), py::arg("capacity"), py::arg("single_file") = false)
       .def_property_readonly("single_file", &bindings::RequestQueue::single_file)
       .def("call", &bindings::RequestQueue::call, py::arg("item"), py::arg("timeout") = py::none())
+      .def_property_readonly(
+          "blocking_call",
+          [](const py::object& self) {
+            return bindings::blocking_call_of<bindings::RequestQueue,
+                                              &bindings::RequestQueue::call>(self);
+          },
+          "call(item, timeout=None) with positional arguments only, entered without "
+          "pybind11's dispatcher (a new callable on each read: read it once)")
       .def("submit_pending", &bindings::RequestQueue::submit_pending, py::arg("item"),
            py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))

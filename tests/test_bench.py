@@ -439,9 +439,35 @@ def test_the_interleaved_overhead_measures_both_kinds_in_whole_blocks():
     assert result["calls"] == 2 * runner.OVERHEAD_BLOCK  # whole blocks, at least 200
     assert 0 < result["bare_p50_us"] and 0 < result["p50_us"]
     assert result["overhead_us"] == pytest.approx(result["p50_us"] - result["bare_p50_us"])
+    assert 0 < result["floor_p50_us"]  # the floor's blocks, alternated with the others'
+    assert result["floor_us"] == pytest.approx(result["floor_p50_us"] - result["bare_p50_us"])
+    line = report.interleaved_lines({"batchserve": result})[0]
+    assert "the floor under it (a batch of one in and its row out, no server: " in line
     processes = dataclasses.replace(scen, actors="processes")
     with pytest.raises(BenchError, match="thread actors"):
         runner.measure_overhead("batchserve", processes)
+
+
+@pytest.mark.parametrize("model", ["mlp", "policy"])
+def test_the_floor_hands_back_the_row_a_server_would(model):
+    """runner.floor_call: the model's output for a batch of one, as one row;
+    the request's own tensors are copied, never handed back."""
+    scen = scenario.Scenario(model=model, hidden=[16]).validate()
+    policy = workload.make_policy(scen)
+    floor = runner.floor_call(policy, scen)
+    td = workload.request(workload.make_leaves(scen))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        row = floor(td)
+        torch.manual_seed(0)
+        expected = policy(td.unsqueeze(0).clone())[0]
+    assert row.batch_size == torch.Size([]) and set(row.keys()) == set(expected.keys())
+    for key in expected.keys():
+        assert torch.equal(row[key], expected[key]), key
+    for key, leaf in td.items():
+        assert row[key].data_ptr() != leaf.data_ptr()  # passed through: copied
+    on_gpu = dataclasses.replace(scen, device="cuda")
+    assert runner.floor_call(policy, on_gpu) is None
 
 
 @pytest.mark.timeout(300)
@@ -661,6 +687,8 @@ def test_quick_run_writes_valid_json_and_a_plot(tmp_path):
     assert interleaved["calls"] >= runner.OVERHEAD_BLOCK
     assert interleaved["overhead_us"] == pytest.approx(
         interleaved["p50_us"] - interleaved["bare_p50_us"])
+    assert interleaved["floor_us"] == pytest.approx(
+        interleaved["floor_p50_us"] - interleaved["bare_p50_us"])
     assert "overhead per call at 1 actor, interleaved (batchserve" in done.stdout
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

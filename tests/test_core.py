@@ -135,6 +135,47 @@ def test_withdrawn_request_releases_its_payload():
     assert sys.getrefcount(payload) == before
 
 
+def test_the_blocking_call_entry_is_the_queue_s_call():
+    """RequestQueue.blocking_call (entered without pybind11's dispatcher)
+    returns, raises and releases what call does, and keeps its queue alive."""
+    queue = make_queue()
+    call = queue.blocking_call
+    outcome = []
+    payload = object()
+    caller = threading.Thread(target=lambda: outcome.append(call(payload)))
+    caller.start()
+    handles = []
+    while not handles:
+        queue.wait_for_work(0.1)
+        _, handles, _ = queue.drain(1)
+    result = object()
+    handles[0].set_result(result)
+    caller.join(10)
+    assert outcome == [result]
+
+    before = sys.getrefcount(payload)
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        call(payload, 0.01)
+    assert queue.collect() is None and sys.getrefcount(payload) == before
+    with pytest.raises(TimeoutError, match="withdrawn"):
+        call(payload, 0)  # an int timeout, as call takes it
+    with pytest.raises(TypeError):
+        call(payload, "soon")
+    with pytest.raises(TypeError):
+        call()
+    with pytest.raises(TypeError):
+        call(payload, None, None)
+    with pytest.raises(TypeError):
+        call(payload, timeout=1.0)  # positional only
+    queue.close()
+    with pytest.raises(_core.ServerClosedError):
+        call(payload, 1.0)
+
+    kept = make_queue().blocking_call  # its queue has no other reference
+    with pytest.raises(TimeoutError):
+        kept(object(), 0.0)
+
+
 def test_fail_pending_and_closed_queue():
     queue = make_queue()
     futures = [submit(queue, object()) for _ in range(3)]

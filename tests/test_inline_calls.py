@@ -80,6 +80,23 @@ def test_a_lone_caller_is_served_on_its_own_thread():
     assert stats["fast_path_requests"] == stats["requests"] - 1
 
 
+def test_an_inline_call_waits_in_no_queue(inline_served):
+    """stats(): an inline call is counted as a batch of one whose queue wait
+    is 0 (dispatched as it matched) and whose server time is measured."""
+    model, server, client = inline_served
+    for i in range(MAX_CALLS):
+        server.stats(reset=True)
+        client(obs(i))
+        stats = server.stats()
+        if stats["requests"] == stats["inline_requests"] == 1:
+            break
+    else:
+        pytest.fail(f"no call of {MAX_CALLS} was served inline")
+    assert stats["batches"] == 1 and stats["batch_size_histogram"] == {1: 1}
+    assert stats["p50_queue_ms"] == stats["p99_queue_ms"] == 0.0
+    assert stats["p50_forward_ms"] > 0 and stats["p50_server_ms"] >= stats["p50_forward_ms"]
+
+
 def test_an_inline_result_owns_its_memory(inline_served):
     """The result does not share memory with the request or staging."""
     model, server, client = inline_served

@@ -147,7 +147,7 @@ inline bool holds_general_key(PyObject* leaves, const std::vector<py::object>& g
 // TensorDict of batch size [] (a request, or a sub-TensorDict of one, that
 // the fast path can take).
 inline bool empty_batch_size(PyObject* o) {
-  const Py_ssize_t dims = PyObject_Length(attr(o, torch_refs().s_batch_size).ptr());
+  const Py_ssize_t dims = PyObject_Length(attr(o, torch_refs().s_td_batch_size).ptr());
   if (dims < 0) PyErr_Clear();  // not a size: not a TensorDict the fast path takes
   return dims == 0;
 }
@@ -270,7 +270,7 @@ inline py::object fast_path_schema(const py::object& item,
     return out;
   };
   return py::make_tuple(as_tuple(found.keys), as_tuple(found.dtypes), as_tuple(found.shapes),
-                        attr(item.ptr(), torch_refs().s_device), as_tuple(found.extras));
+                        attr(item.ptr(), torch_refs().s_td_device), as_tuple(found.extras));
 }
 
 // GIL held. Why request `item` cannot take the fast path (None: it can).
@@ -306,7 +306,7 @@ inline Py_ssize_t count_entries(PyObject* leaves) {
 // GIL held. Whether `item`'s batch size is the schema's ([] when unset).
 inline bool same_batch_size(PyObject* item, const FastSchema& schema) {
   if (!schema.batch_size) return empty_batch_size(item);
-  py::object batch_size = attr(item, torch_refs().s_batch_size);
+  py::object batch_size = attr(item, torch_refs().s_td_batch_size);
   const int same = PyObject_RichCompareBool(batch_size.ptr(), schema.batch_size.ptr(), Py_EQ);
   if (same < 0) throw py::error_already_set();
   return same == 1;
@@ -376,7 +376,7 @@ inline OwnedRows match_schema(PyObject* item, const FastSchema& schema, bool own
   }
   if (holds_general_key(leaves.ptr(), schema.general_keys)) return nullptr;
   {
-    py::object device = attr(item, t.s_device);
+    py::object device = attr(item, t.s_td_device);
     const int same = PyObject_RichCompareBool(device.ptr(), schema.device.ptr(), Py_EQ);
     if (same < 0) throw py::error_already_set();
     if (same == 0) return nullptr;

@@ -82,12 +82,18 @@ def overhead_us(rows: dict) -> dict[str, float]:
 def interleaved_lines(interleaved: dict) -> list[str]:
     """One line per system whose one-actor overhead was measured
     interleaved with the bare call (``runner.measure_overhead``)."""
-    return [
-        f"overhead per call at 1 actor, interleaved ({system} p50 − bare p50 over the same "
-        f"{r['calls']:,} calls each, in alternated blocks of {OVERHEAD_BLOCK}): "
-        f"{r['overhead_us']:.1f} µs ({system} {r['p50_us']:.1f} µs, bare {r['bare_p50_us']:.1f} µs)"
-        for system, r in interleaved.items()
-    ]
+    lines = []
+    for system, r in interleaved.items():
+        line = (f"overhead per call at 1 actor, interleaved ({system} p50 − bare p50 over the "
+                f"same {r['calls']:,} calls each, in alternated blocks of {OVERHEAD_BLOCK}): "
+                f"{r['overhead_us']:.1f} µs ({system} {r['p50_us']:.1f} µs, bare "
+                f"{r['bare_p50_us']:.1f} µs)")
+        if r.get("floor_us") is not None:
+            line += (f"; the floor under it (a batch of one in and its row out, no server: "
+                     f"runner.floor_call) {r['floor_us']:.1f} µs, {system} "
+                     f"{r['overhead_us'] - r['floor_us']:.1f} µs above it")
+        lines.append(line)
+    return lines
 
 
 def refusal_lines(rows: dict) -> list[str]:

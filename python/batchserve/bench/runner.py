@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from batchserve.batching.native import new_tensordict
 from batchserve.bench.metrics import fast_path_summary, nearest_rank
 from batchserve.bench.scenario import Scenario
 from batchserve.bench.systems import (
@@ -513,6 +514,35 @@ def bare_call(policy, scenario: Scenario):
     return make, call
 
 
+def floor_call(policy, scenario: Scenario):
+    """The steps any server that hands a row back takes around the forward,
+    in their cheapest form and without a server (None on a GPU, whose
+    server path has copies of its own): ``call(td)`` takes ``td``, one
+    unbatched request, unsqueezes its leaves into a TensorDict of batch size
+    [1], runs ``policy`` on it and returns the output's row as a TensorDict
+    of batch size [] (an entry that is the request's own tensor passed
+    through, as a ``TensorDictModule`` passes its input, copied: the caller
+    refills it). What a one-actor overhead cannot go below: the floor under
+    it. ``batchserve.batching.lone_request`` takes these steps for an
+    inline call, with its checks and the policy-version stamp."""
+    if scenario.device != "cpu":
+        return None
+    one, empty = torch.Size([1]), torch.Size([])
+
+    def call(td):
+        leaves = td._tensordict
+        output = policy(new_tensordict(
+            [(key, leaf.unsqueeze(0)) for key, leaf in leaves.items()], one, None))
+        row = {}
+        for key, value in output._tensordict.items():
+            own = leaves.get(key)
+            passed = own is not None and type(value) is torch.Tensor and value._base is own
+            row[key] = own.clone() if passed else value[0]
+        return new_tensordict(row, empty, output.device)
+
+    return call
+
+
 def _bare_model(policy, scenario: Scenario) -> RecordingModel:
     """``policy`` inside the wrapper every server's forward runs in (~1 µs
     a call, so that the overhead figures do not count the harness's own
@@ -575,22 +605,24 @@ _OVERHEAD_POLL_S = 0.1
 def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     """One actor thread's overhead with ``system``: blocks of
     :data:`OVERHEAD_BLOCK` bare calls of the model the server serves (see
-    :func:`bare_call`) and blocks of calls through the system's client,
-    alternated for the scenario's ``duration`` (after its ``warmup``), or
-    until each kind has ``requests`` calls, in whole blocks. The
-    p50 of each over the same seconds, and their difference: unlike the
-    difference of the bare row's p50 and the one-actor row's, measured
-    seconds or minutes apart, it does not take the machine's drift for
-    overhead. Thread actors only."""
+    :func:`bare_call`), of its floor (see :func:`floor_call`; CPU scenarios)
+    and of calls through the system's client, alternated for the scenario's
+    ``duration`` (after its ``warmup``), or until each kind has ``requests``
+    calls, in whole blocks. The p50 of each over the same seconds, and their
+    differences from the bare call's: unlike the difference of the bare
+    row's p50 and the one-actor row's, measured seconds or minutes apart,
+    it does not take the machine's drift for overhead. Thread actors only."""
     if scenario.actors != "threads":
         raise BenchError("the interleaved overhead is measured for thread actors")
     if scenario.client == "policy_client":
         require_torchrl("client 'policy_client' (torchrl's PolicyClientModule)")
     model, server, new_client = _thread_server(system, scenario, 1)
-    make, bare = bare_call(_bare_model(model.policy, scenario), scenario)
+    bare_model = _bare_model(model.policy, scenario)
+    make, bare = bare_call(bare_model, scenario)
+    floor = floor_call(bare_model, scenario)
     leaves = make_leaves(scenario)
     clock = time.perf_counter_ns
-    times = {"bare": array("q"), system: array("q")}
+    times = {"bare": array("q"), "floor": array("q"), system: array("q")}
 
     def bare_block(record) -> None:
         with torch.no_grad():
@@ -598,6 +630,16 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 td = make()
                 s = clock()
                 bare(td)
+                record(clock() - s)
+
+    def floor_block(record) -> None:
+        if floor is None:
+            return
+        with torch.no_grad():
+            for _ in range(OVERHEAD_BLOCK):
+                td = request(leaves)
+                s = clock()
+                floor(td)
                 record(clock() - s)
 
     def served_block(client, record) -> None:
@@ -617,6 +659,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
             end = time.perf_counter() + scenario.warmup
             while time.perf_counter() < end:
                 bare_block(lambda ns: None)
+                floor_block(lambda ns: None)
                 served_block(client, lambda ns: None)
             t0 = time.perf_counter()
             while True:
@@ -626,6 +669,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 if progress[0] >= 1.0:
                     return
                 bare_block(times["bare"].append)
+                floor_block(times["floor"].append)
                 served_block(client, times[system].append)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -651,6 +695,9 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
         finally:
             server.shutdown()
     p50 = {name: nearest_rank(np.sort(np.frombuffer(t, dtype=np.int64)), 0.5) / 1e3
-           for name, t in times.items()}  # as the table's p50s are taken
+           for name, t in times.items() if len(t)}  # as the table's p50s are taken
+    floor_p50 = p50.get("floor")
     return {"bare_p50_us": p50["bare"], "p50_us": p50[system],
-            "overhead_us": p50[system] - p50["bare"], "calls": len(times[system])}
+            "overhead_us": p50[system] - p50["bare"], "calls": len(times[system]),
+            "floor_p50_us": floor_p50,
+            "floor_us": None if floor_p50 is None else floor_p50 - p50["bare"]}

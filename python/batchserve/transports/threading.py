@@ -97,8 +97,9 @@ class ThreadingTransport(NativeTransport):
 
     @property
     def blocking_call(self):
-        """The queue's ``call(td, timeout)``: it waits on a futex, GIL released."""
-        return self._queue.call
+        """The queue's ``call(td, timeout)``: it waits on a futex, GIL released
+        (entered without pybind11's dispatcher: ``RequestQueue.blocking_call``)."""
+        return self._queue.blocking_call
 
     @property
     def max_queue_size(self) -> int:
