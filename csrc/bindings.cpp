@@ -119,13 +119,12 @@ PYBIND11_MODULE(_core, m) {
            py::arg("callers"), py::arg("end_ns"))
       .def(
           "record_inline_call",
-          [](ServerStatsCore& stats, int64_t submit_ns) {
-            // Dispatched as submitted: an inline call waits in no queue.
-            stats.record_one(submit_ns, submit_ns, monotonic_ns(), bindings::this_caller());
+          [](ServerStatsCore& stats, int64_t submit_ns, int64_t dispatch_ns) {
+            stats.record_one(submit_ns, dispatch_ns, monotonic_ns(), bindings::this_caller());
           },
-          py::arg("submit_ns"),
+          py::arg("submit_ns"), py::arg("dispatch_ns"),
           "A lone caller's fast-path request served on its own thread (the calling "
-          "thread, its caller), matched at submit_ns and ended now.")
+          "thread, its caller), dispatched at dispatch_ns and ended now.")
       .def("snapshot", &ServerStatsCore::snapshot, py::arg("reset") = false)
       .def("reset", &ServerStatsCore::reset);
 
@@ -175,6 +174,8 @@ PYBIND11_MODULE(_core, m) {
       .def("set_inline_runner", &bindings::RequestQueue::set_inline_runner, py::arg("runner"),
            py::arg("serve_one") = py::none())
       .def_property_readonly("inline_runner_set", &bindings::RequestQueue::inline_runner_set)
+      .def("withdraw_inline_runner", &bindings::RequestQueue::withdraw_inline_runner,
+           py::arg("runner"))
       .def("interrupt", &bindings::RequestQueue::interrupt)
       .def("attach_server", &bindings::RequestQueue::attach_server)
       .def("detach_server", &bindings::RequestQueue::detach_server)

@@ -470,6 +470,20 @@ def test_the_floor_hands_back_the_row_a_server_would(model):
     assert runner.floor_call(policy, on_gpu) is None
 
 
+def test_a_model_whose_output_has_no_floor_leaves_it_out(bench_support_on_path):
+    """A model returning a lazy stack instead of a TensorDict: the floor is
+    left out of the interleaved overhead (null), which is still measured."""
+    scen = scenario.Scenario(model="bench_models:lazy_output", actor_counts=[1], hidden=[16],
+                             requests=100, warmup=0.0, rounds=1).validate()
+    with pytest.raises(runner.NoFloor, match="LazyStackedTensorDict"):
+        runner.floor_call(workload.make_policy(scen), scen)(
+            workload.request(workload.make_leaves(scen)))
+    result = runner.measure_overhead("batchserve", scen)
+    assert result["calls"] == runner.OVERHEAD_BLOCK and result["p50_us"] > 0
+    assert result["floor_p50_us"] is None and result["floor_us"] is None
+    assert "floor" not in report.interleaved_lines({"batchserve": result})[0]
+
+
 @pytest.mark.timeout(300)
 def test_server_nice_never_reaches_the_actor_measuring_the_overhead(monkeypatch):
     """Thread actors of a server process: only the child's forward thread

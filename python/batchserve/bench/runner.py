@@ -514,6 +514,11 @@ def bare_call(policy, scenario: Scenario):
     return make, call
 
 
+class NoFloor(Exception):
+    """The model's output is not an exact TensorDict: :func:`floor_call`'s
+    row steps do not apply to it."""
+
+
 def floor_call(policy, scenario: Scenario):
     """The steps any server that hands a row back takes around the forward,
     in their cheapest form and without a server (None on a GPU, whose
@@ -524,7 +529,8 @@ def floor_call(policy, scenario: Scenario):
     through, as a ``TensorDictModule`` passes its input, copied: the caller
     refills it). What a one-actor overhead cannot go below: the floor under
     it. ``batchserve.batching.lone_request`` takes these steps for an
-    inline call, with its checks and the policy-version stamp."""
+    inline call, with its checks and the policy-version stamp. Raises
+    :class:`NoFloor` for a model whose output is not an exact TensorDict."""
     if scenario.device != "cpu":
         return None
     one, empty = torch.Size([1]), torch.Size([])
@@ -533,6 +539,8 @@ def floor_call(policy, scenario: Scenario):
         leaves = td._tensordict
         output = policy(new_tensordict(
             [(key, leaf.unsqueeze(0)) for key, leaf in leaves.items()], one, None))
+        if type(output) is not TensorDict:
+            raise NoFloor(f"the model returned a {type(output).__name__}")
         row = {}
         for key, value in output._tensordict.items():
             own = leaves.get(key)
@@ -552,8 +560,8 @@ def _bare_model(policy, scenario: Scenario) -> RecordingModel:
 
 
 def measure_bare(scenario: Scenario, tick=None) -> Measurement:
-    """model(td) at batch size 1 in a loop, one thread: the floor (see
-    :func:`bare_call`). It runs under the scenario's interaction type, as
+    """model(td) at batch size 1 in a loop, one thread: the baseline of
+    every overhead (see :func:`bare_call`). It runs under the scenario's interaction type, as
     the servers' forwards do."""
     make, call = bare_call(_bare_model(make_policy(scenario), scenario), scenario)
     latencies = array("q")
@@ -619,7 +627,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     model, server, new_client = _thread_server(system, scenario, 1)
     bare_model = _bare_model(model.policy, scenario)
     make, bare = bare_call(bare_model, scenario)
-    floor = floor_call(bare_model, scenario)
+    floors = [floor_call(bare_model, scenario)]  # emptied if the model's output has no floor
     leaves = make_leaves(scenario)
     clock = time.perf_counter_ns
     times = {"bare": array("q"), "floor": array("q"), system: array("q")}
@@ -633,13 +641,19 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 record(clock() - s)
 
     def floor_block(record) -> None:
+        floor = floors[0]
         if floor is None:
             return
         with torch.no_grad():
             for _ in range(OVERHEAD_BLOCK):
                 td = request(leaves)
                 s = clock()
-                floor(td)
+                try:
+                    floor(td)
+                except NoFloor:
+                    floors[0] = None
+                    times["floor"] = array("q")
+                    return
                 record(clock() - s)
 
     def served_block(client, record) -> None:

@@ -615,8 +615,8 @@ class InferenceServer(metaclass=ServerDeployment):
         Keys: ``requests``, ``fast_path_requests`` (those served by the
         fixed-schema fast path), ``batches``, ``failed_batches``,
         ``requests_per_s``, ``batches_per_s``, ``avg_batch_size``,
-        ``p50/p95/p99_queue_ms`` (submission to dispatch; 0 for an inline
-        call, served on its caller's thread without queueing),
+        ``p50/p95/p99_queue_ms`` (submission to dispatch; 0 for a blocking
+        caller's inline call, served on its own thread without queueing),
         ``p50/p95/p99_forward_ms`` (collation, forward and hand-back
         preparation), ``batch_size_histogram`` (size -> batches),
         ``policy_version``, ``weight_updates``, ``weight_sync_errors``,
