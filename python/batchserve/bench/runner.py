@@ -627,7 +627,7 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     model, server, new_client = _thread_server(system, scenario, 1)
     bare_model = _bare_model(model.policy, scenario)
     make, bare = bare_call(bare_model, scenario)
-    floors = [floor_call(bare_model, scenario)]  # emptied if the model's output has no floor
+    floor = floor_call(bare_model, scenario)  # None: no floor (a GPU, or see actor())
     leaves = make_leaves(scenario)
     clock = time.perf_counter_ns
     times = {"bare": array("q"), "floor": array("q"), system: array("q")}
@@ -641,19 +641,13 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
                 record(clock() - s)
 
     def floor_block(record) -> None:
-        floor = floors[0]
         if floor is None:
             return
         with torch.no_grad():
             for _ in range(OVERHEAD_BLOCK):
                 td = request(leaves)
                 s = clock()
-                try:
-                    floor(td)
-                except NoFloor:
-                    floors[0] = None
-                    times["floor"] = array("q")
-                    return
+                floor(td)
                 record(clock() - s)
 
     def served_block(client, record) -> None:
@@ -668,8 +662,15 @@ def measure_overhead(system: str, scenario: Scenario, tick=None) -> dict:
     errors: list[BaseException] = []
 
     def actor() -> None:  # a daemon thread: a stuck call cannot hang the harness
+        nonlocal floor
         try:
             client = new_client()
+            if floor is not None:
+                try:  # one call tells whether the model's output has a floor
+                    with torch.no_grad():
+                        floor(request(leaves))
+                except NoFloor:
+                    floor = None
             end = time.perf_counter() + scenario.warmup
             while time.perf_counter() < end:
                 bare_block(lambda ns: None)
