@@ -133,15 +133,7 @@ PYBIND11_MODULE(_core, m) {
       .def("set_exception", &Ticket::set_exception, py::arg("exc"))
       .def("done", &Ticket::done);
 
-  py::class_<bindings::PendingResult>(m, "PendingResult")
-      .def_property_readonly(
-          "state", [](const bindings::PendingResult& p) { return static_cast<int>(p.state()); })
-      .def("done", &bindings::PendingResult::done)
-      .def("withdraw", &bindings::PendingResult::withdraw)
-      .def("watch", &bindings::PendingResult::watch, py::arg("future"))
-      .def("wait", &bindings::PendingResult::wait, py::arg("timeout") = py::none())
-      .def("result", &bindings::PendingResult::result, py::arg("timeout") = py::none())
-      .def("exception", &bindings::PendingResult::exception, py::arg("timeout") = py::none());
+  bindings::add_pending_result_type(m);
 
   py::class_<bindings::RequestQueue>(m, "RequestQueue")
       .def(py::init<size_t, bool>(), py::arg("capacity"), py::arg("single_file") = false)
@@ -155,8 +147,13 @@ PYBIND11_MODULE(_core, m) {
           },
           "call(item, timeout=None) with positional arguments only, entered without "
           "pybind11's dispatcher (a new callable on each read: read it once)")
-      .def("submit_pending", &bindings::RequestQueue::submit_pending, py::arg("item"),
-           py::arg("block") = true, py::arg("timeout") = py::none())
+      .def(
+          "submit_pending",
+          [](bindings::RequestQueue& queue, const py::object& item, bool block,
+             std::optional<double> timeout_s) {
+            return bindings::wrap_pending(queue.submit_pending(item, block, timeout_s));
+          },
+          py::arg("item"), py::arg("block") = true, py::arg("timeout") = py::none())
       .def("drain", &bindings::RequestQueue::drain, py::arg("max_items"))
       .def("wait_for_work", &bindings::RequestQueue::wait_for_work, py::arg("timeout"))
       .def("configure", &bindings::RequestQueue::configure, py::arg("max_batch_size"),

@@ -176,6 +176,67 @@ def test_the_blocking_call_entry_is_the_queue_s_call():
         kept(object(), 0.0)
 
 
+def test_a_pending_result_takes_and_refuses_what_the_bound_class_did():
+    """_core.PendingResult (a plain CPython type, its methods entered without
+    pybind11's dispatcher): made only by submit_pending; wait, result and
+    exception take timeout=None by position or keyword; it ends, raises and
+    releases its request as before."""
+    from concurrent.futures import CancelledError
+    from concurrent.futures import TimeoutError as FutureTimeoutError
+
+    with pytest.raises(TypeError):
+        _core.PendingResult()
+    queue = make_queue()
+    payload = object()
+    before = sys.getrefcount(payload)
+    pending = queue.submit_pending(payload)
+    assert type(pending) is _core.PendingResult
+    assert pending.state == 0 and not pending.done()
+    assert pending.wait(0.0) is False and pending.wait(timeout=0) is False
+    with pytest.raises(FutureTimeoutError, match="still in flight"):
+        pending.result(0.001)
+    with pytest.raises(FutureTimeoutError):
+        pending.exception(timeout=0.0)
+    for method, args, kwargs in (("wait", ("soon",), {}), ("result", (0.0, 0.0), {}),
+                                 ("result", (), {"timeout": 0.0, "other": 1}),
+                                 ("exception", (), {"deadline": 0.0}), ("done", (1,), {}),
+                                 ("watch", (), {})):
+        with pytest.raises(TypeError):
+            getattr(pending, method)(*args, **kwargs)
+    _, handles, _ = queue.drain(1)
+    result = object()
+    handles[0].set_result(result)
+    queue.wake_resolved()
+    assert pending.done() and pending.wait() is True
+    assert pending.result() is result and pending.result(timeout=None) is result
+    assert pending.exception() is None
+    del pending, handles
+    assert sys.getrefcount(payload) == before
+
+    failing = queue.submit_pending(payload)
+    _, handles, _ = queue.drain(1)
+    handles[0].set_exception(ValueError("from the model"))
+    queue.wake_resolved()
+    assert isinstance(failing.exception(1.0), ValueError)
+    with pytest.raises(ValueError, match="from the model"):
+        failing.result(timeout=1.0)
+
+    withdrawn = queue.submit_pending(payload)
+    assert withdrawn.withdraw() and withdrawn.done()
+    with pytest.raises(CancelledError):
+        withdrawn.result()
+    del failing, withdrawn, handles
+    assert queue.collect() is None and sys.getrefcount(payload) == before
+
+    orphan = queue.submit_pending(payload)  # dropped unread: served all the same
+    del orphan
+    _, handles, _ = queue.drain(1)
+    handles[0].set_result(object())
+    queue.wake_resolved()
+    del handles
+    assert sys.getrefcount(payload) == before
+
+
 def test_an_inline_runner_is_withdrawn_only_by_its_own():
     """withdraw_inline_runner: an ending server's worker takes its runners
     off the queue, never a later server's."""

@@ -206,5 +206,141 @@ class PendingResult {
   int64_t claim_submit_ns_ = 0;
 };
 
+// batchserve._core.PendingResult: the Python object of a PendingResult. A
+// plain CPython type, not a pybind11 class: one is made for every submit(),
+// and a pybind11 instance (its registry entry and holder) took ~6 µs of a
+// ~20 µs submission on the 2-core VM, where submissions run with the caches
+// cooled by the forwards between them. Its methods are entered without
+// pybind11's dispatcher too (result() runs once per request). Made by the
+// queue's submit_pending only (no constructor); methods and errors are the
+// pybind11 class's were (see PendingResult above).
+struct PendingResultObject {
+  PyObject_HEAD PendingResult* pending;  // owned
+};
+
+inline PyTypeObject* g_pending_result_type = nullptr;  // set by add_pending_result_type
+
+// GIL held. `pending` as a new PendingResult object.
+inline py::object wrap_pending(std::unique_ptr<PendingResult> pending) {
+  auto* self = PyObject_New(PendingResultObject, g_pending_result_type);
+  if (self == nullptr) throw py::error_already_set();
+  self->pending = pending.release();
+  return py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(self));
+}
+
+namespace pending_result_object {
+
+inline PendingResult& of(PyObject* self) {
+  return *reinterpret_cast<PendingResultObject*>(self)->pending;
+}
+
+inline void dealloc(PyObject* self) {
+  PyTypeObject* type = Py_TYPE(self);
+  delete reinterpret_cast<PendingResultObject*>(self)->pending;  // GIL held, as it needs
+  type->tp_free(self);
+  Py_DECREF(type);  // a heap type's instances hold a reference to it
+}
+
+inline PyObject* state(PyObject* self, void*) {
+  return PyLong_FromLong(static_cast<long>(of(self).state()));
+}
+
+inline PyObject* done(PyObject* self, PyObject*) {
+  return translating_errors([&] { return PyBool_FromLong(of(self).done()); });
+}
+
+inline PyObject* withdraw(PyObject* self, PyObject*) {
+  return translating_errors([&] { return PyBool_FromLong(of(self).withdraw()); });
+}
+
+inline PyObject* watch(PyObject* self, PyObject* future) {
+  return translating_errors(
+      [&] { return PyBool_FromLong(of(self).watch(py::reinterpret_borrow<py::object>(future))); });
+}
+
+// The one argument of wait, result and exception: `timeout=None`, given by
+// position or keyword (METH_FASTCALL | METH_KEYWORDS).
+inline bool timeout_argument(const char* method, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kwnames, std::optional<double>& timeout_s) {
+  const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
+  if (nargs + nkw > 1) {
+    PyErr_Format(PyExc_TypeError, "%s() takes at most 1 argument (%zd given)", method, nargs + nkw);
+    return false;
+  }
+  if (nkw == 1) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, 0);
+    if (PyUnicode_CompareWithASCIIString(name, "timeout") != 0) {
+      PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", method, name);
+      return false;
+    }
+  }
+  return seconds_or_none(nargs + nkw == 1 ? args[0] : nullptr, timeout_s);
+}
+
+inline PyObject* wait(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  std::optional<double> timeout_s;
+  if (!timeout_argument("wait", args, nargs, kwnames, timeout_s)) return nullptr;
+  return translating_errors([&] { return PyBool_FromLong(of(self).wait(timeout_s)); });
+}
+
+inline PyObject* result(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                        PyObject* kwnames) {
+  std::optional<double> timeout_s;
+  if (!timeout_argument("result", args, nargs, kwnames, timeout_s)) return nullptr;
+  return translating_errors([&] { return of(self).result(timeout_s).release().ptr(); });
+}
+
+inline PyObject* exception(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                           PyObject* kwnames) {
+  std::optional<double> timeout_s;
+  if (!timeout_argument("exception", args, nargs, kwnames, timeout_s)) return nullptr;
+  return translating_errors([&] { return of(self).exception(timeout_s).release().ptr(); });
+}
+
+template <class F>
+PyCFunction method(F f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f));
+}
+
+}  // namespace pending_result_object
+
+// Makes the PendingResult type and adds it to module `m` (once, at import).
+inline void add_pending_result_type(py::module_& m) {
+  namespace o = pending_result_object;
+  constexpr int kTimeout = METH_FASTCALL | METH_KEYWORDS;
+  static PyMethodDef methods[] = {
+      {"done", o::method(o::done), METH_NOARGS,
+       "done(): whether the request ended (a request pushed quietly: wakes the server)"},
+      {"withdraw", o::method(o::withdraw), METH_NOARGS,
+       "withdraw(): withdraws the request if the server has not taken it; whether it is"},
+      {"watch", o::method(o::watch), METH_O,
+       "watch(future): leaves `future` for the server to notify; False if already ended"},
+      {"wait", o::method(o::wait), kTimeout,
+       "wait(timeout=None): waits for the request to end, the GIL released; whether it did"},
+      {"result", o::method(o::result), kTimeout,
+       "result(timeout=None): the result, waited for as wait() does; raises TimeoutError, "
+       "CancelledError or the server's exception"},
+      {"exception", o::method(o::exception), kTimeout,
+       "exception(timeout=None): the server's exception or None, waited for as result()"},
+      {nullptr, nullptr, 0, nullptr}};
+  static PyGetSetDef getset[] = {
+      {"state", o::state, nullptr, "the request's Completion::State", nullptr},
+      {nullptr, nullptr, nullptr, nullptr, nullptr}};
+  static PyType_Slot slots[] = {
+      {Py_tp_dealloc, reinterpret_cast<void*>(o::dealloc)},
+      {Py_tp_methods, methods},
+      {Py_tp_getset, getset},
+      {Py_tp_doc, const_cast<char*>("The caller's side of a request submitted for a future "
+                                    "(RequestQueue.submit_pending).")},
+      {0, nullptr}};
+  static PyType_Spec spec = {"batchserve._core.PendingResult",
+                             static_cast<int>(sizeof(PendingResultObject)), 0,
+                             Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, slots};
+  PyObject* type = PyType_FromSpec(&spec);
+  if (type == nullptr) throw py::error_already_set();
+  g_pending_result_type = reinterpret_cast<PyTypeObject*>(type);  // the module's reference
+  m.add_object("PendingResult", py::reinterpret_steal<py::object>(type));
+}
+
 }  // namespace bindings
 }  // namespace batchserve

@@ -238,31 +238,14 @@ inline PyObject* g_result_timeout = nullptr;
   throw py::error_already_set();
 }
 
-// A blocking call's Python entry, `call(item, timeout=None)` (positional
-// arguments only), that runs `Method` of the T a pybind11 instance holds.
-// pybind11's dispatcher (argument loaders, keyword matching, two vectors
-// allocated per call) cost ~1 µs of a one-actor inline call on the 2-core
-// VM, where the call runs with cold caches after each forward; this entry
-// converts its two arguments itself and raises what the dispatcher would
-// (pybind11's registered exception translators; pybind11 >= 2.13.6).
-template <class T, py::object (T::*Method)(const py::object&, std::optional<double>)>
-PyObject* blocking_call_entry(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < 1 || nargs > 2) {
-    PyErr_Format(PyExc_TypeError, "call(item, timeout=None) takes 1 or 2 arguments (%zd given)",
-                 nargs);
-    return nullptr;
-  }
+// `body()` (a PyObject*, new reference or null with a Python error set),
+// as an entry that Python calls without pybind11's dispatcher returns it:
+// a C++ exception becomes the Python error pybind11 would raise (its
+// registered exception translators; pybind11 >= 2.13.6).
+template <class Body>
+PyObject* translating_errors(Body&& body) {
   try {
-    std::optional<double> timeout_s;
-    if (nargs == 2 && args[1] != Py_None) {
-      const double t = PyFloat_AsDouble(args[1]);
-      if (t == -1.0 && PyErr_Occurred()) return nullptr;
-      timeout_s = t;
-    }
-    T* target = static_cast<T*>(PyCapsule_GetPointer(capsule, nullptr));
-    return (target->*Method)(py::reinterpret_borrow<py::object>(args[0]), timeout_s)
-        .release()
-        .ptr();
+    return body();
 #ifdef __GLIBCXX__
   } catch (abi::__forced_unwind&) {
     throw;  // a thread ended by pthread_exit (a daemon thread at exit), as pybind11 lets it
@@ -271,6 +254,40 @@ PyObject* blocking_call_entry(PyObject* capsule, PyObject* const* args, Py_ssize
     py::detail::try_translate_exceptions();
     return nullptr;
   }
+}
+
+// A timeout argument in seconds: None (no bound) or a number. False, with
+// a Python error set, for anything else.
+inline bool seconds_or_none(PyObject* arg, std::optional<double>& seconds) {
+  seconds.reset();
+  if (arg == nullptr || arg == Py_None) return true;
+  const double t = PyFloat_AsDouble(arg);
+  if (t == -1.0 && PyErr_Occurred()) return false;
+  seconds = t;
+  return true;
+}
+
+// A blocking call's Python entry, `call(item, timeout=None)` (positional
+// arguments only), that runs `Method` of the T a pybind11 instance holds.
+// pybind11's dispatcher (argument loaders, keyword matching, two vectors
+// allocated per call) cost ~1 µs of a one-actor inline call on the 2-core
+// VM, where the call runs with cold caches after each forward; this entry
+// converts its two arguments itself and raises what the dispatcher would.
+template <class T, py::object (T::*Method)(const py::object&, std::optional<double>)>
+PyObject* blocking_call_entry(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_Format(PyExc_TypeError, "call(item, timeout=None) takes 1 or 2 arguments (%zd given)",
+                 nargs);
+    return nullptr;
+  }
+  std::optional<double> timeout_s;
+  if (!seconds_or_none(nargs == 2 ? args[1] : nullptr, timeout_s)) return nullptr;
+  return translating_errors([&] {
+    T* target = static_cast<T*>(PyCapsule_GetPointer(capsule, nullptr));
+    return (target->*Method)(py::reinterpret_borrow<py::object>(args[0]), timeout_s)
+        .release()
+        .ptr();
+  });
 }
 
 // That entry as a Python callable bound to `owner` (a pybind11 instance of
