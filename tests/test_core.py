@@ -237,6 +237,20 @@ def test_a_pending_result_takes_and_refuses_what_the_bound_class_did():
     assert sys.getrefcount(payload) == before
 
 
+def test_the_pending_result_type_outlives_the_module_attribute(monkeypatch):
+    """The module keeps no sole reference to the type submit_pending makes
+    its objects of: a test that patches the attribute away cannot free it."""
+    import gc
+    import inspect
+
+    assert list(inspect.signature(_core.PendingResult.result).parameters) == ["self", "timeout"]
+    monkeypatch.delattr(_core, "PendingResult")
+    gc.collect()
+    queue = make_queue()
+    pending = queue.submit_pending(object())
+    assert type(pending).__name__ == "PendingResult" and not pending.done()
+
+
 def test_an_inline_runner_is_withdrawn_only_by_its_own():
     """withdraw_inline_runner: an ending server's worker takes its runners
     off the queue, never a later server's."""

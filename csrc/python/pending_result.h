@@ -236,7 +236,12 @@ inline PendingResult& of(PyObject* self) {
 
 inline void dealloc(PyObject* self) {
   PyTypeObject* type = Py_TYPE(self);
-  delete reinterpret_cast<PendingResultObject*>(self)->pending;  // GIL held, as it needs
+  {
+    // The destructor may drop the outcome (arbitrary Python): not with an
+    // error of the code that dropped this object set (as pybind11 kept it).
+    py::error_scope keep_error;
+    delete reinterpret_cast<PendingResultObject*>(self)->pending;  // GIL held, as it needs
+  }
   type->tp_free(self);
   Py_DECREF(type);  // a heap type's instances hold a reference to it
 }
@@ -310,18 +315,23 @@ inline void add_pending_result_type(py::module_& m) {
   constexpr int kTimeout = METH_FASTCALL | METH_KEYWORDS;
   static PyMethodDef methods[] = {
       {"done", o::method(o::done), METH_NOARGS,
-       "done(): whether the request ended (a request pushed quietly: wakes the server)"},
+       "done($self, /)\n--\n\nWhether the request ended (a request pushed quietly: wakes the "
+       "server)."},
       {"withdraw", o::method(o::withdraw), METH_NOARGS,
-       "withdraw(): withdraws the request if the server has not taken it; whether it is"},
+       "withdraw($self, /)\n--\n\nWithdraws the request if the server has not taken it; whether it "
+       "is."},
       {"watch", o::method(o::watch), METH_O,
-       "watch(future): leaves `future` for the server to notify; False if already ended"},
+       "watch($self, future, /)\n--\n\nLeaves `future` for the server to notify; False if already "
+       "ended."},
       {"wait", o::method(o::wait), kTimeout,
-       "wait(timeout=None): waits for the request to end, the GIL released; whether it did"},
+       "wait($self, /, timeout=None)\n--\n\nWaits for the request to end, the GIL released; "
+       "whether it did."},
       {"result", o::method(o::result), kTimeout,
-       "result(timeout=None): the result, waited for as wait() does; raises TimeoutError, "
-       "CancelledError or the server's exception"},
+       "result($self, /, timeout=None)\n--\n\nThe result, waited for as wait() does; raises "
+       "TimeoutError, CancelledError or the server's exception."},
       {"exception", o::method(o::exception), kTimeout,
-       "exception(timeout=None): the server's exception or None, waited for as result()"},
+       "exception($self, /, timeout=None)\n--\n\nThe server's exception or None, waited for as "
+       "result()."},
       {nullptr, nullptr, 0, nullptr}};
   static PyGetSetDef getset[] = {
       {"state", o::state, nullptr, "the request's Completion::State", nullptr},
@@ -338,8 +348,10 @@ inline void add_pending_result_type(py::module_& m) {
                              Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION, slots};
   PyObject* type = PyType_FromSpec(&spec);
   if (type == nullptr) throw py::error_already_set();
-  g_pending_result_type = reinterpret_cast<PyTypeObject*>(type);  // the module's reference
-  m.add_object("PendingResult", py::reinterpret_steal<py::object>(type));
+  // Its own reference, never dropped: the type outlives anything that
+  // rebinds or deletes the module's attribute (a test's mock.patch).
+  g_pending_result_type = reinterpret_cast<PyTypeObject*>(type);
+  m.add_object("PendingResult", type);
 }
 
 }  // namespace bindings
