@@ -561,8 +561,8 @@ def _bare_model(policy, scenario: Scenario) -> RecordingModel:
 
 def measure_bare(scenario: Scenario, tick=None) -> Measurement:
     """model(td) at batch size 1 in a loop, one thread: the baseline of
-    every overhead (see :func:`bare_call`). It runs under the scenario's interaction type, as
-    the servers' forwards do."""
+    every overhead (see :func:`bare_call`). It runs under the scenario's
+    interaction type, as the servers' forwards do."""
     make, call = bare_call(_bare_model(make_policy(scenario), scenario), scenario)
     latencies = array("q")
     clock = time.perf_counter_ns
